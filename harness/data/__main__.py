@@ -1,0 +1,65 @@
+"""Data commands: `python -m harness.data prepare dataset=NAME [key=value ...]` (see USAGE)."""
+
+import sys
+
+from harness.data.prepare import DATASETS, DEFAULT_SHARD_TOKENS, PrepareError, prepare
+
+USAGE = f"""\
+usage: python -m harness.data prepare dataset=NAME
+           [out=DIR] [workers=N] [shard_tokens=N] [max_files=N] [parquet_dir=DIR]
+
+Downloads NAME's sample/10BT parquet files and tokenizes them into GPT-2 uint16 shards with a manifest.
+Rerun the same command to resume an interrupted preparation.
+
+  dataset      one of: {", ".join(DATASETS)}
+  out          output directory (default: <project root>/data/NAME)
+  workers      tokenizer processes (default: CPU cores - 1)
+  shard_tokens tokens per shard file (default: {DEFAULT_SHARD_TOKENS:_})
+  max_files    use only the first N parquet files (sorted by name)
+  parquet_dir  use the parquet files already in DIR instead of downloading
+"""
+
+INTEGER_OPTIONS = {"workers", "shard_tokens", "max_files"}
+TEXT_OPTIONS = {"dataset", "out", "parquet_dir"}
+
+
+def parse_options(arguments: list[str]) -> dict:
+    known_keys = INTEGER_OPTIONS | TEXT_OPTIONS
+    options = {}
+    for argument in arguments:
+        key, has_value, value = argument.partition("=")
+        if not has_value or key not in known_keys:
+            raise PrepareError(
+                f"unexpected argument {argument!r}; expected key=value, key one of: {', '.join(sorted(known_keys))}"
+            )
+        if key in INTEGER_OPTIONS:
+            try:
+                value = int(value)
+            except ValueError:
+                raise PrepareError(f"{key} must be an integer, got {value!r}") from None
+        options[key] = value
+    if "dataset" not in options:
+        raise PrepareError(f"missing dataset=NAME; known datasets: {', '.join(DATASETS)}")
+    return options
+
+
+def main(arguments: list[str]) -> int:
+    if not arguments or arguments[0] in ("-h", "--help", "help"):
+        print(USAGE, end="", file=sys.stdout if arguments else sys.stderr)
+        return 0 if arguments else 2
+    command, *rest = arguments
+    try:
+        if command != "prepare":
+            raise PrepareError(f"unknown command {command!r}; the only command is: prepare")
+        print(prepare(**parse_options(rest)))
+    except PrepareError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

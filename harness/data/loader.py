@@ -1,0 +1,108 @@
+"""Sequences of context+1 tokens laid end to end (stride = context), read in a fixed order.
+
+Sequence j is tokens[j·T : j·T + T + 1]. Rank r at optimizer step s and micro-step a reads micro-batch
+item ((s·accum) + a)·world + r, i.e. sequences item·B … item·B + B − 1 — so any split of the same
+global batch into ranks × micro-batch × accumulation reads the same sequences at each step.
+"""
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from harness.data.corpus import prepare_bundled
+from harness.data.shards import MANIFEST, open_split
+from harness.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+DATASETS = ("bundled", "fineweb", "fineweb_edu")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "bundled"
+    path: Optional[str] = None  # prepared dataset directory; default <project root>/data/<dataset>
+    holdout_fraction: float = 0.05  # bundled corpus only; prepared datasets fix theirs at preparation
+    seed: Optional[int] = None  # None: in order (the seeds' behaviour); an int: shuffled sequence order
+    max_epochs: float = 1.0  # refuse a trial that would read the training split more often than this
+    test_offset: int = 0  # first token of the test window in the held-out split
+    test_tokens: int = 32768  # tokens in the test window: a whole number of eval batches
+    eval_batch_size: int = 8
+    verify_checksums: bool = True
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.dataset={self.dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def open_dataset(cfg: DataConfig, split: str):
+    if cfg.dataset == "bundled":
+        directory = prepare_bundled(PROJECT_ROOT / ".cache" / "data", cfg.holdout_fraction)
+    else:
+        directory = Path(cfg.path) if cfg.path else PROJECT_ROOT / "data" / cfg.dataset
+        if not (directory / MANIFEST).exists():
+            raise FileNotFoundError(
+                f"no prepared {cfg.dataset} data in {directory}. Prepare it once with "
+                f"`python -m harness.data prepare dataset={cfg.dataset}` (or `make data DATASET={cfg.dataset}`), "
+                f"or point data.path at a prepared directory."
+            )
+    return open_split(directory, split, verify=cfg.verify_checksums)
+
+
+class TrainBatches:
+    def __init__(self, tokens, context: int, micro_batch: int, accum: int, world: int, rank: int,
+                 total_steps: int, max_epochs: float, seed: Optional[int] = None):
+        self.tokens, self.context, self.micro_batch = tokens, context, micro_batch
+        self.accum, self.world, self.rank = accum, world, rank
+        self.available = (len(tokens) - 1) // context
+        needed = total_steps * accum * world * micro_batch
+        self.epochs = needed / self.available
+        if self.epochs > max_epochs:
+            raise ValueError(
+                f"the trial needs {needed:,} sequences of {context + 1} tokens ({needed * context:,} tokens) but the "
+                f"training split holds {self.available:,} ({len(tokens):,} tokens): {self.epochs:.2f} epochs > "
+                f"data.max_epochs={max_epochs}. Use fewer steps or more data, or raise data.max_epochs."
+            )
+        if self.epochs > 1:
+            log.warning("!" * 80 + "\nThis trial reads the training data %.2f times: training loss is no longer "
+                        "measured on unseen data, and dropout behaves differently on repeated data.\n" + "!" * 80,
+                        self.epochs)
+        self.seed = seed
+
+    def _sequence_index(self, j: int) -> int:
+        epoch, position = divmod(j, self.available)
+        return position if self.seed is None else int(self._permutation(epoch)[position])
+
+    @functools.lru_cache(maxsize=2)
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.available)
+
+    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = (step * self.accum + micro_step) * self.world + self.rank
+        rows = [self._row(self._sequence_index(item * self.micro_batch + b)) for b in range(self.micro_batch)]
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return batch[:, :-1], batch[:, 1:]
+
+    def _row(self, sequence: int) -> np.ndarray:
+        start = sequence * self.context
+        return np.asarray(self.tokens[start : start + self.context + 1])
+
+
+def held_out_batches(tokens, cfg: DataConfig, context: int):
+    """The fixed held-out window: `test_tokens` input tokens from `test_offset`, in eval batches."""
+    per_batch = cfg.eval_batch_size * context
+    if cfg.test_tokens % per_batch:
+        raise ValueError(f"data.test_tokens={cfg.test_tokens:,} is not a whole number of eval batches "
+                         f"(data.eval_batch_size × context = {per_batch:,})")
+    if cfg.test_offset + cfg.test_tokens + 1 > len(tokens):
+        raise ValueError(f"the test window (tokens {cfg.test_offset:,} … {cfg.test_offset + cfg.test_tokens:,}) does "
+                         f"not fit in the held-out split of {len(tokens):,} tokens")
+    for first in range(cfg.test_offset, cfg.test_offset + cfg.test_tokens, per_batch):
+        window = np.asarray(tokens[first : first + per_batch + 1]).astype(np.int64)
+        inputs = torch.from_numpy(window[:-1].reshape(cfg.eval_batch_size, context))
+        targets = torch.from_numpy(window[1:].reshape(cfg.eval_batch_size, context))
+        yield inputs, targets

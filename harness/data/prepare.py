@@ -1,0 +1,321 @@
+"""FineWeb preparation: parquet files of `sample/10BT` -> GPT-2 token shards (see `harness.data.shards`).
+
+Documents are taken in sorted file order and row order; the last 1% are held out as `test`. Tokenization
+runs in worker processes while the main process reads parquet and writes shards in document order. A
+killed preparation resumes after its last completed shard and ends byte-identical to an uninterrupted one.
+"""
+
+import itertools
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator
+from multiprocessing.pool import Pool
+from pathlib import Path
+
+import numpy as np
+import pyarrow
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from harness.data.shards import MANIFEST, SPLITS, TOKEN_DTYPE, Manifest, ShardWriter, holdout_start
+from harness.paths import PROJECT_ROOT
+from harness.tokenizer import gpt2_encoding
+
+DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb_edu": "HuggingFaceFW/fineweb-edu"}
+SAMPLE = "sample/10BT"
+HOLDOUT_FRACTION = 0.01
+DEFAULT_SHARD_TOKENS = 100_000_000
+DOCUMENTS_PER_TASK = 1024
+TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
+
+# Conservative disk estimates. GPT-2 averages about 4.5 bytes of English text per token and a token is
+# stored in 2 bytes, so the shards take at most half the text's bytes (plus 2 bytes of end-of-text per
+# document). Before downloading only the parquet sizes are known: FineWeb's 15T tokens fill 44 TB of
+# parquet, about 0.7 shard bytes per parquet byte, so reserving one shard byte per parquet byte is safe.
+SHARD_BYTES_PER_TEXT_BYTE = 0.5
+SHARD_BYTES_PER_PARQUET_BYTE = 1.0
+
+TokenizedChunk = tuple[np.ndarray, np.ndarray]
+
+
+class PrepareError(Exception):
+    """A preparation that cannot start or continue; the message tells the user what to do."""
+
+
+def prepare(
+    dataset: str,
+    *,
+    out: Path | str | None = None,
+    workers: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    max_files: int | None = None,
+    parquet_dir: Path | str | None = None,
+) -> Path:
+    """Prepares (or finishes preparing) `dataset` into `out` and returns `out`.
+
+    Downloads the parquet files unless `parquet_dir` already holds them; `max_files` keeps the first N.
+    """
+    repo = dataset_repo(dataset)
+    out = Path(out) if out is not None else PROJECT_ROOT / "data" / dataset
+    workers = workers if workers is not None else default_workers()
+    require_positive(workers=workers, shard_tokens=shard_tokens, max_files=max_files)
+    settings = {"repo": repo, "sample": SAMPLE, "max_files": max_files, "shard_tokens": shard_tokens}
+
+    manifest = load_matching_manifest(out, dataset, settings)
+    if manifest is not None and manifest.complete:
+        log(f"{out} is already prepared ({describe(manifest)}); nothing to do")
+        return out
+    written = written_bytes(manifest)
+    if parquet_dir is None:
+        parquet_dir = download(repo, out / "parquet", max_files, out, written)
+    files = parquet_files(Path(parquet_dir), max_files)
+    documents, text_bytes = measure(files)
+    source = {**settings, "files": [path.name for path in files], "documents": documents}
+    if manifest is None:
+        manifest = Manifest(dataset, source, HOLDOUT_FRACTION)
+    elif manifest.source != source:
+        raise PrepareError(f"the parquet files differ from those {out} was started with; delete {out} to start over")
+    try:
+        test_start = holdout_start(documents, HOLDOUT_FRACTION)
+    except ValueError as error:
+        raise PrepareError(str(error)) from None
+    shard_bytes = SHARD_BYTES_PER_TEXT_BYTE * text_bytes + TOKEN_BYTES * documents
+    require_disk_space(out, shard_bytes - written, "the token shards")
+
+    out.mkdir(parents=True, exist_ok=True)
+    remove_unfinished_shards(out, manifest)
+    check_recorded_shards(out, manifest)
+    write_shards(out, manifest, files, test_start, workers)
+    manifest.complete = True
+    manifest.save(out)
+    log(f"prepared {out}: {describe(manifest)}")
+    return out
+
+
+def dataset_repo(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise PrepareError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[dataset]
+
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)  # the main process reads parquet and writes shards meanwhile
+
+
+def require_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise PrepareError(f"{name} must be at least 1, got {value}")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def describe(manifest: Manifest) -> str:
+    return ", ".join(
+        f"{name} {split.documents:,} documents / {split.tokens:,} tokens in {len(split.shards)} shards"
+        for name, split in manifest.splits.items()
+    )
+
+
+def load_matching_manifest(out: Path, dataset: str, settings: dict) -> Manifest | None:
+    """The manifest of an earlier preparation in `out`, if any; refuses one made with other settings."""
+    if not (out / MANIFEST).exists():
+        return None
+    manifest = Manifest.load(out)
+    recorded = {key: manifest.source.get(key) for key in settings}
+    if manifest.dataset != dataset or recorded != settings:
+        raise PrepareError(
+            f"{out} holds a preparation of {manifest.dataset} with {recorded}, not of {dataset} with {settings}; "
+            "use the same settings to finish it, or choose another out=DIR"
+        )
+    return manifest
+
+
+def written_bytes(manifest: Manifest | None) -> int:
+    if manifest is None:
+        return 0
+    return TOKEN_BYTES * sum(split.tokens for split in manifest.splits.values())
+
+
+def gigabytes(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.2f} GB"
+
+
+def require_disk_space(out: Path, needed_bytes: float, purpose: str) -> None:
+    existing = next(directory for directory in (out, *out.parents) if directory.exists())
+    free = shutil.disk_usage(existing).free
+    if needed_bytes > free:
+        raise PrepareError(
+            f"not enough disk space for {out}: {purpose} need about {gigabytes(needed_bytes)} "
+            f"but only {gigabytes(free)} are free; free some space or choose another out=DIR"
+        )
+
+
+def import_huggingface_hub():
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise PrepareError(
+            "downloading needs huggingface_hub: pip install -e .[data] "
+            "(or pass parquet_dir=DIR with the parquet files already downloaded)"
+        ) from None
+    return huggingface_hub
+
+
+def download(repo: str, local_dir: Path, max_files: int | None, out: Path, written: int) -> Path:
+    """Downloads the first `max_files` parquet files of `repo`'s sample into `local_dir`; returns their folder."""
+    hub = import_huggingface_hub()
+    tree = hub.HfApi().list_repo_tree(repo, path_in_repo=SAMPLE, repo_type="dataset")
+    remote_files = sorted((entry for entry in tree if entry.path.endswith(".parquet")), key=lambda e: e.path)
+    remote_files = remote_files[:max_files]
+    if not remote_files:
+        raise PrepareError(f"{repo} has no parquet files under {SAMPLE}")
+    missing = [entry for entry in remote_files if not is_downloaded(local_dir / entry.path, entry.size)]
+    download_bytes = sum(entry.size for entry in missing)
+    shard_bytes = SHARD_BYTES_PER_PARQUET_BYTE * sum(entry.size for entry in remote_files) - written
+    require_disk_space(out, download_bytes + shard_bytes, "the download and the token shards")
+    log(f"downloading {len(missing)} of {len(remote_files)} files ({gigabytes(download_bytes)}) of {repo}/{SAMPLE}")
+    hub.snapshot_download(
+        repo_id=repo,
+        repo_type="dataset",
+        allow_patterns=[entry.path for entry in remote_files],
+        local_dir=local_dir,
+    )
+    return local_dir / SAMPLE
+
+
+def is_downloaded(path: Path, size: int) -> bool:
+    return path.exists() and path.stat().st_size == size
+
+
+def parquet_files(parquet_dir: Path, max_files: int | None) -> list[Path]:
+    if not parquet_dir.is_dir():
+        raise PrepareError(f"parquet_dir {parquet_dir} is not a directory")
+    files = sorted(parquet_dir.glob("*.parquet"))
+    if not files:
+        raise PrepareError(f"parquet_dir {parquet_dir} holds no *.parquet files")
+    return files[:max_files]
+
+
+def measure(files: list[Path]) -> tuple[int, int]:
+    """Documents and uncompressed `text` bytes of the files, from their parquet metadata alone."""
+    documents = text_bytes = 0
+    for path in files:
+        metadata = open_parquet(path).metadata
+        documents += metadata.num_rows
+        for group in range(metadata.num_row_groups):
+            row_group = metadata.row_group(group)
+            columns = (row_group.column(c) for c in range(row_group.num_columns))
+            text_bytes += sum(c.total_uncompressed_size for c in columns if c.path_in_schema == "text")
+    return documents, text_bytes
+
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        parquet = pq.ParquetFile(path)
+    except pyarrow.ArrowException as error:
+        raise PrepareError(f"{path} is not a readable parquet file: {error}") from None
+    if "text" not in parquet.schema_arrow.names:
+        raise PrepareError(f"{path} has no `text` column (its columns: {', '.join(parquet.schema_arrow.names)})")
+    return parquet
+
+
+def remove_unfinished_shards(out: Path, manifest: Manifest) -> None:
+    """Deletes what an interrupted run wrote beyond its manifest, which this run writes again."""
+    recorded = {shard.file for split in manifest.splits.values() for shard in split.shards}
+    for path in out.glob("*.tmp"):
+        path.unlink()
+    for path in out.glob("*.bin"):
+        if path.name not in recorded:
+            path.unlink()  # renamed into place, but the run died before recording it in the manifest
+
+
+def check_recorded_shards(out: Path, manifest: Manifest) -> None:
+    for shard in (shard for split in manifest.splits.values() for shard in split.shards):
+        path = out / shard.file
+        if not path.exists() or path.stat().st_size != shard.tokens * TOKEN_BYTES:
+            raise PrepareError(f"shard {path} is missing or has the wrong size; delete {out} to start over")
+
+
+def write_shards(out: Path, manifest: Manifest, files: list[Path], test_start: int, workers: int) -> None:
+    """Tokenizes every document not yet in a completed shard and appends it to its split's shards."""
+    already_documents = sum(split.documents for split in manifest.splits.values())
+    already_tokens = sum(split.tokens for split in manifest.splits.values())
+    writers = {split: ShardWriter(out, manifest, split, manifest.source["shard_tokens"]) for split in SPLITS}
+    document_index = already_documents
+    documents_bar = tqdm(
+        desc="documents",
+        total=manifest.source["documents"],
+        initial=already_documents,
+        unit="doc",
+        unit_scale=True,
+        file=sys.stderr,
+    )
+    tokens_bar = tqdm(desc="tokens", initial=already_tokens, unit="tok", unit_scale=True, file=sys.stderr)
+    # spawn, not fork: the main process has pyarrow and tqdm threads running, which fork does not copy safely.
+    # Workers ignore Ctrl-C; the main process gets it and terminates them.
+    pool = multiprocessing.get_context("spawn").Pool(
+        workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
+    )
+    with documents_bar, tokens_bar, pool:
+        chunks = read_texts(files, skip=already_documents, batch_size=DOCUMENTS_PER_TASK)
+        for tokens, lengths in tokenize_in_order(chunks, pool, max_in_flight=2 * workers):
+            for document in np.split(tokens, np.cumsum(lengths)[:-1]):
+                if document_index == test_start:
+                    writers["train"].close()
+                writers["train" if document_index < test_start else "test"].add(document)
+                document_index += 1
+            documents_bar.update(len(lengths))
+            tokens_bar.update(int(lengths.sum()) + len(lengths))
+    writers["test"].close()
+
+
+def read_texts(files: list[Path], skip: int, batch_size: int) -> Iterator[pyarrow.Array]:
+    """The `text` column in batches of at most `batch_size` documents, after the first `skip` documents."""
+    for path in files:
+        parquet = open_parquet(path)
+        group_rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        first_group = 0
+        while first_group < len(group_rows) and skip >= group_rows[first_group]:
+            skip -= group_rows[first_group]
+            first_group += 1
+        row_groups = range(first_group, len(group_rows))
+        for batch in parquet.iter_batches(batch_size=batch_size, row_groups=row_groups, columns=["text"]):
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            yield batch.column(0).slice(skip)
+            skip = 0
+
+
+def tokenize_in_order(chunks: Iterable[pyarrow.Array], pool: Pool, max_in_flight: int) -> Iterator[TokenizedChunk]:
+    """`tokenize` over the pool, in input order.
+
+    Unlike `Pool.imap`, which reads its whole input ahead (the entire dataset, when the writer is slower),
+    this keeps at most `max_in_flight` chunks in memory.
+    """
+    pending = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(tokenize, (chunk,)))
+        if len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def tokenize(texts: pyarrow.Array) -> TokenizedChunk:
+    """GPT-2 tokens of the texts, packed as (all tokens, tokens per text) to pass cheaply between processes.
+
+    The texts arrive as an Arrow array and become Python strings here, not in the busier main process.
+    """
+    documents = gpt2_encoding().encode_ordinary_batch(texts.to_pylist(), num_threads=1)
+    lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
+    tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
+    return tokens, lengths

@@ -1,0 +1,56 @@
+"""AdamW and the learning-rate schedules, each from a validated config."""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SCHEDULES = ("constant", "warmup_cosine")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: Optional[float] = None  # max global L2 norm; None = no clipping
+    schedule: str = "constant"
+    warmup_fraction: float = 0.05
+    warmup_start_factor: float = 1e-5
+    final_lr_ratio: float = 0.1  # cosine decays to lr * final_lr_ratio at the last step
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be positive")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"optim.grad_clip={self.grad_clip} must be positive (or null for no clipping)")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """One parameter group: weight decay on all parameters, as in the seeds' baseline."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of `cfg.lr` for the update at `step` (0-based)."""
+    if cfg.schedule == "constant":
+        return 1.0
+    warmup_steps = int(cfg.warmup_fraction * total_steps)
+    if step < warmup_steps:
+        return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.final_lr_ratio + (1.0 - cfg.final_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))

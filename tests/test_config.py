@@ -1,0 +1,117 @@
+import math
+
+import pytest
+
+from harness.config import as_dict, config_hash, flatten
+from harness.paths import PROJECT_ROOT
+from interventions import REGISTRY
+from tests.conftest import compose_config, run_harness
+
+OVERLAYS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "intervention").glob("*.yaml"))
+SEVEN = ["gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_decay", "weight_tying", "no_amp"]
+
+
+def changed_keys(*overrides):
+    base = flatten(as_dict(compose_config()))
+    new = flatten(as_dict(compose_config(*overrides)))
+    return {k: v for k, v in new.items() if base[k] != v and k != "interventions"}
+
+
+def assert_sets_exactly(overrides: list[str], expected: dict):
+    """The overlay sets these keys to these values (some may equal the defaults) and changes nothing else."""
+    new = flatten(as_dict(compose_config(*overrides)))
+    assert {k: new[k] for k in expected} == expected
+    assert set(changed_keys(*overrides)) <= set(expected)
+
+
+def test_every_overlay_has_a_registry_entry_and_back():
+    assert OVERLAYS == sorted(REGISTRY)
+    assert set(SEVEN) < set(OVERLAYS)
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_overlay_changes_exactly_its_registered_keys(name):
+    assert_sets_exactly([f"+intervention={name}"], REGISTRY[name].changes)
+    assert compose_config(f"+intervention={name}").interventions == sorted(REGISTRY[name].expanded())
+
+
+def test_seed_interventions_match_the_seeds():
+    assert changed_keys("+intervention=gradient_clipping") == {"optim.grad_clip": 3.5}
+    assert changed_keys("+intervention=no_dropout") == {"model.dropout": 0.0}
+    assert changed_keys("+intervention=weight_decay") == {"optim.weight_decay": 0.01}
+    assert changed_keys("+intervention=no_amp") == {"trainer.precision": "fp32"}
+    lr = compose_config("+intervention=lr_schedule").optim
+    assert (lr.lr, lr.schedule, lr.warmup_fraction, lr.warmup_start_factor, lr.final_lr_ratio) == (
+        1.4e-3, "warmup_cosine", 0.05, 1e-5, 0.1)
+
+
+def test_stacked_overlays_compose_and_stacked_best_equals_its_four_parts():
+    stacked = compose_config("+intervention=[no_dropout,gradient_clipping]")
+    assert stacked.interventions == ["gradient_clipping", "no_dropout"]
+    assert (stacked.model.dropout, stacked.optim.grad_clip) == (0.0, 3.5)
+    best = compose_config("+intervention=stacked_best")
+    parts = compose_config("+intervention=[gradient_clipping,weight_decay,no_dropout,lr_schedule]")
+    assert as_dict(best) == as_dict(parts)
+    assert config_hash(best) == config_hash(parts)
+
+
+def test_baseline_matches_the_seeds_at_gpt2_small():
+    cfg = compose_config("scale=gpt2_small")
+    m, o, t = cfg.model, cfg.optim, cfg.trainer
+    assert (m.vocab_size, m.context_length, m.n_layer, m.n_head, m.d_model) == (50257, 1024, 12, 12, 768)
+    assert (m.dropout, m.qkv_bias, m.tie_weights, m.ln_eps) == (0.1, False, False, 1e-5)
+    assert (o.lr, o.weight_decay, o.schedule, o.grad_clip, o.beta1, o.beta2, o.eps) == (
+        4e-4, 0.1, "constant", None, 0.9, 0.999, 1e-8)
+    assert (t.precision, t.global_batch_size, t.micro_batch_size, t.grad_accum_steps(1)) == ("fp16_amp", 96, 6, 16)
+    assert t.checkpoint_interval == 617
+    tokens_per_step = t.global_batch_size * m.context_length
+    assert tokens_per_step == 98_304
+    assert t.max_steps == math.ceil(20 * 163_009_536 / tokens_per_step) == 33_165
+    assert t.max_steps * tokens_per_step == 3_260_252_160
+    assert (cfg.data.dataset, cfg.data.test_offset, cfg.data.test_tokens) == ("fineweb", 50_000_000, 19_660_800)
+    assert cfg.seed == 42 and cfg.train_seed is None
+
+
+def test_config_hash_ignores_bookkeeping_but_not_computation():
+    base = compose_config()
+    assert config_hash(compose_config("study=abc", "tracking.experiment=other")) == config_hash(base)
+    assert config_hash(compose_config("seed=67")) != config_hash(base)
+    assert config_hash(compose_config("+intervention=no_dropout")) != config_hash(base)
+
+
+def test_misspelt_and_invalid_values_fail_with_the_key_name():
+    with pytest.raises(Exception, match="max_stpes"):
+        compose_config("trainer.max_stpes=3")
+    with pytest.raises(KeyError, match="unknown config key 'trainer.max_stpes'"):
+        compose_config("+trainer.max_stpes=3")
+    with pytest.raises(ValueError, match="trainer.precision"):
+        compose_config("trainer.precision=fp8")
+    with pytest.raises(ValueError, match="global_batch_size=16 is not divisible"):
+        compose_config("trainer.micro_batch_size=5")
+
+
+def test_cli_rejects_unknown_intervention_listing_the_available_ones(tmp_path):
+    result = run_harness("+intervention=no_droput", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
+    assert result.returncode != 0
+    assert "Could not find 'intervention/no_droput'" in result.stderr
+    for name in OVERLAYS:
+        assert name in result.stderr
+    assert not (tmp_path / "m.db").exists()  # failed before anything ran
+
+
+def test_cli_rejects_misspelt_key(tmp_path):
+    result = run_harness("trainer.max_stpes=3", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
+    assert result.returncode != 0 and "Key 'max_stpes' not in 'TrainerConfig'" in result.stderr
+
+
+def test_gpt2_small_without_prepared_fineweb_says_how_to_prepare(tmp_path):
+    result = run_harness("scale=gpt2_small", "trainer.device=cpu", "trainer.precision=fp32",
+                         f"data.path={tmp_path}/none", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
+    assert result.returncode != 0
+    assert "python -m harness.data prepare dataset=fineweb" in result.stderr
+
+
+def test_list_shows_every_intervention(tmp_path):
+    out = run_harness("list", cwd=tmp_path, env_uri="sqlite:///unused").stdout
+    for name, item in REGISTRY.items():
+        assert name in out and item.description in out
