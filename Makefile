@@ -28,3 +28,7 @@ DATASET ?= fineweb
 data:
 	$(PYTHON) -m pip install -e ".[data]"
 	$(PYTHON) -m harness.data prepare dataset=$(DATASET) $(ARGS)
+
+STUDY ?= interventions
+analyze:
+	$(PYTHON) -m analysis study=$(STUDY) $(ARGS)

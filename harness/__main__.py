@@ -1,19 +1,16 @@
 """`python -m harness [overrides]` runs one trial; `python -m harness list` lists the interventions."""
 
-import logging
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from harness.config import to_trial_config
-from harness.trainer import Trial
+from harness.config import TrialConfig, as_dict, config_hash, flatten, to_trial_config
+from harness.launch import launch
 from interventions import REGISTRY, describe
-
-log = logging.getLogger("harness")
 
 
 def intervention_names(overrides: list[str]) -> list[str]:
@@ -27,18 +24,39 @@ def intervention_names(overrides: list[str]) -> list[str]:
     return sorted(names)
 
 
-def compose_trial(cfg: DictConfig, overrides: list[str]):
+def compose_trial(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
     cfg.interventions = intervention_names(overrides)
     return to_trial_config(cfg)
 
 
+def resumed_trial(cfg: TrialConfig, overrides: list[str]) -> tuple[TrialConfig, Path]:
+    """`resume=DIR` alone continues DIR's trial with its saved config; with the original overrides
+    repeated, they must compose to the same computation."""
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"resume={cfg.resume}: no config.yaml there; pass the trial's run directory")
+    saved = to_trial_config(OmegaConf.load(run_dir / "config.yaml"))
+    saved.resume = str(run_dir)
+    others = [o for o in overrides if not o.startswith(("resume=", "hydra."))]
+    if others and config_hash(saved) != config_hash(cfg):
+        ours, theirs = flatten(as_dict(cfg)), flatten(as_dict(saved))
+        differ = ", ".join(f"{k}: {theirs[k]!r} → {ours[k]!r}" for k in theirs if ours.get(k) != theirs[k] and k != "resume")
+        raise ValueError(f"resume={run_dir}: these overrides change the trial ({differ}); "
+                         f"resume with no other overrides to continue it as saved")
+    return saved, run_dir
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> float:
-    trial_cfg = compose_trial(cfg, list(HydraConfig.get().overrides.task))
+    overrides = list(HydraConfig.get().overrides.task)
+    trial_cfg = compose_trial(cfg, overrides)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    result = Trial(trial_cfg, run_dir).run()
-    print(f"test_loss {result['test_loss']:.6f}  run {result['run_id']}  dir {run_dir}")
-    return result["test_loss"]
+    if trial_cfg.resume:
+        trial_cfg, run_dir = resumed_trial(trial_cfg, overrides)
+    result = launch(trial_cfg, run_dir)
+    if "test_loss" in result:
+        print(f"test_loss {result['test_loss']:.6f}  run {result['run_id']}  dir {run_dir}")
+    return result.get("test_loss")
 
 
 def main() -> None:

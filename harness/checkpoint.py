@@ -33,20 +33,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(directory: Path, step: int, model: torch.nn.Module, state: dict, is_best: bool) -> Path:
-    """Write `step_<step>/` (model weights + `state`), then point `latest` (and `best`) at it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step_{step:06d}"
-    tmp = directory / f".{final.name}.tmp"
+def staging_dir(directory: Path, step: int) -> Path:
+    return Path(directory) / f".step_{step:06d}.tmp"
+
+
+def begin(directory: Path, step: int) -> Path:
+    """Rank 0: an empty staging directory that every rank then writes its RNG state into."""
+    tmp = staging_dir(directory, step)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_rank_rng(directory: Path, step: int, rank: int) -> None:
+    torch.save(rng_state(), staging_dir(directory, step) / f"rng_rank{rank}.pt")
+
+
+def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_best: bool) -> Path:
+    """Rank 0: add weights and state, rename into `step_<step>/`, then point `latest` (and `best`) at it."""
+    tmp = staging_dir(directory, step)
     save_model(model, str(tmp / MODEL_FILE))  # stores a tied matrix once
     torch.save(state, tmp / STATE_FILE)
+    final = Path(directory) / f"step_{step:06d}"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _point(directory / "latest", final.name)
+    _point(Path(directory) / "latest", final.name)
     if is_best:
-        _point(directory / "best", final.name)
+        _point(Path(directory) / "best", final.name)
     return final
 
 
@@ -61,6 +74,23 @@ def resolve(directory: Path, which: str = "latest") -> Optional[Path]:
     return Path(directory) / pointer.read_text().strip() if pointer.exists() else None
 
 
-def load(checkpoint: Path, model: torch.nn.Module) -> dict:
+def load(checkpoint: Path, model: torch.nn.Module, rank: int = 0) -> dict:
+    """Weights into `model`; returns the trial state with this rank's RNG state under "rng"."""
     load_model(model, str(checkpoint / MODEL_FILE))
-    return torch.load(checkpoint / STATE_FILE, weights_only=False)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    rng_file = checkpoint / f"rng_rank{rank}.pt"
+    if not rng_file.exists():
+        raise FileNotFoundError(f"{checkpoint} has no RNG state for rank {rank}: was it saved with fewer ranks?")
+    state["rng"] = torch.load(rng_file, weights_only=False)
+    return state
+
+
+def find(path: Path) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a run directory or checkpoints directory."""
+    path = Path(path)
+    for candidate in (path, resolve(path) if (path / "latest").exists() else None,
+                      resolve(path / "checkpoints") if (path / "checkpoints" / "latest").exists() else None):
+        if candidate is not None and (candidate / MODEL_FILE).exists():
+            return candidate
+    raise FileNotFoundError(f"no checkpoint in {path} (expected a run directory with checkpoints/latest, "
+                            f"or a step_NNNNNN checkpoint directory)")

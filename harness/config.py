@@ -71,13 +71,14 @@ class TrialConfig:
     train_seed: Optional[int] = None  # re-seed right after the model is built; None continues the stream
     scale: str = "smoke"
     study: Optional[str] = None
+    resume: Optional[str] = None  # a run directory (or checkpoint) to continue, in its own MLflow run
     interventions: list[str] = field(default_factory=list)  # filled from the composed overlays
 
 
 ConfigStore.instance().store(name="trial_schema", node=TrialConfig)
 
 # Keys that say where a trial is recorded, not what it computes: left out of config_hash.
-BOOKKEEPING_KEYS = ("tracking", "study")
+BOOKKEEPING_KEYS = ("tracking", "study", "resume")
 
 
 def to_trial_config(cfg: DictConfig) -> TrialConfig:

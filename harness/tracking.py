@@ -56,6 +56,10 @@ class Tracker:
         self.mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
         return self.run_id
 
+    def resume(self, run_id: str) -> None:
+        """Continue a trial's existing run (after `resume=`); its params are already logged."""
+        self.run_id = self.mlflow.start_run(run_id=run_id).info.run_id
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -82,3 +86,12 @@ class Tracker:
             self.flush()
         finally:
             self.mlflow.end_run(status)
+
+
+class NullTracker:
+    """What ranks other than 0 hold: only rank 0 talks to MLflow."""
+
+    run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

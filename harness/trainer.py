@@ -1,5 +1,6 @@
-"""One trial: build the seeded model, train it, evaluate it on the held-out window, record it."""
+"""One trial: build the seeded model, train it on 1…N ranks, evaluate it on the held-out window, record it."""
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -7,24 +8,26 @@ import math
 import random
 import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from harness import charts, checkpoint
 from harness.config import TrialConfig, as_dict, config_hash, flatten, intervention_tag
-from harness.data.loader import TrainBatches, open_dataset, held_out_batches
+from harness.data.loader import TrainBatches, held_out_batches, open_dataset
+from harness.launch import Ranks
 from harness.model import GPTModel, cross_entropy
 from harness.optim import build_optimizer, build_scheduler
 from harness.precision import Precision
 from harness.sampling import continue_text
-from harness.tracking import Tracker
+from harness.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -57,50 +60,44 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, ranks: Ranks) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(ranks.local_rank)
+        return torch.device("cuda", ranks.local_rank)
     return torch.device(name)
 
 
 @dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    max_abs_grad: float
-    clipped: bool
-    applied: bool
-    scaler_skipped: bool
-
-
-@dataclass
 class PeriodStats:
-    """What the seeds recorded per checkpoint period, plus the non-finite step counts by kind."""
+    """What the seeds recorded per checkpoint period, plus the non-finite steps by kind."""
 
     exploding_threshold: float
+    grad_clip: Optional[float]
+    scaler_enabled: bool
     losses: list = field(default_factory=list)
     norms: list = field(default_factory=list)
     clipped: int = 0
-    exploding: int = 0  # (a) finite norm above the threshold: counted, still applied (or clipped)
-    overflow: int = 0  # (b) finite elements whose norm overflows to inf: skipped
-    nonfinite_element: int = 0  # (c) at least one inf/NaN gradient element: skipped
-    scaler_skips: int = 0  # fp16 GradScaler skipped the step (its scale was too high)
+    exploding: int = 0  # (a) finite norm above the threshold: counted, still applied (clipped if clipping)
+    overflow: int = 0  # (b) finite elements whose norm overflows to inf: step skipped
+    nonfinite_element: int = 0  # (c) at least one inf/NaN gradient element: step skipped
+    scaler_skips: int = 0  # under fp16, a skipped step also lowers the GradScaler's scale
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, r: StepResult) -> None:
-        self.losses.append(r.loss)
-        finite_elements, finite_norm = math.isfinite(r.max_abs_grad), math.isfinite(r.grad_norm)
+    def add(self, loss: float, norm: float, max_abs: float) -> None:
+        self.losses.append(loss)
+        finite_elements, finite_norm = math.isfinite(max_abs), math.isfinite(norm)
         if finite_norm:
-            self.norms.append(r.grad_norm)
-            self.exploding += r.grad_norm > self.exploding_threshold
+            self.norms.append(norm)
+            self.exploding += norm > self.exploding_threshold
+            self.clipped += self.grad_clip is not None and norm > self.grad_clip
         self.overflow += finite_elements and not finite_norm
         self.nonfinite_element += not finite_elements
-        self.scaler_skips += r.scaler_skipped
-        self.clipped += r.clipped
+        self.scaler_skips += self.scaler_enabled and not finite_norm
 
     def summary(self, step: int, lr: float, tokens: int, flops_per_token: float, peak: Optional[float]) -> dict:
         finite = [x for x in self.losses if math.isfinite(x)] or [float("nan")]
-        seconds = time.perf_counter() - self.started
         stats = {
             "step": step, "lr": lr,
             "train_loss_avg": float(np.mean(finite)), "train_loss_min": min(finite), "train_loss_max": max(finite),
@@ -109,7 +106,7 @@ class PeriodStats:
             "clip_fraction": self.clipped / len(self.losses),
             "nonfinite_exploding": self.exploding, "nonfinite_overflow": self.overflow,
             "nonfinite_element": self.nonfinite_element, "nonfinite_scaler_skips": self.scaler_skips,
-            "tokens_per_sec": tokens / seconds,
+            "tokens_per_sec": tokens / (time.perf_counter() - self.started),
         }
         if peak:
             stats["mfu"] = stats["tokens_per_sec"] * flops_per_token / peak
@@ -117,17 +114,16 @@ class PeriodStats:
 
 
 class Trial:
-    def __init__(self, cfg: TrialConfig, run_dir: Path):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = resolve_device(cfg.trainer.device)
-        self.precision = Precision(cfg.trainer.precision, self.device)
-        tokens = open_dataset(cfg.data, "train")
+    def __init__(self, cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
+        self.cfg, self.run_dir, self.ranks = cfg, Path(run_dir), ranks
+        t = cfg.trainer
+        self.device = resolve_device(t.device, ranks)
+        self.precision = Precision(t.precision, self.device)
+        self.accum = t.grad_accum_steps(ranks.world)
+        self.batches = TrainBatches(open_dataset(cfg.data, "train"), cfg.model.context_length, t.micro_batch_size,
+                                    self.accum, ranks.world, ranks.rank, t.max_steps, cfg.data.max_epochs, cfg.data.seed)
         self.test_tokens = open_dataset(cfg.data, "test")
-        list(held_out_batches(self.test_tokens, cfg.data, cfg.model.context_length))  # validate the window up front
-        self.accum = cfg.trainer.grad_accum_steps(world_size=1)
-        self.batches = TrainBatches(tokens, cfg.model.context_length, cfg.trainer.micro_batch_size, self.accum,
-                                    world=1, rank=0, total_steps=cfg.trainer.max_steps,
-                                    max_epochs=cfg.data.max_epochs, seed=cfg.data.seed)
+        list(held_out_batches(self.test_tokens, cfg.data, cfg.model.context_length))  # validate the window now
 
         self.model = build_model(cfg)
         self.init_fingerprint = fingerprint(self.model)
@@ -135,78 +131,65 @@ class Trial:
             seed_everything(cfg.train_seed)
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.trainer.max_steps, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim)
         self.scaler = self.precision.grad_scaler()
-        self.tokens_per_step = cfg.trainer.global_batch_size * cfg.model.context_length
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
-        self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        self.start_step, self.run_id = 0, None
         self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
         self.periods: list[dict] = []
+        if cfg.resume:
+            self._restore(checkpoint.find(Path(cfg.resume)))
+        self.train_model = self.model
+        if ranks.world > 1:
+            self.train_model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.tokens_per_step = t.global_batch_size * cfg.model.context_length
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
+        self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
-    def tags(self) -> dict[str, str]:
-        cfg = self.cfg
-        tags = {
-            "intervention": intervention_tag(cfg.interventions), "seed": str(cfg.seed),
-            "train_seed": "none" if cfg.train_seed is None else str(cfg.train_seed),
-            "data_seed": "none" if cfg.data.seed is None else str(cfg.data.seed),
-            "init_fingerprint": self.init_fingerprint, "config_hash": config_hash(cfg), "scale": cfg.scale,
-            "device": str(self.device), "host": socket.gethostname(),
-        }
-        if cfg.study:
-            tags["study"] = cfg.study
-        return tags
-
-    def train_step(self, step: int) -> StepResult:
-        self.model.train()
+    # --- the step -------------------------------------------------------------------------------
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step. Returns (loss averaged over ranks, pre-clip norm, max |grad|) on the device:
+        nothing here waits for the device, and a non-finite norm skips the update on the device."""
+        self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.accum):
             inputs, targets = (t.to(self.device, non_blocking=True) for t in self.batches.get(step, micro_step))
-            with self.precision.autocast():
-                loss = cross_entropy(self.model(inputs), targets) / self.accum
-            self.scaler.scale(loss).backward()
+            syncing = micro_step == self.accum - 1 or self.ranks.world == 1
+            with contextlib.nullcontext() if syncing else self.train_model.no_sync():
+                with self.precision.autocast():
+                    loss = cross_entropy(self.train_model(inputs), targets) / self.accum
+                self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
         max_abs = torch.nn.utils.get_total_norm(grads, math.inf)
-        clip = self.cfg.optim.grad_clip
-        if clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), clip, norm)
-        loss_value, norm_value, max_abs_value = torch.stack([loss_sum, norm, max_abs]).tolist()  # one host sync
-        applied = math.isfinite(norm_value)
-        if applied:
-            self.scaler.step(self.optimizer)
-        self.scaler.update()  # an fp16 scaler lowers its scale after a skipped (non-finite) step
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.optim.grad_clip, norm)
+        # The fused AdamW skips the whole update on the device when found_inf is 1 (GradScaler's protocol).
+        self.optimizer.grad_scale, self.optimizer.found_inf = None, (~torch.isfinite(norm)).float()
+        self.optimizer.step()
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_value, norm_value, max_abs_value, clipped=clip is not None and norm_value > clip,
-                          applied=applied, scaler_skipped=self.scaler.is_enabled() and not applied)
+        if self.ranks.world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.ranks.world
+        return torch.stack([loss_sum, norm.float(), max_abs.float()])
 
-    @torch.no_grad()
-    def test_loss(self) -> float:
-        """Mean cross-entropy over the fixed held-out window in full fp32, dropout off."""
-        self.model.eval()
-        total, count = 0.0, 0
-        with full_precision():
-            for inputs, targets in held_out_batches(self.test_tokens, self.cfg.data, self.cfg.model.context_length):
-                loss = cross_entropy(self.model(inputs.to(self.device)), targets.to(self.device))
-                total += loss.double().item() * targets.numel()
-                count += targets.numel()
-        return total / count
-
-    def sample(self) -> str:
-        t = self.cfg.trainer
-        return continue_text(self.model, t.sample_prompt, t.sample_tokens, t.sample_top_k, t.sample_temperature,
-                             seed=self.cfg.seed)
-
+    # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
-        run_name = f"{intervention_tag(cfg.interventions)}-s{cfg.seed}" + (f"-t{cfg.train_seed}" if cfg.train_seed is not None else "")
-        tracker.start(run_name, self.tags(), flatten(as_dict(cfg)))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(as_dict(cfg)))
-        tracker.log_artifact(self.run_dir / "config.yaml")
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if self.ranks.is_main else NullTracker()
+        if self.run_id:
+            tracker.resume(self.run_id)
+        else:
+            name = f"{intervention_tag(cfg.interventions)}-s{cfg.seed}" + ("" if cfg.train_seed is None else f"-t{cfg.train_seed}")
+            tracker.start(name, self.tags(), flatten(as_dict(cfg)))
+            if self.ranks.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(as_dict(cfg)))
+                tracker.log_artifact(self.run_dir / "config.yaml")
+        self.run_id = tracker.run_id
         try:
             result = self._train(tracker)
         except KeyboardInterrupt:
@@ -219,67 +202,138 @@ class Trial:
         tracker.end("FINISHED")
         return result
 
-    def _train(self, tracker: Tracker) -> dict:
+    def _train(self, tracker) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         params = self.model.num_parameters()
-        log.info("model: %s parameters; %d steps × %d tokens; %d micro-steps of %d sequences; device %s, %s",
-                 f"{params:,}", t.max_steps, self.tokens_per_step, self.accum, t.micro_batch_size, self.device, t.precision)
+        log.info("%s parameters; steps %d→%d × %d tokens; %d ranks × %d micro-steps × %d sequences; %s, %s",
+                 f"{params:,}", self.start_step, t.max_steps, self.tokens_per_step, self.ranks.world, self.accum,
+                 t.micro_batch_size, self.device, t.precision)
         tracker.log_metrics({"parameters": params, "epochs": self.batches.epochs}, step=0)
         started = time.perf_counter()
-        period = PeriodStats(t.exploding_grad_norm)
-        nonfinite_streak = 0
-        bar = tqdm(total=t.max_steps, disable=not t.progress, unit="step", dynamic_ncols=True)
-        for step in range(t.max_steps):
-            lr = self.scheduler.get_last_lr()[0]
-            result = self.train_step(step)
-            period.add(result)
-            for key, value in (("step", step + 1), ("loss", result.loss), ("grad_norm", result.grad_norm), ("lr", lr)):
-                self.history[key].append(value)
-            tracker.log_metrics({"train_loss": result.loss, "grad_norm": result.grad_norm, "lr": lr}, step=step + 1)
-            nonfinite_streak = 0 if math.isfinite(result.loss) else nonfinite_streak + 1
-            if nonfinite_streak >= t.divergence_patience:
-                raise DivergenceError(f"loss was non-finite for {nonfinite_streak} consecutive steps (to step {step + 1})")
-            if (step + 1) % cfg.tracking.log_interval == 0:
-                tracker.flush()
-            bar.update()
-            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{self.tokens_per_step * (step + 1) / (time.perf_counter() - started):,.0f}")
-            if (step + 1) % t.checkpoint_interval == 0 or step + 1 == t.max_steps:
-                self._end_period(period, step + 1, lr, tracker)
-                period = PeriodStats(t.exploding_grad_norm)
+        period = self._new_period()
+        pending: list[tuple[int, float, torch.Tensor]] = []
+        bar = tqdm(total=t.max_steps, initial=self.start_step, disable=not (t.progress and self.ranks.is_main),
+                   unit="step", dynamic_ncols=True)
+        for step in range(self.start_step, t.max_steps):
+            pending.append((step + 1, self.scheduler.get_last_lr()[0], self.train_step(step)))
+            period_end = (step + 1) % t.checkpoint_interval == 0 or step + 1 == t.max_steps
+            if period_end or len(pending) == cfg.tracking.log_interval:
+                self._read_back(pending, period, tracker, bar)
+                pending = []
+                tokens_per_sec = self.tokens_per_step * (step + 1 - self.start_step) / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+            if period_end:
+                self._end_period(period, step + 1, tracker)
+                period = self._new_period()
         bar.close()
         train_seconds = time.perf_counter() - started
-        test_loss = self.test_loss()
-        tracker.log_metrics({"test_loss": test_loss, "train_seconds": train_seconds}, step=t.max_steps)
-        log.info("test loss %.6f after %.1f s of training", test_loss, train_seconds)
-        return {"test_loss": test_loss, "train_seconds": train_seconds, "run_id": tracker.run_id,
-                "init_fingerprint": self.init_fingerprint}
+        result = {"run_id": tracker.run_id, "init_fingerprint": self.init_fingerprint, "train_seconds": train_seconds}
+        if self.ranks.is_main:
+            result["test_loss"] = self.test_loss()
+            tracker.log_metrics({"test_loss": result["test_loss"], "train_seconds": train_seconds}, step=t.max_steps)
+            log.info("test loss %.6f after %.1f s of training", result["test_loss"], train_seconds)
+        self.ranks.barrier()
+        return result
 
-    def _end_period(self, period: PeriodStats, step: int, lr: float, tracker: Tracker) -> None:
-        stats = period.summary(step, lr, self.tokens_per_step * len(period.losses), self.model.flops_per_token(), self.peak_flops)
-        is_best = all(stats["train_loss_avg"] < p["train_loss_avg"] for p in self.periods)
+    def _new_period(self) -> PeriodStats:
+        return PeriodStats(self.cfg.trainer.exploding_grad_norm, self.cfg.optim.grad_clip, self.scaler.is_enabled())
+
+    def _read_back(self, pending, period: PeriodStats, tracker, bar) -> None:
+        """The one host synchronisation: per-step values since the last read-back."""
+        values = torch.stack([v for _, _, v in pending]).tolist()
+        for (step, lr, _), (loss, norm, max_abs) in zip(pending, values):
+            period.add(loss, norm, max_abs)
+            for key, value in (("step", step), ("loss", loss), ("grad_norm", norm), ("lr", lr)):
+                self.history[key].append(value)
+            tracker.log_metrics({"train_loss": loss, "grad_norm": norm, "lr": lr}, step=step)
+        tracker.flush()
+        bar.update(len(pending))
+        streak = next((i for i, loss in enumerate(reversed(self.history["loss"])) if math.isfinite(loss)),
+                      len(self.history["loss"]))
+        if streak >= self.cfg.trainer.divergence_patience:
+            raise DivergenceError(f"training loss was non-finite for the last {streak} steps (to step "
+                                  f"{self.history['step'][-1]}); the last good checkpoint is intact")
+
+    def _end_period(self, period: PeriodStats, step: int, tracker) -> None:
+        stats = period.summary(step, self.history["lr"][-1], self.tokens_per_step * len(period.losses),
+                               self.model.flops_per_token(), self.peak_flops)
+        is_best = math.isfinite(stats["train_loss_avg"]) and all(
+            stats["train_loss_avg"] < p["train_loss_avg"] for p in self.periods)
         self.periods.append(stats)
         tracker.log_metrics({k: v for k, v in stats.items() if k != "step"} | {"is_best": float(is_best)}, step=step)
-        saved = checkpoint.save(self.run_dir / "checkpoints", step, self.model, self._state(step), is_best)
-        sample = self.sample()
-        log.info("step %d: period loss %.4f (min %.4f, max %.4f)%s; sample: %s", step, stats["train_loss_avg"],
-                 stats["train_loss_min"], stats["train_loss_max"], " [best]" if is_best else "", sample)
-        tracker.log_text(sample, f"samples/step_{step:06d}.txt")
-        pointers = {"host": socket.gethostname(), "latest": str(saved.resolve()),
-                    "best": str(checkpoint.resolve(self.run_dir / "checkpoints", "best").resolve())}
-        tracker.log_text(json.dumps(pointers, indent=1), "checkpoints.json")
-        for path in charts.write_charts(self.history, self.periods, self.run_dir / "charts", self.cfg.optim.grad_clip):
-            tracker.log_artifact(path, "charts")
-        tracker.flush()
+        weights_finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all().item()
+        if not (math.isfinite(self.history["loss"][-1]) and weights_finite):
+            log.warning("step %d: loss or weights non-finite; keeping the last good checkpoint", step)
+            return
+        self._save_checkpoint(step, is_best, tracker)
+        if self.ranks.is_main:
+            sample = continue_text(self.model, self.cfg.trainer.sample_prompt, self.cfg.trainer.sample_tokens,
+                                   self.cfg.trainer.sample_top_k, self.cfg.trainer.sample_temperature, seed=self.cfg.seed)
+            log.info("step %d: period loss %.4f (min %.4f, max %.4f)%s | %s", step, stats["train_loss_avg"],
+                     stats["train_loss_min"], stats["train_loss_max"], " [best]" if is_best else "", sample)
+            tracker.log_text(sample, f"samples/step_{step:06d}.txt")
+            for path in charts.write_charts(self.history, self.periods, self.run_dir / "charts", self.cfg.optim.grad_clip):
+                tracker.log_artifact(path, "charts")
 
-    def _state(self, step: int) -> dict:
-        return {
-            "step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(), "periods": self.periods,
-            "history": self.history,
+    def _save_checkpoint(self, step: int, is_best: bool, tracker) -> None:
+        directory = self.run_dir / "checkpoints"
+        if self.ranks.is_main:
+            checkpoint.begin(directory, step)
+        self.ranks.barrier()
+        checkpoint.save_rank_rng(directory, step, self.ranks.rank)
+        self.ranks.barrier()
+        if self.ranks.is_main:
+            state = {
+                "step": step, "run_id": tracker.run_id, "config_hash": config_hash(self.cfg),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "periods": self.periods, "history": self.history,
+            }
+            saved = checkpoint.commit(directory, step, self.model, state, is_best)
+            pointers = {"host": socket.gethostname(), "latest": str(saved.resolve()),
+                        "best": str(checkpoint.resolve(directory, "best").resolve())}
+            tracker.log_text(json.dumps(pointers, indent=1), "checkpoints.json")
+        self.ranks.barrier()
+
+    def _restore(self, path: Path) -> None:
+        state = checkpoint.load(path, self.model, self.ranks.rank)
+        if state["config_hash"] != config_hash(self.cfg):
+            raise ValueError(f"{path} was saved by a trial with another config (config_hash {state['config_hash']})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.start_step, self.run_id = state["step"], state["run_id"]
+        self.periods, self.history = state["periods"], state["history"]
+        log.info("resumed from %s at step %d", path, self.start_step)
+
+    # --- evaluation and records -----------------------------------------------------------------
+    @torch.no_grad()
+    def test_loss(self) -> float:
+        """Mean cross-entropy over the fixed held-out window in full fp32, dropout off."""
+        self.model.eval()
+        total, count = 0.0, 0
+        with full_precision():
+            for inputs, targets in held_out_batches(self.test_tokens, self.cfg.data, self.cfg.model.context_length):
+                loss = cross_entropy(self.model(inputs.to(self.device)), targets.to(self.device))
+                total += loss.double().item() * targets.numel()
+                count += targets.numel()
+        return total / count
+
+    def tags(self) -> dict[str, str]:
+        cfg = self.cfg
+        tags = {
+            "intervention": intervention_tag(cfg.interventions), "seed": str(cfg.seed),
+            "train_seed": "none" if cfg.train_seed is None else str(cfg.train_seed),
+            "data_seed": "none" if cfg.data.seed is None else str(cfg.data.seed),
+            "init_fingerprint": self.init_fingerprint, "config_hash": config_hash(cfg), "scale": cfg.scale,
+            "device": str(self.device), "world_size": str(self.ranks.world), "host": socket.gethostname(),
         }
+        if cfg.study:
+            tags["study"] = cfg.study
+        return tags
 
 
-@contextmanager
+@contextlib.contextmanager
 def full_precision():
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
