@@ -1,0 +1,14 @@
+"""Statistical analysis of intervention studies.
+
+Reads the trial runs of a study (from MLflow or a CSV), measures the noise
+sources (init seed, train seed, run-to-run repeats, checkpoint-to-checkpoint),
+compares every intervention with the baseline against the matching noise
+reference, and writes a ranking, a Markdown/HTML report, a CSV and figures.
+
+Entry points: ``python -m analysis study=<name>`` (see ``analysis.__main__``),
+:func:`analysis.study.analyse` and :func:`analysis.report.write_report`.
+"""
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent

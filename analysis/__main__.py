@@ -1,0 +1,133 @@
+"""Command line: ``python -m analysis study=<name> [key=value ...]``.
+
+Prints the ranking, writes the report into the output directory and, for
+MLflow input, logs it as an ``analysis`` run in the same store.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from analysis import PROJECT_ROOT
+from analysis.load import (
+    AnalysisInputError, default_tracking_uri, load_csv_study, load_mlflow_study, mlflow_store,
+)
+
+USAGE = """\
+usage: python -m analysis study=NAME [key=value ...]
+
+  study=NAME        the study to analyse (the runs' `study` tag); with csv= it
+                    defaults to the CSV file name
+  tracking_uri=URI  MLflow store (default: $MLFLOW_TRACKING_URI, else
+                    sqlite:///<project>/mlflow.db)
+  experiment=NAME   MLflow experiment to search (default: all experiments)
+  csv=PATH          analyse this CSV instead (columns intervention, seed,
+                    train_seed, test_loss and init_fingerprint or changes_init;
+                    optional status, run_id, data_seed, study)
+  history=PATH      CSV of training-loss histories for csv= input
+                    (run_id, step, value[, metric])
+  out=DIR           output directory (default: <project>/reports/<study>)
+  min_effect=X      minimum meaningful difference in test loss (default 0)
+  alpha=X           significance level; CIs are 1-alpha (default 0.05)
+  final_periods=N   checkpoint periods for checkpoint noise (default 5)
+  resamples=N       bootstrap resamples (default 9999)
+  log=auto|true|false  log the report as an MLflow run (auto: for MLflow input)
+"""
+
+KEYS = ("study", "tracking_uri", "experiment", "csv", "history", "out", "min_effect",
+        "alpha", "final_periods", "resamples", "log")
+
+
+def parse_arguments(argv: list[str]) -> dict[str, str]:
+    options = {}
+    for argument in argv:
+        key, separator, value = argument.partition("=")
+        if not separator:
+            raise AnalysisInputError(f"arguments are key=value, got {argument!r}\n\n{USAGE}")
+        if key not in KEYS:
+            raise AnalysisInputError(f"unknown key {key!r}; known keys: {', '.join(KEYS)}")
+        options[key] = value
+    if "study" not in options and "csv" not in options:
+        raise AnalysisInputError(f"study=NAME is required\n\n{USAGE}")
+    return options
+
+
+def _number(options: dict, key: str, default, kind=float, low=None, high=None):
+    text = options.get(key)
+    if text is None:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise AnalysisInputError(f"{key} must be a {kind.__name__}, got {text!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise AnalysisInputError(f"{key}={value} is outside [{low}, {high}]")
+    return value
+
+
+def settings_from(options: dict):
+    from analysis.study import Settings
+
+    return Settings(
+        alpha=_number(options, "alpha", 0.05, float, 1e-6, 0.5),
+        min_effect=_number(options, "min_effect", 0.0, float, 0.0),
+        final_periods=_number(options, "final_periods", 5, int, 3),
+        n_resamples=_number(options, "resamples", 9999, int, 100),
+    )
+
+
+def run(options: dict) -> int:
+    from analysis.report import log_analysis_run, ranking_text, write_report
+    from analysis.study import analyse
+
+    settings = settings_from(options)
+    log = options.get("log", "auto").lower()
+    if log not in ("auto", "true", "false"):
+        raise AnalysisInputError(f"log must be auto, true or false, got {log!r}")
+    if "csv" in options:
+        study_runs = load_csv_study(options["csv"], options.get("study"), options.get("history"))
+    else:
+        study_runs = load_mlflow_study(options["study"], options.get("tracking_uri"),
+                                       options.get("experiment"))
+    out = Path(options.get("out") or PROJECT_ROOT / "reports" / study_runs.study)
+    analysis = analyse(study_runs, settings)
+    files = write_report(analysis, out)
+    print(f"study {study_runs.study}: {len(study_runs.runs)} runs analysed, "
+          f"{len(study_runs.excluded)} excluded")
+    for row in study_runs.excluded.itertuples():
+        print(f"  excluded {row.run_id} ({row.intervention}, seed {row.seed}): {row.reason}")
+    print(ranking_text(analysis.ranking))
+    print(f"report: {files.markdown}  {files.html}  {files.csv}")
+    if log == "true" or (log == "auto" and "csv" not in options):
+        tracking_uri = (options.get("tracking_uri") or study_runs.tracking_uri
+                        or default_tracking_uri())
+        experiment_id = study_runs.experiment_id or _experiment_id(tracking_uri, options)
+        run_id = log_analysis_run(analysis, files, tracking_uri, experiment_id)
+        print(f"logged analysis run {run_id} to {tracking_uri}")
+    return 0
+
+
+def _experiment_id(tracking_uri: str, options: dict) -> str | None:
+    """The experiment for the analysis of CSV input: experiment= or the default one."""
+    if "experiment" not in options:
+        return None
+    with mlflow_store(tracking_uri) as mlflow:
+        found = mlflow.get_experiment_by_name(options["experiment"])
+        return found.experiment_id if found else mlflow.create_experiment(options["experiment"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        return run(parse_arguments(argv))
+    except AnalysisInputError as error:
+        print(f"analysis: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
