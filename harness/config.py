@@ -57,6 +57,7 @@ class TrainerConfig:
 class TrackingConfig:
     uri: Optional[str] = None  # default sqlite:///<project root>/mlflow.db; any MLflow tracking URI
     experiment: str = "harness"
+    parent_run_id: Optional[str] = None  # a study's parent run; the trial becomes its child in `mlflow ui`
     log_interval: int = 10  # steps between batched uploads of per-step metrics
 
 
@@ -72,13 +73,14 @@ class TrialConfig:
     scale: str = "smoke"
     study: Optional[str] = None
     resume: Optional[str] = None  # a run directory (or checkpoint) to continue, in its own MLflow run
+    rerun: bool = False  # run even when a FINISHED run with the same config_hash exists (sweeps skip those)
     interventions: list[str] = field(default_factory=list)  # filled from the composed overlays
 
 
 ConfigStore.instance().store(name="trial_schema", node=TrialConfig)
 
 # Keys that say where a trial is recorded, not what it computes: left out of config_hash.
-BOOKKEEPING_KEYS = ("tracking", "study", "resume")
+BOOKKEEPING_KEYS = ("tracking", "study", "resume", "rerun")
 
 
 def to_trial_config(cfg: DictConfig) -> TrialConfig:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from harness import charts, checkpoint
 from harness.config import TrialConfig, as_dict, config_hash, flatten, intervention_tag
-from harness.data.loader import TrainBatches, held_out_batches, open_dataset
+from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
 from harness.launch import Ranks
 from harness.model import GPTModel, cross_entropy
 from harness.optim import build_optimizer, build_scheduler
@@ -307,17 +307,8 @@ class Trial:
         log.info("resumed from %s at step %d", path, self.start_step)
 
     # --- evaluation and records -----------------------------------------------------------------
-    @torch.no_grad()
     def test_loss(self) -> float:
-        """Mean cross-entropy over the fixed held-out window in full fp32, dropout off."""
-        self.model.eval()
-        total, count = 0.0, 0
-        with full_precision():
-            for inputs, targets in held_out_batches(self.test_tokens, self.cfg.data, self.cfg.model.context_length):
-                loss = cross_entropy(self.model(inputs.to(self.device)), targets.to(self.device))
-                total += loss.double().item() * targets.numel()
-                count += targets.numel()
-        return total / count
+        return held_out_loss(self.model, self.test_tokens, self.cfg.data)
 
     def tags(self) -> dict[str, str]:
         cfg = self.cfg
@@ -330,7 +321,25 @@ class Trial:
         }
         if cfg.study:
             tags["study"] = cfg.study
+        if cfg.tracking.parent_run_id:
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         return tags
+
+
+@torch.no_grad()
+def held_out_loss(model: GPTModel, tokens, data_cfg: DataConfig) -> float:
+    """Mean cross-entropy over the fixed held-out window in full fp32, dropout off."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with full_precision():
+        for inputs, targets in held_out_batches(tokens, data_cfg, model.cfg.context_length):
+            loss = cross_entropy(model(inputs.to(device)), targets.to(device))
+            total += loss.double().item() * targets.numel()
+            count += targets.numel()
+    model.train(was_training)
+    return total / count
 
 
 @contextlib.contextmanager
