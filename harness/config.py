@@ -75,6 +75,7 @@ class TrialConfig:
     resume: Optional[str] = None  # a run directory (or checkpoint) to continue, in its own MLflow run
     rerun: bool = False  # run even when a FINISHED run with the same config_hash exists (sweeps skip those)
     interventions: list[str] = field(default_factory=list)  # filled from the composed overlays
+    plugins: dict[str, Any] = field(default_factory=dict)  # intervention code: {plugin name: {option: value}}
 
 
 ConfigStore.instance().store(name="trial_schema", node=TrialConfig)
@@ -111,7 +112,7 @@ def config_hash(cfg: TrialConfig) -> str:
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

@@ -6,7 +6,9 @@ from typing import Optional
 
 import torch
 
-SCHEDULES = ("constant", "warmup_cosine")
+from harness.plugins import Plugins
+
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "wsd")
 
 
 @dataclass
@@ -20,7 +22,8 @@ class OptimConfig:
     schedule: str = "constant"
     warmup_fraction: float = 0.05
     warmup_start_factor: float = 1e-5
-    final_lr_ratio: float = 0.1  # cosine decays to lr * final_lr_ratio at the last step
+    final_lr_ratio: float = 0.1  # the decay ends at lr * final_lr_ratio at the last step
+    decay_fraction: float = 0.2  # wsd: the final share of steps spent decaying (linearly) from the plateau
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -31,16 +34,18 @@ class OptimConfig:
             raise ValueError(f"optim.grad_clip={self.grad_clip} must be positive (or null for no clipping)")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if not 0.0 < self.decay_fraction <= 1.0 - self.warmup_fraction:
+            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1 - warmup_fraction]")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """One parameter group: weight decay on all parameters, as in the seeds' baseline.
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, plugins: Plugins) -> torch.optim.AdamW:
+    """One parameter group, weight decay on all parameters (the seeds' baseline), unless a plugin regroups.
 
     The fused implementation (same update rule as the default) can skip a step on the device, which
     lets the trainer drop non-finite steps without waiting for the GPU.
     """
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=True)
+    groups = plugins.parameter_groups(model, [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -50,10 +55,14 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     warmup_steps = int(cfg.warmup_fraction * total_steps)
     if step < warmup_steps:
         return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.final_lr_ratio + (1.0 - cfg.final_lr_ratio) * cosine
+    decay_start = total_steps - int(cfg.decay_fraction * total_steps) if cfg.schedule == "wsd" else warmup_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - 1 - decay_start))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "warmup_cosine" else 1.0 - progress
+    return cfg.final_lr_ratio + (1.0 - cfg.final_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig, plugins: Plugins):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: plugins.lr_factor(step, total_steps, lr_factor(step, total_steps, cfg)))

@@ -25,6 +25,7 @@ from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open
 from harness.launch import Ranks
 from harness.model import GPTModel, cross_entropy
 from harness.optim import build_optimizer, build_scheduler
+from harness.plugins import Plugins
 from harness.precision import Precision
 from harness.sampling import continue_text
 from harness.tracking import NullTracker, Tracker
@@ -45,10 +46,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_model(cfg: TrialConfig) -> GPTModel:
+def build_model(cfg: TrialConfig, plugins: Optional[Plugins] = None) -> GPTModel:
     """Seed, then build on the CPU so the initial weights do not depend on the device."""
     seed_everything(cfg.seed)
-    return GPTModel(cfg.model)
+    return (plugins or Plugins(cfg.plugins)).build_model(GPTModel(cfg.model))
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -96,10 +97,10 @@ class PeriodStats:
         self.nonfinite_element += not finite_elements
         self.scaler_skips += self.scaler_enabled and not finite_norm
 
-    def summary(self, step: int, lr: float, tokens: int, flops_per_token: float, peak: Optional[float]) -> dict:
+    def summary(self, step: int, tokens: int, flops_per_token: float, peak: Optional[float]) -> dict:
         finite = [x for x in self.losses if math.isfinite(x)] or [float("nan")]
         stats = {
-            "step": step, "lr": lr,
+            "step": step,
             "train_loss_avg": float(np.mean(finite)), "train_loss_min": min(finite), "train_loss_max": max(finite),
             "grad_norm_max": max(self.norms, default=float("nan")),
             "grad_norm_avg": float(np.mean(self.norms)) if self.norms else float("nan"),
@@ -125,13 +126,14 @@ class Trial:
         self.test_tokens = open_dataset(cfg.data, "test")
         list(held_out_batches(self.test_tokens, cfg.data, cfg.model.context_length))  # validate the window now
 
-        self.model = build_model(cfg)
+        self.plugins = Plugins(cfg.plugins)
+        self.model = build_model(cfg, self.plugins)
         self.init_fingerprint = fingerprint(self.model)
         if cfg.train_seed is not None:
             seed_everything(cfg.train_seed)
         self.model.to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.plugins)
+        self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim, self.plugins)
         self.scaler = self.precision.grad_scaler()
         self.start_step, self.run_id = 0, None
         self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
@@ -156,10 +158,12 @@ class Trial:
             syncing = micro_step == self.accum - 1 or self.ranks.world == 1
             with contextlib.nullcontext() if syncing else self.train_model.no_sync():
                 with self.precision.autocast():
-                    loss = cross_entropy(self.train_model(inputs), targets) / self.accum
+                    logits = self.train_model(inputs)
+                    loss = self.plugins.loss(cross_entropy(logits, targets), logits, targets) / self.accum
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
+        self.plugins.after_backward(self.model, step)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
         max_abs = torch.nn.utils.get_total_norm(grads, math.inf)
@@ -255,7 +259,7 @@ class Trial:
                                   f"{self.history['step'][-1]}); the last good checkpoint is intact")
 
     def _end_period(self, period: PeriodStats, step: int, tracker) -> None:
-        stats = period.summary(step, self.history["lr"][-1], self.tokens_per_step * len(period.losses),
+        stats = period.summary(step, self.tokens_per_step * len(period.losses),
                                self.model.flops_per_token(), self.peak_flops)
         is_best = math.isfinite(stats["train_loss_avg"]) and all(
             stats["train_loss_avg"] < p["train_loss_avg"] for p in self.periods)

@@ -1,7 +1,8 @@
 """The intervention registry: what each overlay in `conf/intervention/` changes, and what the seeds found.
 
 An intervention is one YAML overlay `conf/intervention/<name>.yaml` plus, only when it needs code the
-core lacks, one small module in this package. Every overlay has exactly one entry here (a test checks).
+core lacks, one small module `interventions/<name>.py` that registers a plugin (see harness/plugins.py).
+Every overlay has exactly one entry here (a test checks).
 """
 
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ class Intervention:
         return self.components or (self.name,)
 
 
+NOT_RUN = "not run by the seeds (an idea they named)"
+_WARMUP = {"optim.lr": 1.4e-3, "optim.warmup_fraction": 0.05, "optim.warmup_start_factor": 1e-5}
 _LR_SCHEDULE = {
     "optim.lr": 1.4e-3,
     "optim.schedule": "warmup_cosine",
@@ -66,6 +69,30 @@ REGISTRY: dict[str, Intervention] = {
             "the seeds' final recipe (no QKV bias)",
             components=("gradient_clipping", "lr_schedule", "no_dropout", "weight_decay"),
         ),
+        Intervention("bf16", "bf16 autocast instead of fp16 + GradScaler", {"trainer.precision": "bf16_amp"}, False,
+                     NOT_RUN),
+        Intervention(
+            "lr_linear_to_zero", "lr_schedule's warmup to 1.4e-3, then linear decay to zero",
+            {**_WARMUP, "optim.schedule": "warmup_linear", "optim.final_lr_ratio": 0.0}, False, NOT_RUN,
+        ),
+        Intervention(
+            "lr_wsd", "warmup-stable-decay: warmup to 1.4e-3, plateau, linear decay to zero over the last 20%",
+            {**_WARMUP, "optim.schedule": "wsd", "optim.decay_fraction": 0.2, "optim.final_lr_ratio": 0.0}, False,
+            NOT_RUN,
+        ),
+        Intervention(
+            "no_decay_embeddings_norms_biases", "no weight decay on embeddings, LayerNorm parameters and biases",
+            {"plugins.no_decay_embeddings_norms_biases": {}}, False, NOT_RUN,
+        ),
+        Intervention("weight_decay_cerebras", "AdamW weight decay 0.33724 (the Cerebras formula)",
+                     {"optim.weight_decay": 0.33724}, False, "a clear negative: the negative control"),
+        Intervention(
+            "weight_tying_scaled_init", "weight tying, shared matrix drawn as the head's U(±1/√d_model), not N(0,1)",
+            {"model.tie_weights": True, "model.tied_init": "head"}, True,
+            "not run by the seeds: tests whether tying's initial loss of ~460 is what hurt it",
+        ),
+        Intervention("z_loss", "z-loss: + 1e-4 × mean(logsumexp(logits)²) on the training loss",
+                     {"plugins.z_loss.coefficient": 1e-4}, False, "not run by the seeds (code-level plugin example)"),
     ]
 }
 
@@ -84,4 +111,7 @@ def describe() -> str:
         ]
         if item.components:
             lines.append(f"    combines: {', '.join(item.components)}")
+        plugins = sorted({key.split(".")[1] for key in item.changes if key.startswith("plugins.")})
+        if plugins:
+            lines.append(f"    code: {', '.join(f'interventions/{name}.py' for name in plugins)}")
     return "\n".join(lines)

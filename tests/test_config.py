@@ -14,7 +14,7 @@ SEVEN = ["gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_d
 def changed_keys(*overrides):
     base = flatten(as_dict(compose_config()))
     new = flatten(as_dict(compose_config(*overrides)))
-    return {k: v for k, v in new.items() if base[k] != v and k != "interventions"}
+    return {k: v for k, v in new.items() if base.get(k, "<absent>") != v and k != "interventions"}
 
 
 def assert_sets_exactly(overrides: list[str], expected: dict):

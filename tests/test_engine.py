@@ -141,7 +141,7 @@ def test_non_finite_kinds_are_counted_separately():
     for loss, norm, max_abs in [(2.0, 1.0, 0.1), (2.0, 5.0, 0.5), (2.0, 50.0, 5.0), (2.1, math.inf, 1e30),
                                 (math.nan, math.nan, math.nan), (2.0, math.inf, math.inf)]:
         stats.add(loss, norm, max_abs)
-    s = stats.summary(step=6, lr=1e-3, tokens=600, flops_per_token=1.0, peak=None)
+    s = stats.summary(step=6, tokens=600, flops_per_token=1.0, peak=None)
     assert (s["nonfinite_exploding"], s["nonfinite_overflow"], s["nonfinite_element"]) == (1, 1, 2)
     assert s["clip_fraction"] == pytest.approx(2 / 6) and s["grad_norm_max"] == 50.0
     assert s["train_loss_max"] == 2.1 and s["nonfinite_scaler_skips"] == 0

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from harness.optim import OptimConfig, build_scheduler, lr_factor
+from harness.plugins import Plugins
 from tests.conftest import compose_config
 
 
@@ -20,7 +21,7 @@ def test_lr_schedule_at_the_seeds_step_count():
 def test_baseline_lr_is_constant_and_scheduler_follows_the_factor():
     cfg = OptimConfig(lr=1.4e-3, schedule="warmup_cosine")
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    scheduler = build_scheduler(optimizer, 100, cfg)
+    scheduler = build_scheduler(optimizer, 100, cfg, Plugins({}))
     seen = []
     for _ in range(100):
         seen.append(scheduler.get_last_lr()[0])
@@ -33,3 +34,23 @@ def test_baseline_lr_is_constant_and_scheduler_follows_the_factor():
 def test_invalid_schedule_is_refused():
     with pytest.raises(ValueError, match="optim.schedule"):
         OptimConfig(schedule="cosine")
+
+
+def schedule_of(intervention: str, total: int = 1000):
+    cfg = compose_config(f"+intervention={intervention}").optim
+    return [cfg.lr * lr_factor(step, total, cfg) for step in range(total)]
+
+
+def test_linear_to_zero_schedule():
+    lr = schedule_of("lr_linear_to_zero")
+    assert lr[0] == pytest.approx(1.4e-8) and lr[50] == pytest.approx(1.4e-3)
+    assert lr[999] == 0.0 and lr[50 + 949 // 2] == pytest.approx(0.7e-3, rel=2e-3)
+    assert all(a >= b for a, b in zip(lr[50:], lr[51:]))
+
+
+def test_warmup_stable_decay_schedule():
+    lr = schedule_of("lr_wsd")
+    assert lr[0] == pytest.approx(1.4e-8)
+    assert all(x == pytest.approx(1.4e-3) for x in lr[50:800])  # plateau until the last 20%
+    assert lr[801] < 1.4e-3 and lr[999] == 0.0
+    assert all(a >= b for a, b in zip(lr[800:], lr[801:]))
