@@ -77,20 +77,28 @@ def resolve(directory: Path, which: str = "latest") -> Optional[Path]:
 def load(checkpoint: Path, model: torch.nn.Module, rank: int = 0) -> dict:
     """Weights into `model`; returns the trial state with this rank's RNG state under "rng"."""
     load_model(model, str(checkpoint / MODEL_FILE))
-    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")
     rng_file = checkpoint / f"rng_rank{rank}.pt"
     if not rng_file.exists():
         raise FileNotFoundError(f"{checkpoint} has no RNG state for rank {rank}: was it saved with fewer ranks?")
-    state["rng"] = torch.load(rng_file, weights_only=False)
+    state["rng"] = torch.load(rng_file, weights_only=False, map_location="cpu")
     return state
 
 
-def find(path: Path) -> Path:
-    """A checkpoint directory, or the latest checkpoint of a run directory or checkpoints directory."""
+def find(path: Path, which: Optional[str] = None) -> Path:
+    """`path` itself if it is a checkpoint, else the `which` (default latest) checkpoint of a run directory
+    or of its `checkpoints/` directory."""
     path = Path(path)
-    for candidate in (path, resolve(path) if (path / "latest").exists() else None,
-                      resolve(path / "checkpoints") if (path / "checkpoints" / "latest").exists() else None):
-        if candidate is not None and (candidate / MODEL_FILE).exists():
-            return candidate
-    raise FileNotFoundError(f"no checkpoint in {path} (expected a run directory with checkpoints/latest, "
-                            f"or a step_NNNNNN checkpoint directory)")
+    if (path / MODEL_FILE).is_file():
+        if which:
+            raise ValueError(f"{path} is one checkpoint; `{which}` picks a checkpoint of a run directory")
+        return path
+    which = which or "latest"
+    for directory in (path / "checkpoints", path):
+        if (directory / which).is_file():
+            found = resolve(directory, which)
+            if not (found / MODEL_FILE).is_file():
+                raise FileNotFoundError(f"{directory / which} points at {found}, which holds no {MODEL_FILE}")
+            return found
+    raise FileNotFoundError(f"no `{which}` checkpoint in {path}: expected a run directory with "
+                            f"checkpoints/{which}, or a step_NNNNNN checkpoint directory")

@@ -32,6 +32,7 @@ class TrainerConfig:
     sample_top_k: int = 25
     sample_temperature: float = 1.0
     deterministic: bool = False
+    compile: bool = False  # torch.compile the training forward/backward (same computation, fused kernels)
     progress: bool = True
 
     def __post_init__(self):

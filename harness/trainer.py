@@ -121,9 +121,10 @@ class Trial:
         self.device = resolve_device(t.device, ranks)
         self.precision = Precision(t.precision, self.device)
         self.accum = t.grad_accum_steps(ranks.world)
-        self.batches = TrainBatches(open_dataset(cfg.data, "train"), cfg.model.context_length, t.micro_batch_size,
+        verify = ranks.local_rank == 0  # one sha256 pass per node is enough
+        self.batches = TrainBatches(open_dataset(cfg.data, "train", verify), cfg.model.context_length, t.micro_batch_size,
                                     self.accum, ranks.world, ranks.rank, t.max_steps, cfg.data.max_epochs, cfg.data.seed)
-        self.test_tokens = open_dataset(cfg.data, "test")
+        self.test_tokens = open_dataset(cfg.data, "test", verify)
         list(held_out_batches(self.test_tokens, cfg.data, cfg.model.context_length))  # validate the window now
 
         self.plugins = Plugins(cfg.plugins)
@@ -143,6 +144,8 @@ class Trial:
         self.train_model = self.model
         if ranks.world > 1:
             self.train_model = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
         self.tokens_per_step = t.global_batch_size * cfg.model.context_length
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
         self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
@@ -212,7 +215,8 @@ class Trial:
         log.info("%s parameters; steps %d→%d × %d tokens; %d ranks × %d micro-steps × %d sequences; %s, %s",
                  f"{params:,}", self.start_step, t.max_steps, self.tokens_per_step, self.ranks.world, self.accum,
                  t.micro_batch_size, self.device, t.precision)
-        tracker.log_metrics({"parameters": params, "epochs": self.batches.epochs}, step=0)
+        if self.start_step == 0:
+            tracker.log_metrics({"parameters": params, "epochs": self.batches.epochs}, step=0)
         started = time.perf_counter()
         period = self._new_period()
         pending: list[tuple[int, float, torch.Tensor]] = []

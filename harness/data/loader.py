@@ -39,7 +39,8 @@ class DataConfig:
             raise ValueError(f"data.dataset={self.dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def open_dataset(cfg: DataConfig, split: str):
+def open_dataset(cfg: DataConfig, split: str, verify: bool = True):
+    """The split's tokens; `verify=False` skips the sha256 pass (ranks other than each node's first)."""
     if cfg.dataset == "bundled":
         directory = prepare_bundled(PROJECT_ROOT / ".cache" / "data", cfg.holdout_fraction)
     else:
@@ -50,7 +51,7 @@ def open_dataset(cfg: DataConfig, split: str):
                 f"`python -m harness.data prepare dataset={cfg.dataset}` (or `make data DATASET={cfg.dataset}`), "
                 f"or point data.path at a prepared directory."
             )
-    return open_split(directory, split, verify=cfg.verify_checksums)
+    return open_split(directory, split, verify=cfg.verify_checksums and verify)
 
 
 class TrainBatches:

@@ -1,0 +1,127 @@
+"""`python -m harness.evaluate PATH [best|latest]`: a saved checkpoint's held-out test loss, logged to its run.
+
+PATH is a trial's run directory (its `checkpoints/latest`, or `best`, is evaluated), its `checkpoints/`
+directory, or one `step_NNNNNN` checkpoint. The trial's saved `config.yaml` rebuilds the model and names the
+test window; the loss (full fp32, dropout off, as at the end of a trial) is printed to 6 decimals and logged
+as `checkpoint_test_loss` at the checkpoint's step into the trial's own MLflow run, whose status is left as
+it was. The store is the trial's `tracking.uri`, else MLFLOW_TRACKING_URI, else the project's mlflow.db.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from safetensors.torch import load_model
+
+from harness import checkpoint
+from harness.config import TrialConfig, config_hash, to_trial_config
+from harness.data.loader import open_dataset
+from harness.data.shards import ChecksumError
+from harness.model import GPTModel
+from harness.trainer import build_model, held_out_loss
+from harness.tracking import default_tracking_uri
+
+USAGE = """\
+usage: python -m harness.evaluate PATH [best|latest]
+
+Evaluates a saved checkpoint on its trial's held-out test window and logs the loss as
+checkpoint_test_loss (at the checkpoint's step) into the trial's MLflow run.
+
+  PATH    a run directory, its checkpoints/ directory, or a step_NNNNNN checkpoint directory
+  best    the checkpoint with the lowest period-average training loss
+  latest  the last checkpoint (the default)
+"""
+
+POINTERS = ("best", "latest")
+# Errors that mean bad input (a wrong path, a missing store, a mismatched file): the commands print their
+# message instead of a traceback.
+INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, ChecksumError, HydraException)
+
+
+@dataclass
+class SavedTrial:
+    cfg: TrialConfig
+    model: GPTModel
+    checkpoint: Path
+    run_id: str
+    step: int
+
+
+def load_saved_trial(path: Path, which: Optional[str] = None) -> SavedTrial:
+    """The checkpoint's trial config (from its run directory's config.yaml) and model with its weights, on the CPU.
+
+    The model is built as the trial built it, code-level interventions (plugins) included.
+    """
+    found = checkpoint.find(path, which)
+    config_file = found.parent.parent / "config.yaml"  # run_dir/checkpoints/step_NNNNNN
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: the checkpoint {found} needs its trial's saved config")
+    cfg = to_trial_config(OmegaConf.load(config_file))
+    state = torch.load(found / checkpoint.STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+    if state["config_hash"] != config_hash(cfg):
+        raise ValueError(f"{found} was saved with config_hash {state['config_hash']}, but {config_file} "
+                         f"has {config_hash(cfg)}")
+    model = build_model(cfg)
+    load_model(model, str(found / checkpoint.MODEL_FILE))
+    return SavedTrial(cfg, model.eval(), found, state["run_id"], state["step"])
+
+
+def mlflow_client(uri: str):
+    """A client for an existing store; a missing sqlite file is an error, not a new empty store."""
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(f"no MLflow store at {uri}; set MLFLOW_TRACKING_URI to the store the trial logged to")
+    return MlflowClient(uri)
+
+
+def evaluation_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_checkpoint(path: Path, which: Optional[str] = None) -> tuple[float, SavedTrial]:
+    """Evaluate the checkpoint and log `checkpoint_test_loss` at its step into its trial's MLflow run."""
+    from mlflow.exceptions import MlflowException
+
+    saved = load_saved_trial(path, which)
+    uri = saved.cfg.tracking.uri or default_tracking_uri()
+    client = mlflow_client(uri)
+    try:
+        client.get_run(saved.run_id)  # before the evaluation: a wrong store fails in seconds, not after it
+    except MlflowException:
+        raise FileNotFoundError(f"the checkpoint's MLflow run {saved.run_id} is not in {uri}; "
+                                f"set MLFLOW_TRACKING_URI to the store the trial logged to") from None
+    tokens = open_dataset(saved.cfg.data, "test")
+    loss = held_out_loss(saved.model.to(evaluation_device()), tokens, saved.cfg.data)
+    client.log_metric(saved.run_id, "checkpoint_test_loss", loss, step=saved.step)
+    return loss, saved
+
+
+def error_message(error: BaseException) -> str:
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+def main(arguments: list[str]) -> int:
+    if not arguments or arguments[0] in ("-h", "--help", "help"):
+        print(USAGE, end="", file=sys.stdout if arguments else sys.stderr)
+        return 0 if arguments else 2
+    path, *rest = arguments
+    if len(rest) > 1 or (rest and rest[0] not in POINTERS):
+        print(f"error: unexpected arguments {rest}; after PATH give at most one of: {', '.join(POINTERS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        loss, saved = evaluate_checkpoint(Path(path), rest[0] if rest else None)
+    except INPUT_ERRORS as error:
+        print(f"error: {error_message(error)}", file=sys.stderr)
+        return 2
+    print(f"checkpoint_test_loss {loss:.6f}  step {saved.step}  run {saved.run_id}  checkpoint {saved.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

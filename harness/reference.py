@@ -1,0 +1,84 @@
+"""`python -m harness.reference path=DIR [trial overrides]`: a Hugging Face GPT-2 as a study's `reference` run.
+
+The overrides compose a trial exactly as `python -m harness` would (e.g. `scale=gpt2_small`); only its
+test window (data.*) and context length are used: the reference model is evaluated on the same held-out
+tokens, cut into the same sequences, as that scale's trials. The MLflow run is tagged
+`intervention=reference`, `scale`, `reference_source` (the directory) and records `test_loss`.
+OpenAI's GPT-2 small scores 3.499677 on the gpt2_small window (SEEDS.md).
+"""
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from harness import hf
+from harness.__main__ import compose_trial
+from harness.config import TrialConfig, as_dict, flatten
+from harness.data.loader import open_dataset
+from harness.evaluate import INPUT_ERRORS, error_message, evaluation_device
+from harness.paths import PROJECT_ROOT
+from harness.tracking import Tracker
+from harness.trainer import held_out_loss
+
+USAGE = """\
+usage: python -m harness.reference path=DIR [trial overrides, e.g. scale=gpt2_small]
+
+Evaluates a Hugging Face GPT-2 directory (config.json + model.safetensors) on the held-out test window of
+the trial the overrides compose, and records it as an MLflow run tagged intervention=reference.
+"""
+
+
+def compose_reference_trial(overrides: list[str]) -> TrialConfig:
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose_trial(compose("config", overrides=overrides), overrides)
+    if cfg.interventions:
+        raise ValueError(f"interventions {cfg.interventions} change training; a reference run evaluates fixed weights")
+    return cfg
+
+
+def evaluate_reference(source: Path, cfg: TrialConfig) -> dict:
+    """Evaluate the Hugging Face GPT-2 in `source` on `cfg`'s test window; returns test_loss and run_id."""
+    source = Path(source).resolve()
+    model = hf.load_gpt2(source, context_length=cfg.model.context_length)
+    tokens = open_dataset(cfg.data, "test")
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tags = {"intervention": "reference", "scale": cfg.scale, "reference_source": str(source),
+            "device": str(evaluation_device())}
+    params = {"scale": cfg.scale, "study": cfg.study, **flatten({"data": as_dict(cfg)["data"]}),
+              **flatten({"model": dataclasses.asdict(model.cfg)})}
+    tracker.start(f"reference-{source.name}", tags, params)
+    try:
+        loss = held_out_loss(model.to(evaluation_device()), tokens, cfg.data)
+        tracker.log_metrics({"test_loss": loss, "parameters": model.num_parameters()}, step=0)
+    except BaseException as error:
+        tracker.set_tags({"failure_reason": f"{type(error).__name__}: {error}"[:5000]})
+        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end("FINISHED")
+    return {"test_loss": loss, "run_id": tracker.run_id}
+
+
+def main(arguments: list[str]) -> int:
+    if not arguments or arguments[0] in ("-h", "--help", "help"):
+        print(USAGE, end="", file=sys.stdout if arguments else sys.stderr)
+        return 0 if arguments else 2
+    paths = [a.removeprefix("path=") for a in arguments if a.startswith("path=")]
+    overrides = [a for a in arguments if not a.startswith("path=")]
+    if len(paths) != 1 or not paths[0]:
+        print("error: give the Hugging Face GPT-2 directory once, as path=DIR", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_reference(Path(paths[0]), compose_reference_trial(overrides))
+    except INPUT_ERRORS as error:
+        print(f"error: {error_message(error)}", file=sys.stderr)
+        return 2
+    print(f"test_loss {result['test_loss']:.6f}  run {result['run_id']}  reference {paths[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,31 @@
+import subprocess
+import sys
+
+import pytest
+
+from harness.trainer import Trial
+from tests.conftest import TINY, compose_config
+
+
+def bench(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "harness.bench", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_bench_reports_throughput_breakdown_comparison_and_repeatability():
+    out = bench(*TINY, "steps=3", "warmup=1", "compare=model.dropout=0.0", "repeat=true", "repeat_steps=4",
+                "peak_flops=1e12")
+    assert out.count("tokens/s") == 2 and out.count("MFU ") == 2 and "peak memory" in out
+    assert "aten::" in out  # the profiler's breakdown
+    assert out.count("same-seed rerun, 4 steps: bit-identical") == 2
+    assert "compare / base throughput:" in out
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_on_cpu(tmp_path):
+    losses = {}
+    for compiled in (False, True):
+        trial = Trial(compose_config(*TINY, "model.dropout=0.0", f"trainer.compile={compiled}"), tmp_path / str(compiled))
+        losses[compiled] = [trial.train_step(step)[0].item() for step in range(4)]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)

@@ -1,0 +1,108 @@
+"""`python -m harness.evaluate`: a saved checkpoint's held-out test loss, logged into its trial's MLflow run
+without touching the run's status."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from harness import checkpoint
+from harness.evaluate import main
+from harness.paths import PROJECT_ROOT
+from harness.trainer import Trial
+from tests.conftest import TINY, compose_config
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    """A finished TINY trial (checkpoints at steps 2 and 4) and its result."""
+    run_dir = tmp_path_factory.mktemp("trial") / "run"
+    return run_dir, Trial(compose_config(*TINY), run_dir).run()
+
+
+def checkpoint_losses(uri: str, run_id: str) -> list[tuple[int, float]]:
+    history = mlflow.MlflowClient(uri).get_metric_history(run_id, "checkpoint_test_loss")
+    return sorted((m.step, m.value) for m in history)
+
+
+def test_command_reproduces_the_trials_test_loss_and_logs_it_at_the_checkpoint_step(trained, store):
+    run_dir, result = trained
+    before = mlflow.MlflowClient(store).get_run(result["run_id"]).info
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    out = subprocess.run([sys.executable, "-m", "harness.evaluate", str(run_dir)], cwd=PROJECT_ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"checkpoint_test_loss {result['test_loss']:.6f}  step 4  run {result['run_id']}")
+    assert checkpoint_losses(store, result["run_id"])[-1] == (4, result["test_loss"])  # the same fp32 evaluation
+    after = mlflow.MlflowClient(store).get_run(result["run_id"]).info
+    assert (after.status, after.end_time) == (before.status, before.end_time) == ("FINISHED", before.end_time)
+
+
+def test_best_pointer_and_step_directories_are_evaluated_and_status_is_kept(trained, store, capsys):
+    run_dir, result = trained
+    client = mlflow.MlflowClient(store)
+    client.set_terminated(result["run_id"], "KILLED")  # any previous status must survive the evaluation
+    try:
+        assert main([str(run_dir / "checkpoints" / "step_000002")]) == 0
+        best_step = int(checkpoint.resolve(run_dir / "checkpoints", "best").name.removeprefix("step_"))
+        assert main([str(run_dir), "best"]) == 0
+        assert client.get_run(result["run_id"]).info.status == "KILLED"
+    finally:
+        client.set_terminated(result["run_id"], "FINISHED")
+    losses = dict(checkpoint_losses(store, result["run_id"]))
+    assert {2, best_step} <= set(losses) and losses[2] != result["test_loss"]
+    printed = capsys.readouterr().out
+    assert f"checkpoint_test_loss {losses[2]:.6f}  step 2" in printed
+    assert f"checkpoint_test_loss {losses[best_step]:.6f}  step {best_step}" in printed
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["{tmp}/nothing"], "no `latest` checkpoint in {tmp}/nothing"),
+    (["{run}", "newest"], "after PATH give at most one of: best, latest"),
+    (["{run}/checkpoints/step_000004", "best"], "is one checkpoint; `best` picks a checkpoint of a run directory"),
+])
+def test_bad_arguments_are_explained(arguments, message, trained, tmp_path, capsys):
+    run_dir, _ = trained
+    fill = {"tmp": tmp_path, "run": run_dir}
+    assert main([a.format(**fill) for a in arguments]) == 2
+    assert message.format(**fill) in capsys.readouterr().err
+
+
+def test_checkpoint_without_its_config_or_with_another_config_is_refused(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    moved = shutil.copytree(run_dir / "checkpoints" / "step_000004", tmp_path / "loose" / "step_000004")
+    assert main([str(moved)]) == 2
+    assert f"{tmp_path}/config.yaml is missing" in capsys.readouterr().err
+    edited = shutil.copytree(run_dir, tmp_path / "edited")
+    config = OmegaConf.load(edited / "config.yaml")
+    config.seed = 7
+    OmegaConf.save(config, edited / "config.yaml")
+    assert main([str(edited)]) == 2
+    assert "was saved with config_hash" in capsys.readouterr().err
+
+
+def test_a_store_without_the_run_is_refused_before_evaluating(trained, store, tmp_path, monkeypatch, capsys):
+    run_dir, _ = trained
+    foreign = shutil.copytree(run_dir, tmp_path / "foreign")
+    state_file = checkpoint.resolve(foreign / "checkpoints") / checkpoint.STATE_FILE
+    torch.save({**torch.load(state_file, weights_only=False), "run_id": "0" * 32}, state_file)
+    assert main([str(foreign)]) == 2
+    assert f"the checkpoint's MLflow run {'0' * 32} is not in {store}" in capsys.readouterr().err
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", missing)
+    assert main([str(run_dir)]) == 2
+    assert f"no MLflow store at {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "missing.db").exists()
