@@ -2,8 +2,9 @@ PYTHON ?= python
 # CPU wheel by default (no CUDA download); on a GPU machine: make setup TORCH=torch
 TORCH ?= torch==2.13.0
 ARGS ?=
+STUDY ?= quick
 
-.PHONY: setup run test test-all ui list data analyze
+.PHONY: setup run test test-all ui list data analyze sweep bench
 
 setup:
 	$(PYTHON) -m pip install "$(TORCH)"
@@ -29,6 +30,12 @@ data:
 	$(PYTHON) -m pip install -e ".[data]"
 	$(PYTHON) -m harness.data prepare dataset=$(DATASET) $(ARGS)
 
-STUDY ?= interventions
 analyze:
 	$(PYTHON) -m analysis study=$(STUDY) $(ARGS)
+
+# A study from conf/sweep/ (default `quick`: a few CPU minutes), and its analysis.
+sweep:
+	$(PYTHON) -m harness +sweep=$(STUDY) $(ARGS)
+
+bench:
+	$(PYTHON) -m harness.bench $(ARGS)

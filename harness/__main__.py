@@ -1,4 +1,5 @@
-"""`python -m harness [overrides]` runs one trial; `python -m harness list` lists the interventions."""
+"""`python -m harness [overrides]` runs one trial; `python -m harness +sweep=STUDY [overrides]` runs a study
+(conf/sweep/); `python -m harness list` lists the interventions."""
 
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import TrialConfig, as_dict, config_hash, flatten, to_trial_config
 from harness.launch import launch
+from harness.sweep import export_submitit_ranks
 from interventions import REGISTRY, describe
 
 
@@ -53,6 +55,7 @@ def run(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if trial_cfg.resume:
         trial_cfg, run_dir = resumed_trial(trial_cfg, overrides)
+    export_submitit_ranks()
     result = launch(trial_cfg, run_dir)
     if "test_loss" in result:
         print(f"test_loss {result['test_loss']:.6f}  run {result['run_id']}  dir {run_dir}")

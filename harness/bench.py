@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from harness.__main__ import compose_trial
 from harness.config import TrialConfig
-from harness.launch import make_deterministic
+from harness.launch import set_determinism
 from harness.paths import PROJECT_ROOT
 from harness.trainer import Trial
 
@@ -121,10 +121,8 @@ def main(argv: list[str]) -> None:
     results = {}
     for name, config_overrides in configs.items():
         cfg = compose_overrides(config_overrides, max(steps + warmup + 2, options["repeat_steps"]))
-        if cfg.trainer.deterministic:
-            make_deterministic()
+        set_determinism(cfg.trainer.deterministic)
         results[name] = measure(cfg, steps, warmup, options["peak_flops"])
-        torch.use_deterministic_algorithms(False)
         print(report(f"{name}: {' '.join(config_overrides) or 'defaults'}", results[name]), flush=True)
         if options["repeat"]:
             first, second = losses_of_two_runs(cfg, options["repeat_steps"])

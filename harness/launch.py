@@ -60,8 +60,7 @@ def run_rank(cfg: TrialConfig, run_dir: str) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated trial ends KILLED, not silently RUNNING
-    if cfg.trainer.deterministic:
-        make_deterministic()
+    set_determinism(cfg.trainer.deterministic)  # both ways: trials may share a process (Hydra's basic launcher)
     ranks = Ranks.from_env()
     if ranks.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "gloo")
@@ -76,12 +75,12 @@ def run_rank(cfg: TrialConfig, run_dir: str) -> dict:
             dist.destroy_process_group()
 
 
-def make_deterministic() -> None:
+def set_determinism(enabled: bool) -> None:
     """Deterministic kernels everywhere (errors on ops without one); cuBLAS needs a fixed workspace."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
 
 
 def _interrupt(signum, frame):

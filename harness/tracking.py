@@ -1,8 +1,11 @@
 """MLflow tracking: one store for every run, written by rank 0 only."""
 
+import fcntl
+import hashlib
 import logging
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -14,6 +17,19 @@ log = logging.getLogger(__name__)
 
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def ensure_store(uri: str) -> None:
+    """Create a new sqlite store's tables once, under a lock. MLflow creates them unlocked, so two
+    processes opening a fresh store at the same moment break each other's schema migration."""
+    if not uri.startswith("sqlite:"):
+        return
+    import mlflow
+
+    lock_path = Path(tempfile.gettempdir()) / f"harness-mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # the store, cached for this process
 
 
 def git_state() -> tuple[Optional[str], bool]:
@@ -33,10 +49,12 @@ class Tracker:
 
         self.mlflow = mlflow
         self.uri = uri or default_tracking_uri()
+        ensure_store(self.uri)
         mlflow.set_tracking_uri(self.uri)
         if mlflow.get_experiment_by_name(experiment) is None:
-            # With the default sqlite store, artifacts go beside it at the project root, wherever the cwd is.
-            location = (PROJECT_ROOT / "mlartifacts").as_uri() if self.uri.startswith("sqlite:") else None
+            # A sqlite store keeps its artifacts beside the database file, wherever the cwd is.
+            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri() \
+                if self.uri.startswith("sqlite:///") else None
             try:
                 mlflow.create_experiment(experiment, artifact_location=location)
             except mlflow.exceptions.MlflowException:

@@ -158,10 +158,10 @@ def test_charts_survive_infinite_and_nan_values(tmp_path):
 def test_deterministic_mode_runs_and_matches_on_cpu(tmp_path, tracking_uri):
     plain = Trial(compose_config(*TINY), tmp_path / "plain").run()
     strict = Trial(compose_config(*TINY, "trainer.deterministic=true"), tmp_path / "strict")
-    from harness.launch import make_deterministic
+    from harness.launch import set_determinism
 
-    make_deterministic()
+    set_determinism(True)
     try:
         assert strict.run()["test_loss"] == plain["test_loss"]
     finally:
-        torch.use_deterministic_algorithms(False)
+        set_determinism(False)

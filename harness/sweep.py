@@ -1,0 +1,360 @@
+"""Run a study: one MLflow parent run per execution, every trial a child run, all launched by Hydra.
+
+The study sweeper (`hydra_plugins/harness_study_sweeper`) hands `run_study` the study's settings and the
+configured launcher: Hydra's basic local launcher by default, submitit for SLURM (`hydra/launcher=slurm`)
+or for local processes (`hydra/launcher=submitit_local`). Trials whose computation already FINISHED in
+the study are skipped, so running the same command again finishes an interrupted study.
+"""
+
+import csv
+import io
+import os
+import re
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Optional
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn
+from hydra.errors import CompactHydraException
+from hydra.plugins.launcher import Launcher
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from harness.config import TrialConfig, config_hash
+from harness.study import StudyConf, Trial, factorial_design, study_trials
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+# Keys each trial gets from the study: on the command line they would be silently replaced.
+PER_TRIAL_KEYS = {
+    "seed": "the study sets it per trial; change hydra.sweeper.seeds",
+    "train_seed": "the study sets it per trial; change hydra.sweeper.train_seeds",
+    "intervention": "the study sets it per trial; change hydra.sweeper.arms",
+    "tracking.parent_run_id": "the study sets it to its parent run",
+    "resume": "a study retries its unfinished trials from the start: run the same command again",
+}
+ENDED = ("FINISHED", "FAILED", "KILLED")
+STUDY_TAG = re.compile(r"[A-Za-z0-9_.-]+")
+JobEnd = tuple[str, str]  # (status, note) of a job whose MLflow run may not tell: FAILED, or LOST with its launcher
+
+
+class StudyError(CompactHydraException):
+    """A study that cannot start, or did not finish: Hydra prints the message alone and exits 1."""
+
+
+class StudyIncomplete(StudyError):
+    """Raised after the summary table when some trial did not finish."""
+
+
+@dataclass
+class PlannedTrial:
+    trial: Trial
+    overrides: list[str]
+    config_hash: str
+    earlier_run: Optional["Run"] = None  # a FINISHED MLflow run of the same computation in the study
+
+
+@dataclass
+class Outcome:
+    trial: str
+    status: str  # an MLflow run status; SKIPPED (FINISHED earlier); LOST (its launcher failed); NOT RUN
+    test_loss: Optional[float] = None
+    run_id: Optional[str] = None
+    note: str = ""
+
+
+def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Launcher,
+              arguments: list[str]) -> list[Outcome]:
+    tag = config.study
+    if tag is None or not STUDY_TAG.fullmatch(tag):
+        raise StudyError(f"study={tag!r}: a study's tag is letters, digits, '_', '.' or '-'")
+    try:
+        trials = study_trials(study)
+        check_command_line(arguments)
+    except ValueError as error:
+        raise StudyError(f"study {tag}: {error}") from None
+    print(f"[study {tag}] composing {len(trials)} trials", flush=True)
+    planned = []
+    for trial in trials:
+        overrides = [*study.overrides, *arguments, *trial.overrides()]
+        try:
+            trial_cfg = compose_trial_config(config_loader, config, overrides)
+        except (KeyError, ValueError) as error:  # the schema's checks; nothing has run yet
+            raise StudyError(f"study {tag}, trial {trial.name}: {error}") from None
+        planned.append(PlannedTrial(trial, overrides, config_hash(trial_cfg)))
+
+    # Tracking and rerun come from the command line, so every trial has the last one's.
+    store = StudyStore(trial_cfg.tracking.uri, trial_cfg.tracking.experiment, tag)
+    if not trial_cfg.rerun:
+        skip_finished(planned, store.finished_runs())
+    pending = [p for p in planned if p.earlier_run is None]
+    launcher_name = config.hydra.runtime.choices.get("hydra/launcher")
+    design = factorial_design(study.factorial.factors, study.factorial.resolution).describe() if study.factorial else ""
+    parent_id = store.start_parent(study, planned, arguments, launcher_name, str(config.hydra.sweep.dir), design)
+    print(f"[study {tag}] {study.description}" + (f"\n[study {tag}] {design}" if design else ""))
+    print(f"[study {tag}] {len(planned)} trials: {len(planned) - len(pending)} already FINISHED (skipped), "
+          f"{len(pending)} to run with the {launcher_name} launcher; parent run {parent_id} in {store.uri}", flush=True)
+
+    ended_early: dict[int, JobEnd] = {}  # by id(PlannedTrial)
+    status = None
+    try:
+        with Progress(tag, pending, ended_early, store, parent_id, study.progress_interval) as progress:
+            # The basic launcher runs one trial at a time anyway; one per call lets the progress line count
+            # the trials that fail before they have a run as soon as they do.
+            batch_size = study.max_batch_size or (1 if launcher_name == "basic" else len(pending)) or 1
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start : start + batch_size]
+                jobs = [[*p.overrides, f"tracking.parent_run_id={parent_id}"] for p in batch]
+                for p, end in zip(batch, launch(launcher, jobs, start)):
+                    if end is not None:
+                        ended_early[id(p)] = end
+                progress.report()
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        raise
+    finally:
+        outcomes = collect_outcomes(planned, ended_early, store.children(parent_id))
+        status = status or ("FINISHED" if all(o.status in ("FINISHED", "SKIPPED") for o in outcomes) else "FAILED")
+        table = outcome_table(outcomes)
+        counts = ", ".join(f"{n} {s}" for s, n in Counter(o.status for o in outcomes).items())
+        print(f"[study {tag}] {status} ({counts}); parent run {parent_id}\n{table}", flush=True)
+        store.end_parent(parent_id, study, outcomes, table, status, design)
+    unfinished = [o for o in outcomes if o.status not in ("FINISHED", "SKIPPED")]
+    if unfinished:
+        raise StudyIncomplete(f"{len(unfinished)} of {len(outcomes)} trials of study {tag} did not finish "
+                              f"({', '.join(o.trial for o in unfinished)}); run the same command again to retry them")
+    return outcomes
+
+
+def check_command_line(arguments: list[str]) -> None:
+    for override in OverridesParser.create().parse_overrides(arguments):
+        if override.is_sweep_override():
+            raise ValueError(f"{override.input_line}: value sweeps do not combine with a study; "
+                             f"list the variants as study arms or seeds")
+        if override.key_or_group in PER_TRIAL_KEYS:
+            raise ValueError(f"{override.input_line}: {PER_TRIAL_KEYS[override.key_or_group]}")
+
+
+def compose_trial_config(config_loader, master_config: DictConfig, overrides: list[str]) -> TrialConfig:
+    """The trial's config exactly as its job will compose it, to know its config_hash before it runs."""
+    from harness.__main__ import compose_trial
+
+    cfg = config_loader.load_sweep_config(master_config, overrides)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return compose_trial(cfg, overrides)
+
+
+def skip_finished(planned: list[PlannedTrial], finished: dict[str, list]) -> None:
+    """A study asking for n runs of one computation (exact repeats) reuses up to n FINISHED ones."""
+    available = {h: sorted(runs, key=lambda r: r.info.start_time) for h, runs in finished.items()}
+    for p in planned:
+        if available.get(p.config_hash):
+            p.earlier_run = available[p.config_hash].pop(0)
+
+
+def launch(launcher: Launcher, jobs: list[list[str]], first_index: int) -> list[Optional[JobEnd]]:
+    """Run the jobs. Per job: how it ended when its MLflow run may not say (it failed, or its process was
+    lost), else None.
+
+    A job whose process died (killed, out of memory, node lost) makes the submitit launcher raise for the
+    whole batch; the runs of the other trials still say how they ended.
+    """
+    try:
+        results: list[JobReturn] = launcher.launch(jobs, initial_job_idx=first_index)
+    except Exception as error:
+        return [("LOST", f"launcher: {type(error).__name__}: {error}"[:2000])] * len(jobs)
+    ends = []
+    for result in results:
+        try:
+            result.return_value  # re-raises the trial's exception
+            ends.append(None)
+        except Exception as error:
+            ends.append(("FAILED", f"{type(error).__name__}: {error}"[:2000]))
+    return ends
+
+
+def collect_outcomes(planned: list[PlannedTrial], ended_early: dict[int, JobEnd], children: list) -> list[Outcome]:
+    """Each trial's ending, from its MLflow run when it has one (runs of one computation are interchangeable)."""
+    runs_by_hash = defaultdict(list)
+    for run in sorted(children, key=lambda r: r.info.start_time):
+        runs_by_hash[run.data.tags.get("config_hash")].append(run)
+    outcomes = []
+    for p in planned:
+        name = p.trial.name
+        if p.earlier_run is not None:
+            outcomes.append(run_outcome(name, p.earlier_run, "SKIPPED", "FINISHED earlier"))
+        elif runs_by_hash[p.config_hash]:
+            run = runs_by_hash[p.config_hash].pop(0)
+            note = run.data.tags.get("failure_reason", "")
+            if run.info.status == "RUNNING":
+                note = "no end recorded: still running, or its process died"
+            outcomes.append(run_outcome(name, run, run.info.status, note))
+        elif id(p) in ended_early:
+            status, note = ended_early[id(p)]
+            outcomes.append(Outcome(name, status, note=note))
+        else:
+            outcomes.append(Outcome(name, "NOT RUN", note="the study stopped first"))
+    return outcomes
+
+
+def run_outcome(name: str, run, status: str, note: str) -> Outcome:
+    return Outcome(name, status, run.data.metrics.get("test_loss"), run.info.run_id, note)
+
+
+def outcome_table(outcomes: list[Outcome]) -> str:
+    """A Markdown table that also reads aligned in a terminal."""
+    rows = [["#", "trial", "status", "test_loss", "run", "note"]]
+    for index, o in enumerate(outcomes):
+        loss = "-" if o.test_loss is None else f"{o.test_loss:.6f}"
+        note = o.note.splitlines()[0][:120] if o.note else ""
+        rows.append([str(index), o.trial, o.status, loss, o.run_id or "-", note])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """The sweep-level progress line. It reads the trials' runs from the store, so it works the same for
+    every launcher, trials running in parallel on other machines included."""
+
+    def __init__(self, study: str, pending: list[PlannedTrial], ended_early: dict[int, JobEnd],
+                 store: "StudyStore", parent_id: str, interval: float):
+        self.study, self.pending, self.ended_early = study, pending, ended_early
+        self.store, self.parent_id, self.interval = store, parent_id, interval
+        self.started = time.monotonic()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="study-progress", daemon=True)
+        self._last = None
+
+    def __enter__(self) -> "Progress":
+        self.report()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.report()
+
+    def report(self) -> None:
+        try:
+            children = self.store.children(self.parent_id)
+        except Exception as error:  # a busy or unreachable store must not stop the trials
+            print(f"[study {self.study}] progress unavailable: {error}", flush=True)
+            return
+        counts = Counter(o.status for o in collect_outcomes(self.pending, self.ended_early, children))
+        total, running = len(self.pending), counts.pop("RUNNING", 0)
+        counts.pop("NOT RUN", 0)
+        done = sum(counts.values())
+        with self._lock:
+            if (done, running, counts) == self._last:
+                return
+            self._last = (done, running, counts)
+            elapsed = time.monotonic() - self.started
+            eta = format_duration(elapsed / done * (total - done)) if done else "after the first trial"
+            ended = " (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")" if done else ""
+            where = f"all {total} trials done{ended}" if done == total else \
+                f"trial {done + 1} of {total}: {done} done{ended}, {running} running"
+            print(f"[study {self.study}] {where} | elapsed {format_duration(elapsed)}, ETA {eta}", flush=True)
+
+
+class StudyStore:
+    """The study's runs in the MLflow store: a sqlite file or a tracking server."""
+
+    def __init__(self, uri: Optional[str], experiment: str, study: str):
+        from harness.tracking import Tracker
+
+        tracker = Tracker(uri, experiment)  # creates the experiment exactly as the trials would
+        self.client, self.uri, self.study = tracker.client, tracker.uri, study
+        self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+
+    def search(self, filter_string: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string, max_results=1000, page_token=token)
+            runs += page
+            token = page.token
+            if not token:
+                return runs
+
+    def finished_runs(self) -> dict[str, list]:
+        """The study's FINISHED trial runs by config_hash. Only this study's: a run carries one study tag,
+        and the analysis reads a study by it."""
+        by_hash = defaultdict(list)
+        for run in self.search(f"tags.study = '{self.study}' and attributes.status = 'FINISHED'"):
+            if "config_hash" in run.data.tags:
+                by_hash[run.data.tags["config_hash"]].append(run)
+        return by_hash
+
+    def children(self, parent_id: str) -> list:
+        return self.search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+    def start_parent(self, study: StudyConf, planned: list[PlannedTrial], arguments: list[str], launcher: str,
+                     sweep_dir: str, design: str) -> str:
+        from harness.tracking import git_state
+
+        tags = {"study": self.study, "study_parent": "true", "launcher": launcher, "sweep_dir": sweep_dir,
+                "mlflow.note.content": "\n\n".join(filter(None, [study.description, design]))}
+        commit, dirty = git_state()
+        if commit:
+            tags |= {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
+        run_id = self.client.create_run(self.experiment_id, run_name=f"study {self.study}", tags=tags).info.run_id
+        settings = asdict(study)
+        del settings["_target_"]
+        record = {"study": self.study, "settings": settings, "command_line": arguments, "launcher": launcher,
+                  "sweep_dir": sweep_dir, "design": design,
+                  "trials": [{"name": p.trial.name, "config_hash": p.config_hash, "overrides": p.overrides,
+                              "reuses_run": p.earlier_run.info.run_id if p.earlier_run else None} for p in planned]}
+        self.client.log_text(run_id, OmegaConf.to_yaml(record), "study.yaml")
+        for key in ("arms", "seeds", "train_seeds", "overrides"):
+            self.client.log_param(run_id, key, str(settings[key])[:6000])
+        self.client.log_param(run_id, "trials", len(planned))
+        self.client.log_param(run_id, "command_line", " ".join(arguments)[:6000])
+        return run_id
+
+    def end_parent(self, run_id: str, study: StudyConf, outcomes: list[Outcome], table: str, status: str,
+                   design: str) -> None:
+        counts = Counter(o.status for o in outcomes)
+        for key, value in (("trials_finished", counts["FINISHED"]), ("trials_skipped", counts["SKIPPED"]),
+                           ("trials_not_finished", len(outcomes) - counts["FINISHED"] - counts["SKIPPED"])):
+            self.client.log_metric(run_id, key, value)
+        self.client.log_text(run_id, table + "\n", "summary.md")
+        self.client.log_text(run_id, outcomes_csv(outcomes), "summary.csv")
+        note = "\n\n".join(filter(None, [study.description, design, table]))
+        self.client.set_tag(run_id, "mlflow.note.content", note)
+        self.client.set_terminated(run_id, status)
+
+
+def outcomes_csv(outcomes: list[Outcome]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=[f.name for f in fields(Outcome)])
+    writer.writeheader()
+    writer.writerows(asdict(o) for o in outcomes)
+    return out.getvalue()
+
+
+def export_submitit_ranks() -> None:
+    """In a submitit job with several tasks (one per GPU), each task is one rank of the trial: set the
+    variables torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # Every GPU stays visible: the harness picks cuda:LOCAL_RANK itself.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
