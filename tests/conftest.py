@@ -31,6 +31,15 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     return uri
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One MLflow store for a whole test module (MLFLOW_TRACKING_URI points at it)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
 def run_harness(*args: str, cwd: Path, env_uri: str, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m harness ARGS` as a user runs it, in a fresh process."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "HYDRA_FULL_ERROR": "0"}

@@ -19,14 +19,6 @@ from tests.conftest import TINY, compose_config
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
-
-
-@pytest.fixture(scope="module")
 def trained(store, tmp_path_factory):
     """A finished TINY trial (checkpoints at steps 2 and 4) and its result."""
     run_dir = tmp_path_factory.mktemp("trial") / "run"

@@ -45,14 +45,6 @@ def logits_agree(ours, theirs: GPT2LMHeadModel, context: int, atol: float = 1e-5
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
-
-
-@pytest.fixture(scope="module")
 def trained(store, tmp_path_factory):
     """Run directories of two TINY trials (one checkpoint each): the untied baseline (no QKV bias) and a tied
     head with QKV bias."""
