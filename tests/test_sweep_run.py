@@ -164,7 +164,7 @@ def test_submitit_local_jobs_record_a_study_in_a_real_mlflow_server(tmp_path, ml
     result = run_sweep("hydra.sweeper.arms=[baseline,no_dropout]", "hydra.sweeper.seeds=[1]",
                        "hydra/launcher=submitit_local", sweep_dir=sweep_dir, uri=mlflow_server)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"to run with the submitit_local launcher; parent run" in result.stdout and mlflow_server in result.stdout
+    assert "to run with the submitit_local launcher; parent run" in result.stdout and mlflow_server in result.stdout
     assert table(result.stdout) == {"baseline-s1": "FINISHED", "no_dropout-s1": "FINISHED"}
     assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == 2
     [parent] = runs(mlflow_server, parents=True)
