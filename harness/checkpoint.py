@@ -1,11 +1,20 @@
-"""Atomic checkpoints: `step_NNNNNN/` directories plus `latest` and `best` pointer files.
+"""Checkpoints: `step_NNNNNN/` directories, each with a sha256 manifest, plus `latest` and `best` pointer files.
 
-A checkpoint is written into a temporary directory and renamed into place, and a pointer is replaced
-atomically after it, so a crash at any moment leaves every pointer naming a whole checkpoint.
+A checkpoint is written into a staging directory `.step_NNNNNN.tmp/`: every file and then the directory are
+fsynced, the directory is renamed into place and its parent fsynced, and only then are the pointers replaced
+(each fsynced the same way). A crash or a full disk at any moment leaves every pointer naming a whole,
+verifiable checkpoint. `manifest.json` records the sha256 and size of every file; `verify` checks them before
+anything is loaded, so a flipped bit is an error naming the file, never a silently different trial.
 """
 
+import contextlib
+import errno
+import hashlib
+import json
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -14,8 +23,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+log = logging.getLogger(__name__)
+
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+STEP_DIR = re.compile(r"step_(\d+)")
+STAGING_DIR = re.compile(r"\.step_\d+\.tmp")
+POINTERS = ("latest", "best")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written, or that does not match its manifest."""
 
 
 def rng_state() -> dict:
@@ -37,36 +56,241 @@ def staging_dir(directory: Path, step: int) -> Path:
     return Path(directory) / f".step_{step:06d}.tmp"
 
 
+def step_dir(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:06d}"
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
 def begin(directory: Path, step: int) -> Path:
     """Rank 0: an empty staging directory that every rank then writes its RNG state into."""
     tmp = staging_dir(directory, step)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with _writing(directory, step, tmp):
+        tmp.mkdir(parents=True)
     return tmp
 
 
 def save_rank_rng(directory: Path, step: int, rank: int) -> None:
-    torch.save(rng_state(), staging_dir(directory, step) / f"rng_rank{rank}.pt")
+    _save_torch(rng_state(), staging_dir(directory, step) / f"rng_rank{rank}.pt", directory, step)
 
 
 def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_best: bool) -> Path:
-    """Rank 0: add weights and state, rename into `step_<step>/`, then point `latest` (and `best`) at it."""
-    tmp = staging_dir(directory, step)
-    save_model(model, str(tmp / MODEL_FILE))  # stores a tied matrix once
-    torch.save(state, tmp / STATE_FILE)
-    final = Path(directory) / f"step_{step:06d}"
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _point(Path(directory) / "latest", final.name)
-    if is_best:
-        _point(Path(directory) / "best", final.name)
+    """Rank 0: add weights, state and manifest, rename into `step_NNNNNN/`, then point `latest` (and `best`)
+    at it. On any failure (a full disk included) the staging directory is removed and the pointers are as
+    they were."""
+    directory, tmp = Path(directory), staging_dir(directory, step)
+    try:
+        with _writing(directory, step, tmp / MODEL_FILE):
+            save_model(model, str(tmp / MODEL_FILE))  # stores a tied matrix once
+            _fsync_file(tmp / MODEL_FILE)
+        _save_torch(state, tmp / STATE_FILE, directory, step)
+        files = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        manifest = {"step": step, "run_id": state.get("run_id"), "config_hash": state.get("config_hash"),
+                    "world_size": state.get("world_size"), "files": files}
+        with _writing(directory, step, tmp / MANIFEST_FILE):
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+            _fsync_file(tmp / MANIFEST_FILE)
+            _fsync_dir(tmp)
+        final = step_dir(directory, step)
+        shutil.rmtree(final, ignore_errors=True)  # a copy the pointers never reached (killed before them)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+        _point(directory / "latest", final.name)
+        if is_best:
+            _point(directory / "best", final.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+class _KeepsOSError:
+    """A file wrapper that remembers the OSError behind a failed write: torch.save reports a full disk as
+    an opaque 'unexpected pos' RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        return self._call(self.file.write, data)
+
+    def flush(self) -> None:
+        self._call(self.file.flush)
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except OSError as error:
+            self.error = error
+            raise
+
+
+def _save_torch(obj, path: Path, directory: Path, step: int) -> None:
+    with _writing(directory, step, path), open(path, "wb") as raw:
+        file = _KeepsOSError(raw)
+        try:
+            torch.save(obj, file)
+            file.flush()
+        except Exception as error:
+            if file.error is None or file.error is error:
+                raise
+            raise file.error from error
+        os.fsync(raw.fileno())
+
+
+@contextlib.contextmanager
+def _writing(directory: Path, step: int, path: Path):
+    """Turns a full disk into a CheckpointError that says so and what is still intact."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(directory, step, path) from error
+    except Exception as error:  # safetensors reports the OS error in its message
+        if "os error 28" not in str(error) and "No space left on device" not in str(error):
+            raise
+        raise _disk_full(directory, step, path) from error
+
+
+def _disk_full(directory: Path, step: int, path: Path) -> CheckpointError:
+    latest = resolve(directory, "latest")
+    kept = f"`latest` still names {latest.name}" if latest else "no earlier checkpoint exists"
+    free = shutil.disk_usage(existing_parent(directory)).free
+    return CheckpointError(f"no space left on the device writing {path.name} of checkpoint step {step} in "
+                           f"{directory} ({format_bytes(free)} free): {kept}; the partial checkpoint is removed")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _point(pointer: Path, target: str) -> None:
     tmp = pointer.with_name(pointer.name + ".tmp")
-    tmp.write_text(target + "\n")
+    with open(tmp, "w") as f:
+        f.write(target + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, pointer)
+    _fsync_dir(pointer.parent)
+
+
+# --- retention and cleaning ---------------------------------------------------------------------------
+
+def prune(directory: Path, keep_every: Optional[int], interval: int) -> list[Path]:
+    """Delete the checkpoints no pointer names, except every `keep_every`-th (steps divisible by
+    keep_every × interval). `keep_every=None` keeps everything."""
+    if keep_every is None:
+        return []
+    keep = {p.name for p in (resolve(directory, which) for which in POINTERS) if p is not None}
+    removed = []
+    for path in sorted(Path(directory).iterdir()):
+        match = STEP_DIR.fullmatch(path.name)
+        if not match or path.name in keep or (keep_every and int(match[1]) % (keep_every * interval) == 0):
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    if removed:
+        _fsync_dir(directory)
+    return removed
+
+
+def clean_staging(directory: Path) -> list[Path]:
+    """Remove staging directories left by a trial that died while writing a checkpoint."""
+    directory = Path(directory)
+    stale = [p for p in directory.iterdir() if STAGING_DIR.fullmatch(p.name)] if directory.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    for pointer in POINTERS:
+        Path(directory, pointer + ".tmp").unlink(missing_ok=True)
+    return stale
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About what one checkpoint takes: the weights (a tied matrix once) and AdamW's two moments of each."""
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return 3 * sum(unique.values()) + (1 << 20)
+
+
+def kept_at_most(max_steps: int, interval: int, keep_every: Optional[int]) -> int:
+    """Checkpoints a trial can hold at once: the pointed-at ones and every keep_every-th, plus one staged."""
+    count = -(-max_steps // interval)
+    if keep_every is None:
+        return count
+    extra = max_steps // (keep_every * interval) if keep_every else 0
+    return min(count, 2 + extra + 1)
+
+
+def disk_plan(directory: Path, per_checkpoint: int, max_steps: int, interval: int,
+              keep_every: Optional[int]) -> tuple[str, bool]:
+    """A line saying how much disk the trial's checkpoints need and have, and whether they fit."""
+    directory = Path(directory)
+    existing = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) if directory.is_dir() else 0
+    count = kept_at_most(max_steps, interval, keep_every)
+    needed = max(0, count * per_checkpoint - existing)
+    probe = existing_parent(directory)
+    free = shutil.disk_usage(probe).free
+    policy = "every checkpoint" if keep_every is None else \
+        "latest and best" + (f" and every {keep_every}th" if keep_every else "")
+    line = (f"checkpoints: ~{format_bytes(per_checkpoint)} each; keeping {policy} (trainer.keep_checkpoints), "
+            f"up to {count} on disk at once: {format_bytes(needed)} more needed, {format_bytes(free)} free in {probe}")
+    return line, free >= needed
+
+
+def existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    return path if path.exists() else next(p for p in path.parents if p.exists())
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count:.0f} B"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(checkpoint: Path) -> Optional[dict]:
+    path = Path(checkpoint) / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def verify(checkpoint: Path) -> Optional[dict]:
+    """Check every file against the manifest; returns the manifest (None for a checkpoint saved before
+    manifests existed, with a warning)."""
+    checkpoint = Path(checkpoint)
+    manifest = read_manifest(checkpoint)
+    if manifest is None:
+        log.warning("%s has no %s (saved by an older harness): its files cannot be verified", checkpoint, MANIFEST_FILE)
+        return None
+    for name, expected in manifest["files"].items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+        if path.stat().st_size != expected["bytes"] or sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} does not match the sha256 in {checkpoint / MANIFEST_FILE}: the file is "
+                                  f"corrupt (changed on disk or copied partially); use another checkpoint")
+    return manifest
 
 
 def resolve(directory: Path, which: str = "latest") -> Optional[Path]:
@@ -75,7 +299,8 @@ def resolve(directory: Path, which: str = "latest") -> Optional[Path]:
 
 
 def load(checkpoint: Path, model: torch.nn.Module, rank: int = 0) -> dict:
-    """Weights into `model`; returns the trial state with this rank's RNG state under "rng"."""
+    """Verify, then load the weights into `model`; returns the trial state with this rank's RNG state under "rng"."""
+    verify(checkpoint)
     load_model(model, str(checkpoint / MODEL_FILE))
     state = torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")
     rng_file = checkpoint / f"rng_rank{rank}.pt"

@@ -34,8 +34,14 @@ class TrainerConfig:
     deterministic: bool = False
     compile: bool = False  # torch.compile the training forward/backward (same computation, fused kernels)
     progress: bool = True
+    # Besides `latest` and `best`, keep every K-th checkpoint (K × checkpoint_interval steps); 0 keeps no
+    # others, null keeps every checkpoint. gpt2_small writes ~2 GB per checkpoint, 54 per trial.
+    keep_checkpoints: Optional[int] = 0
 
     def __post_init__(self):
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 0:
+            raise ValueError(f"trainer.keep_checkpoints={self.keep_checkpoints}: use 0 (latest and best only), "
+                             f"K ≥ 1 (also every K-th checkpoint) or null (every checkpoint)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.precision={self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         for name in ("global_batch_size", "micro_batch_size", "nproc_per_node", "max_steps", "checkpoint_interval"):
@@ -60,6 +66,19 @@ class TrackingConfig:
     experiment: str = "harness"
     parent_run_id: Optional[str] = None  # a study's parent run; the trial becomes its child in `mlflow ui`
     log_interval: int = 10  # steps between batched uploads of per-step metrics
+    heartbeat_interval: float = 30.0  # seconds between heartbeats; a run silent for 4 intervals counts as dead
+    connect_timeout: float = 10.0  # seconds the first contact with the store may take before the trial fails
+    flush_timeout: float = 60.0  # seconds the end of a trial waits for unsent records before saving them to disk
+    claim_slots: int = 1  # a study trial runs only while fewer runs of its computation are FINISHED or live
+
+    def __post_init__(self):
+        for name in ("heartbeat_interval", "connect_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"tracking.{name}={getattr(self, name)}: must be a positive number of seconds")
+        if not self.flush_timeout >= 0:
+            raise ValueError(f"tracking.flush_timeout={self.flush_timeout}: must be 0 or more seconds")
+        if self.claim_slots < 1:
+            raise ValueError(f"tracking.claim_slots={self.claim_slots}: must be at least 1")
 
 
 @dataclass
@@ -81,8 +100,8 @@ class TrialConfig:
 
 ConfigStore.instance().store(name="trial_schema", node=TrialConfig)
 
-# Keys that say where a trial is recorded, not what it computes: left out of config_hash.
-BOOKKEEPING_KEYS = ("tracking", "study", "resume", "rerun")
+# Keys that say where a trial is recorded or what is kept of it, not what it computes: left out of config_hash.
+BOOKKEEPING_KEYS = ("tracking", "study", "resume", "rerun", "trainer.keep_checkpoints")
 
 
 def to_trial_config(cfg: DictConfig) -> TrialConfig:
@@ -105,8 +124,19 @@ def as_dict(cfg: TrialConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
-def config_hash(cfg: TrialConfig) -> str:
-    computed = {k: v for k, v in as_dict(cfg).items() if k not in BOOKKEEPING_KEYS}
+def config_hash(cfg: TrialConfig, world_size: Optional[int] = None) -> str:
+    """Hash of what the trial computes. `world_size` is the number of ranks however they were launched
+    (default: trainer.nproc_per_node): ranks split the batch and each draws its own dropout masks, so a 2-rank
+    trial and a 1-rank trial with accumulation are different computations."""
+    computed = as_dict(cfg)
+    for key in BOOKKEEPING_KEYS:
+        *parents, leaf = key.split(".")
+        node = computed
+        for parent in parents:
+            node = node[parent]
+        del node[leaf]
+    if world_size is not None:
+        computed["trainer"]["nproc_per_node"] = world_size
     return hashlib.sha256(json.dumps(computed, sort_keys=True).encode()).hexdigest()[:16]
 
 

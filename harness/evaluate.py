@@ -4,9 +4,12 @@ PATH is a trial's run directory (its `checkpoints/latest`, or `best`, is evaluat
 directory, or one `step_NNNNNN` checkpoint. The trial's saved `config.yaml` rebuilds the model and names the
 test window; the loss (full fp32, dropout off, as at the end of a trial) is printed to 6 decimals and logged
 as `checkpoint_test_loss` at the checkpoint's step into the trial's own MLflow run, whose status is left as
-it was. The store is the trial's `tracking.uri`, else MLFLOW_TRACKING_URI, else the project's mlflow.db.
+it was. The store is the trial's `tracking.uri` (a different MLFLOW_TRACKING_URI is refused), else
+MLFLOW_TRACKING_URI, else the project's mlflow.db. Every file of the checkpoint is checked against its sha256
+manifest first.
 """
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +23,10 @@ from safetensors.torch import load_model
 from harness import checkpoint
 from harness.config import TrialConfig, config_hash, to_trial_config
 from harness.data.loader import open_dataset
+from harness.checkpoint import CheckpointError
 from harness.data.shards import ChecksumError
 from harness.model import GPTModel
+from harness.records import own_store
 from harness.trainer import build_model, held_out_loss
 from harness.tracking import default_tracking_uri
 
@@ -39,7 +44,7 @@ checkpoint_test_loss (at the checkpoint's step) into the trial's MLflow run.
 POINTERS = ("best", "latest")
 # Errors that mean bad input (a wrong path, a missing store, a mismatched file): the commands print their
 # message instead of a traceback.
-INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, ChecksumError, HydraException)
+INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, ChecksumError, CheckpointError, HydraException)
 
 
 @dataclass
@@ -49,6 +54,7 @@ class SavedTrial:
     checkpoint: Path
     run_id: str
     step: int
+    config_hash: str
 
 
 def load_saved_trial(path: Path, which: Optional[str] = None) -> SavedTrial:
@@ -61,13 +67,15 @@ def load_saved_trial(path: Path, which: Optional[str] = None) -> SavedTrial:
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: the checkpoint {found} needs its trial's saved config")
     cfg = to_trial_config(OmegaConf.load(config_file))
+    checkpoint.verify(found)  # a corrupt file is an error naming it, never a silently different model
     state = torch.load(found / checkpoint.STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
-    if state["config_hash"] != config_hash(cfg):
+    expected = config_hash(cfg, state.get("world_size"))
+    if state["config_hash"] != expected:
         raise ValueError(f"{found} was saved with config_hash {state['config_hash']}, but {config_file} "
-                         f"has {config_hash(cfg)}")
+                         f"has {expected}")
     model = build_model(cfg)
     load_model(model, str(found / checkpoint.MODEL_FILE))
-    return SavedTrial(cfg, model.eval(), found, state["run_id"], state["step"])
+    return SavedTrial(cfg, model.eval(), found, state["run_id"], state["step"], state["config_hash"])
 
 
 def mlflow_client(uri: str):
@@ -88,7 +96,8 @@ def evaluate_checkpoint(path: Path, which: Optional[str] = None) -> tuple[float,
     from mlflow.exceptions import MlflowException
 
     saved = load_saved_trial(path, which)
-    uri = saved.cfg.tracking.uri or default_tracking_uri()
+    uri = own_store(saved.cfg.tracking.uri, os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI",
+                    f"evaluate {path}") or default_tracking_uri()
     client = mlflow_client(uri)
     try:
         client.get_run(saved.run_id)  # before the evaluation: a wrong store fails in seconds, not after it

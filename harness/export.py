@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 from harness import hf
-from harness.config import config_hash
 from harness.evaluate import INPUT_ERRORS, POINTERS, error_message, load_saved_trial
 from harness.plugins import Plugin, plugin_class
 
@@ -36,7 +35,7 @@ def export_checkpoint(path: Path, out: Path, which: Optional[str] = None) -> Pat
         raise ValueError(f"plugins {reshaping} change the model (their build_model hook); a GPT-2 directory "
                          f"holds only the plain GPT-2 layout, so this trial cannot be exported")
     provenance = {"harness_run_id": saved.run_id, "harness_step": str(saved.step),
-                  "harness_config_hash": config_hash(saved.cfg), "harness_checkpoint": str(saved.checkpoint.resolve())}
+                  "harness_config_hash": saved.config_hash, "harness_checkpoint": str(saved.checkpoint.resolve())}
     return hf.save_gpt2(saved.model, out, provenance)
 
 

@@ -56,7 +56,7 @@ def launch(cfg: TrialConfig, run_dir: Path) -> dict:
 
 
 def run_rank(cfg: TrialConfig, run_dir: str) -> dict:
-    from harness.trainer import Trial
+    from harness.trainer import run_trial
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)  # a terminated trial ends KILLED, not silently RUNNING
@@ -69,7 +69,7 @@ def run_rank(cfg: TrialConfig, run_dir: str) -> dict:
             shared = [run_dir]
             dist.broadcast_object_list(shared, src=0)
             run_dir = shared[0]
-        return Trial(cfg, Path(run_dir), ranks).run()
+        return run_trial(cfg, Path(run_dir), ranks)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

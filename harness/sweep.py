@@ -4,12 +4,20 @@ The study sweeper (`hydra_plugins/harness_study_sweeper`) hands `run_study` the 
 configured launcher: Hydra's basic local launcher by default, submitit for SLURM (`hydra/launcher=slurm`)
 or for local processes (`hydra/launcher=submitit_local`). Trials whose computation already FINISHED in
 the study are skipped, so running the same command again finishes an interrupted study.
+
+Executions of one study may run at the same time (two `make sweep` started together, or a second one to
+finish a first one faster). Each trial claims its computation in the store before it computes
+(`harness.records`); a trial claimed by another execution is passed over, and once its own trials are done
+an execution waits for those: a FINISHED one is reported as SKIPPED, one whose run failed or died (stale
+heartbeat, marked KILLED) is run here. Runs left RUNNING by dead processes, trials and studies alike, are
+marked KILLED when a study starts and while it waits.
 """
 
 import csv
 import io
 import os
 import re
+import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -22,7 +30,9 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from harness import records
 from harness.config import TrialConfig, config_hash
+from harness.records import ClaimedElsewhere
 from harness.study import StudyConf, Trial, factorial_design, study_trials
 
 if TYPE_CHECKING:
@@ -37,6 +47,7 @@ PER_TRIAL_KEYS = {
     "resume": "a study retries its unfinished trials from the start: run the same command again",
 }
 ENDED = ("FINISHED", "FAILED", "KILLED")
+ELSEWHERE = "ELSEWHERE"  # claimed by another execution of the study: waited for
 STUDY_TAG = re.compile(r"[A-Za-z0-9_.-]+")
 JobEnd = tuple[str, str]  # (status, note) of a job whose MLflow run may not tell: FAILED, or LOST with its launcher
 
@@ -55,12 +66,15 @@ class PlannedTrial:
     overrides: list[str]
     config_hash: str
     earlier_run: Optional["Run"] = None  # a FINISHED MLflow run of the same computation in the study
+    elsewhere_run: Optional["Run"] = None  # the run another execution FINISHED while this one waited
+    slots: int = 1  # runs of this computation the study asks for (exact repeats ask for several)
 
 
 @dataclass
 class Outcome:
     trial: str
-    status: str  # an MLflow run status; SKIPPED (FINISHED earlier); LOST (its launcher failed); NOT RUN
+    status: str  # an MLflow run status; SKIPPED (FINISHED earlier or elsewhere); ELSEWHERE (another execution
+    # holds it); LOST (its launcher failed); NOT RUN
     test_loss: Optional[float] = None
     run_id: Optional[str] = None
     note: str = ""
@@ -77,17 +91,27 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
     except ValueError as error:
         raise StudyError(f"study {tag}: {error}") from None
     print(f"[study {tag}] composing {len(trials)} trials", flush=True)
-    planned = []
+    planned, world = [], launcher_ranks(config)
     for trial in trials:
         overrides = [*study.overrides, *arguments, *trial.overrides()]
         try:
             trial_cfg = compose_trial_config(config_loader, config, overrides)
         except (KeyError, ValueError) as error:  # the schema's checks; nothing has run yet
             raise StudyError(f"study {tag}, trial {trial.name}: {error}") from None
-        planned.append(PlannedTrial(trial, overrides, config_hash(trial_cfg)))
+        planned.append(PlannedTrial(trial, overrides, config_hash(trial_cfg, world)))
+    slots = Counter(p.config_hash for p in planned)
+    for p in planned:
+        p.slots = slots[p.config_hash]
+        if p.slots > 1:
+            p.overrides = [*p.overrides, f"tracking.claim_slots={p.slots}"]
 
     # Tracking and rerun come from the command line, so every trial has the last one's.
-    store = StudyStore(trial_cfg.tracking.uri, trial_cfg.tracking.experiment, tag)
+    tracking = trial_cfg.tracking
+    try:
+        store = StudyStore(tracking.uri, tracking.experiment, tag, tracking.connect_timeout, tracking.heartbeat_interval)
+    except records.TrackingUnavailable as error:
+        raise StudyError(f"study {tag}: {error}") from None
+    store.mark_stale()
     if not trial_cfg.rerun:
         skip_finished(planned, store.finished_runs())
     pending = [p for p in planned if p.earlier_run is None]
@@ -105,17 +129,24 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
             # The basic launcher runs one trial at a time anyway; one per call lets the progress line count
             # the trials that fail before they have a run as soon as they do.
             batch_size = study.max_batch_size or (1 if launcher_name == "basic" else len(pending)) or 1
-            for start in range(0, len(pending), batch_size):
-                batch = pending[start : start + batch_size]
-                jobs = [[*p.overrides, f"tracking.parent_run_id={parent_id}"] for p in batch]
-                for p, end in zip(batch, launch(launcher, jobs, start)):
-                    if end is not None:
-                        ended_early[id(p)] = end
-                progress.report()
+            to_run, launched = pending, 0
+            while to_run:
+                for start in range(0, len(to_run), batch_size):
+                    batch = store.pass_over_claimed(to_run[start : start + batch_size], ended_early)
+                    jobs = [[*p.overrides, f"tracking.parent_run_id={parent_id}"] for p in batch]
+                    for p, end in zip(batch, launch(launcher, jobs, launched) if jobs else []):
+                        ended_early.pop(id(p), None)
+                        if end is not None:
+                            ended_early[id(p)] = end
+                    launched += len(jobs)
+                    progress.report()
+                to_run = store.await_elsewhere([p for p in pending if ended_early.get(id(p), ("",))[0] == ELSEWHERE],
+                                               ended_early, parent_id, study.progress_interval, progress)
     except BaseException as error:
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         raise
     finally:
+        store.stop_heartbeat()
         outcomes = collect_outcomes(planned, ended_early, store.children(parent_id))
         status = status or ("FINISHED" if all(o.status in ("FINISHED", "SKIPPED") for o in outcomes) else "FAILED")
         table = outcome_table(outcomes)
@@ -172,6 +203,8 @@ def launch(launcher: Launcher, jobs: list[list[str]], first_index: int) -> list[
         try:
             result.return_value  # re-raises the trial's exception
             ends.append(None)
+        except ClaimedElsewhere as error:
+            ends.append((ELSEWHERE, str(error)[:2000]))
         except Exception as error:
             ends.append(("FAILED", f"{type(error).__name__}: {error}"[:2000]))
     return ends
@@ -181,12 +214,17 @@ def collect_outcomes(planned: list[PlannedTrial], ended_early: dict[int, JobEnd]
     """Each trial's ending, from its MLflow run when it has one (runs of one computation are interchangeable)."""
     runs_by_hash = defaultdict(list)
     for run in sorted(children, key=lambda r: r.info.start_time):
-        runs_by_hash[run.data.tags.get("config_hash")].append(run)
+        if not run.data.tags.get(records.WITHDRAWN_TAG):  # a claim given up, never a result
+            runs_by_hash[run.data.tags.get("config_hash")].append(run)
     outcomes = []
     for p in planned:
         name = p.trial.name
         if p.earlier_run is not None:
             outcomes.append(run_outcome(name, p.earlier_run, "SKIPPED", "FINISHED earlier"))
+        elif p.elsewhere_run is not None:
+            parent = p.elsewhere_run.data.tags.get("mlflow.parentRunId", "none")
+            outcomes.append(run_outcome(name, p.elsewhere_run, "SKIPPED",
+                                        f"FINISHED by another execution of the study (parent run {parent})"))
         elif runs_by_hash[p.config_hash]:
             run = runs_by_hash[p.config_hash].pop(0)
             note = run.data.tags.get("failure_reason", "")
@@ -258,46 +296,110 @@ class Progress:
             print(f"[study {self.study}] progress unavailable: {error}", flush=True)
             return
         counts = Counter(o.status for o in collect_outcomes(self.pending, self.ended_early, children))
-        total, running = len(self.pending), counts.pop("RUNNING", 0)
+        total, running, elsewhere = len(self.pending), counts.pop("RUNNING", 0), counts.pop(ELSEWHERE, 0)
         counts.pop("NOT RUN", 0)
         done = sum(counts.values())
         with self._lock:
-            if (done, running, counts) == self._last:
+            if (done, running, elsewhere, counts) == self._last:
                 return
-            self._last = (done, running, counts)
+            self._last = (done, running, elsewhere, counts)
             elapsed = time.monotonic() - self.started
             eta = format_duration(elapsed / done * (total - done)) if done else "after the first trial"
             ended = " (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")" if done else ""
             where = f"all {total} trials done{ended}" if done == total else \
-                f"trial {done + 1} of {total}: {done} done{ended}, {running} running"
+                f"trial {done + 1} of {total}: {done} done{ended}, {running} running" + \
+                (f", {elsewhere} running in another execution" if elsewhere else "")
             print(f"[study {self.study}] {where} | elapsed {format_duration(elapsed)}, ETA {eta}", flush=True)
 
 
 class StudyStore:
     """The study's runs in the MLflow store: a sqlite file or a tracking server."""
 
-    def __init__(self, uri: Optional[str], experiment: str, study: str):
+    def __init__(self, uri: Optional[str], experiment: str, study: str, connect_timeout: float = 10.0,
+                 heartbeat_interval: float = 30.0):
         from harness.tracking import Tracker
 
-        tracker = Tracker(uri, experiment)  # creates the experiment exactly as the trials would
+        tracker = Tracker(uri, experiment, connect_timeout=connect_timeout)  # the experiment, as the trials make it
         self.client, self.uri, self.study = tracker.client, tracker.uri, study
-        self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        self.experiment_id = tracker.experiment_id
+        self.heartbeat_interval = heartbeat_interval
+        self._stop = threading.Event()
+        self._heartbeat: Optional[threading.Thread] = None
 
     def search(self, filter_string: str) -> list:
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], filter_string, max_results=1000, page_token=token)
-            runs += page
-            token = page.token
-            if not token:
-                return runs
+        return records.search(self.client, [self.experiment_id], filter_string)
+
+    def mark_stale(self) -> None:
+        """End the study's runs whose process died (trials and parent runs of earlier executions) KILLED."""
+        running = self.search(f"tags.study = '{self.study}' and attributes.status = 'RUNNING'")
+        for run, reason in records.mark_stale(self.client, running):
+            print(f"[study {self.study}] marked run {run.info.run_id} ({run.info.run_name}) KILLED: {reason}", flush=True)
+
+    def holders(self, computation: str) -> list:
+        return records.holders(records.trial_runs(self.client, self.experiment_id, self.study, computation), time.time())
+
+    def pass_over_claimed(self, batch: list[PlannedTrial], ended_early: dict[int, JobEnd]) -> list[PlannedTrial]:
+        """The trials of `batch` to launch now: those whose computation has fewer holders than it needs. The
+        others are marked ELSEWHERE, to be waited for."""
+        launch = []
+        for p in batch:
+            holders = self.holders(p.config_hash)
+            if len(holders) < p.slots:
+                launch.append(p)
+                continue
+            note = "; ".join(records.describe(r, time.time()) for r in holders)
+            ended_early[id(p)] = (ELSEWHERE, note)
+            print(f"[study {self.study}] {p.trial.name} is held by another execution ({note}); "
+                  f"running the other trials first", flush=True)
+        return launch
+
+    def await_elsewhere(self, waiting: list[PlannedTrial], ended_early: dict[int, JobEnd], parent_id: str,
+                        interval: float, progress: "Progress") -> list[PlannedTrial]:
+        """Wait for the trials another execution holds. Returns those to run here: the study still lacks their
+        FINISHED runs and no live run holds them any more. Returns [] when none is left to wait for."""
+        if waiting:
+            print(f"[study {self.study}] waiting for {len(waiting)} trials running in another execution: "
+                  f"{', '.join(p.trial.name for p in waiting)}", flush=True)
+        while waiting:
+            self.mark_stale()
+            relaunch, still = [], []
+            for computation in dict.fromkeys(p.config_hash for p in waiting):
+                group = [p for p in waiting if p.config_hash == computation]
+                holders = self.holders(computation)
+                finished = [r for r in holders if r.info.status == "FINISHED"]
+                if len(finished) >= group[0].slots:
+                    self._assign_elsewhere(group, finished, ended_early, parent_id)
+                    continue
+                free = group[0].slots - len(holders)
+                relaunch += group[:max(free, 0)]
+                still += group[max(free, 0):]
+            for p in relaunch:
+                print(f"[study {self.study}] {p.trial.name}: no FINISHED or live run holds it any more; running it "
+                      f"here", flush=True)
+            if relaunch:
+                return relaunch
+            waiting = still
+            progress.report()
+            if waiting:
+                time.sleep(interval)
+        return []
+
+    def _assign_elsewhere(self, group: list[PlannedTrial], finished: list, ended_early: dict[int, JobEnd],
+                          parent_id: str) -> None:
+        taken = {p.earlier_run.info.run_id for p in group if p.earlier_run is not None}
+        foreign = [r for r in finished if r.data.tags.get("mlflow.parentRunId") != parent_id
+                   and r.info.run_id not in taken]
+        for p in group:
+            ended_early.pop(id(p), None)
+            if foreign:
+                p.elsewhere_run = foreign.pop(0)
 
     def finished_runs(self) -> dict[str, list]:
         """The study's FINISHED trial runs by config_hash. Only this study's: a run carries one study tag,
         and the analysis reads a study by it."""
         by_hash = defaultdict(list)
         for run in self.search(f"tags.study = '{self.study}' and attributes.status = 'FINISHED'"):
-            if "config_hash" in run.data.tags:
+            if "config_hash" in run.data.tags and not run.data.tags.get(records.WITHDRAWN_TAG):
                 by_hash[run.data.tags["config_hash"]].append(run)
         return by_hash
 
@@ -308,8 +410,11 @@ class StudyStore:
                      sweep_dir: str, design: str) -> str:
         from harness.tracking import git_state
 
+        from harness.tracking import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG
+
         tags = {"study": self.study, "study_parent": "true", "launcher": launcher, "sweep_dir": sweep_dir,
-                "mlflow.note.content": "\n\n".join(filter(None, [study.description, design]))}
+                "host": socket.gethostname(), "mlflow.note.content": "\n\n".join(filter(None, [study.description, design])),
+                HEARTBEAT_TAG: f"{time.time():.3f}", HEARTBEAT_INTERVAL_TAG: f"{self.heartbeat_interval:g}"}
         commit, dirty = git_state()
         if commit:
             tags |= {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
@@ -325,7 +430,23 @@ class StudyStore:
             self.client.log_param(run_id, key, str(settings[key])[:6000])
         self.client.log_param(run_id, "trials", len(planned))
         self.client.log_param(run_id, "command_line", " ".join(arguments)[:6000])
+        self._heartbeat = threading.Thread(target=self._beat, args=(run_id,), name="study-heartbeat", daemon=True)
+        self._heartbeat.start()
         return run_id
+
+    def _beat(self, run_id: str) -> None:
+        from harness.tracking import HEARTBEAT_TAG
+
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                self.client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+            except Exception as error:  # the store is down: the study goes on; a stale heartbeat is the truth
+                print(f"[study {self.study}] heartbeat failed: {error}", flush=True)
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
 
     def end_parent(self, run_id: str, study: StudyConf, outcomes: list[Outcome], table: str, status: str,
                    design: str) -> None:
@@ -346,6 +467,14 @@ def outcomes_csv(outcomes: list[Outcome]) -> str:
     writer.writeheader()
     writer.writerows(asdict(o) for o in outcomes)
     return out.getvalue()
+
+
+def launcher_ranks(config: DictConfig) -> Optional[int]:
+    """The ranks of each trial when the launcher makes every task a rank (submitit with tasks_per_node > 1),
+    else None: the trial spawns trainer.nproc_per_node itself."""
+    launcher = config.hydra.get("launcher") or {}
+    tasks = launcher.get("tasks_per_node") or 1
+    return tasks * (launcher.get("nodes") or 1) if tasks > 1 else None
 
 
 def export_submitit_ranks() -> None:

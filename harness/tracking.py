@@ -1,22 +1,61 @@
-"""MLflow tracking: one store for every run, written by rank 0 only."""
+"""MLflow tracking: one store for every run, written by rank 0 only, never in the training step's way.
 
+`Tracker` is a trial's run. The first contact with the store is bounded (`tracking.connect_timeout`), so a
+dead store fails a trial in seconds. After that every write is queued and sent, in order, by one
+background thread: metrics in batches, tags, artifacts, texts, the final status. When the store is
+unreachable the thread keeps the records and retries with backoff while training goes on; it also writes a
+heartbeat tag every `tracking.heartbeat_interval` seconds, so other processes can tell a live trial from one
+whose process died (`harness.records`). At the end a trial waits up to `tracking.flush_timeout` seconds for
+the queue; whatever is still unsent is saved to `<run dir>/unsent_records.jsonl` and the trial fails with
+the command that replays it (`python -m harness replay <run dir>`).
+"""
+
+import collections
+import contextlib
 import fcntl
 import hashlib
+import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from harness.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_TAG = "heartbeat"  # unix time of the run's last sign of life
+HEARTBEAT_INTERVAL_TAG = "heartbeat_interval"  # seconds between heartbeats: how soon silence means death
+UNSENT_FILE = "unsent_records.jsonl"
+METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
+PARAMS_PER_REQUEST = 100
+MAX_BACKOFF = 10.0  # seconds between retries while the store is unreachable
+# The writer retries on its own; MLflow's own retries (minutes of backoff per request) would only delay it.
+WRITER_REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The store did not answer the first contact."""
+
+
+class UnsentRecords(RuntimeError):
+    """The trial ended while the store was unreachable; its records are saved for `python -m harness replay`."""
+
 
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def normalize_uri(uri: str) -> str:
+    """One spelling per store: sqlite paths made absolute, no trailing slash."""
+    if uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri.rstrip("/")
 
 
 def ensure_store(uri: str) -> None:
@@ -41,75 +80,312 @@ def git_state() -> tuple[Optional[str], bool]:
     return commit.stdout.strip(), bool(status.stdout.strip())
 
 
+@contextlib.contextmanager
+def request_limits(retries: int, timeout: float):
+    """MLflow's HTTP retry count and per-request timeout (read from the environment at each request) for
+    the calls made inside the block."""
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout)))}
+    previous = {name: os.environ.get(name) for name in limits}
+    os.environ.update(limits)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def connect(uri: str, timeout: float):
+    """A client for the store after a first contact that takes at most about `timeout` seconds."""
+    import mlflow
+
+    started = time.monotonic()
+    try:
+        with request_limits(retries=0, timeout=timeout):
+            ensure_store(uri)
+            client = mlflow.MlflowClient(uri)
+            client.search_experiments(max_results=1)
+    except Exception as error:
+        raise TrackingUnavailable(
+            f"the tracking store {uri} did not answer ({type(error).__name__}: {str(error).splitlines()[0][:300]}) "
+            f"after {time.monotonic() - started:.1f} s (tracking.connect_timeout={timeout:g}); start it, or point "
+            f"tracking.uri / MLFLOW_TRACKING_URI at a store that answers") from None
+    for name, value in WRITER_REQUEST_LIMITS.items():
+        os.environ.setdefault(name, value)
+    return client
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created if missing (a sqlite store keeps artifacts beside its database file)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri() \
+        if uri.startswith("sqlite:///") else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)  # another process created it first
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def transient(error: BaseException) -> bool:
+    """Whether a failed write may succeed later (the store is down or busy) rather than being refused."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return not (400 <= status < 500) or status in (408, 429)
+    return True
+
+
+def send(client, run_id: str, kind: str, payload) -> None:
+    """Apply one record to the store; replaying one twice changes nothing (metrics are deduplicated)."""
+    from mlflow.entities import Metric, RunTag
+
+    if kind == "metrics":
+        for start in range(0, len(payload), METRICS_PER_REQUEST):
+            client.log_batch(run_id, metrics=[Metric(*m) for m in payload[start : start + METRICS_PER_REQUEST]])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in payload.items()])
+    elif kind == "artifact":
+        client.log_artifact(run_id, payload["path"], payload["artifact_path"])
+    elif kind == "text":
+        client.log_text(run_id, payload["text"], payload["artifact_file"])
+    elif kind == "end":
+        client.set_terminated(run_id, payload["status"], payload["end_time"])
+    else:
+        raise ValueError(f"unknown record kind {kind!r}")
+
+
 class Tracker:
-    """A trial's MLflow run. Per-step metrics are buffered and sent in batches."""
+    """A run in the store, written asynchronously (see the module docstring). Methods that record something
+    return at once; `end` waits for the queue (up to `flush_timeout`)."""
 
-    def __init__(self, uri: Optional[str], experiment: str):
-        import mlflow  # imported here: non-zero ranks never load it
-
-        self.mlflow = mlflow
-        self.uri = uri or default_tracking_uri()
-        ensure_store(self.uri)
-        mlflow.set_tracking_uri(self.uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
-            # A sqlite store keeps its artifacts beside the database file, wherever the cwd is.
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri() \
-                if self.uri.startswith("sqlite:///") else None
-            try:
-                mlflow.create_experiment(experiment, artifact_location=location)
-            except mlflow.exceptions.MlflowException:
-                if mlflow.get_experiment_by_name(experiment) is None:  # not a lost creation race
-                    raise
-        mlflow.set_experiment(experiment)
-        self.client = mlflow.MlflowClient(self.uri)
+    def __init__(self, uri: Optional[str] = None, experiment: str = "harness", *, connect_timeout: float = 10.0,
+                 heartbeat_interval: float = 30.0, flush_timeout: float = 60.0, unsent_dir: Optional[Path] = None):
+        self.uri = normalize_uri(uri or default_tracking_uri())
+        self.client = connect(self.uri, connect_timeout)
+        self.experiment_id = experiment_id(self.client, experiment, self.uri)
+        self.heartbeat_interval, self.flush_timeout = heartbeat_interval, flush_timeout
+        self.unsent_dir = Path(unsent_dir) if unsent_dir else Path.cwd()
         self.run_id: Optional[str] = None
-        self._buffer = []
+        # Called by the writer after each heartbeat; a returned text asks the trial to stop (it lost its claim).
+        self.watch: Optional[Callable[[], Optional[str]]] = None
+        self.stop_reason: Optional[str] = None
+        self._records: collections.deque = collections.deque()  # (kind, payload), removed once sent
+        self._wake = threading.Condition()
+        self._closing, self._abandon = threading.Event(), threading.Event()
+        self._down_since: Optional[float] = None
+        self._thread: Optional[threading.Thread] = None
 
+    # --- opening the run (synchronous: the trial needs the run id) ---------------------------------------
     def start(self, run_name: str, tags: dict[str, str], params: dict) -> str:
+        from mlflow.entities import Param
+
         commit, dirty = git_state()
         if commit:
             tags = {**tags, "mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
-        run = self.mlflow.start_run(run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
-        self.mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
+        tags = {**tags, **self._heartbeat_tags()}
+        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        items = [Param(k, "None" if v is None else str(v)) for k, v in params.items()]
+        for start in range(0, len(items), PARAMS_PER_REQUEST):
+            self.client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_REQUEST])
+        self._start_writer()
         return self.run_id
 
     def resume(self, run_id: str) -> None:
         """Continue a trial's existing run (after `resume=`); its params are already logged."""
-        self.run_id = self.mlflow.start_run(run_id=run_id).info.run_id
+        from mlflow.exceptions import MlflowException
 
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            raise FileNotFoundError(f"the trial's MLflow run {run_id} is not in {self.uri}: resume with the store "
+                                    f"the trial logged to") from None
+        self.run_id = run_id
+        self.client.update_run(run_id, "RUNNING")
+        self.client.log_batch(run_id, tags=[_tag(k, v) for k, v in self._heartbeat_tags().items()])
+        self._start_writer()
+
+    def discard(self) -> None:
+        """Delete the run (a claim given up before anything was computed)."""
+        self._stop_writer()
+        self.client.delete_run(self.run_id)
+
+    # --- recording (asynchronous) -------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-
-    def flush(self) -> None:
-        for start in range(0, len(self._buffer), 1000):  # MLflow's per-request limit
-            self.client.log_batch(self.run_id, metrics=self._buffer[start : start + 1000])
-        self._buffer = []
+        self._queue("metrics", [(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.mlflow.set_tags(tags)
+        self._queue("tags", {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path)
+        self._queue("artifact", {"path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.mlflow.log_text(text, artifact_file)
+        self._queue("text", {"text": text, "artifact_file": artifact_file})
 
-    def end(self, status: str) -> None:
-        """status: FINISHED, FAILED or KILLED."""
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every record so far is sent (at most `timeout` seconds); whether they were."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wake:
+            while self._records:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._wake.wait(remaining)
+        return True
+
+    def end(self, status: str, tags: Optional[dict[str, str]] = None) -> None:
+        """status: FINISHED, FAILED or KILLED. Raises UnsentRecords when the store stays unreachable."""
+        if tags:
+            self.set_tags(tags)
+        self._queue("end", {"status": status, "end_time": int(time.time() * 1000)})
+        sent = self.flush(self.flush_timeout)
+        self._stop_writer()
+        if not sent:
+            path, count = self.save_unsent()
+            down = "is not answering" if self._down_since is None else \
+                f"has been unreachable for {time.monotonic() - self._down_since:.0f} s"
+            raise UnsentRecords(
+                f"the tracking store {self.uri} {down}: {count} unsent records of run {self.run_id} (final status {status}) are saved in {path}; the run "
+                f"directory and its checkpoints are intact. When the store answers again, send them with: "
+                f"python -m harness replay {path.parent}")
+
+    def save_unsent(self) -> tuple[Path, int]:
+        """Append the unsent records to `<unsent_dir>/unsent_records.jsonl` (one JSON object a line)."""
+        path = self.unsent_dir / UNSENT_FILE
+        records = list(self._records)
+        new = not path.exists()
+        with open(path, "a") as f:
+            if new:
+                f.write(json.dumps({"run_id": self.run_id, "uri": self.uri, "experiment_id": self.experiment_id}) + "\n")
+            for kind, payload in records:
+                f.write(json.dumps({"kind": kind, "payload": payload}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return path, len(records)
+
+    # --- the writer thread --------------------------------------------------------------------------------
+    def _heartbeat_tags(self) -> dict[str, str]:
+        return {HEARTBEAT_TAG: f"{time.time():.3f}", HEARTBEAT_INTERVAL_TAG: f"{self.heartbeat_interval:g}"}
+
+    def _queue(self, kind: str, payload) -> None:
+        with self._wake:
+            self._records.append((kind, payload))
+            self._wake.notify_all()
+
+    def _start_writer(self) -> None:
+        self._thread = threading.Thread(target=self._write, name=f"tracker-{self.run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _stop_writer(self) -> None:
+        self._closing.set()
+        self._abandon.set()  # leave a request that keeps failing; what it held is still in self._records
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _write(self) -> None:
         try:
-            self.flush()
-        finally:
-            self.mlflow.end_run(status)
+            self._write_until_closed()
+        except Exception:  # a bug here must not pass silently: the records stay queued and end() saves them
+            log.exception("the tracking writer of run %s stopped", self.run_id)
+
+    def _write_until_closed(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat_interval
+        while True:
+            with self._wake:
+                while not self._records and not self._closing.is_set() and time.monotonic() < next_beat:
+                    self._wake.wait(next_beat - time.monotonic())
+                if self._closing.is_set() and (not self._records or self._abandon.is_set()):
+                    return
+                batch = self._next_batch()
+            if time.monotonic() >= next_beat:
+                self._beat()
+                next_beat = time.monotonic() + self.heartbeat_interval
+            if batch and not self._deliver(batch):
+                return
+
+    def _next_batch(self) -> list:
+        """The first record, with the same-kind metric or tag records right behind it."""
+        if not self._records:
+            return []
+        kind = self._records[0][0]
+        if kind not in ("metrics", "tags"):
+            return [self._records[0]]
+        batch, size = [], 0
+        for record in self._records:
+            if record[0] != kind or (batch and size + len(record[1]) > METRICS_PER_REQUEST):
+                break
+            batch.append(record)
+            size += len(record[1])
+        return batch
+
+    def _deliver(self, batch: list) -> bool:
+        """Send a batch, retrying while the store is unreachable; False once the trial gave up waiting."""
+        kind = batch[0][0]
+        if kind == "metrics":
+            payload = [m for _, metrics in batch for m in metrics]
+        elif kind == "tags":
+            payload = {k: v for _, tags in batch for k, v in tags.items()}
+        else:
+            payload = batch[0][1]
+        delay = 0.5
+        while True:
+            try:
+                send(self.client, self.run_id, kind, payload)
+                break
+            except Exception as error:
+                if not transient(error):
+                    log.warning("the tracking store refused %s records of run %s (%s): dropped", kind, self.run_id, error)
+                    break
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning("the tracking store %s is unreachable (%s); training goes on and its records are "
+                                "kept and retried", self.uri, str(error).splitlines()[0][:200])
+                if self._abandon.wait(delay):
+                    return False
+                delay = min(2 * delay, MAX_BACKOFF)
+        with self._wake:
+            for _ in batch:
+                self._records.popleft()
+            self._wake.notify_all()
+        if self._down_since is not None:
+            log.warning("the tracking store %s answers again after %.0f s; sending the kept records",
+                        self.uri, time.monotonic() - self._down_since)
+            self._down_since = None
+        return True
+
+    def _beat(self) -> None:
+        try:
+            self.client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+            if self.watch is not None and self.stop_reason is None:
+                self.stop_reason = self.watch()
+        except Exception as error:  # the store is down: the queued records notice and report it
+            log.debug("heartbeat of run %s failed: %s", self.run_id, error)
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
 
 
 class NullTracker:
     """What ranks other than 0 hold: only rank 0 talks to MLflow."""
 
     run_id = None
+    stop_reason = None
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None

@@ -6,11 +6,12 @@ import json
 import logging
 import math
 import random
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from harness import charts, checkpoint
+from harness import charts, checkpoint, records
 from harness.config import TrialConfig, as_dict, config_hash, flatten, intervention_tag
 from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
 from harness.launch import Ranks
@@ -28,6 +29,7 @@ from harness.optim import build_optimizer, build_scheduler
 from harness.plugins import Plugins
 from harness.precision import Precision
 from harness.sampling import continue_text
+from harness.records import ClaimedElsewhere
 from harness.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,137 @@ class PeriodStats:
         return stats
 
 
+def on_main_rank(ranks: Ranks, work: Callable, share: bool = True):
+    """Run `work` on rank 0 only; every rank returns its result (rank 0's, if `share`) or raises its error, so
+    no rank waits forever at a collective for a rank 0 that failed."""
+    result, error = None, None
+    if ranks.is_main:
+        try:
+            result = work()
+        except BaseException as caught:
+            error = caught
+    if ranks.world > 1:
+        shared = [(result if share else None, None if error is None else f"{type(error).__name__}: {error}")]
+        dist.broadcast_object_list(shared, src=0)
+        if share:
+            result = shared[0][0]
+        message = shared[0][1]
+        if message is not None and error is None:
+            raise RuntimeError(f"rank 0 failed: {message}")
+    if error is not None:
+        raise error
+    return result
+
+
+def on_every_rank(ranks: Ranks, work: Callable) -> None:
+    """Run `work` on every rank; if it fails on any, every rank raises."""
+    error = None
+    try:
+        work()
+    except Exception as caught:
+        error = caught
+    if ranks.world > 1:
+        messages = [None] * ranks.world
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+        if failed and error is None:
+            raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    if error is not None:
+        raise error
+
+
+def run_trial(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()) -> dict:
+    """Open the trial's record first (the store answers, the directory and the study claim are the trial's),
+    then build the trial and run it."""
+    tracker = open_record(cfg, run_dir, ranks)
+    try:
+        trial = Trial(cfg, run_dir, ranks)
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        tracker.end(status, {records.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
+        raise
+    return trial.run(tracker)
+
+
+def open_record(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
+    """Rank 0 opens the trial's MLflow run before anything is built: the store must answer within
+    `tracking.connect_timeout`, a new trial's run directory must be unused, and a study trial must hold its
+    claim (`harness.records`). Every rank learns the outcome; ranks other than 0 get a NullTracker."""
+    opened = on_main_rank(ranks, lambda: _open_main_record(cfg, Path(run_dir), ranks.world), share=False)
+    return opened if ranks.is_main else NullTracker()
+
+
+def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
+    t = cfg.tracking
+    tracker = Tracker(t.uri, t.experiment, connect_timeout=t.connect_timeout, heartbeat_interval=t.heartbeat_interval,
+                      flush_timeout=t.flush_timeout, unsent_dir=run_dir)
+    cfg.tracking.uri = tracker.uri  # the saved config names the store actually used
+    computation = config_hash(cfg, world)
+    claims = cfg.study is not None and not cfg.rerun
+    if cfg.resume:
+        found = checkpoint.find(Path(cfg.resume))
+        checkpoint.verify(found)  # a corrupt checkpoint is refused before the run is touched
+        run_id = resume_run_id(found)
+        if claims:
+            reason = records.claim(tracker.client, tracker.experiment_id, run_id, cfg.study, computation,
+                                   t.claim_slots)
+            if reason:
+                raise ClaimedElsewhere(f"resuming would record this trial twice: {reason} (rerun=true resumes anyway)")
+        tracker.resume(run_id)
+    else:
+        config_file = run_dir / "config.yaml"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(config_file, "x") as f:  # the directory is this trial's: no other trial writes here
+                f.write(OmegaConf.to_yaml(as_dict(cfg)))
+        except FileExistsError:
+            raise FileExistsError(f"{run_dir} already holds a trial ({config_file} exists); each trial needs its own "
+                                  f"directory: choose another hydra.run.dir (or hydra.sweep.dir)") from None
+        try:
+            tags = record_tags(cfg, computation, world) | {"run_dir": str(run_dir.resolve())}
+            if claims:
+                tags["claim_slots"] = str(t.claim_slots)
+            tracker.start(trial_name(cfg), tags, flatten(as_dict(cfg)))
+            if claims:
+                reason = records.claim_new_run(tracker.client, tracker.experiment_id, tracker.run_id, cfg.study,
+                                               computation, t.claim_slots)
+                if reason:
+                    tracker.discard()
+                    raise ClaimedElsewhere(reason)
+        except BaseException:
+            config_file.unlink(missing_ok=True)
+            raise
+        tracker.log_artifact(config_file)
+    tracker.watch = records.Watch(tracker.client, tracker.experiment_id, tracker.run_id,
+                                  (cfg.study, computation, t.claim_slots) if claims else None)
+    return tracker
+
+
+def resume_run_id(found: Path) -> str:
+    manifest = checkpoint.read_manifest(found)
+    if manifest is not None:
+        return manifest["run_id"]
+    return torch.load(found / checkpoint.STATE_FILE, map_location="cpu", weights_only=False, mmap=True)["run_id"]
+
+
+def trial_name(cfg: TrialConfig) -> str:
+    return f"{intervention_tag(cfg.interventions)}-s{cfg.seed}" + ("" if cfg.train_seed is None else f"-t{cfg.train_seed}")
+
+
+def record_tags(cfg: TrialConfig, computation: str, world: int) -> dict[str, str]:
+    tags = {
+        "intervention": intervention_tag(cfg.interventions), "seed": str(cfg.seed),
+        "train_seed": "none" if cfg.train_seed is None else str(cfg.train_seed),
+        "data_seed": "none" if cfg.data.seed is None else str(cfg.data.seed),
+        "config_hash": computation, "scale": cfg.scale, "world_size": str(world), "host": socket.gethostname(),
+    }
+    if cfg.study:
+        tags["study"] = cfg.study
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    return tags
+
+
 class Trial:
     def __init__(self, cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
         self.cfg, self.run_dir, self.ranks = cfg, Path(run_dir), ranks
@@ -136,7 +269,7 @@ class Trial:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.plugins)
         self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim, self.plugins)
         self.scaler = self.precision.grad_scaler()
-        self.start_step, self.run_id = 0, None
+        self.start_step, self.run_id, self.last_checkpoint = 0, None, None
         self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
         self.periods: list[dict] = []
         if cfg.resume:
@@ -184,27 +317,22 @@ class Trial:
         return torch.stack([loss_sum, norm.float(), max_abs.float()])
 
     # --- the loop -------------------------------------------------------------------------------
-    def run(self) -> dict:
-        cfg = self.cfg
-        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment) if self.ranks.is_main else NullTracker()
-        if self.run_id:
-            tracker.resume(self.run_id)
-        else:
-            name = f"{intervention_tag(cfg.interventions)}-s{cfg.seed}" + ("" if cfg.train_seed is None else f"-t{cfg.train_seed}")
-            tracker.start(name, self.tags(), flatten(as_dict(cfg)))
-            if self.ranks.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(as_dict(cfg)))
-                tracker.log_artifact(self.run_dir / "config.yaml")
+    def run(self, tracker=None) -> dict:
+        """Train, evaluate and record the trial. FINISHED only with finite final weights saved as the last
+        checkpoint and a finite test loss; `tracker` is the record `open_record` opened (else opened here)."""
+        tracker = tracker or open_record(self.cfg, self.run_dir, self.ranks)
         self.run_id = tracker.run_id
         try:
+            tracker.set_tags({"init_fingerprint": self.init_fingerprint, "device": str(self.device)})
             result = self._train(tracker)
-        except KeyboardInterrupt:
-            tracker.end("KILLED")
+        except ClaimedElsewhere as error:
+            tracker.end("KILLED", {records.REASON_TAG: f"withdrawn: {error}", records.WITHDRAWN_TAG: "true"})
+            raise
+        except KeyboardInterrupt as error:
+            tracker.end("KILLED", {records.REASON_TAG: f"interrupted ({error or 'Ctrl-C'})"})
             raise
         except BaseException as error:
-            tracker.set_tags({"failure_reason": f"{type(error).__name__}: {error}"[:5000]})
-            tracker.end("FAILED")
+            tracker.end("FAILED", {records.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
             raise
         tracker.end("FINISHED")
         return result
@@ -217,6 +345,7 @@ class Trial:
                  t.micro_batch_size, self.device, t.precision)
         if self.start_step == 0:
             tracker.log_metrics({"parameters": params, "epochs": self.batches.epochs}, step=0)
+        on_main_rank(self.ranks, self._check_disk)
         started = time.perf_counter()
         period = self._new_period()
         pending: list[tuple[int, float, torch.Tensor]] = []
@@ -236,11 +365,14 @@ class Trial:
         bar.close()
         train_seconds = time.perf_counter() - started
         result = {"run_id": tracker.run_id, "init_fingerprint": self.init_fingerprint, "train_seconds": train_seconds}
+        test_loss = on_main_rank(self.ranks, self.test_loss)
         if self.ranks.is_main:
-            result["test_loss"] = self.test_loss()
-            tracker.log_metrics({"test_loss": result["test_loss"], "train_seconds": train_seconds}, step=t.max_steps)
-            log.info("test loss %.6f after %.1f s of training", result["test_loss"], train_seconds)
-        self.ranks.barrier()
+            result["test_loss"] = test_loss
+            tracker.log_metrics({"test_loss": test_loss, "train_seconds": train_seconds}, step=t.max_steps)
+            log.info("test loss %.6f after %.1f s of training", test_loss, train_seconds)
+        if not math.isfinite(test_loss):
+            raise DivergenceError(f"the test loss of the final weights is {test_loss} (non-finite); "
+                                  f"{self._kept_checkpoint()}")
         return result
 
     def _new_period(self) -> PeriodStats:
@@ -254,13 +386,15 @@ class Trial:
             for key, value in (("step", step), ("loss", loss), ("grad_norm", norm), ("lr", lr)):
                 self.history[key].append(value)
             tracker.log_metrics({"train_loss": loss, "grad_norm": norm, "lr": lr}, step=step)
-        tracker.flush()
         bar.update(len(pending))
+        stop_reason = on_main_rank(self.ranks, lambda: tracker.stop_reason)
+        if stop_reason:
+            raise ClaimedElsewhere(stop_reason)
         streak = next((i for i, loss in enumerate(reversed(self.history["loss"])) if math.isfinite(loss)),
                       len(self.history["loss"]))
         if streak >= self.cfg.trainer.divergence_patience:
-            raise DivergenceError(f"training loss was non-finite for the last {streak} steps (to step "
-                                  f"{self.history['step'][-1]}); the last good checkpoint is intact")
+            raise DivergenceError(f"diverged at step {self.history['step'][-1]}: the training loss was non-finite "
+                                  f"for the last {streak} steps; {self._kept_checkpoint()}")
 
     def _end_period(self, period: PeriodStats, step: int, tracker) -> None:
         stats = period.summary(step, self.tokens_per_step * len(period.losses),
@@ -270,68 +404,89 @@ class Trial:
         self.periods.append(stats)
         tracker.log_metrics({k: v for k, v in stats.items() if k != "step"} | {"is_best": float(is_best)}, step=step)
         weights_finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all().item()
-        if not (math.isfinite(self.history["loss"][-1]) and weights_finite):
-            log.warning("step %d: loss or weights non-finite; keeping the last good checkpoint", step)
+        loss_finite = math.isfinite(self.history["loss"][-1])
+        if not (loss_finite and weights_finite):
+            what = "training loss" if weights_finite else "training loss and weights" if not loss_finite else "weights"
+            if step == self.cfg.trainer.max_steps:
+                raise DivergenceError(f"diverged at step {step}: non-finite {what} at the end of the last period, so "
+                                      f"no final checkpoint was saved; {self._kept_checkpoint()}")
+            log.warning("step %d: %s non-finite; no checkpoint from them (%s)", step, what, self._kept_checkpoint())
             return
         self._save_checkpoint(step, is_best, tracker)
-        if self.ranks.is_main:
-            sample = continue_text(self.model, self.cfg.trainer.sample_prompt, self.cfg.trainer.sample_tokens,
-                                   self.cfg.trainer.sample_top_k, self.cfg.trainer.sample_temperature, seed=self.cfg.seed)
-            log.info("step %d: period loss %.4f (min %.4f, max %.4f)%s | %s", step, stats["train_loss_avg"],
-                     stats["train_loss_min"], stats["train_loss_max"], " [best]" if is_best else "", sample)
-            tracker.log_text(sample, f"samples/step_{step:06d}.txt")
-            for path in charts.write_charts(self.history, self.periods, self.run_dir / "charts", self.cfg.optim.grad_clip):
-                tracker.log_artifact(path, "charts")
+        on_main_rank(self.ranks, lambda: self._sample_and_chart(step, stats, is_best, tracker))
+
+    def _sample_and_chart(self, step: int, stats: dict, is_best: bool, tracker) -> None:
+        t = self.cfg.trainer
+        sample = continue_text(self.model, t.sample_prompt, t.sample_tokens, t.sample_top_k, t.sample_temperature,
+                               seed=self.cfg.seed)
+        log.info("step %d: period loss %.4f (min %.4f, max %.4f)%s | %s", step, stats["train_loss_avg"],
+                 stats["train_loss_min"], stats["train_loss_max"], " [best]" if is_best else "", sample)
+        tracker.log_text(sample, f"samples/step_{step:06d}.txt")
+        for path in charts.write_charts(self.history, self.periods, self.run_dir / "charts", self.cfg.optim.grad_clip):
+            tracker.log_artifact(path, "charts")
+
+    def _kept_checkpoint(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was saved"
+        return f"`latest` names the last finite checkpoint, {self.last_checkpoint}"
+
+    def _check_disk(self) -> None:
+        """Rank 0, before the first step: remove staging left by a killed run, print the disk the
+        checkpoints need, and refuse a trial whose checkpoints cannot fit."""
+        t, directory = self.cfg.trainer, self.run_dir / "checkpoints"
+        for stale in checkpoint.clean_staging(directory):
+            log.warning("removed %s, a checkpoint a killed run did not finish writing", stale)
+        line, fits = checkpoint.disk_plan(directory, checkpoint.checkpoint_bytes(self.model), t.max_steps,
+                                          t.checkpoint_interval, t.keep_checkpoints)
+        log.info("%s", line)
+        if not fits:
+            raise checkpoint.CheckpointError(f"not enough disk for this trial's checkpoints: {line}. Free space, "
+                                             f"or keep fewer checkpoints (trainer.keep_checkpoints)")
 
     def _save_checkpoint(self, step: int, is_best: bool, tracker) -> None:
-        directory = self.run_dir / "checkpoints"
-        if self.ranks.is_main:
-            checkpoint.begin(directory, step)
-        self.ranks.barrier()
-        checkpoint.save_rank_rng(directory, step, self.ranks.rank)
-        self.ranks.barrier()
-        if self.ranks.is_main:
+        directory, t = self.run_dir / "checkpoints", self.cfg.trainer
+        on_main_rank(self.ranks, lambda: checkpoint.begin(directory, step))
+        try:
+            on_every_rank(self.ranks, lambda: checkpoint.save_rank_rng(directory, step, self.ranks.rank))
+        except BaseException:
+            if self.ranks.is_main:
+                shutil.rmtree(checkpoint.staging_dir(directory, step), ignore_errors=True)
+            raise
+
+        def commit() -> Path:
             state = {
-                "step": step, "run_id": tracker.run_id, "config_hash": config_hash(self.cfg),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "periods": self.periods, "history": self.history,
+                "step": step, "run_id": tracker.run_id, "config_hash": config_hash(self.cfg, self.ranks.world),
+                "world_size": self.ranks.world, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "periods": self.periods,
+                "history": self.history,
             }
             saved = checkpoint.commit(directory, step, self.model, state, is_best)
+            for path in checkpoint.prune(directory, t.keep_checkpoints, t.checkpoint_interval):
+                log.info("removed %s (trainer.keep_checkpoints=%s)", path.name, t.keep_checkpoints)
             pointers = {"host": socket.gethostname(), "latest": str(saved.resolve()),
                         "best": str(checkpoint.resolve(directory, "best").resolve())}
             tracker.log_text(json.dumps(pointers, indent=1), "checkpoints.json")
-        self.ranks.barrier()
+            return saved
+
+        self.last_checkpoint = on_main_rank(self.ranks, commit)
 
     def _restore(self, path: Path) -> None:
         state = checkpoint.load(path, self.model, self.ranks.rank)
-        if state["config_hash"] != config_hash(self.cfg):
-            raise ValueError(f"{path} was saved by a trial with another config (config_hash {state['config_hash']})")
+        if state["config_hash"] != config_hash(self.cfg, self.ranks.world):
+            raise ValueError(f"{path} was saved by a trial with another config or another number of ranks "
+                             f"(config_hash {state['config_hash']}, world size {state.get('world_size', '?')})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         self.start_step, self.run_id = state["step"], state["run_id"]
         self.periods, self.history = state["periods"], state["history"]
+        self.last_checkpoint = path
         log.info("resumed from %s at step %d", path, self.start_step)
 
     # --- evaluation and records -----------------------------------------------------------------
     def test_loss(self) -> float:
         return held_out_loss(self.model, self.test_tokens, self.cfg.data)
-
-    def tags(self) -> dict[str, str]:
-        cfg = self.cfg
-        tags = {
-            "intervention": intervention_tag(cfg.interventions), "seed": str(cfg.seed),
-            "train_seed": "none" if cfg.train_seed is None else str(cfg.train_seed),
-            "data_seed": "none" if cfg.data.seed is None else str(cfg.data.seed),
-            "init_fingerprint": self.init_fingerprint, "config_hash": config_hash(cfg), "scale": cfg.scale,
-            "device": str(self.device), "world_size": str(self.ranks.world), "host": socket.gethostname(),
-        }
-        if cfg.study:
-            tags["study"] = cfg.study
-        if cfg.tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-        return tags
 
 
 @torch.no_grad()

@@ -40,6 +40,22 @@ def store(tmp_path_factory) -> str:
         yield uri
 
 
+def rewrite_state(checkpoint_dir: Path, **changes) -> None:
+    """Change entries of a checkpoint's state.pt and re-sign its manifest: a consistent checkpoint of another
+    trial, not a corrupt one."""
+    import json
+
+    import torch
+
+    from harness import checkpoint
+
+    state_file = Path(checkpoint_dir) / checkpoint.STATE_FILE
+    torch.save({**torch.load(state_file, weights_only=False), **changes}, state_file)
+    manifest = checkpoint.read_manifest(checkpoint_dir)
+    manifest["files"][checkpoint.STATE_FILE] = {"sha256": checkpoint.sha256(state_file), "bytes": state_file.stat().st_size}
+    (Path(checkpoint_dir) / checkpoint.MANIFEST_FILE).write_text(json.dumps(manifest | changes, indent=1))
+
+
 def run_harness(*args: str, cwd: Path, env_uri: str, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m harness ARGS` as a user runs it, in a fresh process."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "HYDRA_FULL_ERROR": "0"}

@@ -15,14 +15,14 @@ from harness import checkpoint
 from harness.evaluate import main
 from harness.paths import PROJECT_ROOT
 from harness.trainer import Trial
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, rewrite_state
 
 
 @pytest.fixture(scope="module")
 def trained(store, tmp_path_factory):
-    """A finished TINY trial (checkpoints at steps 2 and 4) and its result."""
+    """A finished TINY trial (checkpoints at steps 2 and 4, both kept) and its result."""
     run_dir = tmp_path_factory.mktemp("trial") / "run"
-    return run_dir, Trial(compose_config(*TINY), run_dir).run()
+    return run_dir, Trial(compose_config(*TINY, "trainer.keep_checkpoints=null"), run_dir).run()
 
 
 def checkpoint_losses(uri: str, run_id: str) -> list[tuple[int, float]]:
@@ -89,12 +89,17 @@ def test_checkpoint_without_its_config_or_with_another_config_is_refused(trained
 def test_a_store_without_the_run_is_refused_before_evaluating(trained, store, tmp_path, monkeypatch, capsys):
     run_dir, _ = trained
     foreign = shutil.copytree(run_dir, tmp_path / "foreign")
-    state_file = checkpoint.resolve(foreign / "checkpoints") / checkpoint.STATE_FILE
-    torch.save({**torch.load(state_file, weights_only=False), "run_id": "0" * 32}, state_file)
+    rewrite_state(checkpoint.resolve(foreign / "checkpoints"), run_id="0" * 32)
     assert main([str(foreign)]) == 2
     assert f"the checkpoint's MLflow run {'0' * 32} is not in {store}" in capsys.readouterr().err
     missing = f"sqlite:///{tmp_path / 'missing.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", missing)
-    assert main([str(run_dir)]) == 2
+    assert main([str(run_dir)]) == 2  # the trial's own store is its config's; another one is refused, named
+    assert f"the trial is recorded in {store}, but MLFLOW_TRACKING_URI names {missing}" in capsys.readouterr().err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    config = OmegaConf.load(foreign / "config.yaml")
+    config.tracking.uri = missing
+    OmegaConf.save(config, foreign / "config.yaml")
+    assert main([str(foreign)]) == 2
     assert f"no MLflow store at {missing}" in capsys.readouterr().err
     assert not (tmp_path / "missing.db").exists()

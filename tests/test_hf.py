@@ -22,7 +22,7 @@ from harness.model import cross_entropy
 from harness.plugins import Plugin, register
 from harness.reference import main as reference_main
 from harness.trainer import Trial
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, rewrite_state
 
 TINY_GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "vocab_size": 50257}
 
@@ -124,9 +124,7 @@ def test_export_refuses_a_trial_whose_plugins_change_the_model(trained, tmp_path
     config = OmegaConf.load(run_dir / "config.yaml")
     config.plugins = {"reshaping_for_test": {}}
     OmegaConf.save(config, run_dir / "config.yaml")
-    state_file = checkpoint.resolve(run_dir / "checkpoints") / checkpoint.STATE_FILE
-    new_hash = config_hash(to_trial_config(config))
-    torch.save({**torch.load(state_file, weights_only=False), "config_hash": new_hash}, state_file)
+    rewrite_state(checkpoint.resolve(run_dir / "checkpoints"), config_hash=config_hash(to_trial_config(config)))
     assert export_main([str(run_dir), f"out={tmp_path / 'export'}"]) == 2
     assert "plugins ['reshaping_for_test'] change the model" in capsys.readouterr().err
 
