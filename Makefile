@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 STUDY ?= quick
 
-.PHONY: setup run test test-all ui list data analyze sweep bench
+.PHONY: setup run test test-all ui list data analyze sweep bench bench-tracking
 
 setup:
 	$(PYTHON) -m pip install "$(TORCH)"
@@ -39,3 +39,6 @@ sweep:
 
 bench:
 	$(PYTHON) -m harness.bench $(ARGS)
+
+bench-tracking:
+	$(PYTHON) -m harness.tracking_bench $(ARGS)

@@ -133,7 +133,8 @@ def claim(client, experiment_id: str, run_id: str, study: str, config_hash: str,
     """None when `run_id` holds one of the computation's `slots` in the study; else who holds them."""
     now = time.time()
     ranked = holders(trial_runs(client, experiment_id, study, config_hash), now, alive=run_id)
-    if [r.info.run_id for r in ranked].index(run_id) < slots:
+    ids = [r.info.run_id for r in ranked]
+    if (ids.index(run_id) if run_id in ids else len(ids)) < slots:
         return None
     others = [describe(r, now) for r in ranked if r.info.run_id != run_id][:slots]
     return f"study {study} already has this trial (config_hash {config_hash}): {'; '.join(others)}"
@@ -159,7 +160,7 @@ class Watch:
             if reason:
                 return reason
         run = self.client.get_run(self.run_id)
-        if run.info.status != "RUNNING":
+        if run.info.status == "KILLED":
             log.warning("run %s was marked %s (%s) while the store could not hear it; it is alive: RUNNING again",
                         self.run_id, run.info.status, run.data.tags.get(REASON_TAG, ""))
             self.client.update_run(self.run_id, "RUNNING")

@@ -17,7 +17,7 @@ from typing import Optional
 from harness import records
 from harness.tracking import TrackingUnavailable, connect, default_tracking_uri, normalize_uri
 
-USAGE = __doc__.split("\n\n")[1] + "\n"
+USAGE = "usage:\n" + __doc__.split("\n\n")[1] + "\n"
 
 
 def parse(arguments: list[str], allowed: set[str], flags: set[str]) -> tuple[dict[str, str], set[str], list[str]]:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
@@ -48,6 +48,7 @@ PER_TRIAL_KEYS = {
 }
 ENDED = ("FINISHED", "FAILED", "KILLED")
 ELSEWHERE = "ELSEWHERE"  # claimed by another execution of the study: waited for
+STORE_PATIENCE = 600.0  # seconds a study waits for an unreachable store before it gives up
 STUDY_TAG = re.compile(r"[A-Za-z0-9_.-]+")
 JobEnd = tuple[str, str]  # (status, note) of a job whose MLflow run may not tell: FAILED, or LOST with its launcher
 
@@ -227,10 +228,11 @@ def collect_outcomes(planned: list[PlannedTrial], ended_early: dict[int, JobEnd]
                                         f"FINISHED by another execution of the study (parent run {parent})"))
         elif runs_by_hash[p.config_hash]:
             run = runs_by_hash[p.config_hash].pop(0)
-            note = run.data.tags.get("failure_reason", "")
-            if run.info.status == "RUNNING":
-                note = "no end recorded: still running, or its process died"
-            outcomes.append(run_outcome(name, run, run.info.status, note))
+            status, note = run.info.status, run.data.tags.get("failure_reason", "")
+            if status == "RUNNING":
+                # e.g. its records could not reach the store: the job's error says so
+                status, note = ended_early.get(id(p), (status, "no end recorded: still running, or its process died"))
+            outcomes.append(run_outcome(name, run, status, note))
         elif id(p) in ended_early:
             status, note = ended_early[id(p)]
             outcomes.append(Outcome(name, status, note=note))
@@ -291,7 +293,7 @@ class Progress:
 
     def report(self) -> None:
         try:
-            children = self.store.children(self.parent_id)
+            children = self.store.children(self.parent_id, patient=False)
         except Exception as error:  # a busy or unreachable store must not stop the trials
             print(f"[study {self.study}] progress unavailable: {error}", flush=True)
             return
@@ -327,16 +329,34 @@ class StudyStore:
         self._heartbeat: Optional[threading.Thread] = None
 
     def search(self, filter_string: str) -> list:
-        return records.search(self.client, [self.experiment_id], filter_string)
+        return self.patiently(lambda: records.search(self.client, [self.experiment_id], filter_string))
+
+    def patiently(self, call: Callable):
+        """`call()`, retried while the store is unreachable (up to STORE_PATIENCE seconds): a tracking server
+        that restarts between two trials must not fail the rest of the study."""
+        from harness.tracking import transient
+
+        started, delay = time.monotonic(), 1.0
+        while True:
+            try:
+                return call()
+            except Exception as error:
+                if not transient(error) or time.monotonic() - started > STORE_PATIENCE:
+                    raise
+                print(f"[study {self.study}] the store {self.uri} does not answer ({str(error).splitlines()[0][:200]}); "
+                      f"retrying in {delay:.0f} s", flush=True)
+                time.sleep(delay)
+                delay = min(2 * delay, 60.0)
 
     def mark_stale(self) -> None:
         """End the study's runs whose process died (trials and parent runs of earlier executions) KILLED."""
         running = self.search(f"tags.study = '{self.study}' and attributes.status = 'RUNNING'")
-        for run, reason in records.mark_stale(self.client, running):
+        for run, reason in self.patiently(lambda: records.mark_stale(self.client, running)):
             print(f"[study {self.study}] marked run {run.info.run_id} ({run.info.run_name}) KILLED: {reason}", flush=True)
 
     def holders(self, computation: str) -> list:
-        return records.holders(records.trial_runs(self.client, self.experiment_id, self.study, computation), time.time())
+        return records.holders(self.search(f"tags.study = '{self.study}' and tags.config_hash = '{computation}'"),
+                               time.time())
 
     def pass_over_claimed(self, batch: list[PlannedTrial], ended_early: dict[int, JobEnd]) -> list[PlannedTrial]:
         """The trials of `batch` to launch now: those whose computation has fewer holders than it needs. The
@@ -403,8 +423,9 @@ class StudyStore:
                 by_hash[run.data.tags["config_hash"]].append(run)
         return by_hash
 
-    def children(self, parent_id: str) -> list:
-        return self.search(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    def children(self, parent_id: str, patient: bool = True) -> list:
+        query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        return self.search(query) if patient else records.search(self.client, [self.experiment_id], query)
 
     def start_parent(self, study: StudyConf, planned: list[PlannedTrial], arguments: list[str], launcher: str,
                      sweep_dir: str, design: str) -> str:
@@ -450,6 +471,10 @@ class StudyStore:
 
     def end_parent(self, run_id: str, study: StudyConf, outcomes: list[Outcome], table: str, status: str,
                    design: str) -> None:
+        self.patiently(lambda: self._end_parent(run_id, study, outcomes, table, status, design))
+
+    def _end_parent(self, run_id: str, study: StudyConf, outcomes: list[Outcome], table: str, status: str,
+                    design: str) -> None:
         counts = Counter(o.status for o in outcomes)
         for key, value in (("trials_finished", counts["FINISHED"]), ("trials_skipped", counts["SKIPPED"]),
                            ("trials_not_finished", len(outcomes) - counts["FINISHED"] - counts["SKIPPED"])):

@@ -35,6 +35,7 @@ UNSENT_FILE = "unsent_records.jsonl"
 METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 PARAMS_PER_REQUEST = 100
 MAX_BACKOFF = 10.0  # seconds between retries while the store is unreachable
+SEND_INTERVAL = 2.0  # seconds between the writer's batches: few requests, few turns taken from the step loop
 # The writer retries on its own; MLflow's own retries (minutes of backoff per request) would only delay it.
 WRITER_REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
@@ -179,6 +180,7 @@ class Tracker:
         # Called by the writer after each heartbeat; a returned text asks the trial to stop (it lost its claim).
         self.watch: Optional[Callable[[], Optional[str]]] = None
         self.stop_reason: Optional[str] = None
+        self._ending = False  # the final status is queued: no more heartbeats or watching
         self._records: collections.deque = collections.deque()  # (kind, payload), removed once sent
         self._wake = threading.Condition()
         self._closing, self._abandon = threading.Event(), threading.Event()
@@ -237,6 +239,7 @@ class Tracker:
         """Wait until every record so far is sent (at most `timeout` seconds); whether they were."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._wake:
+            self._wake.notify_all()  # send now rather than at the next interval
             while self._records:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -248,6 +251,7 @@ class Tracker:
         """status: FINISHED, FAILED or KILLED. Raises UnsentRecords when the store stays unreachable."""
         if tags:
             self.set_tags(tags)
+        self._ending = True
         self._queue("end", {"status": status, "end_time": int(time.time() * 1000)})
         sent = self.flush(self.flush_timeout)
         self._stop_writer()
@@ -281,7 +285,6 @@ class Tracker:
     def _queue(self, kind: str, payload) -> None:
         with self._wake:
             self._records.append((kind, payload))
-            self._wake.notify_all()
 
     def _start_writer(self) -> None:
         self._thread = threading.Thread(target=self._write, name=f"tracker-{self.run_id[:8]}", daemon=True)
@@ -302,11 +305,13 @@ class Tracker:
             log.exception("the tracking writer of run %s stopped", self.run_id)
 
     def _write_until_closed(self) -> None:
-        next_beat = time.monotonic() + self.heartbeat_interval
+        """Send what is queued every SEND_INTERVAL seconds, at once while a backlog lasts or when `flush` asks.
+        Queueing never wakes this thread, so it takes turns with the step loop as rarely as it can."""
+        next_beat, backlog = time.monotonic() + self.heartbeat_interval, False
         while True:
             with self._wake:
-                while not self._records and not self._closing.is_set() and time.monotonic() < next_beat:
-                    self._wake.wait(next_beat - time.monotonic())
+                if not backlog and not self._closing.is_set():
+                    self._wake.wait(max(0.0, min(SEND_INTERVAL, next_beat - time.monotonic())))
                 if self._closing.is_set() and (not self._records or self._abandon.is_set()):
                     return
                 batch = self._next_batch()
@@ -315,6 +320,7 @@ class Tracker:
                 next_beat = time.monotonic() + self.heartbeat_interval
             if batch and not self._deliver(batch):
                 return
+            backlog = bool(batch) and bool(self._records)
 
     def _next_batch(self) -> list:
         """The first record, with the same-kind metric or tag records right behind it."""
@@ -367,6 +373,8 @@ class Tracker:
         return True
 
     def _beat(self) -> None:
+        if self._ending:
+            return
         try:
             self.client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
             if self.watch is not None and self.stop_reason is None:

@@ -212,9 +212,12 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
                                                computation, t.claim_slots)
                 if reason:
                     tracker.discard()
-                    raise ClaimedElsewhere(reason)
-        except BaseException:
+                    raise ClaimedElsewhere(f"{reason}; rerun=true runs it anyway")
+        except BaseException as error:
             config_file.unlink(missing_ok=True)
+            if tracker.run_id is not None and not isinstance(error, ClaimedElsewhere):
+                with contextlib.suppress(Exception):  # the original error is the one to report
+                    tracker.end("FAILED", {records.REASON_TAG: f"could not start: {type(error).__name__}: {error}"})
             raise
         tracker.log_artifact(config_file)
     tracker.watch = records.Watch(tracker.client, tracker.experiment_id, tracker.run_id,

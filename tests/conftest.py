@@ -1,6 +1,10 @@
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,3 +68,45 @@ def run_harness(*args: str, cwd: Path, env_uri: str, check: bool = True) -> subp
     if check and result.returncode:
         raise AssertionError(f"harness failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend, which a test may freeze, kill and restart on
+    the same port and database. `timeout` ends it even if the test process dies."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.port = Path(directory), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> "MlflowServer":
+        log = open(self.directory / "server.log", "a")
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: a faster start
+        self.process = subprocess.Popen(
+            ["timeout", "600", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.directory / 'server.db'}",
+             "--artifacts-destination", str(self.directory / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        log.close()
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return self
+            except OSError:
+                assert self.process.poll() is None and time.time() < deadline, (self.directory / "server.log").read_text()
+                time.sleep(0.25)
+
+    def signal(self, number: int) -> None:
+        os.killpg(self.process.pid, number)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.process.wait()

@@ -8,7 +8,6 @@ import sys
 
 import mlflow
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from harness import checkpoint

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import contextlib
 import time
 from pathlib import Path
@@ -367,6 +368,32 @@ def test_racing_claims_of_one_trial_leave_exactly_one_run(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
     losers = [r[2] for r in results if r[1] == "lost"]
     assert all("study race already has this trial (config_hash h" in reason for reason in losers)
+
+
+def test_a_trial_that_finds_an_earlier_claim_of_its_computation_withdraws_mid_run(tmp_path, tracking_uri):
+    """Two claimants that raced past the settle time (here the rival's clock is a minute behind and it shows up
+    after the first checkpoint): the later one stops at its next heartbeat, KILLED and tagged withdrawn."""
+    cfg = compose_config(*TINY, "study=race", "trainer.max_steps=1000", "tracking.heartbeat_interval=0.5",
+                         "tracking.log_interval=1")
+    client, rival = mlflow.MlflowClient(tracking_uri), []
+
+    def claim_from_a_slow_clock():
+        while not (tmp_path / "run" / "checkpoints" / "latest").exists():
+            time.sleep(0.02)
+        [mine] = all_runs(tracking_uri)
+        rival.append(client.create_run(mine.info.experiment_id, start_time=mine.info.start_time - 60_000, tags={
+            "study": "race", "config_hash": mine.data.tags["config_hash"], "claim_slots": "1",
+            "heartbeat": f"{time.time() + 3600:.3f}", "heartbeat_interval": "1"}).info.run_id)
+
+    thread = threading.Thread(target=claim_from_a_slow_clock, daemon=True)
+    thread.start()
+    with pytest.raises(records.ClaimedElsewhere, match="study race already has this trial"):
+        Trial(cfg, tmp_path / "run").run()
+    thread.join()
+    mine = [r for r in all_runs(tracking_uri) if r.info.run_id != rival[0]][0]
+    assert mine.info.status == "KILLED" and mine.data.tags["withdrawn"] == "true"
+    assert mine.data.tags["failure_reason"].startswith("withdrawn: study race already has this trial")
+    assert f"run {rival[0]} RUNNING" in mine.data.tags["failure_reason"]
 
 
 def test_a_study_trial_already_finished_in_its_study_is_not_run_again(tmp_path, tracking_uri):

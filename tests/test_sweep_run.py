@@ -3,22 +3,22 @@ failing trial, two processes writing one sqlite store at once, and a real `mlflo
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from harness import checkpoint
 from harness.tracking import ensure_store
-from tests.conftest import TINY
+from tests.conftest import TINY, MlflowServer
 
-SWEEP_TINY = [*TINY, "trainer.max_steps=2", "trainer.checkpoint_interval=2", "hydra.sweeper.progress_interval=0.5"]
+SWEEP_TINY = [*TINY, "trainer.max_steps=2", "trainer.checkpoint_interval=2", "hydra.sweeper.progress_interval=0.5",
+              "tracking.heartbeat_interval=1"]
 FAILS_AT_START = "-1"  # numpy refuses a negative seed as the trial builds its model: a runtime failure
 
 
@@ -65,6 +65,7 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # midway: the first trial FINISHED, the second is starting
     first.wait()
+    time.sleep(4.5)  # 4 heartbeat intervals: the killed execution's runs are stale
 
     result = run_sweep(*study, sweep_dir=tmp_path / "second", uri=uri)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -79,13 +80,43 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
     trials = runs(uri)
     assert Counter(r.data.tags["seed"] for r in trials if r.info.status == "FINISHED") == {"1": 1, "2": 1}
     first_parent, second_parent = sorted(runs(uri, parents=True), key=lambda r: r.info.start_time)
-    assert (first_parent.info.status, second_parent.info.status) == ("RUNNING", "FAILED")  # SIGKILL left it running
+    assert (first_parent.info.status, second_parent.info.status) == ("KILLED", "FAILED")  # marked by the second
+    assert "no heartbeat since" in first_parent.data.tags["failure_reason"]
+    assert f"marked run {first_parent.info.run_id} (study quick) KILLED: its process died" in result.stdout
+    assert not [r for r in trials if r.info.status == "RUNNING"]  # the killed trial's run too
     children = [r for r in trials if r.data.tags["mlflow.parentRunId"] == second_parent.info.run_id]
-    assert [(r.data.tags["seed"], r.info.status) for r in children] == [("2", "FINISHED")]
+    assert sorted((r.data.tags["seed"], r.info.status) for r in children) == [("-1", "FAILED"), ("2", "FINISHED")]
     assert all(r.data.tags["study"] == "quick" for r in trials)
     summary = mlflow.MlflowClient(uri).download_artifacts(second_parent.info.run_id, "summary.md", str(tmp_path))
     assert "baseline-s-1" in Path(summary).read_text() and second_parent.data.metrics["trials_skipped"] == 1
     assert integrity(db) == "ok"
+
+
+def test_two_executions_of_a_study_started_together_run_each_trial_once(tmp_path):
+    """Two `make sweep STUDY=quick` (the command it runs) started at the same moment with their default output
+    directories, on one sqlite store: each trial runs once, by one of them; the other reports it; every
+    checkpoint belongs to its own run. (Before: one shared directory, 11 FINISHED runs for 6 trials.)"""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "harness", "+sweep=quick", *SWEEP_TINY]
+    executions = [subprocess.Popen(command, cwd=tmp_path, env=sweep_env(uri), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [e.communicate(timeout=900) for e in executions]
+    for execution, (out, err) in zip(executions, outputs):
+        assert execution.returncode == 0, out + err
+    first, second = (table(out) for out, _ in outputs)
+    assert len(first) == len(second) == 6
+    assert all(sorted([first[name], second[name]]) == ["FINISHED", "SKIPPED"] for name in first), (first, second)
+    assert len(list((tmp_path / "multirun").glob("*/*"))) == 2  # one output directory per execution
+
+    trials = runs(uri)
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert len(finished) == len({r.data.tags["config_hash"] for r in finished}) == 6
+    assert all(r.data.tags.get("withdrawn") == "true" for r in trials if r.info.status != "FINISHED")
+    for run in finished:
+        manifest = checkpoint.verify(checkpoint.find(Path(run.data.tags["run_dir"])))
+        assert manifest["run_id"] == run.info.run_id
+    assert {p.info.status for p in runs(uri, parents=True)} == {"FINISHED"}
+    assert integrity(tmp_path / "mlflow.db") == "ok"
 
 
 WRITER = """
@@ -126,36 +157,12 @@ def test_two_processes_write_one_sqlite_store_at_once_without_losing_a_run(tmp_p
     assert integrity(db) == "ok"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real tracking server with a database backend, on loopback only; `timeout` ends it even if the
-    test process dies."""
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        ["timeout", "300", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
-            time.sleep(0.25)
-    yield url
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
-    log.close()
+    """A real tracking server with a database backend, on loopback only."""
+    server = MlflowServer(tmp_path).start()
+    yield server.url
+    server.kill()
 
 
 def test_submitit_local_jobs_record_a_study_in_a_real_mlflow_server(tmp_path, mlflow_server):
