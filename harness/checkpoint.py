@@ -79,7 +79,7 @@ def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_b
     """Rank 0: add weights, state and manifest, rename into `step_NNNNNN/`, then point `latest` (and `best`)
     at it. On any failure (a full disk included) the staging directory is removed and the pointers are as
     they were."""
-    directory, tmp = Path(directory), staging_dir(directory, step)
+    directory, tmp, final = Path(directory), staging_dir(directory, step), step_dir(directory, step)
     try:
         with _writing(directory, step, tmp / MODEL_FILE):
             save_model(model, str(tmp / MODEL_FILE))  # stores a tied matrix once
@@ -92,15 +92,16 @@ def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_b
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
             _fsync_file(tmp / MANIFEST_FILE)
             _fsync_dir(tmp)
-        final = step_dir(directory, step)
         shutil.rmtree(final, ignore_errors=True)  # a copy the pointers never reached (killed before them)
         os.replace(tmp, final)
         _fsync_dir(directory)
-        _point(directory / "latest", final.name)
-        if is_best:
-            _point(directory / "best", final.name)
+        for pointer in ("latest", "best") if is_best else ("latest",):
+            with _writing(directory, step, directory / pointer):
+                _point(directory / pointer, final.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists() and resolve(directory, "latest") != final:  # renamed, but no pointer reached it
+            shutil.rmtree(final, ignore_errors=True)
         raise
     return final
 
