@@ -429,9 +429,7 @@ class StudyStore:
 
     def start_parent(self, study: StudyConf, planned: list[PlannedTrial], arguments: list[str], launcher: str,
                      sweep_dir: str, design: str) -> str:
-        from harness.tracking import git_state
-
-        from harness.tracking import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG
+        from harness.tracking import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, git_state
 
         tags = {"study": self.study, "study_parent": "true", "launcher": launcher, "sweep_dir": sweep_dir,
                 "host": socket.gethostname(), "mlflow.note.content": "\n\n".join(filter(None, [study.description, design])),

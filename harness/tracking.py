@@ -118,6 +118,13 @@ def connect(uri: str, timeout: float):
     return client
 
 
+def probe(uri: str, timeout: float) -> None:
+    """The first contact with a tracking server, bounded by `timeout`; a sqlite store (a file, created on first
+    use) needs none."""
+    if not normalize_uri(uri).startswith("sqlite:"):
+        connect(normalize_uri(uri), timeout)
+
+
 def experiment_id(client, name: str, uri: str) -> str:
     """The experiment's id, created if missing (a sqlite store keeps artifacts beside its database file)."""
     from mlflow.exceptions import MlflowException

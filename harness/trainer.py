@@ -30,7 +30,7 @@ from harness.plugins import Plugins
 from harness.precision import Precision
 from harness.sampling import continue_text
 from harness.records import ClaimedElsewhere
-from harness.tracking import NullTracker, Tracker
+from harness.tracking import NullTracker, Tracker, default_tracking_uri, probe
 
 log = logging.getLogger(__name__)
 
@@ -156,20 +156,14 @@ def on_every_rank(ranks: Ranks, work: Callable) -> None:
 
 
 def run_trial(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()) -> dict:
-    """Open the trial's record first (the store answers, the directory and the study claim are the trial's),
-    then build the trial and run it."""
-    tracker = open_record(cfg, run_dir, ranks)
-    try:
-        trial = Trial(cfg, run_dir, ranks)
-    except BaseException as error:
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        tracker.end(status, {records.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
-        raise
-    return trial.run(tracker)
+    """A dead tracking server fails the trial in seconds, before anything is built; a trial whose config or
+    data is refused while it is built leaves no run; then `Trial.run` opens its record and trains."""
+    on_main_rank(ranks, lambda: probe(cfg.tracking.uri or default_tracking_uri(), cfg.tracking.connect_timeout))
+    return Trial(cfg, run_dir, ranks).run()
 
 
 def open_record(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
-    """Rank 0 opens the trial's MLflow run before anything is built: the store must answer within
+    """Rank 0 opens the trial's MLflow run before the first step: the store must answer within
     `tracking.connect_timeout`, a new trial's run directory must be unused, and a study trial must hold its
     claim (`harness.records`). Every rank learns the outcome; ranks other than 0 get a NullTracker."""
     opened = on_main_rank(ranks, lambda: _open_main_record(cfg, Path(run_dir), ranks.world), share=False)
@@ -183,10 +177,8 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
     cfg.tracking.uri = tracker.uri  # the saved config names the store actually used
     computation = config_hash(cfg, world)
     claims = cfg.study is not None and not cfg.rerun
-    if cfg.resume:
-        found = checkpoint.find(Path(cfg.resume))
-        checkpoint.verify(found)  # a corrupt checkpoint is refused before the run is touched
-        run_id = resume_run_id(found)
+    if cfg.resume:  # the checkpoint was verified while the trial was built: a corrupt one never gets here
+        run_id = resume_run_id(checkpoint.find(Path(cfg.resume)))
         if claims:
             reason = records.claim(tracker.client, tracker.experiment_id, run_id, cfg.study, computation,
                                    t.claim_slots)
@@ -320,10 +312,10 @@ class Trial:
         return torch.stack([loss_sum, norm.float(), max_abs.float()])
 
     # --- the loop -------------------------------------------------------------------------------
-    def run(self, tracker=None) -> dict:
-        """Train, evaluate and record the trial. FINISHED only with finite final weights saved as the last
-        checkpoint and a finite test loss; `tracker` is the record `open_record` opened (else opened here)."""
-        tracker = tracker or open_record(self.cfg, self.run_dir, self.ranks)
+    def run(self) -> dict:
+        """Open the trial's record, train, evaluate. FINISHED only with finite final weights saved as the last
+        checkpoint and a finite test loss."""
+        tracker = open_record(self.cfg, self.run_dir, self.ranks)
         self.run_id = tracker.run_id
         try:
             tracker.set_tags({"init_fingerprint": self.init_fingerprint, "device": str(self.device)})
