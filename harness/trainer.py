@@ -388,8 +388,9 @@ class Trial:
         streak = next((i for i, loss in enumerate(reversed(self.history["loss"])) if math.isfinite(loss)),
                       len(self.history["loss"]))
         if streak >= self.cfg.trainer.divergence_patience:
-            raise DivergenceError(f"diverged at step {self.history['step'][-1]}: the training loss was non-finite "
-                                  f"for the last {streak} steps; {self._kept_checkpoint()}")
+            last = self.history["step"][-1]
+            raise DivergenceError(f"diverged at step {last}: the training loss was non-finite for the last {streak} "
+                                  f"steps ({last - streak + 1}–{last}); {self._kept_checkpoint()}")
 
     def _end_period(self, period: PeriodStats, step: int, tracker) -> None:
         stats = period.summary(step, self.tokens_per_step * len(period.losses),

@@ -43,8 +43,8 @@ def step_dirs(run_dir: Path) -> list[str]:
                "checkpoint was saved; `latest` names the last finite checkpoint", "step_000015"),
     ("inf", 6, "diverged at step 6: non-finite training loss and weights at the end of the last period, so no "
                "final checkpoint was saved; no checkpoint was saved", None),
-    ("1e6", 20, "diverged at step 11: the training loss was non-finite for the last 10 steps; no checkpoint was "
-                "saved", None),
+    ("1e6", 20, "diverged at step 11: the training loss was non-finite for the last 10 steps (2–11); no "
+                "checkpoint was saved", None),
 ])
 def test_a_trial_that_ends_non_finite_is_failed_with_a_true_message(tmp_path, tracking_uri, lr, steps, message, latest):
     """The issue's lr=30 and lr=inf runs ended FINISHED (test_loss 3.2e12, NaN); lr=1e6 claimed a checkpoint
