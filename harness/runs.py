@@ -12,6 +12,7 @@ when its store was unreachable at its end.
 
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 from harness import records
@@ -39,6 +40,8 @@ def parse(arguments: list[str], allowed: set[str], flags: set[str]) -> tuple[dic
 
 def list_runs(options: dict[str, str], mark: bool) -> int:
     uri = normalize_uri(options.get("tracking.uri") or default_tracking_uri())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(f"no MLflow store at {uri}; pass tracking.uri= or set MLFLOW_TRACKING_URI")
     client = connect(uri, timeout=10)
     names = [options["experiment"]] if "experiment" in options else None
     experiments = [e for e in client.search_experiments() if names is None or e.name in names]
