@@ -392,17 +392,22 @@ def _listing(cells: pd.Series) -> tuple[str, int]:
     return f"{n_runs} run{'s' if n_runs != 1 else ''}: {labels}", n_runs
 
 
-def _mean_weights(cell_groups: list[pd.Series], n_runs: int) -> np.ndarray:
-    """One row per group of cells: the mean over its cells of the cell means."""
-    weights = np.zeros((len(cell_groups), n_runs))
-    for row, cells in enumerate(cell_groups):
+def _mean_weights(replicates: list[pd.Series], n_runs: int) -> np.ndarray:
+    """One row per replicate (a group of cells): the mean over its cells of the cell means."""
+    weights = np.zeros((len(replicates), n_runs))
+    for row, cells in enumerate(replicates):
         for positions in cells:
             weights[row, positions] += 1.0 / (len(cells) * len(positions))
     return weights
 
 
 def _by_unit(cells: pd.Series) -> dict[tuple, pd.Series]:
+    """The cells of each (seed, data_seed) unit."""
     return {unit: group for unit, group in cells.groupby(level=UNIT_KEY, sort=False)}
+
+
+def _each_cell(cells: pd.Series) -> list[pd.Series]:
+    return [cells.iloc[[i]] for i in range(len(cells))]
 
 
 def plan_arm(name: str, arm: pd.DataFrame, baseline: pd.DataFrame, n_runs: int,
@@ -412,25 +417,27 @@ def plan_arm(name: str, arm: pd.DataFrame, baseline: pd.DataFrame, n_runs: int,
     reference, reason = choice.reference, choice.reason
     arm_cells, base_cells = _cells(arm), _cells(baseline)
     arm_units, base_units = _by_unit(arm_cells), _by_unit(base_cells)
-    shared_cells = arm_cells.index.intersection(base_cells.index)
-    pairs = []
-    for unit in sorted(set(arm_units) & set(base_units)):
-        shared = [cell for cell in shared_cells if cell[0] == unit[0] and cell[2] == unit[1]]
-        if shared:
-            pairs.append((arm_cells[shared], base_cells[shared]))
+    pairs = {}  # unit -> (arm cells, baseline cells) that pair at that unit
+    for unit in (u for u in arm_units if u in base_units):
+        shared = arm_units[unit].index.intersection(base_units[unit].index)
+        if len(shared):
+            pairs[unit] = (arm_cells[shared], base_cells[shared])
         elif reference == "train":  # same initial weights: the seed pairs without a shared cell
-            pairs.append((arm_units[unit], base_units[unit]))
+            pairs[unit] = (arm_units[unit], base_units[unit])
     if len(pairs) >= 2:
         design = "paired"
-        treated = _mean_weights([a for a, _ in pairs], n_runs)
-        control = _mean_weights([b for _, b in pairs], n_runs)
-        used_arm, used_base = pd.concat([a for a, _ in pairs]), pd.concat([b for _, b in pairs])
+        treated = _mean_weights([a for a, _ in pairs.values()], n_runs)
+        control = _mean_weights([b for _, b in pairs.values()], n_runs)
+        used_arm = pd.concat([a for a, _ in pairs.values()])
+        used_base = pd.concat([b for _, b in pairs.values()])
     elif reference == "train" and pairs:
         design = "prediction"
-        unit = (pairs[0][0].index[0][0], pairs[0][0].index[0][2])
+        (unit,) = pairs
         used_arm, used_base = arm_units[unit], base_units[unit]
-        treated = _mean_weights([used_arm[[cell]] for cell in used_arm.index], n_runs)
-        control = _mean_weights([used_base[[cell]] for cell in used_base.index], n_runs)
+        treated = _mean_weights(_each_cell(used_arm), n_runs)
+        control = _mean_weights(_each_cell(used_base), n_runs)
+        if len(arm_units) > 1:
+            reason += "; its runs at init seeds the baseline did not run are left out"
         if "train" not in measurable:
             reference = "init"
             reason += ("; train-seed noise not measured, init-seed noise used "

@@ -34,9 +34,10 @@ so two levels say little more about init noise than one, and counting their
 residuals as independent would overstate the evidence.  The pooled variance
 is the quadratic form ``y' M y / D`` (``M`` the within-group centring), whose
 Satterthwaite dof are ``tr(M S)^2 / tr(M S M S)`` for run covariance ``S``.
-With ``S`` built from the study's own variance estimates (the plug-in), three
-init seeds gave 6.5% false positives at alpha = 5% in simulation: the
-plug-in dof are biased upward, most when the SD is small.  So ``init`` takes
+With ``S`` built from the study's own variance estimates (the plug-in), a
+single run tested against this noise with three init seeds gave 6.5% false
+positives at alpha = 5% in simulation: the plug-in dof are biased upward,
+most when the SD is small.  So ``init`` takes
 the dof at the conservative end, runs of one init draw fully correlated
 (``S`` = 1 where two runs share an init draw, else 0): the evidence of the
 distinct init draws, which does not depend on the data.  It equals the

@@ -348,8 +348,9 @@ def log_analysis_run(analysis: StudyAnalysis, files: ReportFiles, tracking_uri: 
             **{f"n_{verdict}": int((ranking["verdict"] == verdict).sum())
                for verdict in ("better", "worse", "inconclusive")},
             "n_thin_evidence": len(thin),
-            **{f"noise_sd_{kind}": estimate.sd for kind, estimate in analysis.noise.items()
-               if np.isfinite(estimate.sd)},
+            **{f"noise_{stat}_{kind}": value for kind, estimate in analysis.noise.items()
+               if np.isfinite(estimate.sd)
+               for stat, value in (("sd", estimate.sd), ("dof", estimate.dof))},
         })
         mlflow.log_artifacts(str(files.directory))
     return run.info.run_id
