@@ -6,6 +6,8 @@ flake nor pass by luck.  Simulations are vectorised over repetitions where the
 code under test takes arrays (the t-tests, bootstrap, P(better) and verdicts).
 """
 
+import gc
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -258,16 +260,20 @@ def test_seeds_needed_where_statsmodels_power_is_nan():
 
 def test_holm_adjust_is_vectorised_over_leading_axes():
     rng = np.random.default_rng(3)
-    p_values = rng.uniform(0, 0.2, size=(50, 6))
+    p_values = rng.uniform(0, 0.2, size=(12, 6))
     p_values[rng.uniform(size=p_values.shape) < 0.2] = np.nan
     p_values[0, :2] = 0.01  # ties
     adjusted = holm_adjust(p_values)
-    for row, expected in zip(p_values, adjusted, strict=True):
-        present = np.isfinite(row)
-        np.testing.assert_array_equal(np.isnan(expected), ~present)
-        if present.any():
-            np.testing.assert_allclose(expected[present],
-                                       multipletests(row[present], method="holm")[1])
+    gc.freeze()  # statsmodels' multipletests calls gc.collect(), slow on a big test-suite heap
+    try:
+        for row, expected in zip(p_values, adjusted, strict=True):
+            present = np.isfinite(row)
+            np.testing.assert_array_equal(np.isnan(expected), ~present)
+            if present.any():
+                np.testing.assert_allclose(expected[present],
+                                           multipletests(row[present], method="holm")[1])
+    finally:
+        gc.unfreeze()
 
 
 def test_seeds_needed_is_the_smallest_count_with_enough_power():
