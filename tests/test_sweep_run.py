@@ -16,6 +16,7 @@ import mlflow
 import pytest
 
 from harness.tracking import ensure_store
+from harness.version import code_version
 from tests.conftest import TINY
 
 SWEEP_TINY = [*TINY, "trainer.max_steps=2", "trainer.checkpoint_interval=2", "hydra.sweeper.progress_interval=0.5"]
@@ -69,6 +70,7 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
     result = run_sweep(*study, sweep_dir=tmp_path / "second", uri=uri)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "3 trials: 1 already FINISHED (skipped), 2 to run with the basic launcher" in result.stdout
+    assert f"code version {code_version()}" in result.stdout  # the skipped run was made by this very code
     assert table(result.stdout) == {"baseline-s1": "SKIPPED", "baseline-s2": "FINISHED", "baseline-s-1": "FAILED"}
     assert "ValueError: Seed must be between" in result.stdout
     assert "trial 2 of 2: 1 done (1 FINISHED), 0 running | elapsed" in result.stdout
