@@ -92,7 +92,8 @@ def losses_of_two_runs(cfg: TrialConfig, steps: int) -> tuple[list[float], list[
 
 
 def report(name: str, result: dict) -> str:
-    utilisation = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak; pass peak_flops=)"
+    utilisation = (f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None
+                   else "n/a (no known peak; pass peak_flops=)")
     lines = [
         f"== {name} on {result['device']}",
         f"   step {result['step_ms']:.1f} ms (data {result['data_ms']:.1f} ms) | {result['tokens_per_sec']:,.0f} tokens/s"

@@ -109,8 +109,9 @@ class GPTModel(nn.Module):
     def flops_per_token(self) -> float:
         """Training matmul FLOPs per token: 6·M + 12·L·d·T (PaLM, appendix B), M = the weights that multiply an
         activation, each once: every Linear's weight, the output head included. The token and position
-        embeddings are lookups, not matmuls; a tied matrix multiplies once, as the head. Biases, LayerNorms and
-        the softmax are left out. 12·L·d·T is attention's QKᵀ and AV (2·2·T·d forward per layer, ×3 to train)."""
+        embeddings are lookups, not matmuls; a tied matrix multiplies once, as the head. Biases, LayerNorms
+        and the softmax are left out. 12·L·d·T is attention's QKᵀ and AV (2·2·T·d forward per layer, ×3 to
+        train)."""
         cfg = self.cfg
         weights = {id(m.weight): m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)}
         return 6 * sum(weights.values()) + 12 * cfg.n_layer * cfg.d_model * cfg.context_length

@@ -69,7 +69,8 @@ def test_warmup_linear_is_torchs_sequential_linear_then_linear(final):
 
     def reference(optimizer):
         return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=1e-5, total_iters=warmup),
-                                        LinearLR(optimizer, start_factor=1.0, end_factor=final, total_iters=total - warmup)],
+                                        LinearLR(optimizer, start_factor=1.0, end_factor=final,
+                                                 total_iters=total - warmup)],
                             milestones=[warmup])
 
     ours = harness_lrs(cfg, total)

@@ -166,7 +166,8 @@ def test_cli_writes_train_and_held_out_test_shards(reference, parquet_dir):
 
 
 def reference_tokens(texts: list[str]) -> np.ndarray:
-    """prepare_datasets.py's stream: `encode_batch(texts, allowed_special={'<|endoftext|>'})`, end-of-text after each."""
+    """prepare_datasets.py's stream: `encode_batch(texts, allowed_special={'<|endoftext|>'})`, each followed by
+    end-of-text."""
     encoded = gpt2_encoding().encode_batch(texts, allowed_special={"<|endoftext|>"})
     return np.array([token for document in encoded for token in [*document, END_OF_TEXT]], dtype=np.uint16)
 
@@ -216,7 +217,8 @@ def test_crafted_document_counts_split_where_the_reference_splits_them(tmp_path)
     """250 documents: datasets' train[:99%] ends at round(247.5) = 248, so 2 are held out, not ceil(2.5) = 3."""
     texts = [f"Document number {i} says hello." for i in range(250)]
     write_parquet_files(tmp_path / "parquet", texts, counts=(130, 120))
-    out = prepare("fineweb", out=tmp_path / "out", workers=1, shard_tokens=SHARD_TOKENS, parquet_dir=tmp_path / "parquet")
+    out = prepare("fineweb", out=tmp_path / "out", workers=1, shard_tokens=SHARD_TOKENS,
+                  parquet_dir=tmp_path / "parquet")
     manifest = Manifest.load(out)
     assert (manifest.splits["train"].documents, manifest.splits["test"].documents) == (248, 2)
     np.testing.assert_array_equal(open_split(out, "test")[:], reference_tokens(texts[248:]))

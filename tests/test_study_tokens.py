@@ -190,7 +190,8 @@ def test_downloads_the_two_token_files_from_the_hub(published, converted, tmp_pa
 @pytest.mark.parametrize("tensors, message", [
     ({"tokens": np.zeros(10, dtype=np.int32)}, r"is I32 of shape \[10\]; expected a 1-D U16"),
     ({"tokens": np.zeros(10, dtype=np.uint16), "extra": np.zeros(1, dtype=np.uint16)}, "expected exactly one named"),
-    ({"tokens": np.array([1, 2, 50257, END_OF_TEXT], dtype=np.uint16)}, "token 2 is 50,257, outside GPT-2's vocabulary"),
+    ({"tokens": np.array([1, 2, 50257, END_OF_TEXT], dtype=np.uint16)},
+     "token 2 is 50,257, outside GPT-2's vocabulary"),
     (None, "is not a safetensors file"),
 ])
 def test_files_that_are_not_the_published_layout_are_refused(tensors, message, published, tmp_path):

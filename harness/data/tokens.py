@@ -5,8 +5,8 @@ tests on `validation.safetensors` (102,163,003 tokens): FineWeb sample-10BT toke
 prepare_datasets.py, each one uint16 tensor `tokens` with end-of-text after every document. They become the
 `train` and `test` splits here, token for token. The files are read in blocks, each through a memory map of
 just that block (never whole: train is 19 GiB), and each shard ends at the first end-of-text at or after
-`shard_tokens` tokens, as `ShardWriter` cuts documents. Like the parquet path, an interrupted conversion resumes after its last
-completed shard and ends byte-identical to an uninterrupted one.
+`shard_tokens` tokens, as `ShardWriter` cuts documents. Like the parquet path, an interrupted conversion
+resumes after its last completed shard and ends byte-identical to an uninterrupted one.
 """
 
 import hashlib
@@ -131,7 +131,8 @@ def prepare_tokens(dataset: str, out: Path | str | None, shard_tokens: int,
 def download(local_dir: Path, out: Path, written: int) -> Path:
     """Downloads the two token files of REPO into `local_dir` (huggingface_hub resumes a partial download)."""
     hub = import_huggingface_hub()
-    sizes = {entry.path: getattr(entry, "size", None) for entry in hub.HfApi().list_repo_tree(REPO, repo_type="dataset")}
+    tree = hub.HfApi().list_repo_tree(REPO, repo_type="dataset")
+    sizes = {entry.path: getattr(entry, "size", None) for entry in tree}  # folders have no size
     missing = [name for name in FILES.values() if sizes.get(name) is None]
     if missing:
         raise PrepareError(f"{REPO} has no {', '.join(missing)}")
