@@ -66,7 +66,8 @@ def load_saved_trial(path: Path, which: Optional[str] = None) -> SavedTrial:
     state = torch.load(found / checkpoint.STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
     if state["config_hash"] != config_hash(cfg):
         raise ValueError(f"{found} was saved with config_hash {state['config_hash']}, but {config_file} "
-                         f"has {config_hash(cfg)}")
+                         f"has {config_hash(cfg)}: another config, or a checkpoint of a harness version whose "
+                         f"config_hash covered other keys")
     model = build_model(cfg)
     load_model(model, str(found / checkpoint.MODEL_FILE))
     return SavedTrial(cfg, model.eval(), found, state["run_id"], state["step"])

@@ -203,7 +203,7 @@ class Trial:
         # GradScaler keeps its scale on the device (`_scale`); comparing it there costs no host sync.
         scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
         self.scaler.update()
-        scale_lowered = (self.scaler._scale < scale_before).float() if scale_before is not None else torch.zeros_like(norm)
+        scale_lowered = torch.zeros_like(norm) if scale_before is None else (self.scaler._scale < scale_before).float()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ranks.world > 1:
