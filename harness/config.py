@@ -75,14 +75,18 @@ class TrialConfig:
     study: Optional[str] = None
     resume: Optional[str] = None  # a run directory (or checkpoint) to continue, in its own MLflow run
     rerun: bool = False  # run even when a FINISHED run with the same config_hash exists (sweeps skip those)
+    reuse_other_code_versions: bool = False  # a sweep reuses FINISHED runs made by other code, not only by this code
     interventions: list[str] = field(default_factory=list)  # filled from the composed overlays
     plugins: dict[str, Any] = field(default_factory=dict)  # intervention code: {plugin name: {option: value}}
 
 
 ConfigStore.instance().store(name="trial_schema", node=TrialConfig)
 
-# Keys that say where a trial is recorded, not what it computes: left out of config_hash.
-BOOKKEEPING_KEYS = ("tracking", "study", "resume", "rerun")
+# Keys (dotted paths) that say where a trial is recorded, how it shows progress, what it checks or samples, but
+# not what it computes or records as metrics: left out of config_hash. (Sampling uses its own generator.)
+BOOKKEEPING_KEYS = ("tracking", "study", "resume", "rerun", "reuse_other_code_versions", "trainer.progress",
+                    "trainer.sample_prompt", "trainer.sample_tokens", "trainer.sample_top_k",
+                    "trainer.sample_temperature", "data.verify_checksums")
 
 
 def to_trial_config(cfg: DictConfig) -> TrialConfig:
@@ -106,7 +110,14 @@ def as_dict(cfg: TrialConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: TrialConfig) -> str:
-    computed = {k: v for k, v in as_dict(cfg).items() if k not in BOOKKEEPING_KEYS}
+    """sha256 (16 hex) of the resolved config without BOOKKEEPING_KEYS: equal hashes = the same computation."""
+    computed = as_dict(cfg)
+    for key in BOOKKEEPING_KEYS:
+        *parents, leaf = key.split(".")
+        node = computed
+        for parent in parents:
+            node = node[parent]
+        del node[leaf]
     return hashlib.sha256(json.dumps(computed, sort_keys=True).encode()).hexdigest()[:16]
 
 

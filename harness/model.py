@@ -107,11 +107,14 @@ class GPTModel(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM appendix B; N without position embeddings)."""
+        """Training matmul FLOPs per token: 6·M + 12·L·d·T (PaLM, appendix B), M = the weights that multiply an
+        activation, each once: every Linear's weight, the output head included. The token and position
+        embeddings are lookups, not matmuls; a tied matrix multiplies once, as the head. Biases, LayerNorms
+        and the softmax are left out. 12·L·d·T is attention's QKᵀ and AV (2·2·T·d forward per layer, ×3 to
+        train)."""
         cfg = self.cfg
-        n = self.num_parameters() - self.pos_emb.weight.numel()
-        head_dim = cfg.d_model // cfg.n_head
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.context_length
+        weights = {id(m.weight): m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)}
+        return 6 * sum(weights.values()) + 12 * cfg.n_layer * cfg.d_model * cfg.context_length
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

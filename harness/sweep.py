@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness.config import TrialConfig, config_hash
 from harness.study import StudyConf, Trial, factorial_design, study_trials
+from harness.version import code_version
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -55,6 +56,7 @@ class PlannedTrial:
     overrides: list[str]
     config_hash: str
     earlier_run: Optional["Run"] = None  # a FINISHED MLflow run of the same computation in the study
+    rerun_reason: str = ""  # why a FINISHED run of the same computation was not reused
 
 
 @dataclass
@@ -88,15 +90,20 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
 
     # Tracking and rerun come from the command line, so every trial has the last one's.
     store = StudyStore(trial_cfg.tracking.uri, trial_cfg.tracking.experiment, tag)
+    version = code_version()
     if not trial_cfg.rerun:
-        skip_finished(planned, store.finished_runs())
+        skip_finished(planned, store.finished_runs(), version, trial_cfg.reuse_other_code_versions)
     pending = [p for p in planned if p.earlier_run is None]
     launcher_name = config.hydra.runtime.choices.get("hydra/launcher")
     design = factorial_design(study.factorial.factors, study.factorial.resolution).describe() if study.factorial else ""
     parent_id = store.start_parent(study, planned, arguments, launcher_name, str(config.hydra.sweep.dir), design)
     print(f"[study {tag}] {study.description}" + (f"\n[study {tag}] {design}" if design else ""))
     print(f"[study {tag}] {len(planned)} trials: {len(planned) - len(pending)} already FINISHED (skipped), "
-          f"{len(pending)} to run with the {launcher_name} launcher; parent run {parent_id} in {store.uri}", flush=True)
+          f"{len(pending)} to run with the {launcher_name} launcher; parent run {parent_id} in {store.uri}; "
+          f"code version {version}", flush=True)
+    for p in pending:
+        if p.rerun_reason:
+            print(f"[study {tag}] {p.trial.name} runs again: {p.rerun_reason}", flush=True)
 
     ended_early: dict[int, JobEnd] = {}  # by id(PlannedTrial)
     status = None
@@ -148,12 +155,23 @@ def compose_trial_config(config_loader, master_config: DictConfig, overrides: li
     return compose_trial(cfg, overrides)
 
 
-def skip_finished(planned: list[PlannedTrial], finished: dict[str, list]) -> None:
-    """A study asking for n runs of one computation (exact repeats) reuses up to n FINISHED ones."""
+def skip_finished(planned: list[PlannedTrial], finished: dict[str, list], version: str,
+                  reuse_other_code_versions: bool = False) -> None:
+    """A study asking for n runs of one computation (exact repeats) reuses up to n FINISHED ones, made by this
+    code version (the `code_version` tag) unless `reuse_other_code_versions`. A trial that finds only runs of
+    other code versions runs again and says why in `rerun_reason`."""
     available = {h: sorted(runs, key=lambda r: r.info.start_time) for h, runs in finished.items()}
     for p in planned:
-        if available.get(p.config_hash):
-            p.earlier_run = available[p.config_hash].pop(0)
+        runs = available.get(p.config_hash, [])
+        usable = [r for r in runs if reuse_other_code_versions or r.data.tags.get("code_version") == version]
+        if usable:
+            p.earlier_run = usable[0]
+            runs.remove(usable[0])
+        elif runs:
+            other = runs[0]
+            p.rerun_reason = (f"its FINISHED run {other.info.run_id} was made by code version "
+                              f"{other.data.tags.get('code_version', '(not recorded)')}, not by this one ({version}); "
+                              f"reuse_other_code_versions=true would reuse it")
 
 
 def launch(launcher: Launcher, jobs: list[list[str]], first_index: int) -> list[Optional[JobEnd]]:
@@ -309,6 +327,7 @@ class StudyStore:
         from harness.tracking import git_state
 
         tags = {"study": self.study, "study_parent": "true", "launcher": launcher, "sweep_dir": sweep_dir,
+                "code_version": code_version(),
                 "mlflow.note.content": "\n\n".join(filter(None, [study.description, design]))}
         commit, dirty = git_state()
         if commit:
@@ -318,8 +337,10 @@ class StudyStore:
         del settings["_target_"]
         record = {"study": self.study, "settings": settings, "command_line": arguments, "launcher": launcher,
                   "sweep_dir": sweep_dir, "design": design,
+                  "code_version": code_version(),
                   "trials": [{"name": p.trial.name, "config_hash": p.config_hash, "overrides": p.overrides,
-                              "reuses_run": p.earlier_run.info.run_id if p.earlier_run else None} for p in planned]}
+                              "reuses_run": p.earlier_run.info.run_id if p.earlier_run else None,
+                              "rerun_reason": p.rerun_reason or None} for p in planned]}
         self.client.log_text(run_id, OmegaConf.to_yaml(record), "study.yaml")
         for key in ("arms", "seeds", "train_seeds", "overrides"):
             self.client.log_param(run_id, key, str(settings[key])[:6000])

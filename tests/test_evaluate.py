@@ -20,13 +20,13 @@ from tests.conftest import TINY, compose_config
 
 @pytest.fixture(scope="module")
 def trained(store, tmp_path_factory):
-    """A finished TINY trial (checkpoints at steps 2 and 4) and its result."""
+    """A finished TINY trial (checkpoints at steps 1, 3 and 4) and its result."""
     run_dir = tmp_path_factory.mktemp("trial") / "run"
     return run_dir, Trial(compose_config(*TINY), run_dir).run()
 
 
-def checkpoint_losses(uri: str, run_id: str) -> list[tuple[int, float]]:
-    history = mlflow.MlflowClient(uri).get_metric_history(run_id, "checkpoint_test_loss")
+def checkpoint_losses(uri: str, run_id: str, metric: str = "checkpoint_test_loss") -> list[tuple[int, float]]:
+    history = mlflow.MlflowClient(uri).get_metric_history(run_id, metric)
     return sorted((m.step, m.value) for m in history)
 
 
@@ -37,8 +37,10 @@ def test_command_reproduces_the_trials_test_loss_and_logs_it_at_the_checkpoint_s
     out = subprocess.run([sys.executable, "-m", "harness.evaluate", str(run_dir)], cwd=PROJECT_ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"checkpoint_test_loss {result['test_loss']:.6f}  step 4  run {result['run_id']}")
+    assert out.stdout.startswith(f"checkpoint_test_loss {result['test_loss']:.6f}  checkpoint_test_loss_amp "
+                                 f"{result['test_loss_amp']:.6f}  step 4  run {result['run_id']}")
     assert checkpoint_losses(store, result["run_id"])[-1] == (4, result["test_loss"])  # the same fp32 evaluation
+    assert checkpoint_losses(store, result["run_id"], "checkpoint_test_loss_amp")[-1] == (4, result["test_loss_amp"])
     after = mlflow.MlflowClient(store).get_run(result["run_id"]).info
     assert (after.status, after.end_time) == (before.status, before.end_time) == ("FINISHED", before.end_time)
 
@@ -48,17 +50,17 @@ def test_best_pointer_and_step_directories_are_evaluated_and_status_is_kept(trai
     client = mlflow.MlflowClient(store)
     client.set_terminated(result["run_id"], "KILLED")  # any previous status must survive the evaluation
     try:
-        assert main([str(run_dir / "checkpoints" / "step_000002")]) == 0
+        assert main([str(run_dir / "checkpoints" / "step_000001")]) == 0
         best_step = int(checkpoint.resolve(run_dir / "checkpoints", "best").name.removeprefix("step_"))
         assert main([str(run_dir), "best"]) == 0
         assert client.get_run(result["run_id"]).info.status == "KILLED"
     finally:
         client.set_terminated(result["run_id"], "FINISHED")
     losses = dict(checkpoint_losses(store, result["run_id"]))
-    assert {2, best_step} <= set(losses) and losses[2] != result["test_loss"]
+    assert {1, best_step} <= set(losses) and losses[1] != result["test_loss"]
     printed = capsys.readouterr().out
-    assert f"checkpoint_test_loss {losses[2]:.6f}  step 2" in printed
-    assert f"checkpoint_test_loss {losses[best_step]:.6f}  step {best_step}" in printed
+    assert f"checkpoint_test_loss {losses[1]:.6f}  checkpoint_test_loss_amp" in printed and "  step 1  " in printed
+    assert f"checkpoint_test_loss {losses[best_step]:.6f}  checkpoint_test_loss_amp" in printed
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from harness.tracking import ensure_store
+from harness.version import code_version
 from tests.conftest import TINY
 
 SWEEP_TINY = [*TINY, "trainer.max_steps=2", "trainer.checkpoint_interval=2", "hydra.sweeper.progress_interval=0.5"]
@@ -65,10 +67,23 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # midway: the first trial FINISHED, the second is starting
     first.wait()
+    # baseline-s2 also FINISHED once, long ago, by other code: that run must not be reused
+    client = mlflow.MlflowClient(uri)
+    killed_parent = runs(uri, parents=True)[0]
+    record = yaml.safe_load(Path(client.download_artifacts(killed_parent.info.run_id, "study.yaml", str(tmp_path)))
+                            .read_text())
+    s2_hash = next(trial["config_hash"] for trial in record["trials"] if trial["name"] == "baseline-s2")
+    older = client.create_run(killed_parent.info.experiment_id, tags={
+        "study": "quick", "config_hash": s2_hash, "code_version": "0ld", "seed": "2",
+        "mlflow.parentRunId": killed_parent.info.run_id}).info.run_id
+    client.set_terminated(older, "FINISHED")
 
     result = run_sweep(*study, sweep_dir=tmp_path / "second", uri=uri)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "3 trials: 1 already FINISHED (skipped), 2 to run with the basic launcher" in result.stdout
+    assert f"code version {code_version()}" in result.stdout  # the skipped run was made by this very code
+    assert (f"baseline-s2 runs again: its FINISHED run {older} was made by code version 0ld, not by this one "
+            f"({code_version()}); reuse_other_code_versions=true would reuse it") in result.stdout
     assert table(result.stdout) == {"baseline-s1": "SKIPPED", "baseline-s2": "FINISHED", "baseline-s-1": "FAILED"}
     assert "ValueError: Seed must be between" in result.stdout
     assert "trial 2 of 2: 1 done (1 FINISHED), 0 running | elapsed" in result.stdout
@@ -77,7 +92,7 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
     assert sorted(p.name for p in (tmp_path / "second").iterdir() if p.is_dir()) == ["0", "1"]  # only the missing
 
     trials = runs(uri)
-    assert Counter(r.data.tags["seed"] for r in trials if r.info.status == "FINISHED") == {"1": 1, "2": 1}
+    assert Counter(r.data.tags["seed"] for r in trials if r.info.status == "FINISHED") == {"1": 1, "2": 2}
     first_parent, second_parent = sorted(runs(uri, parents=True), key=lambda r: r.info.start_time)
     assert (first_parent.info.status, second_parent.info.status) == ("RUNNING", "FAILED")  # SIGKILL left it running
     children = [r for r in trials if r.data.tags["mlflow.parentRunId"] == second_parent.info.run_id]

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from harness.data.corpus import prepare_bundled
-from harness.data.shards import MANIFEST, open_split
+from harness.data.shards import MANIFEST, Manifest, open_split
 from harness.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
-DATASETS = ("bundled", "fineweb", "fineweb_edu")
+DATASETS = ("bundled", "fineweb", "fineweb_edu", "fineweb_gpt2_tokens")
 
 
 @dataclass
@@ -51,6 +51,10 @@ def open_dataset(cfg: DataConfig, split: str, verify: bool = True):
                 f"`python -m harness.data prepare dataset={cfg.dataset}` (or `make data DATASET={cfg.dataset}`), "
                 f"or point data.path at a prepared directory."
             )
+    if cfg.dataset in ("fineweb", "fineweb_edu") and "encoding" not in Manifest.load(directory).source:
+        log.warning("%s was prepared by an earlier harness (encode_ordinary, ceil(1%%) held out), not as the study's "
+                    "prepare_datasets.py did it: its split and test window differ from the study's. Prepare it again "
+                    "to match (python -m harness.data prepare dataset=%s out=NEW_DIR).", directory, cfg.dataset)
     return open_split(directory, split, verify=cfg.verify_checksums and verify)
 
 

@@ -1,8 +1,12 @@
 """FineWeb preparation: parquet files of `sample/10BT` -> GPT-2 token shards (see `harness.data.shards`).
 
-Documents are taken in sorted file order and row order; the last 1% are held out as `test`. Tokenization
-runs in worker processes while the main process reads parquet and writes shards in document order. A
-killed preparation resumes after its last completed shard and ends byte-identical to an uninterrupted one.
+As the study's own prepare_datasets.py did it: documents in sorted file order and row order, split as
+`datasets`' `train[:99%]` / `train[99%:]` (the last 1% held out as `test`), each encoded with
+`encode_batch(texts, allowed_special={"<|endoftext|>"})` (a literal "<|endoftext|>" in a document is token
+50256) and followed by end-of-text. Tokenization runs in worker processes while the main process reads parquet
+and writes shards in document order. A killed preparation resumes after its last completed shard and ends
+byte-identical to an uninterrupted one. `dataset=fineweb_gpt2_tokens` (the study's published tokens) is
+converted by `harness.data.tokens` instead.
 """
 
 import itertools
@@ -21,13 +25,19 @@ import pyarrow
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from harness.data.shards import MANIFEST, SPLITS, TOKEN_DTYPE, Manifest, ShardWriter, holdout_start
+from harness.data.shards import MANIFEST, SPLITS, TOKEN_DTYPE, Manifest, ShardWriter
 from harness.paths import PROJECT_ROOT
 from harness.tokenizer import gpt2_encoding
 
-DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb_edu": "HuggingFaceFW/fineweb-edu"}
+PARQUET_DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb_edu": "HuggingFaceFW/fineweb-edu"}
+TOKEN_DATASETS = ("fineweb_gpt2_tokens",)  # already tokenized: harness.data.tokens
+DATASETS = (*PARQUET_DATASETS, *TOKEN_DATASETS)
 SAMPLE = "sample/10BT"
 HOLDOUT_FRACTION = 0.01
+TRAIN_PERCENT = 99  # the reference's split: train[:99%], validation (our test) train[99%:]
+# Recorded in the manifest: a preparation made another way (as before these were recorded) is not resumed.
+ENCODING = "encode_batch(allowed_special={'<|endoftext|>'})"
+SPLIT_RULE = "datasets train[:99%] / train[99%:], closest rounding"
 DEFAULT_SHARD_TOKENS = 100_000_000
 DOCUMENTS_PER_TASK = 1024
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
@@ -54,16 +64,26 @@ def prepare(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     max_files: int | None = None,
     parquet_dir: Path | str | None = None,
+    safetensors_dir: Path | str | None = None,
 ) -> Path:
     """Prepares (or finishes preparing) `dataset` into `out` and returns `out`.
 
     Downloads the parquet files unless `parquet_dir` already holds them; `max_files` keeps the first N.
+    `fineweb_gpt2_tokens` downloads its two token files unless `safetensors_dir` holds them.
     """
+    if dataset in TOKEN_DATASETS:
+        from harness.data.tokens import prepare_tokens  # it builds on this module's helpers
+
+        require_positive(shard_tokens=shard_tokens)
+        not_applicable(dataset, workers=workers, max_files=max_files, parquet_dir=parquet_dir)
+        return prepare_tokens(dataset, out, shard_tokens, safetensors_dir)
+    not_applicable(dataset, safetensors_dir=safetensors_dir)
     repo = dataset_repo(dataset)
     out = Path(out) if out is not None else PROJECT_ROOT / "data" / dataset
     workers = workers if workers is not None else default_workers()
     require_positive(workers=workers, shard_tokens=shard_tokens, max_files=max_files)
-    settings = {"repo": repo, "sample": SAMPLE, "max_files": max_files, "shard_tokens": shard_tokens}
+    settings = {"repo": repo, "sample": SAMPLE, "max_files": max_files, "shard_tokens": shard_tokens,
+                "encoding": ENCODING, "split": SPLIT_RULE}
 
     manifest = load_matching_manifest(out, dataset, settings)
     if manifest is not None and manifest.complete:
@@ -79,10 +99,7 @@ def prepare(
         manifest = Manifest(dataset, source, HOLDOUT_FRACTION)
     elif manifest.source != source:
         raise PrepareError(f"the parquet files differ from those {out} was started with; delete {out} to start over")
-    try:
-        test_start = holdout_start(documents, HOLDOUT_FRACTION)
-    except ValueError as error:
-        raise PrepareError(str(error)) from None
+    test_start = reference_test_start(documents)
     shard_bytes = SHARD_BYTES_PER_TEXT_BYTE * text_bytes + TOKEN_BYTES * documents
     require_disk_space(out, shard_bytes - written, "the token shards")
 
@@ -97,9 +114,25 @@ def prepare(
 
 
 def dataset_repo(dataset: str) -> str:
-    if dataset not in DATASETS:
+    if dataset not in PARQUET_DATASETS:
         raise PrepareError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
-    return DATASETS[dataset]
+    return PARQUET_DATASETS[dataset]
+
+
+def not_applicable(dataset: str, **options) -> None:
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise PrepareError(f"{', '.join(given)} do{'es' if len(given) == 1 else ''} not apply to dataset={dataset}")
+
+
+def reference_test_start(documents: int) -> int:
+    """Index of the first held-out document, as `datasets` computes `train[:99%]` (its default "closest"
+    rounding: `int(round(99 * n / 100.0))`, Python's round-half-to-even) for the reference's split."""
+    start = int(round(TRAIN_PERCENT * documents / 100.0))
+    if not 0 < start < documents:
+        raise PrepareError(f"{documents} documents are too few to hold out {HOLDOUT_FRACTION:.0%} for testing "
+                           f"(the split would leave {documents - start} test documents)")
+    return start
 
 
 def default_workers() -> int:
@@ -130,6 +163,12 @@ def load_matching_manifest(out: Path, dataset: str, settings: dict) -> Manifest 
         return None
     manifest = Manifest.load(out)
     recorded = {key: manifest.source.get(key) for key in settings}
+    if manifest.dataset == dataset and "encoding" in settings and "encoding" not in manifest.source:
+        raise PrepareError(
+            f"{out} was prepared by an earlier harness (encode_ordinary, and the last ceil(1%) of documents held out), "
+            f"not as the study's prepare_datasets.py did it; its tokens differ from the study's. Delete {out} and "
+            "prepare again, or choose another out=DIR"
+        )
     if manifest.dataset != dataset or recorded != settings:
         raise PrepareError(
             f"{out} holds a preparation of {manifest.dataset} with {recorded}, not of {dataset} with {settings}; "
@@ -315,7 +354,7 @@ def tokenize(texts: pyarrow.Array) -> TokenizedChunk:
 
     The texts arrive as an Arrow array and become Python strings here, not in the busier main process.
     """
-    documents = gpt2_encoding().encode_ordinary_batch(texts.to_pylist(), num_threads=1)
+    documents = gpt2_encoding().encode_batch(texts.to_pylist(), num_threads=1, allowed_special={"<|endoftext|>"})
     lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
     tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
     return tokens, lengths
