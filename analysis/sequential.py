@@ -27,8 +27,9 @@ of alpha by the last seeds.
 Boundaries for t statistics.  The textbook transfer (reject when the t
 test's p-value is below the nominal level of the normal-theory boundary)
 spends too much with few seeds: over paired looks at 2..8 of 8 seeds it
-rejected 5.7% of null studies at alpha = 5%, because t statistics on 1-7
-dof are less correlated from look to look than z statistics.  The paired
+rejected 5.75% of a million null studies at alpha = 5%, because t
+statistics on 1-7 dof are less correlated from look to look than z
+statistics.  The paired
 looks therefore get exact boundaries for the sequence of one-sample t
 statistics.  With normal per-seed differences and no effect, let
 ``sin(theta_n)`` be the cosine of the angle between the vector of the first
@@ -605,8 +606,8 @@ class SequentialLook:
             lines.append(
                 f"| {row.intervention} | {row.decision} | {_integer(row.decided_at_look)} | "
                 f"{row.seeds} | {_loss(row.difference)} | "
-                f"[{_loss(row.rci_low)}, {_loss(row.rci_high)}] | {row.level:.4g} | "
-                f"{row.boundary:.4g} | {_integer(row.dof)} | {row.method} | {more} |")
+                f"[{_loss(row.rci_low)}, {_loss(row.rci_high)}] | {_general(row.level)} | "
+                f"{_general(row.boundary)} | {_integer(row.dof)} | {row.method} | {more} |")
         open_rows = self.table[self.table["decision"] == "open"]
         if len(open_rows):
             needs = "; ".join(f"{row.intervention} {_more(row.more_seeds, row.beyond_max_seeds)}"
@@ -631,6 +632,10 @@ TABLE_COLUMNS = [
 
 def _loss(value) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:+.6f}"
+
+
+def _general(value) -> str:
+    return "-" if np.isnan(value) else f"{value:.4g}"
 
 
 def _integer(value) -> str:

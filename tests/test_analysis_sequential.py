@@ -156,7 +156,7 @@ def test_look_one_tests_against_the_noise_study_and_can_conclude_nothing():
     assert not look.missing
     text = look.markdown()
     assert "next round: init seed 22 for baseline, gradient_clipping" in text
-    assert "| qkv_bias | open | - | 0 | n/a |" in text and "unknown" in text
+    assert "| qkv_bias | open | - | 0 | n/a | [n/a, n/a] | - | - | - | no test | unknown |" in text
     assert "Lan-DeMets O'Brien-Fleming" in text
 
 
