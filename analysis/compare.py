@@ -257,16 +257,18 @@ def probability_better(test: DifferenceTest, alpha: float = 0.05):
     return estimate, low, high
 
 
-def t_test_power(noncentrality, dof, alpha: float = 0.05):
+def t_test_power(noncentrality, dof, alpha: float = 0.05, critical=None):
     """Power of a two-sided t-test: P(|T| > t_crit) with T ~ nct(dof, noncentrality).
 
-    scipy's ``nct.cdf`` returns NaN far in the tail opposite a large
+    ``t_crit`` is the t quantile of ``alpha``, or ``critical`` when given
+    (e.g. a group-sequential boundary).  scipy's ``nct.cdf`` returns NaN far in the tail opposite a large
     noncentrality (from about 7.6); that tail is below ``Phi(-|noncentrality|)``
     < 1e-13 there and counts as 0 (statsmodels' power has the same NaN, which
     made a NaN read as "not enough power").
     """
     noncentrality = np.abs(np.asarray(noncentrality, dtype=float))
-    critical = stats.t.isf(alpha / 2, dof)
+    if critical is None:
+        critical = stats.t.isf(alpha / 2, dof)
     with np.errstate(all="ignore"):
         beyond = stats.nct.sf(critical, dof, noncentrality)
         opposite = stats.nct.cdf(-critical, dof, noncentrality)
