@@ -22,7 +22,7 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness.config import TrialConfig, config_hash
+from harness.config import TrialConfig, compose_trial, config_hash
 from harness.study import StudyConf, Trial, factorial_design, study_trials
 
 if TYPE_CHECKING:
@@ -140,8 +140,6 @@ def check_command_line(arguments: list[str]) -> None:
 
 def compose_trial_config(config_loader, master_config: DictConfig, overrides: list[str]) -> TrialConfig:
     """The trial's config exactly as its job will compose it, to know its config_hash before it runs."""
-    from harness.__main__ import compose_trial
-
     cfg = config_loader.load_sweep_config(master_config, overrides)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -7,36 +7,18 @@ global batch into ranks × micro-batch × accumulation reads the same sequences 
 
 import functools
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from harness.config import DataConfig
 from harness.data.corpus import prepare_bundled
 from harness.data.shards import MANIFEST, open_split
 from harness.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
-DATASETS = ("bundled", "fineweb", "fineweb_edu")
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "bundled"
-    path: Optional[str] = None  # prepared dataset directory; default <project root>/data/<dataset>
-    holdout_fraction: float = 0.05  # bundled corpus only; prepared datasets fix theirs at preparation
-    seed: Optional[int] = None  # None: in order (the seeds' behaviour); an int: shuffled sequence order
-    max_epochs: float = 1.0  # refuse a trial that would read the training split more often than this
-    test_offset: int = 0  # first token of the test window in the held-out split
-    test_tokens: int = 32768  # tokens in the test window: a whole number of eval batches
-    eval_batch_size: int = 8
-    verify_checksums: bool = True
-
-    def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset={self.dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
 def open_dataset(cfg: DataConfig, split: str, verify: bool = True):
