@@ -1,8 +1,10 @@
 """`python -m harness [overrides]` runs one trial; `python -m harness +sweep=STUDY [overrides]` runs a study
-(conf/sweep/); `python -m harness list` lists the interventions.
+(conf/sweep/); `python -m harness list` lists the interventions; `python -m harness --help` says how.
 
-Imports stay inside the functions that need them: `list` loads neither Hydra nor torch, and torch and
-MLflow load only when a trial starts.
+Bad input is refused before anything runs, one line per problem: the overrides are checked against the
+schema before Hydra composes, the composed trial before Hydra makes its output directory (a callback, see
+harness/preflight.py). Imports stay inside the functions that need them: `list` and `--help` load neither
+Hydra nor torch, and torch and MLflow load only once a trial starts.
 """
 
 import sys
@@ -13,14 +15,10 @@ def run_trial(cfg) -> float:
     """Hydra's task function: one composed trial, run on its ranks."""
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.config import compose_trial, resumed_trial
+    from harness.config import trial_to_run
 
-    overrides = list(HydraConfig.get().overrides.task)
-    trial_cfg = compose_trial(cfg, overrides)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if trial_cfg.resume:
-        trial_cfg = resumed_trial(trial_cfg, overrides)
-        run_dir = Path(trial_cfg.resume)
+    trial_cfg = trial_to_run(cfg, list(HydraConfig.get().overrides.task))
+    run_dir = Path(trial_cfg.resume or HydraConfig.get().runtime.output_dir)
     from harness.launch import launch
     from harness.sweep import export_submitit_ranks
 
@@ -32,16 +30,30 @@ def run_trial(cfg) -> float:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["list"]:
+    arguments = sys.argv[1:]
+    if arguments[:1] == ["list"]:
         from interventions import describe
 
         print(describe())
         return
+    if "--help" in arguments or "-h" in arguments:
+        from harness.usage import usage
+
+        print(usage())
+        return
     import hydra
+    from hydra._internal.utils import get_args_parser
 
-    import harness.config  # noqa: F401  (stores the trial schema that conf/config.yaml names)
+    from harness.config import CONF, ConfigError, override_problems
+    from harness.preflight import refuse
 
-    hydra.main(config_path="../conf", config_name="config", version_base="1.3")(run_trial)()
+    flags = get_args_parser().parse_args(arguments)
+    if not (flags.hydra_help or flags.shell_completion or flags.info or flags.config_dir or flags.config_path
+            or flags.config_name or flags.experimental_rerun):
+        problems = override_problems(flags.overrides)
+        if problems:
+            refuse(ConfigError(problems))
+    hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(run_trial)()
 
 
 if __name__ == "__main__":

@@ -7,16 +7,14 @@ global batch into ranks × micro-batch × accumulation reads the same sequences 
 
 import functools
 import logging
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
 from harness.config import DataConfig
-from harness.data.corpus import prepare_bundled
+from harness.data.corpus import BUNDLED_CACHE, prepare_bundled
 from harness.data.shards import MANIFEST, open_split
-from harness.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +22,9 @@ log = logging.getLogger(__name__)
 def open_dataset(cfg: DataConfig, split: str, verify: bool = True):
     """The split's tokens; `verify=False` skips the sha256 pass (ranks other than each node's first)."""
     if cfg.dataset == "bundled":
-        directory = prepare_bundled(PROJECT_ROOT / ".cache" / "data", cfg.holdout_fraction)
+        directory = prepare_bundled(BUNDLED_CACHE, cfg.holdout_fraction, verify=cfg.verify_checksums and verify)
     else:
-        directory = Path(cfg.path) if cfg.path else PROJECT_ROOT / "data" / cfg.dataset
+        directory = cfg.prepared_directory()
         if not (directory / MANIFEST).exists():
             raise FileNotFoundError(
                 f"no prepared {cfg.dataset} data in {directory}. Prepare it once with "
