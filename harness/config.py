@@ -564,11 +564,16 @@ def override_problems(overrides: list[str]) -> list[str]:
         elif key not in fields:
             value = None if override.is_delete() else override.value()
             problems.append(unknown_key_problem(key, value, with_value=not override.is_delete()))
-        elif not (override.is_delete() or override.is_sweep_override()):
-            try:
-                OmegaConf.update(schema, key, override.value(), merge=True)
-            except OmegaConfBaseException:
-                problems.append(f"{key}={override.get_value_element_as_str()}: must be {type_text(fields[key])}")
+        elif not override.is_delete():
+            if override.is_discrete_sweep():  # -m key=a,b,c: each value
+                values = list(override.sweep_iterator())
+            else:  # an interval is for a tuning sweeper to sample from
+                values = [] if override.is_sweep_override() else [override.value()]
+            for value in values:
+                try:
+                    OmegaConf.update(schema, key, value, merge=True)
+                except OmegaConfBaseException:
+                    problems.append(f"{key}={show(value)}: must be {type_text(fields[key])}")
     return problems
 
 

@@ -14,12 +14,16 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 from harness.config import (DEVICES, PRECISIONS, TRACKING_URI, ConfigError, TrainerConfig, TrialConfig, is_tracking_uri,
                             show, trial_to_run)
 
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 FP16_NEEDS_CUDA = ("trainer.precision=fp16_amp: needs a CUDA device (fp16 autocast with GradScaler) and this trial runs "
                    "on the CPU; use trainer.precision=tf32 or fp32 there (the same arithmetic on a CPU), or bf16_amp "
                    "(runs, but ~15× slower on CPUs without bf16 matmul units)")
@@ -58,18 +62,39 @@ def refuse(error: ConfigError) -> NoReturn:
 
 
 class CheckBeforeRun(Callback):
-    """Hydra callback (conf/config.yaml): a single run's trial is composed and checked before Hydra creates its
-    output directory, so bad input leaves nothing behind."""
+    """Hydra callback (conf/config.yaml): a run's trial, or every trial of a value sweep (`-m`), is composed and
+    checked before Hydra creates an output directory, so bad input leaves nothing behind and runs nothing.
+    (A study, `+sweep=…`, checks its trials itself before it starts.)"""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        task = copy.deepcopy(config)
-        with read_write(task), open_dict(task):
-            overrides = list(task.hydra.overrides.task)
-            del task["hydra"]
         try:
-            checked_trial(task, overrides)
+            checked_trial(task_config(config), list(config.hydra.overrides.task))
         except ConfigError as error:
             refuse(error)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.sweeper._target_ != BASIC_SWEEPER:
+            return
+        loader = GlobalHydra.instance().config_loader()
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(list(config.hydra.overrides.task))
+        swept = {override.get_key_element() for override in parsed if override.is_sweep_override()}
+        problems = []
+        for number, job in enumerate(BasicSweeper.split_arguments(parsed, None)[0]):
+            try:
+                checked_trial(task_config(loader.load_sweep_config(config, job)), job)
+            except ConfigError as error:
+                label = " ".join(o for o in job if o.split("=")[0] in swept)
+                problems += [f"job {number} ({label}): {problem}" for problem in error.problems]
+        if problems:
+            refuse(ConfigError(problems))
+
+
+def task_config(config: DictConfig) -> DictConfig:
+    """The trial's part of a config Hydra composed (a copy without `hydra`)."""
+    task = copy.deepcopy(config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
 
 
 def is_node_leader() -> bool:

@@ -303,3 +303,23 @@ def test_list_and_help_answer_without_hydra_torch_or_mlflow(command, tmp_path):
         assert "hydra" not in imported(result)
     else:
         assert "optim.beta1                      a number in [0, 1)" in result.stdout
+
+
+def test_a_value_sweep_checks_every_job_before_running_any(tmp_path):
+    result = harness("-m", *SMOKE, "optim.lr=2e-3,-1", "trainer.sample_top_k=5,-5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert messages(result) == [
+        "error: job 1 (optim.lr=0.002 trainer.sample_top_k=-5): trainer.sample_top_k=-5: must be a whole number ≥ 0 "
+        "(0 = sample from every token)",
+        "error: job 2 (optim.lr=-1 trainer.sample_top_k=5): optim.lr=-1.0: must be a finite number > 0",
+        "error: job 3 (optim.lr=-1 trainer.sample_top_k=-5): optim.lr=-1.0: must be a finite number > 0",
+        "error: job 3 (optim.lr=-1 trainer.sample_top_k=-5): trainer.sample_top_k=-5: must be a whole number ≥ 0 "
+        "(0 = sample from every token)"]
+    assert list(tmp_path.iterdir()) == [] and "torch" not in imported(result)
+
+
+def test_a_study_checks_every_trial_before_it_starts(tmp_path):
+    result = harness("+sweep=quick", "hydra.sweeper.seeds=[1,-1]", cwd=tmp_path)
+    assert result.returncode == 1  # a study's errors are Hydra's (CompactHydraException): the message alone
+    assert "study quick, trial baseline-s-1: seed=-1: must be a whole number in [0, 4294967295]" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
