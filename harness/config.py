@@ -87,7 +87,8 @@ def positive(note: str = "") -> Allowed:
     return Allowed(lambda v: math.isfinite(v) and v > 0, f"a finite number > 0{note}")
 
 
-def interval(low: float, high: float, low_open: bool = False, high_open: bool = False, kind: str = "a number") -> Allowed:
+def interval(low: float, high: float, low_open: bool = False, high_open: bool = False,
+             kind: str = "a number") -> Allowed:
     def test(v):
         return math.isfinite(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
 
@@ -308,7 +309,8 @@ class TrackingConfig(Checked):
 
     section: ClassVar[str] = "tracking"
     allowed: ClassVar[dict[str, Allowed]] = {
-        "uri": optional(Allowed(is_tracking_uri, TRACKING_URI), "$MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db"),
+        "uri": optional(Allowed(is_tracking_uri, TRACKING_URI),
+                        "$MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db"),
         "experiment": text(),
         "parent_run_id": optional(text(r"[0-9a-f]{32}", "an MLflow run id (32 hex digits)"), "no parent"),
         "log_interval": at_least(1),
@@ -582,7 +584,8 @@ def plugin_option_problems(override, overrides: list[str]) -> list[str]:
     if override.is_add() or override.is_force_add() or override.is_delete():
         return []
     key = override.key_or_group
-    settings = {k: name for name in intervention_overlays(overrides) for k in overlay_settings(name) if k.startswith("plugins.")}
+    settings = {key: name for name in intervention_overlays(overrides) for key in overlay_settings(name)
+                if key.startswith("plugins.")}
     if key in settings or any(k.startswith(key + ".") for k in settings):
         return []
     plugin = key.split(".")[1]
@@ -608,7 +611,8 @@ def group_problems(override, group: str) -> list[str]:
             problems.append(f"{group}={show(name)}: no such {group} in conf/{group}/; "
                             f"{'did you mean ' + guess[0] + '? ' if guess else ''}choose from {', '.join(options)}")
     if group in ("intervention", "sweep") and not override.is_add():
-        problems.append(f"{override.input_line}: add it with +{group}=… (the + is needed: no {group} is applied by default)")
+        problems.append(f"{override.input_line}: add it with +{group}=… (the + is needed: no {group} is applied "
+                        f"by default)")
     return problems
 
 

@@ -44,12 +44,13 @@ def checked_trial(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
 
 def check_trial(cfg: TrialConfig, problems: Sequence[str] = ()) -> None:
     """Raise a ConfigError listing `problems` (already found in cfg's values) and every problem of `cfg` on this
-    machine. The resume and data checks need valid values, so they run only when there are no others."""
-    problems = [*problems, *device_problems(cfg.trainer), *tracking_problems(cfg), *plugin_problems(cfg.plugins)]
+    machine. The resume and data checks need valid values, so they run only without such problems; a trial
+    that cannot start anyway does not wait for its data's checksums."""
+    machine = device_problems(cfg.trainer) + tracking_problems(cfg) + plugin_problems(cfg.plugins)
     if not problems:
-        problems = resume_problems(cfg) + data_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
+        machine += resume_problems(cfg) + data_problems(cfg, verify=not machine)
+    if problems or machine:
+        raise ConfigError([*problems, *machine])
 
 
 def refuse(error: ConfigError) -> NoReturn:
@@ -174,12 +175,13 @@ def plugin_problems(plugins: dict) -> list[str]:
     return problems
 
 
-def data_problems(cfg: TrialConfig) -> list[str]:
-    """The dataset exists and is intact, and holds the training sequences and the test window the trial reads."""
+def data_problems(cfg: TrialConfig, verify: bool = True) -> list[str]:
+    """The dataset exists and is intact (`verify`: checksums too), and holds the training sequences and the test
+    window the trial reads."""
     from harness.data.corpus import BUNDLED_CACHE, prepare_bundled
     from harness.data.shards import MANIFEST, DataError, Manifest, ManifestError, open_split
 
-    data, verify = cfg.data, cfg.data.verify_checksums and is_node_leader()
+    data, verify = cfg.data, verify and cfg.data.verify_checksums and is_node_leader()
     if data.dataset == "bundled":
         if data.path is not None:
             return [f"data.path={data.path}: the bundled corpus takes no path (it is tokenized into {BUNDLED_CACHE}); "

@@ -193,6 +193,15 @@ def test_every_problem_is_reported_at_once():
     assert [p.split("=")[0] for p in problems] == keys
 
 
+def test_a_trial_that_cannot_start_here_is_told_about_its_data_too(paths):
+    assert problems_of("scale=gpt2_small", "data.test_tokens=6144", f"data.path={paths}/missing") == [
+        "trainer.precision=fp16_amp: needs a CUDA device (fp16 autocast with GradScaler) and this trial runs on the "
+        "CPU; use trainer.precision=tf32 or fp32 there (the same arithmetic on a CPU), or bf16_amp (runs, but ~15× "
+        "slower on CPUs without bf16 matmul units)",
+        f"data.path={paths}/missing: {paths}/missing does not exist; prepare it once with `python -m harness.data "
+        f"prepare dataset=fineweb out={paths}/missing`, or point data.path at a prepared directory"]
+
+
 def test_an_unset_tracking_uri_checks_the_environments(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "garbage")
     assert problems_of() == [

@@ -383,6 +383,11 @@ def test_clear_errors_for_bad_input(documents, tmp_path, capsys):
         prepare("fineweb", out=tmp_path / "out", parquet_dir=tmp_path / "content")
     assert not (tmp_path / "out").exists()
 
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / MANIFEST).write_text("{not json")
+    with pytest.raises(PrepareError, match=f"{tmp_path}/damaged/manifest.json is not a valid manifest .*; move it away"):
+        prepare("fineweb", out=tmp_path / "damaged", parquet_dir=tmp_path)
+
     assert main(["prepare", "dataset=fineweb", "shard_tokens=many"]) == 2
     assert main(["prepare", "parquet_dir=x"]) == 2
     assert main(["prepare", "dataset=fineweb", "verbose"]) == 2

@@ -82,7 +82,8 @@ def prepare(
     elif without_parquet_dir(manifest.source) != source:
         raise PrepareError(f"the parquet files differ from those {out} was started with; delete {out} to start over")
     # Where the files are, so that the repair command a damaged shard prints is complete (not compared on resume).
-    manifest.source["parquet_dir"] = None if Path(parquet_dir) == out / "parquet" / SAMPLE else str(Path(parquet_dir).resolve())
+    downloaded = Path(parquet_dir) == out / "parquet" / SAMPLE
+    manifest.source["parquet_dir"] = None if downloaded else str(Path(parquet_dir).resolve())
     try:
         test_start = holdout_start(documents, HOLDOUT_FRACTION)
     except ValueError as error:
@@ -261,8 +262,10 @@ def damaged_shards(out: Path, manifest: Manifest | None) -> list[tuple[str, int]
     if manifest is None:
         return []
     damaged = []
-    shards = [(name, index, shard) for name, split in manifest.splits.items() for index, shard in enumerate(split.shards)]
-    for name, index, shard in tqdm(shards, desc="verifying shards", unit="shard", file=sys.stderr, disable=len(shards) < 10):
+    shards = [(name, index, shard) for name, split in manifest.splits.items()
+              for index, shard in enumerate(split.shards)]
+    for name, index, shard in tqdm(shards, desc="verifying shards", unit="shard", file=sys.stderr,
+                                   disable=len(shards) < 10):
         problem = shard_problem(out, shard, verify=True)
         if problem:
             log(f"{problem}: it will be re-created")
@@ -278,7 +281,8 @@ def recreate_shards(out: Path, manifest: Manifest, damaged: list[tuple[str, int]
     with tokenizer_pool(workers) as pool:
         for name, index in damaged:
             shard = manifest.splits[name].shards[index]
-            first = (test_start if name == "test" else 0) + sum(s.documents for s in manifest.splits[name].shards[:index])
+            before = sum(s.documents for s in manifest.splits[name].shards[:index])
+            first = (test_start if name == "test" else 0) + before
             chunks = first_documents(read_texts(files, skip=first, batch_size=DOCUMENTS_PER_TASK), shard.documents)
             tmp = out / (shard.file + ".tmp")
             with open(tmp, "wb") as f:
@@ -304,7 +308,8 @@ def first_documents(chunks: Iterable[pyarrow.Array], count: int) -> Iterator[pya
 def tokenizer_pool(workers: int) -> Pool:
     # spawn, not fork: the main process has pyarrow and tqdm threads running, which fork does not copy safely.
     # Workers ignore Ctrl-C; the main process gets it and terminates them.
-    return multiprocessing.get_context("spawn").Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=signal.signal,
+                                                     initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def write_shards(out: Path, manifest: Manifest, files: list[Path], test_start: int, workers: int) -> None:

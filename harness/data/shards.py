@@ -167,7 +167,7 @@ _verified: set[tuple] = set()
 
 
 def verified(path: Path, sha256: str) -> bool:
-    """sha256 of the file equals `sha256`; a file already verified in this process, unchanged since, is not read again."""
+    """Whether the file's sha256 is `sha256`; a file verified in this process and unchanged since is not read again."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256)
     if key not in _verified:
