@@ -3,8 +3,8 @@
 
 Bad input is refused before anything runs, one line per problem: the overrides are checked against the
 schema before Hydra composes, the composed trial before Hydra makes its output directory (a callback, see
-harness/preflight.py). Imports stay inside the functions that need them: `list` and `--help` load neither
-Hydra nor torch, and torch and MLflow load only once a trial starts.
+harness/preflight.py). Imports stay inside the functions that need them: `list` loads neither Hydra nor
+torch, `--help` and a refused config load the config layer only, and torch and MLflow load once a trial starts.
 """
 
 import sys

@@ -105,9 +105,11 @@ def _safetensors_problem(path: Path) -> Optional[str]:
             header = json.loads(f.read(header_bytes)) if 8 + header_bytes <= size else None
     except (OSError, ValueError):
         header = None
-    if not isinstance(header, dict):
+    tensors = [entry for name, entry in header.items() if name != "__metadata__"] if isinstance(header, dict) else None
+    if tensors is None or not all(isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2
+                                  for entry in tensors):
         return f"{path} is not a readable safetensors file (its header is cut off or damaged)"
-    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    end = max((entry["data_offsets"][1] for entry in tensors), default=0)
     if size != 8 + header_bytes + end:
         return f"{path} is truncated or damaged: {size:,} bytes where its header needs {8 + header_bytes + end:,}"
     return None

@@ -304,7 +304,7 @@ def test_hydra_full_error_shows_the_traceback_for_debugging(tmp_path):
 
 
 @pytest.mark.parametrize("command", [["list"], ["--help"]])
-def test_list_and_help_answer_without_hydra_torch_or_mlflow(command, tmp_path):
+def test_list_and_help_answer_without_torch_or_mlflow_and_list_without_hydra(command, tmp_path):
     result = harness(*command, cwd=tmp_path)
     assert result.returncode == 0 and "stacked_best" in result.stdout
     assert not {"torch", "mlflow"} & imported(result)
