@@ -1,60 +1,27 @@
 """`python -m harness [overrides]` runs one trial; `python -m harness +sweep=STUDY [overrides]` runs a study
-(conf/sweep/); `python -m harness list` lists the interventions."""
+(conf/sweep/); `python -m harness list` lists the interventions; `python -m harness --help` says how.
+
+Bad input is refused before anything runs, one line per problem: the overrides are checked against the
+schema before Hydra composes, the composed trial before Hydra makes its output directory (a callback, see
+harness/preflight.py). Imports stay inside the functions that need them: `list` loads neither Hydra nor
+torch, `--help` and a refused config load the config layer only, and torch and MLflow load once a trial starts.
+"""
 
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
 
-from harness.config import TrialConfig, as_dict, config_hash, flatten, to_trial_config
-from harness.launch import launch
-from harness.sweep import export_submitit_ranks
-from interventions import REGISTRY, describe
+def run_trial(cfg) -> float:
+    """Hydra's task function: one composed trial, run on its ranks."""
+    from hydra.core.hydra_config import HydraConfig
 
+    from harness.config import trial_to_run
 
-def intervention_names(overrides: list[str]) -> list[str]:
-    """The interventions an override list applies, stacks expanded to their components, sorted."""
-    names = set()
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if override.key_or_group == "intervention" and not override.is_delete():
-            value = override.value()
-            for name in value if isinstance(value, list) else [value]:
-                names.update(REGISTRY[name].expanded())
-    return sorted(names)
+    trial_cfg = trial_to_run(cfg, list(HydraConfig.get().overrides.task))
+    run_dir = Path(trial_cfg.resume or HydraConfig.get().runtime.output_dir)
+    from harness.launch import launch
+    from harness.sweep import export_submitit_ranks
 
-
-def compose_trial(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
-    cfg.interventions = intervention_names(overrides)
-    return to_trial_config(cfg)
-
-
-def resumed_trial(cfg: TrialConfig, overrides: list[str]) -> tuple[TrialConfig, Path]:
-    """`resume=DIR` alone continues DIR's trial with its saved config; with the original overrides
-    repeated, they must compose to the same computation."""
-    run_dir = Path(cfg.resume)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"resume={cfg.resume}: no config.yaml there; pass the trial's run directory")
-    saved = to_trial_config(OmegaConf.load(run_dir / "config.yaml"))
-    saved.resume = str(run_dir)
-    others = [o for o in overrides if not o.startswith(("resume=", "hydra."))]
-    if others and config_hash(saved) != config_hash(cfg):
-        ours, theirs = flatten(as_dict(cfg)), flatten(as_dict(saved))
-        differ = ", ".join(f"{k}: {theirs[k]!r} → {ours[k]!r}" for k in theirs if ours.get(k) != theirs[k] and k != "resume")
-        raise ValueError(f"resume={run_dir}: these overrides change the trial ({differ}); "
-                         f"resume with no other overrides to continue it as saved")
-    return saved, run_dir
-
-
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def run(cfg: DictConfig) -> float:
-    overrides = list(HydraConfig.get().overrides.task)
-    trial_cfg = compose_trial(cfg, overrides)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if trial_cfg.resume:
-        trial_cfg, run_dir = resumed_trial(trial_cfg, overrides)
     export_submitit_ranks()
     result = launch(trial_cfg, run_dir)
     if "test_loss" in result:
@@ -63,10 +30,30 @@ def run(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["list"]:
+    arguments = sys.argv[1:]
+    if arguments[:1] == ["list"]:
+        from interventions import describe
+
         print(describe())
         return
-    run()
+    if "--help" in arguments or "-h" in arguments:
+        from harness.usage import usage
+
+        print(usage())
+        return
+    import hydra
+    from hydra._internal.utils import get_args_parser
+
+    from harness.config import CONF, ConfigError, override_problems
+    from harness.preflight import refuse
+
+    flags = get_args_parser().parse_args(arguments)
+    if not (flags.hydra_help or flags.shell_completion or flags.info or flags.config_dir or flags.config_path
+            or flags.config_name or flags.experimental_rerun):
+        problems = override_problems(flags.overrides)
+        if problems:
+            refuse(ConfigError(problems))
+    hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(run_trial)()
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness.__main__ import compose_trial
-from harness.config import TrialConfig
+from harness.config import TrialConfig, compose_trial
 from harness.launch import set_determinism
 from harness.paths import PROJECT_ROOT
 from harness.trainer import Trial, mfu

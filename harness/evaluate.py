@@ -21,7 +21,7 @@ from safetensors.torch import load_model
 from harness import checkpoint
 from harness.config import TrialConfig, config_hash, to_trial_config
 from harness.data.loader import open_dataset
-from harness.data.shards import ChecksumError
+from harness.data.shards import DataError
 from harness.model import GPTModel
 from harness.trainer import build_model, held_out_losses, study_test_autocast
 from harness.tracking import default_tracking_uri
@@ -41,7 +41,7 @@ checkpoint's step, into the trial's MLflow run.
 POINTERS = ("best", "latest")
 # Errors that mean bad input (a wrong path, a missing store, a mismatched file): the commands print their
 # message instead of a traceback.
-INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, ChecksumError, HydraException)
+INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, DataError, HydraException)
 
 
 @dataclass
@@ -63,6 +63,7 @@ def load_saved_trial(path: Path, which: Optional[str] = None) -> SavedTrial:
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: the checkpoint {found} needs its trial's saved config")
     cfg = to_trial_config(OmegaConf.load(config_file))
+    checkpoint.require_intact(found)
     state = torch.load(found / checkpoint.STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
     if state["config_hash"] != config_hash(cfg):
         raise ValueError(f"{found} was saved with config_hash {state['config_hash']}, but {config_file} "

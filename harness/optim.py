@@ -1,42 +1,12 @@
 """AdamW and the learning-rate schedules, each from a validated config."""
 
 import math
-from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
 
 import torch
 
+from harness.config import OptimConfig
 from harness.plugins import Plugins
-
-SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "wsd")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 4e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: Optional[float] = None  # max global L2 norm; None = no clipping
-    schedule: str = "constant"
-    warmup_fraction: float = 0.05
-    warmup_start_factor: float = 1e-5
-    final_lr_ratio: float = 0.1  # the decay reaches lr * final_lr_ratio one step after the last (as torch's schedulers)
-    decay_fraction: float = 0.2  # wsd: the final share of steps spent decaying (linearly) from the plateau
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"optim.grad_clip={self.grad_clip} must be positive (or null for no clipping)")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
-        if not 0.0 < self.decay_fraction <= 1.0 - self.warmup_fraction:
-            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1 - warmup_fraction]")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, plugins: Plugins) -> torch.optim.AdamW:

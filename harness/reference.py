@@ -17,8 +17,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from harness import hf
-from harness.__main__ import compose_trial
-from harness.config import TrialConfig, as_dict, flatten
+from harness.config import TrialConfig, as_dict, compose_trial, flatten
 from harness.data.loader import open_dataset
 from harness.evaluate import INPUT_ERRORS, error_message, evaluation_device
 from harness.paths import PROJECT_ROOT

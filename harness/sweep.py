@@ -9,7 +9,6 @@ the study are skipped, so running the same command again finishes an interrupted
 import csv
 import io
 import os
-import re
 import threading
 import time
 from collections import Counter, defaultdict
@@ -22,7 +21,8 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness.config import TrialConfig, config_hash
+from harness.config import STUDY_TAG, TrialConfig, compose_trial, config_hash
+from harness.preflight import check_trial
 from harness.study import StudyConf, Trial, factorial_design, study_trials
 from harness.version import code_version
 
@@ -38,7 +38,6 @@ PER_TRIAL_KEYS = {
     "resume": "a study retries its unfinished trials from the start: run the same command again",
 }
 ENDED = ("FINISHED", "FAILED", "KILLED")
-STUDY_TAG = re.compile(r"[A-Za-z0-9_.-]+")
 JobEnd = tuple[str, str]  # (status, note) of a job whose MLflow run may not tell: FAILED, or LOST with its launcher
 
 
@@ -84,7 +83,8 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
         overrides = [*study.overrides, *arguments, *trial.overrides()]
         try:
             trial_cfg = compose_trial_config(config_loader, config, overrides)
-        except (KeyError, ValueError) as error:  # the schema's checks; nothing has run yet
+            check_trial(trial_cfg)
+        except (KeyError, ValueError) as error:  # the config's and the machine's checks; nothing has run yet
             raise StudyError(f"study {tag}, trial {trial.name}: {error}") from None
         planned.append(PlannedTrial(trial, overrides, config_hash(trial_cfg)))
 
@@ -147,8 +147,6 @@ def check_command_line(arguments: list[str]) -> None:
 
 def compose_trial_config(config_loader, master_config: DictConfig, overrides: list[str]) -> TrialConfig:
     """The trial's config exactly as its job will compose it, to know its config_hash before it runs."""
-    from harness.__main__ import compose_trial
-
     cfg = config_loader.load_sweep_config(master_config, overrides)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from harness.config import as_dict, config_hash, flatten
+from harness.config import ConfigError, as_dict, config_hash, flatten
 from harness.paths import PROJECT_ROOT
 from interventions import REGISTRY
 from tests.conftest import compose_config, run_harness
@@ -103,26 +103,21 @@ def test_config_hash_covers_only_what_changes_the_computation():
 def test_misspelt_and_invalid_values_fail_with_the_key_name():
     with pytest.raises(Exception, match="max_stpes"):
         compose_config("trainer.max_stpes=3")
-    with pytest.raises(KeyError, match="unknown config key 'trainer.max_stpes'"):
+    with pytest.raises(ConfigError, match="trainer.max_stpes: no such config key; did you mean trainer.max_steps?"):
         compose_config("+trainer.max_stpes=3")
     with pytest.raises(ValueError, match="trainer.precision"):
         compose_config("trainer.precision=fp8")
-    with pytest.raises(ValueError, match="global_batch_size=16 is not divisible"):
+    with pytest.raises(ValueError, match="trainer.global_batch_size=16: must be divisible by"):
         compose_config("trainer.micro_batch_size=5")
 
 
 def test_cli_rejects_unknown_intervention_listing_the_available_ones(tmp_path):
     result = run_harness("+intervention=no_droput", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
-    assert result.returncode != 0
-    assert "Could not find 'intervention/no_droput'" in result.stderr
+    assert result.returncode == 2
+    assert "intervention=no_droput: no such intervention in conf/intervention/; did you mean no_dropout?" in result.stderr
     for name in OVERLAYS:
         assert name in result.stderr
     assert not (tmp_path / "m.db").exists()  # failed before anything ran
-
-
-def test_cli_rejects_misspelt_key(tmp_path):
-    result = run_harness("trainer.max_stpes=3", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
-    assert result.returncode != 0 and "Key 'max_stpes' not in 'TrainerConfig'" in result.stderr
 
 
 def test_gpt2_small_without_the_prepared_study_tokens_says_how_to_prepare(tmp_path):

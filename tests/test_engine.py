@@ -57,7 +57,7 @@ def test_ranks_accumulation_and_micro_batch_give_the_same_training(tmp_path):
 def test_batch_that_does_not_divide_fails_up_front(tmp_path):
     result = run_harness(*TINY, "trainer.nproc_per_node=3", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
     assert result.returncode != 0
-    assert "global_batch_size=4 is not divisible by micro_batch_size × ranks = 2 × 3" in result.stderr
+    assert "trainer.global_batch_size=4: must be divisible by trainer.micro_batch_size × trainer.nproc_per_node = 2 × 3" in result.stderr
 
 
 def start_harness(*args, cwd, uri) -> subprocess.Popen:

@@ -12,8 +12,10 @@ import torch
 from omegaconf import OmegaConf
 
 from harness import checkpoint
+from harness.config import ConfigError, compose
 from harness.evaluate import main
 from harness.paths import PROJECT_ROOT
+from harness.preflight import check_trial
 from harness.trainer import Trial
 from tests.conftest import TINY, compose_config
 
@@ -100,3 +102,23 @@ def test_a_store_without_the_run_is_refused_before_evaluating(trained, store, tm
     assert main([str(run_dir)]) == 2
     assert f"no MLflow store at {missing}" in capsys.readouterr().err
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_truncated_checkpoint_files_are_named_by_evaluate_and_by_resume(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    damaged = shutil.copytree(run_dir, tmp_path / "damaged")
+    latest = checkpoint.resolve(damaged / "checkpoints")
+    for name in (checkpoint.MODEL_FILE, checkpoint.STATE_FILE):
+        with open(latest / name, "r+b") as f:
+            f.truncate(f.seek(0, os.SEEK_END) - 100)
+    assert main([str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"{latest / checkpoint.MODEL_FILE} is truncated or damaged: " in err
+    assert f"{latest / checkpoint.STATE_FILE} is truncated or damaged (" in err
+
+    with pytest.raises(ConfigError) as refused:  # resuming it: refused before anything runs
+        check_trial(compose([f"resume={damaged}"]))
+    model_line, state_line = refused.value.problems
+    assert model_line.startswith(f"resume={damaged}: {latest / checkpoint.MODEL_FILE} is truncated or damaged")
+    assert model_line.endswith(f"to resume from an earlier checkpoint, write one of step_000001, step_000003 into "
+                               f"{damaged / 'checkpoints' / 'latest'}")

@@ -5,6 +5,8 @@ import itertools
 import logging
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,6 +25,8 @@ from harness.data.prepare import ENCODING, SPLIT_RULE, PrepareError, prepare, re
 from harness.data.shards import MANIFEST, Manifest, open_split, sha256_file
 from harness.paths import PROJECT_ROOT
 from harness.tokenizer import END_OF_TEXT, gpt2_encoding
+from harness.trainer import Trial
+from tests.conftest import TINY, compose_config
 
 FILE_DOCUMENTS = (150, 130, 120)  # 400 documents: the last 4 are held out
 TEST_DOCUMENTS = 4
@@ -322,15 +326,43 @@ def test_refuses_to_continue_with_other_settings(reference, parquet_dir, tmp_pat
         prepare("fineweb_edu", out=out, shard_tokens=SHARD_TOKENS, parquet_dir=parquet_dir)
 
 
-def test_refuses_to_continue_when_a_recorded_shard_was_damaged(reference, parquet_dir, tmp_path):
+def test_continuing_re_creates_a_recorded_shard_that_was_damaged(reference, parquet_dir, tmp_path, capsys):
     out = shutil.copytree(reference, tmp_path / "out")
     manifest = Manifest.load(out)
     manifest.complete = False
     manifest.save(out)
     with open(out / "train_000001.bin", "r+b") as shard:
         shard.truncate(10)
-    with pytest.raises(PrepareError, match="train_000001.bin is missing or has the wrong size"):
-        prepare("fineweb", out=out, shard_tokens=SHARD_TOKENS, parquet_dir=parquet_dir)
+    prepare("fineweb", out=out, workers=1, shard_tokens=SHARD_TOKENS, parquet_dir=parquet_dir)
+    assert "train_000001.bin (29 documents, checksum as recorded)" in capsys.readouterr().err
+    assert output_files(out) == output_files(reference)
+
+
+def test_the_advice_for_a_damaged_or_missing_shard_is_the_command_that_repairs_it(reference, tmp_path):
+    out = shutil.copytree(reference, tmp_path / "out")
+    with open(out / "train_000003.bin", "r+b") as shard:  # a flipped byte: same size, another checksum
+        shard.seek(100)
+        byte = shard.read(1)
+        shard.seek(100)
+        shard.write(bytes([byte[0] ^ 1]))
+    (out / "test_000000.bin").unlink()
+    trial = [*TINY, "data.dataset=fineweb", f"data.path={out}"]
+
+    refused = run_python("-m", "harness", *trial, f"hydra.run.dir={tmp_path}/run")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert f"shard {out}/train_000003.bin does not match its manifest checksum; re-create it with `" in line
+    command = re.search(r"`(python -m harness\.data prepare [^`]*)`", line).group(1)
+    assert command == f"python -m harness.data prepare dataset=fineweb out={out} shard_tokens={SHARD_TOKENS} " \
+                      f"parquet_dir={Manifest.load(reference).source['parquet_dir']}"
+    assert not (tmp_path / "run").exists()
+
+    repaired = run_python(*shlex.split(command)[1:])  # as printed, with this interpreter
+    assert repaired.returncode == 0, repaired.stderr
+    assert output_files(out) == output_files(reference)  # both shards back, byte for byte
+    repaired_trial = Trial(compose_config(*trial), tmp_path / "run")  # reads and verifies every shard
+    losses = [repaired_trial.train_step(step)[0].item() for step in range(2)]
+    assert all(5 < loss < 12 for loss in losses + [repaired_trial.test_losses()["test_loss"]])
 
 
 def test_refuses_before_writing_when_the_disk_is_too_small(reference, parquet_dir, tmp_path, monkeypatch):
@@ -411,6 +443,11 @@ def test_clear_errors_for_bad_input(documents, tmp_path, capsys):
     with pytest.raises(PrepareError, match="has no `text` column"):
         prepare("fineweb", out=tmp_path / "out", parquet_dir=tmp_path / "content")
     assert not (tmp_path / "out").exists()
+
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / MANIFEST).write_text("{not json")
+    with pytest.raises(PrepareError, match=f"{tmp_path}/damaged/manifest.json is not a valid manifest .*; move it away"):
+        prepare("fineweb", out=tmp_path / "damaged", parquet_dir=tmp_path)
 
     assert main(["prepare", "dataset=fineweb", "shard_tokens=many"]) == 2
     assert main(["prepare", "parquet_dir=x"]) == 2

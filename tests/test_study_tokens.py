@@ -3,6 +3,8 @@ the published layout (one uint16 `tokens` tensor each, end-of-text after every d
 through the command line, then read by the loader exactly as the reference code reads the originals."""
 
 import itertools
+import re
+import shlex
 import shutil
 import sys
 import types
@@ -16,10 +18,10 @@ from safetensors.numpy import save_file
 from harness.data import tokens as study_tokens
 from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
 from harness.data.prepare import PrepareError, prepare
-from harness.data.shards import MANIFEST, Manifest, ShardWriter, open_split, sha256_file
+from harness.data.shards import MANIFEST, ChecksumError, Manifest, ShardWriter, open_split, sha256_file
 from harness.tokenizer import END_OF_TEXT
 from tests.conftest import compose_config
-from tests.test_prepare import disk_with_free_bytes, output_files, run_cli
+from tests.test_prepare import disk_with_free_bytes, output_files, run_cli, run_python
 
 CONTEXT = 1024
 SHARD_TOKENS = 50_000
@@ -144,6 +146,27 @@ def test_an_interrupted_conversion_resumes_to_the_same_bytes(crash_at, published
     (out / "train_000009.bin.tmp").write_bytes(b"half a shard")
     prepare("fineweb_gpt2_tokens", out=out, shard_tokens=SHARD_TOKENS, safetensors_dir=directory)
     assert output_files(out) == output_files(converted)
+
+
+def test_the_advice_for_a_damaged_shard_is_the_command_that_repairs_it(published, converted, tmp_path):
+    out = shutil.copytree(converted, tmp_path / "out")
+    with open(out / "train_000001.bin", "r+b") as shard:  # a flipped byte: same size, another checksum
+        shard.seek(100)
+        byte = shard.read(1)
+        shard.seek(100)
+        shard.write(bytes([byte[0] ^ 1]))
+    (out / "test_000000.bin").unlink()
+    with pytest.raises(ChecksumError) as refused:
+        open_split(out, "train")
+    command = re.search(r"`(python -m harness\.data prepare [^`]*)`", str(refused.value)).group(1)
+    directory, _, _ = published
+    assert command == (f"python -m harness.data prepare dataset=fineweb_gpt2_tokens out={out} "
+                       f"shard_tokens={SHARD_TOKENS} safetensors_dir={directory}")
+
+    repaired = run_python(*shlex.split(command)[1:])  # as printed, with this interpreter
+    assert repaired.returncode == 0, repaired.stderr
+    assert "re-created" in repaired.stderr and "nothing to do" not in repaired.stderr
+    assert output_files(out) == output_files(converted)  # both shards back, byte for byte
 
 
 def test_refuses_before_writing_when_the_disk_is_too_small(published, tmp_path, monkeypatch):

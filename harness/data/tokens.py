@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from harness.data.prepare import (HOLDOUT_FRACTION, TOKEN_BYTES, PrepareError, check_recorded_shards, describe,
-                                  gigabytes, import_huggingface_hub, is_downloaded, load_matching_manifest, log,
+from harness.data.prepare import (HOLDOUT_FRACTION, TOKEN_BYTES, PrepareError, damaged_shards, describe, gigabytes,
+                                  import_huggingface_hub, is_downloaded, load_matching_manifest, log,
                                   remove_unfinished_shards, require_disk_space, written_bytes)
 from harness.data.shards import SPLITS, TOKEN_DTYPE, Manifest, Shard
 from harness.paths import PROJECT_ROOT
@@ -95,7 +95,8 @@ def prepare_tokens(dataset: str, out: Path | str | None, shard_tokens: int,
     out = Path(out) if out is not None else PROJECT_ROOT / "data" / dataset
     settings = {"repo": REPO, "shard_tokens": shard_tokens}
     manifest = load_matching_manifest(out, dataset, settings)
-    if manifest is not None and manifest.complete:
+    damaged = damaged_shards(out, manifest)
+    if manifest is not None and manifest.complete and not damaged:
         log(f"{out} is already prepared ({describe(manifest)}); nothing to do")
         return out
     written = written_bytes(manifest)
@@ -106,8 +107,11 @@ def prepare_tokens(dataset: str, out: Path | str | None, shard_tokens: int,
                                     for split, file in files.items()}}
     if manifest is None:
         manifest = Manifest(dataset, source, HOLDOUT_FRACTION)
-    elif manifest.source != source:
+    elif without_safetensors_dir(manifest.source) != source:
         raise PrepareError(f"the token files differ from those {out} was started with; delete {out} to start over")
+    # Where the files are, so that the repair command a damaged shard prints is complete (not compared on resume).
+    downloaded = Path(safetensors_dir) == out / "download"
+    manifest.source["safetensors_dir"] = None if downloaded else str(Path(safetensors_dir).resolve())
     for split, file in files.items():
         if file.tokens != PUBLISHED_TOKENS[split]:
             log(f"warning: {file.path} holds {file.tokens:,} tokens, the published {FILES[split]} "
@@ -117,12 +121,14 @@ def prepare_tokens(dataset: str, out: Path | str | None, shard_tokens: int,
 
     out.mkdir(parents=True, exist_ok=True)
     remove_unfinished_shards(out, manifest)
-    check_recorded_shards(out, manifest)
-    with tqdm(desc="tokens", total=total, initial=written // TOKEN_BYTES, unit="tok", unit_scale=True,
-              file=sys.stderr) as bar:
-        for split in SPLITS:
-            convert_split(files[split], out, manifest, split, shard_tokens, bar)
-    manifest.complete = True
+    for split, index in damaged:
+        recreate_shard(files[split], out, manifest, split, index)
+    if not manifest.complete:
+        with tqdm(desc="tokens", total=total, initial=written // TOKEN_BYTES, unit="tok", unit_scale=True,
+                  file=sys.stderr) as bar:
+            for split in SPLITS:
+                convert_split(files[split], out, manifest, split, shard_tokens, bar)
+        manifest.complete = True
     manifest.save(out)
     log(f"prepared {out}: {describe(manifest)}")
     return out
@@ -170,9 +176,18 @@ def write_shard(source: TokenFile, start: int, end: int, out: Path, manifest: Ma
     """tokens[start:end] as the split's next shard (written to a temporary name, checked, renamed, recorded)."""
     record = manifest.splits[split]
     name = f"{split}_{len(record.shards):06d}.bin"
-    tmp = out / (name + ".tmp")
+    documents, sha256 = copy_tokens(source, start, end, out / (name + ".tmp"))
+    os.replace(out / (name + ".tmp"), out / name)
+    record.shards.append(Shard(name, documents, end - start, sha256))
+    record.documents += documents
+    record.tokens += end - start
+    manifest.save(out)
+
+
+def copy_tokens(source: TokenFile, start: int, end: int, path: Path) -> tuple[int, str]:
+    """Writes tokens[start:end] to `path`, checking each is a GPT-2 token id; returns (documents, sha256)."""
     digest, documents = hashlib.sha256(), 0
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         for first in range(start, end, BLOCK_TOKENS):
             block = source.read(first, min(end, first + BLOCK_TOKENS))
             if int(block.max()) >= VOCAB_SIZE:
@@ -182,8 +197,22 @@ def write_shard(source: TokenFile, start: int, end: int, out: Path, manifest: Ma
             documents += int(np.count_nonzero(block == END_OF_TEXT))
             digest.update(block)
             block.tofile(f)
-    os.replace(tmp, out / name)
-    record.shards.append(Shard(name, documents, end - start, digest.hexdigest()))
-    record.documents += documents
-    record.tokens += end - start
-    manifest.save(out)
+    return documents, digest.hexdigest()
+
+
+def recreate_shard(source: TokenFile, out: Path, manifest: Manifest, split: str, index: int) -> None:
+    """Copies a damaged shard's tokens from the source file again; the new file must have the recorded checksum."""
+    shards = manifest.splits[split].shards
+    shard, start = shards[index], sum(s.tokens for s in shards[:index])
+    tmp = out / (shard.file + ".tmp")
+    _, sha256 = copy_tokens(source, start, start + shard.tokens, tmp)
+    if sha256 != shard.sha256:
+        tmp.unlink()
+        raise PrepareError(f"re-created {out / shard.file} does not match its recorded checksum: {source.path} is not "
+                           f"the file it was prepared from; delete {out} to start over")
+    os.replace(tmp, out / shard.file)
+    log(f"re-created {out / shard.file} ({shard.tokens:,} tokens, checksum as recorded)")
+
+
+def without_safetensors_dir(source: dict) -> dict:
+    return {key: value for key, value in source.items() if key != "safetensors_dir"}
