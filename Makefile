@@ -25,7 +25,7 @@ test-all:
 ui:
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
 
-DATASET ?= fineweb
+DATASET ?= fineweb_gpt2_tokens
 data:
 	$(PYTHON) -m pip install -e ".[data]"
 	$(PYTHON) -m harness.data prepare dataset=$(DATASET) $(ARGS)

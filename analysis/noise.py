@@ -1,13 +1,16 @@
 """How much test loss moves when nothing but randomness changes.
 
-Noise kinds (all SDs with ddof=1, pooled over groups, chi-square CIs):
+Noise kinds (SDs of a single run's test loss, ddof=1, pooled over groups):
 
 ``init``
     SD across init seeds with the train seed fixed: groups are
-    (intervention, train_seed, data_seed), varying ``seed``.
+    (intervention, train_seed, data_seed), varying ``seed``.  Pooled over
+    every train-seed level (and arm) with at least two init seeds.
 ``train``
     SD across train seeds with the init seed fixed: groups are
-    (intervention, seed, data_seed), varying ``train_seed``.
+    (intervention, seed, data_seed), varying ``train_seed``; pooled over
+    init seeds.  ``train_seed=none`` (no re-seed: the loop continues the RNG
+    stream left by the initialisation) is one train-seed level like a re-seed.
 ``repeat``
     SD across exact repeats (identical intervention and seeds): the run-to-run
     noise of non-deterministic kernels.
@@ -16,14 +19,39 @@ Noise kinds (all SDs with ddof=1, pooled over groups, chi-square CIs):
     of each run, around a per-run linear trend.
 
 ``init`` and ``train`` use one run per seed cell (the first of any exact
-repeats), so each value is a single run's outcome and the SD is that of a
-single run.  Pooling over arms assumes the interventions do not change the
-noise level; the pooled variance is the residual variance of a one-way OLS on
-the group (statsmodels), with ``dof = sum(n_group - 1)``.  ``init`` counts
-each draw of initial weights once: it leaves out the arms that reuse the
-baseline's initial weights and keeps one train-seed level per arm (the one
-with the most init seeds), since the other levels repeat the same init draws
-and would overstate the degrees of freedom.
+repeats), so each value is a single run's outcome.  The pooled variance is
+``sum over groups of sum((loss - group mean)^2) / sum(n_group - 1)`` (the
+residual variance of a one-way model on the group); pooling over arms and
+levels assumes that neither changes the noise level.
+
+Degrees of freedom.  ``train`` and ``repeat`` groups each lie within one set
+of initial weights (one cell for ``repeat``), so subtracting the group mean
+removes everything the groups share and the nominal ``sum(n_group - 1)`` is
+right.  ``init`` groups are not independent: the levels of one study re-use
+the same init draws (seed 42 at ``train_seed=none`` and at ``23`` start from
+the same weights, and so do arms that keep the baseline's initialisation),
+so two levels say little more about init noise than one, and counting their
+residuals as independent would overstate the evidence.  The pooled variance
+is the quadratic form ``y' M y / D`` (``M`` the within-group centring), whose
+Satterthwaite dof are ``tr(M S)^2 / tr(M S M S)`` for run covariance ``S``.
+With ``S`` built from the study's own variance estimates (the plug-in), a
+single run tested against this noise with three init seeds gave 6.5% false
+positives at alpha = 5% in simulation: the plug-in dof are biased upward,
+most when the SD is small.  So ``init`` takes
+the dof at the conservative end, runs of one init draw fully correlated
+(``S`` = 1 where two runs share an init draw, else 0): the evidence of the
+distinct init draws, which does not depend on the data.  It equals the
+nominal dof when every init draw appears once, and the number of init seeds
+minus one for a balanced grid of seeds x train-seed levels.  Where init noise
+dominates, as in the seeds' study, the true effective dof are barely higher
+(2.2-2.3 against 2 for 3 seeds); the pooled SD itself still uses every run.
+A re-seed value shared by several init seeds (23 at seeds 22 and 67) is
+assumed to carry no common effect: the same dropout masks on different
+weights give unrelated trajectories.
+
+Every function that takes ``losses`` is vectorised: the last axis is the runs
+of the study (in the order of its run table), leading axes are repetitions,
+so simulations run the same code as the analysis of one study.
 """
 
 from __future__ import annotations
@@ -46,16 +74,26 @@ NOISE_GROUPS = {
     "repeat": CELL,
 }
 NOISE_DESCRIPTIONS = {
-    "init": "across init seeds (train seed fixed, one level per arm)",
-    "train": "across train seeds (init seed fixed)",
+    "init": "across init seeds (train seed fixed; pooled over train-seed levels)",
+    "train": "across train seeds (init seed fixed; pooled over init seeds)",
     "repeat": "across exact repeats (same seeds)",
     "checkpoint": "checkpoint to checkpoint (final periods, detrended)",
+}
+REFERENCE_RULES = {
+    "registry": "declared in the intervention registry",
+    "init_fingerprint": "init_fingerprint compared with the baseline's at the same seed",
+    "changes_init": "changes_init flag of the runs",
+    "assumed": "nothing to compare: init noise assumed",
 }
 
 
 @dataclass(frozen=True)
 class NoiseEstimate:
-    """A pooled SD with its chi-square confidence interval."""
+    """A pooled SD with its chi-square confidence interval.
+
+    ``dof`` is the effective number of degrees of freedom (used for the CI
+    and for tests against this noise); ``nominal_dof`` is ``sum(n_group - 1)``.
+    """
 
     kind: str
     sd: float
@@ -63,11 +101,21 @@ class NoiseEstimate:
     ci_high: float
     n_runs: int
     n_groups: int
-    dof: int
+    dof: float
+    nominal_dof: int = 0
 
     @property
     def description(self) -> str:
         return NOISE_DESCRIPTIONS[self.kind]
+
+
+@dataclass(frozen=True)
+class ReferenceChoice:
+    """The noise an arm is judged against (``train`` or ``init``) and why."""
+
+    reference: str
+    rule: str  # a key of REFERENCE_RULES
+    reason: str
 
 
 def sd_confidence_interval(sd, dof, alpha: float = 0.05) -> tuple:
@@ -78,8 +126,30 @@ def sd_confidence_interval(sd, dof, alpha: float = 0.05) -> tuple:
     return low, high
 
 
-def keeps_baseline_init(arm: pd.DataFrame, baseline: pd.DataFrame) -> tuple[bool, str]:
-    """Whether an arm starts from the baseline's initial weights, and why.
+def declared_noise_reference(intervention: str) -> str | None:
+    """The noise reference the registry declares for an arm, if any.
+
+    A combination ``a+b`` is judged against init noise when a component
+    declares init noise, against train noise when every component keeps
+    the baseline's initial weights or declares train noise (and one
+    declares it); otherwise nothing is declared and the evidence decides.
+    """
+    from interventions import REGISTRY
+
+    entries = [REGISTRY.get(name) for name in intervention.split("+")]
+    if not entries or None in entries:
+        return None
+    declared = {entry.noise_reference for entry in entries} - {None}
+    if "init" in declared:
+        return "init"
+    if "train" in declared and all(e.noise_reference == "train" or not e.changes_init
+                                   for e in entries):
+        return "train"
+    return None
+
+
+def keeps_baseline_init(arm: pd.DataFrame, baseline: pd.DataFrame) -> tuple[bool, str, str]:
+    """Whether an arm starts from the baseline's initial weights: (answer, rule, reason).
 
     Compares ``init_fingerprint`` seed by seed; without comparable
     fingerprints uses the ``changes_init`` flag; failing both, assumes the
@@ -92,19 +162,36 @@ def keeps_baseline_init(arm: pd.DataFrame, baseline: pd.DataFrame) -> tuple[bool
     compared = expected.notna()
     if compared.any():
         if (fingerprinted["init_fingerprint"][compared] == expected[compared]).all():
-            return True, "same init_fingerprint as baseline"
-        return False, "init_fingerprint differs from baseline"
+            return True, "init_fingerprint", "same init_fingerprint as baseline"
+        return False, "init_fingerprint", "init_fingerprint differs from baseline"
     flags = arm["changes_init"].dropna()
     if len(flags):
         changes = bool(flags.astype(bool).any())
-        return not changes, f"changes_init={str(changes).lower()}"
-    return False, "init fingerprints not comparable (no shared seeds); init noise assumed"
+        return not changes, "changes_init", f"changes_init={str(changes).lower()}"
+    return (False, "assumed",
+            "init fingerprints not comparable (no shared seeds); init noise assumed")
+
+
+def choose_reference(intervention: str, arm: pd.DataFrame,
+                     baseline: pd.DataFrame) -> ReferenceChoice:
+    """Train-seed noise for arms that keep the baseline's initial weights, else init.
+
+    A reference declared in the intervention registry overrides the
+    evidence of the runs (fingerprints, then the ``changes_init`` flag).
+    """
+    declared = declared_noise_reference(intervention)
+    keeps, rule, reason = keeps_baseline_init(arm, baseline)
+    if declared:
+        return ReferenceChoice(declared, "registry",
+                               f"{declared}-seed noise declared in the registry ({reason})")
+    return ReferenceChoice("train" if keeps else "init", rule, reason)
 
 
 def arms_reusing_baseline_init(runs: pd.DataFrame) -> list[str]:
+    """Arms judged to share the baseline's initial weights at each seed."""
     baseline = runs[runs["intervention"] == BASELINE]
     return [name for name, arm in runs.groupby("intervention")
-            if name != BASELINE and keeps_baseline_init(arm, baseline)[0]]
+            if name != BASELINE and choose_reference(name, arm, baseline).reference == "train"]
 
 
 def init_identity(runs: pd.DataFrame) -> pd.Series:
@@ -119,50 +206,117 @@ def single_run_cells(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.sort_values("order", kind="stable").drop_duplicates(CELL, keep="first")
 
 
-def _independent_init_draws(cells: pd.DataFrame) -> pd.DataFrame:
-    """Single-run cells in which every set of initial weights appears once."""
-    own_init = cells[~cells["intervention"].isin(arms_reusing_baseline_init(cells))]
-    levels = own_init.groupby(NOISE_GROUPS["init"]).size()
-    widest = (levels.sort_values(ascending=False, kind="stable")
-              .groupby(level="intervention").head(1))
-    return own_init[own_init.set_index(NOISE_GROUPS["init"]).index.isin(widest.index)]
-
-
 def noise_groups(runs: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """The runs that measure one noise kind, with a ``group`` label.
+    """The runs that measure one noise kind, with a ``group`` label 0, 1, ...
 
     Only groups with at least two runs are kept (a lone run says nothing
-    about noise).
+    about noise).  The rows keep the index of ``runs``.
     """
-    if kind == "repeat":
-        source = runs
-    elif kind == "init":
-        source = _independent_init_draws(single_run_cells(runs))
-    else:
-        source = single_run_cells(runs)
-    grouped = source.groupby(NOISE_GROUPS[kind], sort=False)
-    return source.assign(group=grouped.ngroup())[grouped["test_loss"].transform("size") >= 2]
+    source = runs if kind == "repeat" else single_run_cells(runs)
+    sizes = source.groupby(NOISE_GROUPS[kind], sort=False)["test_loss"].transform("size")
+    kept = source[sizes >= 2]
+    return kept.assign(group=kept.groupby(NOISE_GROUPS[kind], sort=False).ngroup())
 
 
-def pooled_noise(values: pd.Series, groups: pd.Series, kind: str, alpha: float) -> NoiseEstimate:
-    """Pooled within-group SD: residual SD of the OLS ``value ~ C(group)``."""
-    if len(values) == 0:
-        return NoiseEstimate(kind, np.nan, np.nan, np.nan, 0, 0, 0)
-    design = pd.get_dummies(groups.to_numpy(), dtype=float)
-    fit = sm.OLS(values.to_numpy(dtype=float), design).fit()
-    dof = int(round(fit.df_resid))
-    sd = float(np.sqrt(fit.scale)) if dof > 0 else np.nan
-    low, high = sd_confidence_interval(sd, dof, alpha) if dof > 0 else (np.nan, np.nan)
-    return NoiseEstimate(kind, sd, float(low), float(high), len(values), design.shape[1], dof)
+@dataclass(frozen=True)
+class NoiseDesign:
+    """Which runs measure one noise kind and how: the structure, without losses."""
+
+    kind: str
+    positions: np.ndarray  # rows of the run table used
+    centring: np.ndarray  # (n, n): losses[..., positions] @ centring = deviations from group means
+    n_groups: int
+    dof: float  # effective degrees of freedom (module docstring)
+
+    @property
+    def nominal_dof(self) -> int:
+        return len(self.positions) - self.n_groups
+
+
+def noise_design(runs: pd.DataFrame, kind: str) -> NoiseDesign:
+    """The design of one noise kind; ``runs`` must have a RangeIndex."""
+    grouped = noise_groups(runs, kind)
+    membership = pd.get_dummies(grouped["group"]).to_numpy(dtype=float)
+    centring = np.eye(len(grouped)) - membership @ (membership / membership.sum(axis=0)).T
+    dof = float(len(grouped) - membership.shape[1])
+    if kind == "init" and dof > 0:
+        draws = init_identity(runs).loc[grouped.index].to_numpy()
+        shared = (draws[:, None] == draws[None, :]).astype(float)
+        dof = satterthwaite_dof(centring, shared)
+    return NoiseDesign(kind, grouped.index.to_numpy(), centring, membership.shape[1], dof)
+
+
+def satterthwaite_dof(centring: np.ndarray, covariance: np.ndarray) -> float:
+    """Effective dof of the quadratic form ``y' M y`` when ``cov(y)`` is proportional to ``S``."""
+    product = centring @ covariance
+    return round(float(np.trace(product) ** 2 / np.trace(product @ product)), 9)
+
+
+def noise_designs(runs: pd.DataFrame) -> dict[str, NoiseDesign]:
+    runs = runs.reset_index(drop=True)
+    return {kind: noise_design(runs, kind) for kind in NOISE_GROUPS}
+
+
+def pooled_variance(design: NoiseDesign, losses) -> np.ndarray:
+    """Pooled within-group variance for every repetition (NaN without dof)."""
+    losses = np.asarray(losses, dtype=float)
+    if design.nominal_dof == 0:
+        return np.full(losses.shape[:-1], np.nan)
+    deviations = losses[..., design.positions] @ design.centring
+    return np.square(deviations).sum(axis=-1) / design.nominal_dof
+
+
+def noise_statistics(designs: dict[str, NoiseDesign], losses) -> dict[str, tuple]:
+    """``{kind: (sd, dof)}`` for init, train and repeat noise, per repetition."""
+    result = {}
+    for kind, design in designs.items():
+        sd = np.sqrt(pooled_variance(design, losses))
+        result[kind] = (sd, np.full(sd.shape, design.dof))
+    return result
 
 
 def estimate_noise(runs: pd.DataFrame, alpha: float = 0.05) -> dict[str, NoiseEstimate]:
     """The ``init``, ``train`` and ``repeat`` noise estimates of a study."""
+    runs = runs.reset_index(drop=True)
+    designs = noise_designs(runs)
+    statistics = noise_statistics(designs, runs["test_loss"].to_numpy(dtype=float))
     estimates = {}
-    for kind in NOISE_GROUPS:
-        grouped = noise_groups(runs, kind)
-        estimates[kind] = pooled_noise(grouped["test_loss"], grouped["group"], kind, alpha)
+    for kind, design in designs.items():
+        sd, dof = (float(value) for value in statistics[kind])
+        low, high = sd_confidence_interval(sd, dof, alpha) if dof > 0 else (np.nan, np.nan)
+        estimates[kind] = NoiseEstimate(kind, sd, float(low), float(high), len(design.positions),
+                                        design.n_groups, dof, design.nominal_dof)
     return estimates
+
+
+def _cell_label(row) -> str:
+    data = "" if row.data_seed == "none" else f"/d{row.data_seed}"
+    return f"s{row.seed}/{row.train_seed}{data}"
+
+
+def noise_levels(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each group behind the pooled init and train SDs, to check by hand.
+
+    ``sd`` has ddof=1 (what is pooled); ``population_sd`` has ddof=0, the
+    seeds' hand calculation: ``sd = population_sd * sqrt(n / (n - 1))``.
+    """
+    rows = []
+    for kind in ("init", "train"):
+        grouped = noise_groups(runs, kind)
+        for _, group in grouped.groupby("group"):
+            first = group.iloc[0]
+            level = (f"train_seed {first.train_seed}" if kind == "init" else f"seed {first.seed}")
+            if first.data_seed != "none":
+                level += f", data_seed {first.data_seed}"
+            loss = group["test_loss"]
+            rows.append({
+                "noise": kind, "intervention": first.intervention, "level": level,
+                "runs": ", ".join(_cell_label(row) for row in group.itertuples()),
+                "n": len(group), "mean": loss.mean(), "sd": loss.std(ddof=1),
+                "population_sd": loss.std(ddof=0),
+            })
+    return pd.DataFrame(rows, columns=["noise", "intervention", "level", "runs", "n", "mean", "sd",
+                                       "population_sd"])
 
 
 def residuals_by_kind(runs: pd.DataFrame) -> pd.DataFrame:
@@ -200,7 +354,7 @@ def checkpoint_noise(
     low, high = sd_confidence_interval(sd, dof, alpha)
     return NoiseEstimate(
         "checkpoint", sd, float(low), float(high), int(sum(fit.nobs for fit in fits)),
-        len(fits), dof,
+        len(fits), dof, dof,
     )
 
 
@@ -211,18 +365,25 @@ def noise_table(estimates: dict[str, NoiseEstimate]) -> pd.DataFrame:
 
 
 def grid_arms(runs: pd.DataFrame) -> list[str]:
-    """Arms whose runs cover a full grid of >= 2 init seeds x >= 2 train seeds."""
+    """Arms whose runs separate init from train noise.
+
+    At least two init seeds, and at least two train seeds at one of them: an
+    incomplete grid such as the seeds' (3 init seeds, 3 train seeds at one and
+    2 at the others) is enough for the mixed model.
+    """
     arms = []
     for arm, group in runs.groupby("intervention"):
-        n_seeds, n_train = group["seed"].nunique(), group["train_seed"].nunique()
-        n_cells = len(group.drop_duplicates(["seed", "train_seed"]))
-        if n_seeds >= 2 and n_train >= 2 and n_cells == n_seeds * n_train:
+        most_train_seeds = group.groupby("seed")["train_seed"].nunique().max()
+        if group["seed"].nunique() >= 2 and most_train_seeds >= 2:
             arms.append(arm)
     return arms
 
 
 def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     """Init, train and residual variance components of the grid arms.
+
+    Unlike the pooled ``init`` SD (a single run's SD across init seeds, train
+    noise included), the ``init`` component here is the init-seed part alone.
 
     A nested random-effects model (statsmodels ``MixedLM``, REML): a random
     intercept per set of initial weights (arms reusing the baseline's share
@@ -237,12 +398,13 @@ def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     """
     arms = grid_arms(runs)
     if not arms:
-        return None, "no arm covers a grid of init seeds x train seeds"
+        return None, ("no arm covers a grid of init seeds x train seeds "
+                      "(>= 2 init seeds, >= 2 train seeds at one of them)")
     data = runs[runs["intervention"].isin(arms)]
     scale = data["test_loss"].std()
     data = data.assign(
         loss=(data["test_loss"] - data["test_loss"].mean()) / scale,
-        init_weights=init_identity(data),
+        init_weights=init_identity(runs).loc[data.index],
         train_cell=data["intervention"] + "|" + data["train_seed"],
     )
     has_repeats = data.duplicated(CELL).any()

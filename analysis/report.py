@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
+from analysis.compare import THIN_DOF
 from analysis.load import mlflow_store
 from analysis.noise import noise_table
 from analysis.study import StudyAnalysis
@@ -52,6 +53,14 @@ def _seeds(value) -> str:
     return str(int(value))
 
 
+def _dof(value) -> str:
+    return _number(value, 1)
+
+
+def _p(value) -> str:
+    return "<0.0001" if np.isfinite(value) and value < 1e-4 else _number(value, 4)
+
+
 def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
     """The ranking with formatted columns, as shown in the report."""
     return pd.DataFrame({
@@ -63,7 +72,10 @@ def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
         "difference": ranking["difference"].map(_number),
         "CI (t)": _intervals(ranking["ci_low"], ranking["ci_high"]),
         "CI (bootstrap)": _intervals(ranking["boot_low"], ranking["boot_high"]),
-        "p (Holm)": ranking["p_holm"].map(lambda p: _number(p, 4)),
+        "p": ranking["p_value"].map(_p),
+        "p (Holm)": ranking["p_holm"].map(_p),
+        "method": ranking["method"],
+        "dof": ranking["dof"].map(_dof),
         "P(better)": [f"{_number(p, 2)} {interval}" for p, interval in zip(
             ranking["p_better"],
             _intervals(ranking["p_better_low"], ranking["p_better_high"], 2), strict=True)],
@@ -71,18 +83,31 @@ def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
             ranking["noise_reference"], ranking["noise_sd"], strict=True)],
         "effect (SDs)": ranking["effect_in_sd"].map(lambda v: _number(v, 2)),
         "seeds for 80% power": ranking["seeds_needed"].map(_seeds),
-        "design (seeds)": [f"{d} ({a}/{b})" for d, a, b in zip(
-            ranking["design"], ranking["n_intervention_seeds"], ranking["n_baseline_seeds"],
-            strict=True)],
+        "baseline runs": ranking["baseline_runs"],
+        "warning": ranking["warning"].fillna("").map(lambda text: f"(!) {text}" if text else ""),
     })
+
+
+def thin_evidence_note(ranking: pd.DataFrame) -> str:
+    """A warning naming the rows that rest on fewer than THIN_DOF dof, or ''."""
+    thin = ranking[ranking["thin_evidence"].astype(bool)]
+    if thin.empty:
+        return ""
+    listed = ", ".join(f"{row.intervention} ({row.warning.removeprefix('thin evidence: ')})"
+                       for row in thin.itertuples())
+    return (f"(!) Thin evidence: {len(thin)} of {len(ranking)} verdicts rest on fewer than "
+            f"{THIN_DOF} degrees of freedom: {listed}. Such a verdict can move with one more run; "
+            "add init seeds (or train seeds, for train-seed noise) before trusting it.")
 
 
 def ranking_text(ranking: pd.DataFrame) -> str:
     """Plain-text ranking for the terminal."""
     if ranking.empty:
         return "(no interventions besides the baseline)"
-    shown = ranking_display(ranking).drop(columns=["CI (bootstrap)", "design (seeds)"])
-    return shown.to_string(index=False)
+    shown = ranking_display(ranking).drop(
+        columns=["intervention loss", "CI (bootstrap)", "P(better)"])
+    note = thin_evidence_note(ranking)
+    return shown.to_string(index=False) + (f"\n{note}" if note else "")
 
 
 def noise_display(analysis: StudyAnalysis) -> pd.DataFrame:
@@ -93,13 +118,65 @@ def noise_display(analysis: StudyAnalysis) -> pd.DataFrame:
         "CI": _interval(estimate.ci_low, estimate.ci_high),
         "runs": estimate.n_runs,
         "groups": estimate.n_groups,
-        "dof": estimate.dof,
+        "dof": _dof(estimate.dof),
+        "nominal dof": estimate.nominal_dof,
     } for estimate in analysis.noise.values()])
+
+
+def noise_levels_display(levels: pd.DataFrame) -> pd.DataFrame:
+    return levels.assign(
+        mean=levels["mean"].map(_number), sd=levels["sd"].map(_number),
+        population_sd=levels["population_sd"].map(_number),
+    ).rename(columns={"sd": "SD (ddof=1)", "population_sd": "population SD (ddof=0)"})
+
+
+METHODS_TEXT = (
+    "How each intervention is compared. Difference = intervention - baseline test loss "
+    "(negative = better). An intervention judged against train-seed noise (it keeps the "
+    "baseline's initial weights) is only compared with baseline runs at the same init seed and "
+    "data seed, pairing exact (seed, train seed) cells first; other init seeds are never "
+    "averaged in. With at least two such init seeds, 'paired t': a t-test over init seeds of the "
+    "per-seed differences (dof = seeds - 1). With fewer, 'prediction t', the principled form of "
+    "the seeds' 3-SD rule: t = (mean of the intervention's m runs - mean of the n matching "
+    "baseline runs) / (SD * sqrt(1/m + 1/n)), with SD the pooled noise SD of the reference and "
+    "the dof of that estimate. For train-seed noise the matching baseline runs are the "
+    "baseline's train seeds at the same init seed; for init-seed noise (the intervention draws "
+    "its own initial weights) they are the baseline's init seeds at the intervention's "
+    "train-seed level, each a fresh draw of initial weights as the intervention's run is. "
+    "'Welch t' compares per-seed means when nothing can be paired. p-values are Holm-adjusted "
+    "across all rows, whatever their method."
+)
+VERDICTS_TEXT = (
+    "Verdict: 'better' ('worse') when the Holm-adjusted p < alpha and the difference is at least "
+    "the minimum effect below (above) zero: the difference is resolved against the noise of the "
+    "whole study. 'inconclusive' otherwise: not shown to differ, which is not the same as shown "
+    "equal (read the interval). The noise reference is declared in the intervention registry if "
+    "it says so, else train-seed noise when the intervention's init_fingerprint equals the "
+    "baseline's, else init-seed noise; the 'rule' column says which decided. P(better): "
+    "probability that a fresh intervention run beats a fresh baseline run. Seeds for 80% power: "
+    "init seeds (one run per arm each, paired where the initial weights are shared) needed to "
+    "resolve the observed difference against the reference noise."
+)
+
+
+def _noise_text(analysis: StudyAnalysis, confidence: str) -> str:
+    return (
+        f"Pooled SDs of a single run (ddof=1) with {confidence} chi-square CIs. Train-seed noise "
+        "pools the spread over train seeds within each init seed; init-seed noise pools the "
+        "spread over init seeds within each train-seed level, so both use every run with a "
+        "partner. Init-seed levels re-use the same initial weights (seed 42 at two train seeds "
+        "starts from the same draw), so their residuals are not independent: the init dof "
+        "count each distinct init draw once (the conservative end of Satterthwaite's effective "
+        "dof; 'nominal dof' counts every residual). The levels behind each pooled SD are listed "
+        "below; population SD (ddof=0) is what a hand calculation over n runs gives "
+        "(SD = population SD x sqrt(n / (n - 1)))."
+    )
 
 
 def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) -> list[tuple]:
     settings, study_runs = analysis.settings, analysis.study_runs
     confidence = f"{1 - settings.alpha:.0%}"
+    ranking = analysis.ranking
     blocks = [
         ("h1", f"Noise analysis: {analysis.study}"),
         ("p", f"Source: {study_runs.source}. {len(study_runs.runs)} finished runs analysed, "
@@ -107,29 +184,35 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
               f"meaningful effect = {settings.min_effect}; intervals are {confidence} "
               "confidence intervals."),
         ("h2", "Ranking"),
-        ("p", "Difference = intervention - baseline test loss (negative = better). Paired "
-              "t-test over init seeds where both arms share seed cells (differences averaged "
-              "over the train seeds of each init seed), Welch on per-seed means otherwise. "
-              "Verdict: better/worse when the Holm-adjusted p < alpha and "
-              "|difference| >= the minimum effect, else inconclusive. The noise reference is "
-              "train-seed noise when the intervention keeps the baseline's initial weights "
-              "(same init_fingerprint), init-seed noise otherwise. P(better): probability "
-              "that an intervention run beats a baseline run. Seeds for 80% power: seeds "
-              "needed to resolve the observed difference against the reference noise."),
-        ("table", ranking_display(analysis.ranking)),
-        ("h3", "Noise reference per intervention"),
-        ("table", analysis.ranking[["intervention", "noise_reference", "reference_reason"]]),
+    ]
+    note = thin_evidence_note(ranking)
+    if note:
+        blocks.append(("warning", note))
+    blocks += [
+        ("table", ranking_display(ranking)),
+        ("p", METHODS_TEXT),
+        ("p", VERDICTS_TEXT),
+        ("h3", "Runs and noise reference per intervention"),
+        ("table", ranking[["intervention", "method", "dof", "intervention_runs", "baseline_runs",
+                           "noise_reference", "reference_rule", "reference_reason"]].assign(
+            dof=ranking["dof"].map(_dof)).rename(columns={"reference_rule": "rule"})),
         ("h2", "Noise"),
-        ("p", f"Pooled SDs (ddof=1) with {confidence} chi-square CIs."),
+        ("p", _noise_text(analysis, confidence)),
         ("table", noise_display(analysis)),
     ]
+    if not analysis.noise_levels.empty:
+        blocks += [("h3", "Levels behind the pooled SDs"),
+                   ("table", noise_levels_display(analysis.noise_levels))]
     if analysis.variance_components is not None:
         components = analysis.variance_components.assign(
             variance=lambda t: t["variance"].map(lambda v: _number(v, 8)),
             sd=lambda t: t["sd"].map(_number),
             share=lambda t: t["share"].map(lambda v: _number(v, 3)),
         )
-        blocks += [("h3", "Variance components (grid)"), ("p", analysis.variance_note),
+        blocks += [("h3", "Variance components (grid)"),
+                   ("p", f"{analysis.variance_note}. The init component is the init-seed part "
+                         "alone; the pooled init SD above is a single run's SD across init "
+                         "seeds, train noise included."),
                    ("table", components)]
     if analysis.factorial is not None:
         fit = analysis.factorial
@@ -174,6 +257,8 @@ def render_markdown(blocks: list[tuple]) -> str:
             parts.append("#" * int(kind[1]) + " " + content[0])
         elif kind == "p":
             parts.append(content[0])
+        elif kind == "warning":
+            parts.append(f"> **{content[0]}**")
         elif kind == "table":
             parts.append(_markdown_table(content[0]))
         elif kind == "image":
@@ -188,6 +273,8 @@ def render_html(blocks: list[tuple], title: str) -> str:
             parts.append(f"<{kind}>{html.escape(content[0])}</{kind}>")
         elif kind == "p":
             parts.append(f"<p>{html.escape(content[0])}</p>")
+        elif kind == "warning":
+            parts.append(f'<p class="warning"><strong>{html.escape(content[0])}</strong></p>')
         elif kind == "table":
             parts.append(content[0].to_html(index=False, escape=True, border=0))
         elif kind == "image":
@@ -197,7 +284,8 @@ def render_html(blocks: list[tuple], title: str) -> str:
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}"
              "table{border-collapse:collapse;font-size:0.9em}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-             "img{max-width:100%}")
+             "img{max-width:100%}"
+             ".warning{background:#fff3cd;border-left:4px solid #d39e00;padding:6px 10px}")
     body = "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
             f"</title><style>{style}</style></head>\n<body>\n{body}\n</body></html>\n")
@@ -230,6 +318,7 @@ def write_report(analysis: StudyAnalysis, directory: str | Path) -> ReportFiles:
     analysis.ranking.to_csv(files.csv, index=False)
     tables = {
         "noise.csv": noise_table(analysis.noise),
+        "noise_levels.csv": analysis.noise_levels,
         "variance_components.csv": analysis.variance_components,
         "factorial.csv": analysis.factorial.effects if analysis.factorial else None,
         "excluded.csv": analysis.study_runs.excluded,
@@ -248,15 +337,20 @@ def log_analysis_run(analysis: StudyAnalysis, files: ReportFiles, tracking_uri: 
     with mlflow_store(tracking_uri) as mlflow, mlflow.start_run(
         experiment_id=experiment_id, run_name=f"analysis-{analysis.study}"
     ) as run:
-        mlflow.set_tags({"analysis": "true", "study": analysis.study})
+        thin = analysis.thin_evidence
+        mlflow.set_tags({"analysis": "true", "study": analysis.study,
+                         "thin_evidence": str(bool(thin)).lower(),
+                         "thin_evidence_interventions": ", ".join(thin) or "none"})
         mlflow.log_params({**vars(analysis.settings), "source": analysis.study_runs.source})
         mlflow.log_metrics({
             "n_runs": len(analysis.study_runs.runs),
             "n_excluded": len(analysis.study_runs.excluded),
             **{f"n_{verdict}": int((ranking["verdict"] == verdict).sum())
                for verdict in ("better", "worse", "inconclusive")},
-            **{f"noise_sd_{kind}": estimate.sd for kind, estimate in analysis.noise.items()
-               if np.isfinite(estimate.sd)},
+            "n_thin_evidence": len(thin),
+            **{f"noise_{stat}_{kind}": value for kind, estimate in analysis.noise.items()
+               if np.isfinite(estimate.sd)
+               for stat, value in (("sd", estimate.sd), ("dof", estimate.dof))},
         })
         mlflow.log_artifacts(str(files.directory))
     return run.info.run_id

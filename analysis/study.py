@@ -10,7 +10,8 @@ from analysis.compare import compare_to_baseline
 from analysis.factorial import FactorialResult, fit_factorial
 from analysis.load import StudyRuns
 from analysis.noise import (
-    NoiseEstimate, checkpoint_noise, estimate_noise, residuals_by_kind, variance_components,
+    NoiseEstimate, checkpoint_noise, estimate_noise, noise_levels, residuals_by_kind,
+    variance_components,
 )
 
 
@@ -31,6 +32,7 @@ class StudyAnalysis:
     variance_components: pd.DataFrame | None
     variance_note: str
     noise_residuals: pd.DataFrame
+    noise_levels: pd.DataFrame
     ranking: pd.DataFrame
     factorial: FactorialResult | None
     factorial_note: str
@@ -38,6 +40,11 @@ class StudyAnalysis:
     @property
     def study(self) -> str:
         return self.study_runs.study
+
+    @property
+    def thin_evidence(self) -> list[str]:
+        """Interventions whose verdict rests on fewer than THIN_DOF degrees of freedom."""
+        return self.ranking.loc[self.ranking["thin_evidence"].astype(bool), "intervention"].tolist()
 
 
 def analyse(study_runs: StudyRuns, settings: Settings = Settings()) -> StudyAnalysis:
@@ -57,5 +64,5 @@ def analyse(study_runs: StudyRuns, settings: Settings = Settings()) -> StudyAnal
         factorial, factorial_note = None, str(error)
     return StudyAnalysis(
         study_runs, settings, noise, components, variance_note, residuals_by_kind(runs),
-        ranking, factorial, factorial_note,
+        noise_levels(runs), ranking, factorial, factorial_note,
     )

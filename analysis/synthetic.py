@@ -4,14 +4,20 @@ Used by the tests and the notebook.  The test loss of a run is
 
     baseline_loss + effect + init_noise + train_noise + repeat_noise
 
-``init_noise`` is drawn once per initial-weights fingerprint, so arms that
-keep the baseline's initialisation share it seed by seed, while arms with
-``changes_init`` get their own draw.  ``train_noise`` is drawn per (arm, init
-seed, train seed) cell: the same dropout masks do not give the same trajectory
-under a different intervention.  ``repeat_noise`` is drawn per run (exact
-repeats differ only by it).  So the SD across train seeds is
+``init_noise`` is drawn once per set of initial weights: arms that keep the
+baseline's initialisation share its draw seed by seed, arms with
+``changes_init`` get their own (unless ``shares_init_noise``: weight tying
+has its own fingerprint but keeps every weight it has from the baseline's
+draw).  ``init_offsets`` adds a fixed amount to every draw at a seed (to put
+one seed's baseline far from the others).  ``train_noise`` is drawn per
+(arm, init seed, train seed) cell: the same dropout masks do not give the
+same trajectory under a different intervention.  ``repeat_noise`` is drawn
+per run (exact repeats differ only by it).  So the SD across train seeds is
 ``sqrt(train_sd**2 + repeat_sd**2)`` and the SD across init seeds is
 ``sqrt(init_sd**2 + train_sd**2 + repeat_sd**2)``.
+
+:meth:`SyntheticStudy.simulate` draws any number of fresh studies of the same
+design at once (a repetitions x runs array), for vectorised simulations.
 """
 
 from __future__ import annotations
@@ -32,6 +38,19 @@ class NoiseModel:
     repeat_sd: float = 0.002
     checkpoint_sd: float = 0.01
 
+    @property
+    def single_run_train_sd(self) -> float:
+        """What the train-seed noise estimate measures."""
+        return float(np.hypot(self.train_sd, self.repeat_sd))
+
+
+# The seeds' study (SEEDS.md): a baseline noise study and each intervention once at seed 42.
+SEEDS_BASELINE_CELLS = ((42, "none"), (22, "none"), (67, "none"), (42, 23), (42, 67), (22, 23),
+                        (67, 23))
+SEEDS_INTERVENTION_CELLS = ((42, "none"),)
+SEEDS_NOISE = NoiseModel(init_sd=0.012, train_sd=0.004, repeat_sd=0.0, checkpoint_sd=0.01)
+SEEDS_BASELINE_LOSS = 3.69
+
 
 @dataclass(frozen=True)
 class PlantedIntervention:
@@ -39,7 +58,26 @@ class PlantedIntervention:
 
     name: str
     effect: float
-    changes_init: bool = False
+    changes_init: bool = False  # its init_fingerprint differs from the baseline's
+    shares_init_noise: bool | None = None  # default: not changes_init
+
+    @property
+    def own_init_draw(self) -> bool:
+        shares = (not self.changes_init if self.shares_init_noise is None
+                  else self.shares_init_noise)
+        return not shares
+
+
+def seeds_interventions(**effects: float) -> list[PlantedIntervention]:
+    """The seven interventions of SEEDS.md with the given effects (default 0)."""
+    init_changes = {"qkv_bias": (True, False), "weight_tying": (True, True)}
+    names = ("gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_decay",
+             "weight_tying", "no_amp")
+    unknown = set(effects) - set(names)
+    if unknown:
+        raise ValueError(f"not a seeds intervention: {', '.join(sorted(unknown))}")
+    return [PlantedIntervention(name, effects.get(name, 0.0), *init_changes.get(name, (False,)))
+            for name in names]
 
 
 @dataclass
@@ -48,9 +86,27 @@ class SyntheticStudy:
     histories: pd.DataFrame
     noise: NoiseModel
     interventions: list[PlantedIntervention] = field(default_factory=list)
+    baseline_loss: float = 3.3
+    init_offsets: dict[int, float] = field(default_factory=dict)
 
     def true_effects(self) -> dict[str, float]:
         return {arm.name: arm.effect for arm in self.interventions}
+
+    def simulate(self, repetitions: int, rng: np.random.Generator) -> np.ndarray:
+        """Test losses of fresh studies of this design: (repetitions, runs), NaN if not FINISHED."""
+        runs, noise = self.runs, self.noise
+        arms = {arm.name: arm for arm in self.interventions}
+        own_draw = runs["intervention"].map(lambda name: name in arms and arms[name].own_init_draw)
+        seed = runs["seed"].astype(str)
+        draws = pd.factorize(runs["intervention"].where(own_draw, BASELINE) + "|" + seed)[0]
+        cells = pd.factorize(runs["intervention"] + "|" + seed + "|" + runs["train_seed"])[0]
+        effect = runs["intervention"].map(lambda name: arms[name].effect if name in arms else 0.0)
+        offset = runs["seed"].map(lambda s: self.init_offsets.get(s, 0.0))
+        losses = (self.baseline_loss + effect.to_numpy() + offset.to_numpy()
+                  + rng.normal(0, noise.init_sd, (repetitions, draws.max() + 1))[:, draws]
+                  + rng.normal(0, noise.train_sd, (repetitions, cells.max() + 1))[:, cells]
+                  + rng.normal(0, noise.repeat_sd, (repetitions, len(runs))))
+        return np.where((runs["status"] == "FINISHED").to_numpy(), losses, np.nan)
 
 
 def fingerprint(arm: str, seed: int, changes_init: bool) -> str:
@@ -63,46 +119,49 @@ def generate_study(
     *,
     init_seeds=(42, 22, 67),
     train_seeds=(23, 67),
+    baseline_cells=None,
+    intervention_cells=None,
     baseline_repeats: int = 3,
     failed_runs: int = 0,
     noise: NoiseModel = NoiseModel(),
     baseline_loss: float = 3.3,
+    init_offsets: dict[int, float] | None = None,
     periods: int = 10,
     steps_per_period: int = 100,
     rng_seed: int = 0,
 ) -> SyntheticStudy:
-    """Every arm runs the grid ``init_seeds x train_seeds`` once.
+    """A study with its runs' test losses and training-loss histories.
 
-    The baseline's first cell is run ``baseline_repeats`` times in all (exact
-    repeats); ``failed_runs`` extra baseline runs end FAILED without a test
-    loss.  ``train_seeds`` may contain ``"none"``.
+    Every arm runs the grid ``init_seeds x train_seeds`` once, unless
+    ``baseline_cells`` or ``intervention_cells`` list (seed, train_seed)
+    cells (``SEEDS_BASELINE_CELLS`` and ``SEEDS_INTERVENTION_CELLS`` give the
+    seeds' design).  The baseline's first cell is run ``baseline_repeats``
+    times in all (exact repeats); ``failed_runs`` extra baseline runs end
+    FAILED without a test loss.  ``train_seeds`` may contain ``"none"``.
     """
-    rng = np.random.default_rng(rng_seed)
+    grid = [(seed, train_seed) for seed in init_seeds for train_seed in train_seeds]
+    baseline_cells = list(baseline_cells or grid)
+    intervention_cells = list(intervention_cells or grid)
     arms = [PlantedIntervention(BASELINE, 0.0)] + list(interventions)
-    init_noise: dict[str, float] = {}
     rows = []
     for arm in arms:
-        for seed in init_seeds:
-            weights_id = fingerprint(arm.name, seed, arm.changes_init)
-            init_noise.setdefault(weights_id, rng.normal(0, noise.init_sd))
-            for train_seed in train_seeds:
-                train_noise = rng.normal(0, noise.train_sd)
-                first_cell = (seed, train_seed) == (init_seeds[0], train_seeds[0])
-                repeats = baseline_repeats if arm.name == BASELINE and first_cell else 1
-                for _ in range(repeats):
-                    loss = (baseline_loss + arm.effect + init_noise[weights_id] + train_noise
-                            + rng.normal(0, noise.repeat_sd))
-                    rows.append((arm.name, seed, str(train_seed), weights_id, arm.changes_init,
-                                 "FINISHED", loss))
-    for _ in range(failed_runs):
-        seed = init_seeds[0]
-        rows.append((BASELINE, seed, str(train_seeds[0]), fingerprint(BASELINE, seed, False),
-                     False, "FAILED", np.nan))
+        for seed, train_seed in baseline_cells if arm.name == BASELINE else intervention_cells:
+            first_cell = (seed, train_seed) == baseline_cells[0]
+            repeats = baseline_repeats if arm.name == BASELINE and first_cell else 1
+            weights = fingerprint(arm.name, seed, arm.changes_init)
+            rows += [(arm.name, seed, str(train_seed), weights, arm.changes_init, "FINISHED")] * repeats
+    seed, train_seed = baseline_cells[0]
+    rows += [(BASELINE, seed, str(train_seed), fingerprint(BASELINE, seed, False), False,
+              "FAILED")] * failed_runs
     runs = pd.DataFrame(rows, columns=["intervention", "seed", "train_seed", "init_fingerprint",
-                                       "changes_init", "status", "test_loss"])
+                                       "changes_init", "status"])
     runs.insert(0, "run_id", [f"synthetic-{i:04d}" for i in range(len(runs))])
-    histories = _histories(runs, noise, periods, steps_per_period, rng)
-    return SyntheticStudy(runs, histories, noise, list(interventions))
+    study = SyntheticStudy(runs, pd.DataFrame(), noise, list(interventions), baseline_loss,
+                           dict(init_offsets or {}))
+    rng = np.random.default_rng(rng_seed)
+    runs["test_loss"] = study.simulate(1, rng)[0]
+    study.histories = _histories(runs, noise, periods, steps_per_period, rng)
+    return study
 
 
 def _histories(runs, noise, periods, steps_per_period, rng) -> pd.DataFrame:

@@ -16,11 +16,10 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness.__main__ import compose_trial
-from harness.config import TrialConfig
+from harness.config import TrialConfig, compose_trial
 from harness.launch import set_determinism
 from harness.paths import PROJECT_ROOT
-from harness.trainer import Trial
+from harness.trainer import Trial, mfu
 
 BENCH_KEYS = {"steps": 20, "warmup": 5, "compare": None, "repeat": False, "repeat_steps": 50, "deterministic": False,
               "peak_flops": None}
@@ -61,7 +60,7 @@ def measure(cfg: TrialConfig, steps: int, warmup: int, peak_flops) -> dict:
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "step_ms": 1000 * seconds, "data_ms": 1000 * data_seconds, "tokens_per_sec": tokens_per_sec,
-        "mfu": tokens_per_sec * trial.model.flops_per_token() / peak if peak else None,
+        "mfu": mfu(tokens_per_sec, trial.model.flops_per_token(), peak, trial.ranks.world) if peak else None,
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "top_ops": top_ops,
@@ -92,11 +91,12 @@ def losses_of_two_runs(cfg: TrialConfig, steps: int) -> tuple[list[float], list[
 
 
 def report(name: str, result: dict) -> str:
-    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak; pass peak_flops=)"
+    utilisation = (f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None
+                   else "n/a (no known peak; pass peak_flops=)")
     lines = [
         f"== {name} on {result['device']}",
         f"   step {result['step_ms']:.1f} ms (data {result['data_ms']:.1f} ms) | {result['tokens_per_sec']:,.0f} tokens/s"
-        f" | MFU {mfu} | peak memory {result['peak_memory_gib']:.2f} GiB",
+        f" | MFU {utilisation} | peak memory {result['peak_memory_gib']:.2f} GiB",
         "   step time by op (self time share):",
     ]
     lines += [f"     {share:6.1%}  {op}" for op, share in result["top_ops"]]

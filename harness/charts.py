@@ -35,7 +35,8 @@ def write_charts(history: dict, periods: list[dict], out_dir: Path, grad_clip: O
         ax.fill_between(ends, [p["train_loss_min"] for p in periods], [p["train_loss_max"] for p in periods],
                         alpha=0.2, label="period min–max")
         ax.plot(ends, [p["train_loss_avg"] for p in periods], "o-", label="period average")
-        best = min(periods, key=lambda p: p["train_loss_avg"])
+        bests = [p for p in periods if p.get("is_best")]  # the trainer's rule; charts of bare statistics: the lowest
+        best = bests[-1] if bests else min(periods, key=lambda p: p["train_loss_avg"])
         ax.plot(best["step"], best["train_loss_avg"], "*", ms=14, color="gold", mec="k", label=f"best (step {best['step']})")
     ax.set(xlabel="step", ylabel="cross-entropy", title="Training loss")
     ax.legend()

@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -33,8 +34,8 @@ STAGING_DIR = re.compile(r"\.step_\d+\.tmp")
 POINTERS = ("latest", "best")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that could not be written, or that does not match its manifest."""
+class CheckpointError(ValueError):
+    """A checkpoint that could not be written, or cannot be read as saved; the message names the file."""
 
 
 def rng_state() -> dict:
@@ -273,7 +274,14 @@ def sha256(path: Path) -> str:
 
 def read_manifest(checkpoint: Path) -> Optional[dict]:
     path = Path(checkpoint) / MANIFEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["files"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path} is not a readable checkpoint manifest ({error})") from None
+    return manifest
 
 
 def verify(checkpoint: Path) -> Optional[dict]:
@@ -299,8 +307,56 @@ def resolve(directory: Path, which: str = "latest") -> Optional[Path]:
     return Path(directory) / pointer.read_text().strip() if pointer.exists() else None
 
 
+def damaged_files(checkpoint: Path) -> list[str]:
+    """What is wrong with each file of the checkpoint (missing, truncated, not its format), read without loading it."""
+    checkpoint = Path(checkpoint)
+    problems = [_safetensors_problem(checkpoint / MODEL_FILE)]
+    problems += [_zip_problem(path) for path in [checkpoint / STATE_FILE, *sorted(checkpoint.glob("rng_rank*.pt"))]]
+    return [problem for problem in problems if problem]
+
+
+def require_intact(checkpoint: Path) -> None:
+    problems = damaged_files(checkpoint)
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors it lists, up to the last byte."""
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_bytes)) if 8 + header_bytes <= size else None
+    except (OSError, ValueError):
+        header = None
+    tensors = [entry for name, entry in header.items() if name != "__metadata__"] if isinstance(header, dict) else None
+    if tensors is None or not all(isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2
+                                  for entry in tensors):
+        return f"{path} is not a readable safetensors file (its header is cut off or damaged)"
+    end = max((entry["data_offsets"][1] for entry in tensors), default=0)
+    if size != 8 + header_bytes + end:
+        return f"{path} is truncated or damaged: {size:,} bytes where its header needs {8 + header_bytes + end:,}"
+    return None
+
+
+def _zip_problem(path: Path) -> Optional[str]:
+    """torch.save writes a zip archive, whose directory is at its end: a cut-off file has none."""
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"{path} is truncated or damaged ({error})"
+    return None
+
+
 def load(checkpoint: Path, model: torch.nn.Module, rank: int = 0) -> dict:
-    """Verify, then load the weights into `model`; returns the trial state with this rank's RNG state under "rng"."""
+    """Check, then load the weights into `model`; returns the trial state with this rank's RNG state under "rng"."""
+    require_intact(checkpoint)
     verify(checkpoint)
     load_model(model, str(checkpoint / MODEL_FILE))
     state = torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")

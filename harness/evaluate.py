@@ -2,11 +2,11 @@
 
 PATH is a trial's run directory (its `checkpoints/latest`, or `best`, is evaluated), its `checkpoints/`
 directory, or one `step_NNNNNN` checkpoint. The trial's saved `config.yaml` rebuilds the model and names the
-test window; the loss (full fp32, dropout off, as at the end of a trial) is printed to 6 decimals and logged
-as `checkpoint_test_loss` at the checkpoint's step into the trial's own MLflow run, whose status is left as
-it was. The store is the trial's `tracking.uri` (a different MLFLOW_TRACKING_URI is refused), else
-MLFLOW_TRACKING_URI, else the project's mlflow.db. Every file of the checkpoint is checked against its sha256
-manifest first.
+test window; the losses (dropout off, as at the end of a trial: full fp32, and the study's fp16-autocast
+evaluation) are printed to 6 decimals and logged as `checkpoint_test_loss` and `checkpoint_test_loss_amp` at
+the checkpoint's step into the trial's own MLflow run, whose status is left as it was. The store is the
+trial's `tracking.uri` (a different MLFLOW_TRACKING_URI is refused), else MLFLOW_TRACKING_URI, else the
+project's mlflow.db. Every file of the checkpoint is checked against its sha256 manifest first.
 """
 
 import os
@@ -23,18 +23,18 @@ from safetensors.torch import load_model
 from harness import checkpoint
 from harness.config import TrialConfig, config_hash, to_trial_config
 from harness.data.loader import open_dataset
-from harness.checkpoint import CheckpointError
-from harness.data.shards import ChecksumError
+from harness.data.shards import DataError
 from harness.model import GPTModel
 from harness.records import own_store
-from harness.trainer import build_model, held_out_loss
+from harness.trainer import build_model, held_out_losses, study_test_autocast
 from harness.tracking import default_tracking_uri
 
 USAGE = """\
 usage: python -m harness.evaluate PATH [best|latest]
 
-Evaluates a saved checkpoint on its trial's held-out test window and logs the loss as
-checkpoint_test_loss (at the checkpoint's step) into the trial's MLflow run.
+Evaluates a saved checkpoint on its trial's held-out test window and logs the losses as
+checkpoint_test_loss (full fp32) and checkpoint_test_loss_amp (the study's fp16-autocast evaluation), at the
+checkpoint's step, into the trial's MLflow run.
 
   PATH    a run directory, its checkpoints/ directory, or a step_NNNNNN checkpoint directory
   best    the checkpoint with the lowest period-average training loss
@@ -44,7 +44,7 @@ checkpoint_test_loss (at the checkpoint's step) into the trial's MLflow run.
 POINTERS = ("best", "latest")
 # Errors that mean bad input (a wrong path, a missing store, a mismatched file): the commands print their
 # message instead of a traceback.
-INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, ChecksumError, CheckpointError, HydraException)
+INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, DataError, HydraException)  # CheckpointError is a ValueError
 
 
 @dataclass
@@ -67,12 +67,14 @@ def load_saved_trial(path: Path, which: Optional[str] = None) -> SavedTrial:
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: the checkpoint {found} needs its trial's saved config")
     cfg = to_trial_config(OmegaConf.load(config_file))
+    checkpoint.require_intact(found)
     checkpoint.verify(found)  # a corrupt file is an error naming it, never a silently different model
     state = torch.load(found / checkpoint.STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
     expected = config_hash(cfg, state.get("world_size"))
     if state["config_hash"] != expected:
         raise ValueError(f"{found} was saved with config_hash {state['config_hash']}, but {config_file} "
-                         f"has {expected}")
+                         f"has {expected}: another config, or a checkpoint of a harness version whose "
+                         f"config_hash covered other keys")
     model = build_model(cfg)
     load_model(model, str(found / checkpoint.MODEL_FILE))
     return SavedTrial(cfg, model.eval(), found, state["run_id"], state["step"], state["config_hash"])
@@ -91,8 +93,9 @@ def evaluation_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def evaluate_checkpoint(path: Path, which: Optional[str] = None) -> tuple[float, SavedTrial]:
-    """Evaluate the checkpoint and log `checkpoint_test_loss` at its step into its trial's MLflow run."""
+def evaluate_checkpoint(path: Path, which: Optional[str] = None) -> tuple[dict[str, float], SavedTrial]:
+    """Evaluate the checkpoint and log `checkpoint_test_loss` and `checkpoint_test_loss_amp` at its step into
+    its trial's MLflow run; returns {"test_loss": …, "test_loss_amp": …} and the checkpoint."""
     from mlflow.exceptions import MlflowException
 
     saved = load_saved_trial(path, which)
@@ -105,9 +108,12 @@ def evaluate_checkpoint(path: Path, which: Optional[str] = None) -> tuple[float,
         raise FileNotFoundError(f"the checkpoint's MLflow run {saved.run_id} is not in {uri}; "
                                 f"set MLFLOW_TRACKING_URI to the store the trial logged to") from None
     tokens = open_dataset(saved.cfg.data, "test")
-    loss = held_out_loss(saved.model.to(evaluation_device()), tokens, saved.cfg.data)
-    client.log_metric(saved.run_id, "checkpoint_test_loss", loss, step=saved.step)
-    return loss, saved
+    device = evaluation_device()
+    losses = held_out_losses(saved.model.to(device), tokens, saved.cfg.data,
+                             study_test_autocast(saved.cfg.trainer.precision, device))
+    for name, value in losses.items():
+        client.log_metric(saved.run_id, f"checkpoint_{name}", value, step=saved.step)
+    return losses, saved
 
 
 def error_message(error: BaseException) -> str:
@@ -124,11 +130,12 @@ def main(arguments: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
-        loss, saved = evaluate_checkpoint(Path(path), rest[0] if rest else None)
+        losses, saved = evaluate_checkpoint(Path(path), rest[0] if rest else None)
     except INPUT_ERRORS as error:
         print(f"error: {error_message(error)}", file=sys.stderr)
         return 2
-    print(f"checkpoint_test_loss {loss:.6f}  step {saved.step}  run {saved.run_id}  checkpoint {saved.checkpoint}")
+    print(f"checkpoint_test_loss {losses['test_loss']:.6f}  checkpoint_test_loss_amp {losses['test_loss_amp']:.6f}  "
+          f"step {saved.step}  run {saved.run_id}  checkpoint {saved.checkpoint}")
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from harness.config import TrialConfig
+from harness.preflight import check_trial
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ def under_torchrun() -> bool:
 
 
 def launch(cfg: TrialConfig, run_dir: Path) -> dict:
-    """Run the trial on `trainer.nproc_per_node` local ranks (or the ranks torchrun already started)."""
+    """Run the trial on `trainer.nproc_per_node` local ranks (or the ranks torchrun already started), once
+    this process has checked it on this machine: a bad trial is refused here, never inside a rank."""
+    check_trial(cfg)
     n = cfg.trainer.nproc_per_node
     if n == 1 or under_torchrun():
         return run_rank(cfg, str(run_dir))

@@ -4,33 +4,11 @@ Module construction order is part of the contract: PyTorch default initialisatio
 the global RNG in that order, so it fixes which initial weights a seed produces.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 50257
-    context_length: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    d_model: int = 768
-    dropout: float = 0.1
-    qkv_bias: bool = False
-    tie_weights: bool = False
-    tied_init: str = "embedding"  # tied matrix drawn as the embedding's N(0,1) (the seeds') or as the head's Linear init
-    ln_eps: float = 1e-5
-
-    def __post_init__(self):
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
-        if self.tied_init not in ("embedding", "head"):
-            raise ValueError(f"model.tied_init={self.tied_init!r}; choose embedding or head")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+from harness.config import ModelConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -107,11 +85,14 @@ class GPTModel(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM appendix B; N without position embeddings)."""
+        """Training matmul FLOPs per token: 6·M + 12·L·d·T (PaLM, appendix B), M = the weights that multiply an
+        activation, each once: every Linear's weight, the output head included. The token and position
+        embeddings are lookups, not matmuls; a tied matrix multiplies once, as the head. Biases, LayerNorms
+        and the softmax are left out. 12·L·d·T is attention's QKᵀ and AV (2·2·T·d forward per layer, ×3 to
+        train)."""
         cfg = self.cfg
-        n = self.num_parameters() - self.pos_emb.weight.numel()
-        head_dim = cfg.d_model // cfg.n_head
-        return 6 * n + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.context_length
+        weights = {id(m.weight): m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)}
+        return 6 * sum(weights.values()) + 12 * cfg.n_layer * cfg.d_model * cfg.context_length
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,41 +1,12 @@
 """AdamW and the learning-rate schedules, each from a validated config."""
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from fractions import Fraction
 
 import torch
 
+from harness.config import OptimConfig
 from harness.plugins import Plugins
-
-SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "wsd")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 4e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: Optional[float] = None  # max global L2 norm; None = no clipping
-    schedule: str = "constant"
-    warmup_fraction: float = 0.05
-    warmup_start_factor: float = 1e-5
-    final_lr_ratio: float = 0.1  # the decay ends at lr * final_lr_ratio at the last step
-    decay_fraction: float = 0.2  # wsd: the final share of steps spent decaying (linearly) from the plateau
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"optim.grad_clip={self.grad_clip} must be positive (or null for no clipping)")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
-        if not 0.0 < self.decay_fraction <= 1.0 - self.warmup_fraction:
-            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1 - warmup_fraction]")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, plugins: Plugins) -> torch.optim.AdamW:
@@ -48,17 +19,33 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, plugins: Plugins) 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
+def whole_steps(fraction: float, total_steps: int) -> int:
+    """floor(fraction × total_steps) of the fraction as written (0.05 is 5/100), so 5% of 33,165 steps is
+    33,165 × 5 // 100 = 1,658 exactly as the reference code computes it, free of binary rounding."""
+    return math.floor(Fraction(repr(fraction)) * total_steps)
+
+
+def warmup_steps(total_steps: int, cfg: OptimConfig) -> int:
+    return whole_steps(cfg.warmup_fraction, total_steps)
+
+
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier of `cfg.lr` for the update at `step` (0-based)."""
+    """Multiplier of `cfg.lr` for the update at `step` (0-based), in closed form.
+
+    The same schedule as torch's `SequentialLR` of `LinearLR(start_factor, total_iters=warmup)` then
+    `CosineAnnealingLR(T_max=total − warmup, eta_min=lr × final_lr_ratio)` (warmup_cosine, the seeds'
+    lr_schedule), or a `LinearLR` decay (warmup_linear; wsd after a constant plateau): the decay spans
+    total − start steps, so it reaches the final ratio one step after the last, as the reference's did.
+    """
     if cfg.schedule == "constant":
         return 1.0
-    warmup_steps = int(cfg.warmup_fraction * total_steps)
-    if step < warmup_steps:
-        return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * step / warmup_steps
-    decay_start = total_steps - int(cfg.decay_fraction * total_steps) if cfg.schedule == "wsd" else warmup_steps
+    warmup = warmup_steps(total_steps, cfg)
+    if step < warmup:
+        return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * step / warmup
+    decay_start = total_steps - whole_steps(cfg.decay_fraction, total_steps) if cfg.schedule == "wsd" else warmup
     if step < decay_start:
         return 1.0
-    progress = min(1.0, (step - decay_start) / max(1, total_steps - 1 - decay_start))
+    progress = (step - decay_start) / (total_steps - decay_start)
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "warmup_cosine" else 1.0 - progress
     return cfg.final_lr_ratio + (1.0 - cfg.final_lr_ratio) * shape
 

@@ -10,13 +10,14 @@ import torch
 class Precision:
     mode: str
     device: torch.device
+    device_requested: bool = False  # trainer.device named explicitly (not `auto`)
 
     def __post_init__(self):
-        if self.device.type != "cuda" and self.mode == "fp16_amp":
+        if self.device.type == "cpu" and self.mode == "fp16_amp" and not self.device_requested:
             raise ValueError(
-                "trainer.precision=fp16_amp needs a CUDA device (fp16 autocast with GradScaler). On CPU use "
-                "trainer.precision=tf32 or fp32 (same arithmetic there), or bf16_amp (runs, but ~15× slower on "
-                "CPUs without bf16 matmul units)."
+                "trainer.precision=fp16_amp but no CUDA device was found. On CPU use trainer.precision=tf32 or fp32 "
+                "(same arithmetic there). fp16 autocast with GradScaler does run on a CPU, emulated and several times "
+                "slower than fp32: ask for it explicitly with trainer.device=cpu."
             )
         torch.set_float32_matmul_precision("highest" if self.mode == "fp32" else "high")
         torch.backends.cuda.matmul.allow_tf32 = self.mode != "fp32"

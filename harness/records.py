@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from harness.tracking import (HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, UNSENT_FILE, connect, normalize_uri, send,
-                              transient)
+from harness.tracking import (HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, UNSENT_FILE, connect, default_tracking_uri,
+                              normalize_uri, send, transient)
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,11 @@ def holders(runs: list, now: float, alive: Optional[str] = None) -> list:
     return sorted(live, key=order)
 
 
-def trial_runs(client, experiment_id: str, study: str, config_hash: str) -> list:
-    return search(client, [experiment_id], f"tags.study = '{study}' and tags.config_hash = '{config_hash}'")
+def trial_runs(client, experiment_id: str, study: str, config_hash: str, code_version: Optional[str] = None) -> list:
+    """The study's runs of the computation; with `code_version`, only those made by that code (a sweep that
+    does not reuse other code versions' runs does not let them hold its trials either)."""
+    found = f"tags.study = '{study}' and tags.config_hash = '{config_hash}'"
+    return search(client, [experiment_id], found + (f" and tags.code_version = '{code_version}'" if code_version else ""))
 
 
 def describe(run, now: float) -> str:
@@ -129,10 +132,11 @@ def describe(run, now: float) -> str:
             f"{now - heartbeat(run):.0f} s ago)")
 
 
-def claim(client, experiment_id: str, run_id: str, study: str, config_hash: str, slots: int) -> Optional[str]:
+def claim(client, experiment_id: str, run_id: str, study: str, config_hash: str, slots: int,
+          code_version: Optional[str] = None) -> Optional[str]:
     """None when `run_id` holds one of the computation's `slots` in the study; else who holds them."""
     now = time.time()
-    ranked = holders(trial_runs(client, experiment_id, study, config_hash), now, alive=run_id)
+    ranked = holders(trial_runs(client, experiment_id, study, config_hash, code_version), now, alive=run_id)
     ids = [r.info.run_id for r in ranked]
     if (ids.index(run_id) if run_id in ids else len(ids)) < slots:
         return None
@@ -140,9 +144,10 @@ def claim(client, experiment_id: str, run_id: str, study: str, config_hash: str,
     return f"study {study} already has this trial (config_hash {config_hash}): {'; '.join(others)}"
 
 
-def claim_new_run(client, experiment_id: str, run_id: str, study: str, config_hash: str, slots: int) -> Optional[str]:
+def claim_new_run(client, experiment_id: str, run_id: str, study: str, config_hash: str, slots: int,
+                  code_version: Optional[str] = None) -> Optional[str]:
     time.sleep(CLAIM_SETTLE)  # every run created before ours is visible by now
-    return claim(client, experiment_id, run_id, study, config_hash, slots)
+    return claim(client, experiment_id, run_id, study, config_hash, slots, code_version)
 
 
 class Watch:
@@ -150,13 +155,12 @@ class Watch:
     store could not hear it, and (for a study trial) returns why the trial must stop when another run holds
     its claim."""
 
-    def __init__(self, client, experiment_id: str, run_id: str, claim: Optional[tuple[str, str, int]] = None):
+    def __init__(self, client, experiment_id: str, run_id: str, claim: Optional[tuple[str, str, int, Optional[str]]] = None):
         self.client, self.experiment_id, self.run_id, self.claim = client, experiment_id, run_id, claim
 
     def __call__(self) -> Optional[str]:
         if self.claim is not None:
-            study, config_hash, slots = self.claim
-            reason = claim(self.client, self.experiment_id, self.run_id, study, config_hash, slots)
+            reason = claim(self.client, self.experiment_id, self.run_id, *self.claim)
             if reason:
                 return reason
         run = self.client.get_run(self.run_id)
@@ -178,6 +182,15 @@ def own_store(saved_uri: Optional[str], requested_uri: Optional[str], source: st
                          f"{normalize_uri(requested_uri)}; its records stay in its own run, so use its store "
                          f"(drop {source} or set it to {normalize_uri(saved_uri)})")
     return saved_uri or requested_uri
+
+
+def resumed_already_finished(cfg) -> Optional[str]:
+    """For a trial to resume (its saved config, `resume` set): a line saying its run already FINISHED, else None."""
+    from harness import checkpoint
+    from harness.trainer import resume_run_id
+
+    uri = cfg.tracking.uri or default_tracking_uri()
+    return finished_already(uri, resume_run_id(checkpoint.find(Path(cfg.resume))), cfg.tracking.connect_timeout)
 
 
 def finished_already(uri: str, run_id: str, timeout: float) -> Optional[str]:

@@ -3,8 +3,10 @@
 The overrides compose a trial exactly as `python -m harness` would (e.g. `scale=gpt2_small`); only its
 test window (data.*) and context length are used: the reference model is evaluated on the same held-out
 tokens, cut into the same sequences, as that scale's trials. The MLflow run is tagged
-`intervention=reference`, `scale`, `reference_source` (the directory) and records `test_loss`.
-OpenAI's GPT-2 small scores 3.499677 on the gpt2_small window (SEEDS.md).
+`intervention=reference`, `scale`, `reference_source` (the directory) and records `test_loss` (full fp32) and
+`test_loss_amp` (the study's evaluation: fp16 autocast, mean of per-batch means; see
+`harness.trainer.held_out_losses`). OpenAI's GPT-2 small scores 3.499677 on the gpt2_small window (SEEDS.md):
+that is the `test_loss_amp` number.
 """
 
 import dataclasses
@@ -15,13 +17,12 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from harness import hf
-from harness.__main__ import compose_trial
-from harness.config import TrialConfig, as_dict, flatten
+from harness.config import TrialConfig, as_dict, compose_trial, flatten
 from harness.data.loader import open_dataset
 from harness.evaluate import INPUT_ERRORS, error_message, evaluation_device
 from harness.paths import PROJECT_ROOT
 from harness.tracking import Tracker
-from harness.trainer import held_out_loss
+from harness.trainer import held_out_losses, study_test_autocast
 
 USAGE = """\
 usage: python -m harness.reference path=DIR [trial overrides, e.g. scale=gpt2_small]
@@ -45,20 +46,22 @@ def evaluate_reference(source: Path, cfg: TrialConfig) -> dict:
     model = hf.load_gpt2(source, context_length=cfg.model.context_length)
     tokens = open_dataset(cfg.data, "test")
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    device = evaluation_device()
+    autocast = study_test_autocast(cfg.trainer.precision, device)
     tags = {"intervention": "reference", "scale": cfg.scale, "reference_source": str(source),
-            "device": str(evaluation_device())}
+            "device": str(device), "test_loss_amp_autocast": str(autocast or "none")}
     params = {"scale": cfg.scale, "study": cfg.study, **flatten({"data": as_dict(cfg)["data"]}),
               **flatten({"model": dataclasses.asdict(model.cfg)})}
     tracker.start(f"reference-{source.name}", tags, params)
     try:
-        loss = held_out_loss(model.to(evaluation_device()), tokens, cfg.data)
-        tracker.log_metrics({"test_loss": loss, "parameters": model.num_parameters()}, step=0)
+        losses = held_out_losses(model.to(device), tokens, cfg.data, autocast)
+        tracker.log_metrics({**losses, "parameters": model.num_parameters()}, step=0)
     except BaseException as error:
         tracker.set_tags({"failure_reason": f"{type(error).__name__}: {error}"[:5000]})
         tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
-    return {"test_loss": loss, "run_id": tracker.run_id}
+    return {**losses, "run_id": tracker.run_id}
 
 
 def main(arguments: list[str]) -> int:
@@ -75,7 +78,8 @@ def main(arguments: list[str]) -> int:
     except INPUT_ERRORS as error:
         print(f"error: {error_message(error)}", file=sys.stderr)
         return 2
-    print(f"test_loss {result['test_loss']:.6f}  run {result['run_id']}  reference {paths[0]}")
+    print(f"test_loss {result['test_loss']:.6f}  test_loss_amp {result['test_loss_amp']:.6f}  run {result['run_id']}  "
+          f"reference {paths[0]}")
     return 0
 
 

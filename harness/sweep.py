@@ -16,7 +16,6 @@ marked KILLED when a study starts and while it waits.
 import csv
 import io
 import os
-import re
 import socket
 import threading
 import time
@@ -31,9 +30,11 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import records
-from harness.config import TrialConfig, config_hash
+from harness.config import STUDY_TAG, TrialConfig, compose_trial, config_hash
+from harness.preflight import check_trial
 from harness.records import ClaimedElsewhere
 from harness.study import StudyConf, Trial, factorial_design, study_trials
+from harness.version import code_version
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -49,7 +50,6 @@ PER_TRIAL_KEYS = {
 ENDED = ("FINISHED", "FAILED", "KILLED")
 ELSEWHERE = "ELSEWHERE"  # claimed by another execution of the study: waited for
 STORE_PATIENCE = 600.0  # seconds a study waits for an unreachable store before it gives up
-STUDY_TAG = re.compile(r"[A-Za-z0-9_.-]+")
 JobEnd = tuple[str, str]  # (status, note) of a job whose MLflow run may not tell: FAILED, or LOST with its launcher
 
 
@@ -69,6 +69,7 @@ class PlannedTrial:
     earlier_run: Optional["Run"] = None  # a FINISHED MLflow run of the same computation in the study
     elsewhere_run: Optional["Run"] = None  # the run another execution FINISHED while this one waited
     slots: int = 1  # runs of this computation the study asks for (exact repeats ask for several)
+    rerun_reason: str = ""  # why a FINISHED run of the same computation was not reused
 
 
 @dataclass
@@ -97,7 +98,8 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
         overrides = [*study.overrides, *arguments, *trial.overrides()]
         try:
             trial_cfg = compose_trial_config(config_loader, config, overrides)
-        except (KeyError, ValueError) as error:  # the schema's checks; nothing has run yet
+            check_trial(trial_cfg)
+        except (KeyError, ValueError) as error:  # the config's and the machine's checks; nothing has run yet
             raise StudyError(f"study {tag}, trial {trial.name}: {error}") from None
         planned.append(PlannedTrial(trial, overrides, config_hash(trial_cfg, world)))
     slots = Counter(p.config_hash for p in planned)
@@ -108,20 +110,26 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
 
     # Tracking and rerun come from the command line, so every trial has the last one's.
     tracking = trial_cfg.tracking
+    version = code_version()
     try:
-        store = StudyStore(tracking.uri, tracking.experiment, tag, tracking.connect_timeout, tracking.heartbeat_interval)
+        store = StudyStore(tracking.uri, tracking.experiment, tag, tracking.connect_timeout, tracking.heartbeat_interval,
+                           None if trial_cfg.reuse_other_code_versions else version)
     except records.TrackingUnavailable as error:
         raise StudyError(f"study {tag}: {error}") from None
     store.mark_stale()
     if not trial_cfg.rerun:
-        skip_finished(planned, store.finished_runs())
+        skip_finished(planned, store.finished_runs(), version, trial_cfg.reuse_other_code_versions)
     pending = [p for p in planned if p.earlier_run is None]
     launcher_name = config.hydra.runtime.choices.get("hydra/launcher")
     design = factorial_design(study.factorial.factors, study.factorial.resolution).describe() if study.factorial else ""
     parent_id = store.start_parent(study, planned, arguments, launcher_name, str(config.hydra.sweep.dir), design)
     print(f"[study {tag}] {study.description}" + (f"\n[study {tag}] {design}" if design else ""))
     print(f"[study {tag}] {len(planned)} trials: {len(planned) - len(pending)} already FINISHED (skipped), "
-          f"{len(pending)} to run with the {launcher_name} launcher; parent run {parent_id} in {store.uri}", flush=True)
+          f"{len(pending)} to run with the {launcher_name} launcher; parent run {parent_id} in {store.uri}; "
+          f"code version {version}", flush=True)
+    for p in pending:
+        if p.rerun_reason:
+            print(f"[study {tag}] {p.trial.name} runs again: {p.rerun_reason}", flush=True)
 
     ended_early: dict[int, JobEnd] = {}  # by id(PlannedTrial)
     status = None
@@ -172,20 +180,29 @@ def check_command_line(arguments: list[str]) -> None:
 
 def compose_trial_config(config_loader, master_config: DictConfig, overrides: list[str]) -> TrialConfig:
     """The trial's config exactly as its job will compose it, to know its config_hash before it runs."""
-    from harness.__main__ import compose_trial
-
     cfg = config_loader.load_sweep_config(master_config, overrides)
     with open_dict(cfg):
         del cfg["hydra"]
     return compose_trial(cfg, overrides)
 
 
-def skip_finished(planned: list[PlannedTrial], finished: dict[str, list]) -> None:
-    """A study asking for n runs of one computation (exact repeats) reuses up to n FINISHED ones."""
+def skip_finished(planned: list[PlannedTrial], finished: dict[str, list], version: str,
+                  reuse_other_code_versions: bool = False) -> None:
+    """A study asking for n runs of one computation (exact repeats) reuses up to n FINISHED ones, made by this
+    code version (the `code_version` tag) unless `reuse_other_code_versions`. A trial that finds only runs of
+    other code versions runs again and says why in `rerun_reason`."""
     available = {h: sorted(runs, key=lambda r: r.info.start_time) for h, runs in finished.items()}
     for p in planned:
-        if available.get(p.config_hash):
-            p.earlier_run = available[p.config_hash].pop(0)
+        runs = available.get(p.config_hash, [])
+        usable = [r for r in runs if reuse_other_code_versions or r.data.tags.get("code_version") == version]
+        if usable:
+            p.earlier_run = usable[0]
+            runs.remove(usable[0])
+        elif runs:
+            other = runs[0]
+            p.rerun_reason = (f"its FINISHED run {other.info.run_id} was made by code version "
+                              f"{other.data.tags.get('code_version', '(not recorded)')}, not by this one ({version}); "
+                              f"reuse_other_code_versions=true would reuse it")
 
 
 def launch(launcher: Launcher, jobs: list[list[str]], first_index: int) -> list[Optional[JobEnd]]:
@@ -318,13 +335,14 @@ class StudyStore:
     """The study's runs in the MLflow store: a sqlite file or a tracking server."""
 
     def __init__(self, uri: Optional[str], experiment: str, study: str, connect_timeout: float = 10.0,
-                 heartbeat_interval: float = 30.0):
+                 heartbeat_interval: float = 30.0, code_version: Optional[str] = None):
+        """`code_version`: only runs made by that code hold a trial's claim (None: any code's runs do)."""
         from harness.tracking import Tracker
 
         tracker = Tracker(uri, experiment, connect_timeout=connect_timeout)  # the experiment, as the trials make it
         self.client, self.uri, self.study = tracker.client, tracker.uri, study
         self.experiment_id = tracker.experiment_id
-        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_interval, self.code_version = heartbeat_interval, code_version
         self._stop = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
 
@@ -355,8 +373,10 @@ class StudyStore:
             print(f"[study {self.study}] marked run {run.info.run_id} ({run.info.run_name}) KILLED: {reason}", flush=True)
 
     def holders(self, computation: str) -> list:
-        return records.holders(self.search(f"tags.study = '{self.study}' and tags.config_hash = '{computation}'"),
-                               time.time())
+        """The runs holding the computation's claim: made by this code version, unless the study reuses others'."""
+        version = f" and tags.code_version = '{self.code_version}'" if self.code_version else ""
+        return records.holders(self.search(f"tags.study = '{self.study}' and tags.config_hash = '{computation}'"
+                                           + version), time.time())
 
     def pass_over_claimed(self, batch: list[PlannedTrial], ended_early: dict[int, JobEnd]) -> list[PlannedTrial]:
         """The trials of `batch` to launch now: those whose computation has fewer holders than it needs. The
@@ -432,7 +452,8 @@ class StudyStore:
         from harness.tracking import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, git_state
 
         tags = {"study": self.study, "study_parent": "true", "launcher": launcher, "sweep_dir": sweep_dir,
-                "host": socket.gethostname(), "mlflow.note.content": "\n\n".join(filter(None, [study.description, design])),
+                "host": socket.gethostname(), "code_version": code_version(),
+                "mlflow.note.content": "\n\n".join(filter(None, [study.description, design])),
                 HEARTBEAT_TAG: f"{time.time():.3f}", HEARTBEAT_INTERVAL_TAG: f"{self.heartbeat_interval:g}"}
         commit, dirty = git_state()
         if commit:
@@ -442,8 +463,10 @@ class StudyStore:
         del settings["_target_"]
         record = {"study": self.study, "settings": settings, "command_line": arguments, "launcher": launcher,
                   "sweep_dir": sweep_dir, "design": design,
+                  "code_version": code_version(),
                   "trials": [{"name": p.trial.name, "config_hash": p.config_hash, "overrides": p.overrides,
-                              "reuses_run": p.earlier_run.info.run_id if p.earlier_run else None} for p in planned]}
+                              "reuses_run": p.earlier_run.info.run_id if p.earlier_run else None,
+                              "rerun_reason": p.rerun_reason or None} for p in planned]}
         self.client.log_text(run_id, OmegaConf.to_yaml(record), "study.yaml")
         for key in ("arms", "seeds", "train_seeds", "overrides"):
             self.client.log_param(run_id, key, str(settings[key])[:6000])

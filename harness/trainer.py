@@ -31,11 +31,33 @@ from harness.precision import Precision
 from harness.sampling import continue_text
 from harness.records import ClaimedElsewhere
 from harness.tracking import NullTracker, Tracker, default_tracking_uri, probe
+from harness.version import code_version
 
 log = logging.getLogger(__name__)
 
-# Dense fp16/bf16 tensor-core peak FLOP/s used for MFU, by substring of the CUDA device name.
+# Dense fp16/bf16 tensor-core peak FLOP/s of one device, used for MFU, by substring of the CUDA device name.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops_per_device: float, devices: int) -> float:
+    """Model FLOPs utilisation: the model's matmul FLOP/s (`GPTModel.flops_per_token`) over the peak of all
+    the devices that produced `tokens_per_sec` together."""
+    return tokens_per_sec * flops_per_token / (peak_flops_per_device * devices)
+
+
+def ends_period(step: int, interval: int, total_steps: int) -> bool:
+    """Whether the 0-based `step` closes a checkpoint period. The reference code checkpoints after
+    `global_step % interval == 0` (step 0 included) and after the last step, so its periods are step 0, steps
+    1…interval, interval+1…2·interval, …; the harness labels each by the steps done (1, interval+1, …)."""
+    return step % interval == 0 or step == total_steps - 1
+
+
+def is_best_period(stats: dict, earlier: list[dict]) -> bool:
+    """The reference's rule: best = lowest period-average train loss so far (strictly lower than the last best).
+    There a non-finite loss makes the average inf or NaN, so a period with one is never best."""
+    if stats["nonfinite_loss"] or not math.isfinite(stats["train_loss_avg"]):
+        return False
+    return stats["train_loss_avg"] < min((p["train_loss_avg"] for p in earlier if p.get("is_best")), default=math.inf)
 
 
 class DivergenceError(RuntimeError):
@@ -78,18 +100,20 @@ class PeriodStats:
 
     exploding_threshold: float
     grad_clip: Optional[float]
-    scaler_enabled: bool
+    devices: int = 1  # ranks whose tokens the period's throughput counts (MFU is per device)
     losses: list = field(default_factory=list)
     norms: list = field(default_factory=list)
     clipped: int = 0
     exploding: int = 0  # (a) finite norm above the threshold: counted, still applied (clipped if clipping)
     overflow: int = 0  # (b) finite elements whose norm overflows to inf: step skipped
     nonfinite_element: int = 0  # (c) at least one inf/NaN gradient element: step skipped
-    scaler_skips: int = 0  # under fp16, a skipped step also lowers the GradScaler's scale
+    scaler_skips: int = 0  # steps after which the GradScaler's scale was lower than before (fp16: kind c)
+    nonfinite_loss: int = 0  # steps whose training loss was inf or NaN (left out of train_loss_avg/min/max)
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: float, norm: float, max_abs: float) -> None:
+    def add(self, loss: float, norm: float, max_abs: float, scale_lowered: float = 0.0) -> None:
         self.losses.append(loss)
+        self.nonfinite_loss += not math.isfinite(loss)
         finite_elements, finite_norm = math.isfinite(max_abs), math.isfinite(norm)
         if finite_norm:
             self.norms.append(norm)
@@ -97,7 +121,7 @@ class PeriodStats:
             self.clipped += self.grad_clip is not None and norm > self.grad_clip
         self.overflow += finite_elements and not finite_norm
         self.nonfinite_element += not finite_elements
-        self.scaler_skips += self.scaler_enabled and not finite_norm
+        self.scaler_skips += scale_lowered > 0
 
     def summary(self, step: int, tokens: int, flops_per_token: float, peak: Optional[float]) -> dict:
         finite = [x for x in self.losses if math.isfinite(x)] or [float("nan")]
@@ -109,10 +133,10 @@ class PeriodStats:
             "clip_fraction": self.clipped / len(self.losses),
             "nonfinite_exploding": self.exploding, "nonfinite_overflow": self.overflow,
             "nonfinite_element": self.nonfinite_element, "nonfinite_scaler_skips": self.scaler_skips,
-            "tokens_per_sec": tokens / (time.perf_counter() - self.started),
+            "nonfinite_loss": self.nonfinite_loss, "tokens_per_sec": tokens / (time.perf_counter() - self.started),
         }
         if peak:
-            stats["mfu"] = stats["tokens_per_sec"] * flops_per_token / peak
+            stats["mfu"] = mfu(stats["tokens_per_sec"], flops_per_token, peak, self.devices)
         return stats
 
 
@@ -177,11 +201,11 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
     cfg.tracking.uri = tracker.uri  # the saved config names the store actually used
     computation = config_hash(cfg, world)
     claims = cfg.study is not None and not cfg.rerun
+    claim = (cfg.study, computation, t.claim_slots, None if cfg.reuse_other_code_versions else code_version())
     if cfg.resume:  # the checkpoint was verified while the trial was built: a corrupt one never gets here
         run_id = resume_run_id(checkpoint.find(Path(cfg.resume)))
         if claims:
-            reason = records.claim(tracker.client, tracker.experiment_id, run_id, cfg.study, computation,
-                                   t.claim_slots)
+            reason = records.claim(tracker.client, tracker.experiment_id, run_id, *claim)
             if reason:
                 raise ClaimedElsewhere(f"resuming would record this trial twice: {reason} (rerun=true resumes anyway)")
         tracker.resume(run_id)
@@ -200,8 +224,7 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
                 tags["claim_slots"] = str(t.claim_slots)
             tracker.start(trial_name(cfg), tags, flatten(as_dict(cfg)))
             if claims:
-                reason = records.claim_new_run(tracker.client, tracker.experiment_id, tracker.run_id, cfg.study,
-                                               computation, t.claim_slots)
+                reason = records.claim_new_run(tracker.client, tracker.experiment_id, tracker.run_id, *claim)
                 if reason:
                     tracker.discard()
                     raise ClaimedElsewhere(f"{reason}; rerun=true runs it anyway")
@@ -213,7 +236,7 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
             raise
         tracker.log_artifact(config_file)
     tracker.watch = records.Watch(tracker.client, tracker.experiment_id, tracker.run_id,
-                                  (cfg.study, computation, t.claim_slots) if claims else None)
+                                  claim if claims else None)
     return tracker
 
 
@@ -234,6 +257,7 @@ def record_tags(cfg: TrialConfig, computation: str, world: int) -> dict[str, str
         "train_seed": "none" if cfg.train_seed is None else str(cfg.train_seed),
         "data_seed": "none" if cfg.data.seed is None else str(cfg.data.seed),
         "config_hash": computation, "scale": cfg.scale, "world_size": str(world), "host": socket.gethostname(),
+        "code_version": code_version(),
     }
     if cfg.study:
         tags["study"] = cfg.study
@@ -247,7 +271,7 @@ class Trial:
         self.cfg, self.run_dir, self.ranks = cfg, Path(run_dir), ranks
         t = cfg.trainer
         self.device = resolve_device(t.device, ranks)
-        self.precision = Precision(t.precision, self.device)
+        self.precision = Precision(t.precision, self.device, device_requested=t.device != "auto")
         self.accum = t.grad_accum_steps(ranks.world)
         verify = ranks.local_rank == 0  # one sha256 pass per node is enough
         self.batches = TrainBatches(open_dataset(cfg.data, "train", verify), cfg.model.context_length, t.micro_batch_size,
@@ -280,8 +304,9 @@ class Trial:
 
     # --- the step -------------------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
-        """One optimizer step. Returns (loss averaged over ranks, pre-clip norm, max |grad|) on the device:
-        nothing here waits for the device, and a non-finite norm skips the update on the device."""
+        """One optimizer step. Returns (loss averaged over ranks, pre-clip norm, max |grad|, 1 if the GradScaler
+        lowered its scale else 0) on the device: nothing here waits for the device, and a non-finite norm skips
+        the update on the device."""
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.accum):
@@ -303,13 +328,16 @@ class Trial:
         # The fused AdamW skips the whole update on the device when found_inf is 1 (GradScaler's protocol).
         self.optimizer.grad_scale, self.optimizer.found_inf = None, (~torch.isfinite(norm)).float()
         self.optimizer.step()
+        # GradScaler keeps its scale on the device (`_scale`); comparing it there costs no host sync.
+        scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
         self.scaler.update()
+        scale_lowered = torch.zeros_like(norm) if scale_before is None else (self.scaler._scale < scale_before).float()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ranks.world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= self.ranks.world
-        return torch.stack([loss_sum, norm.float(), max_abs.float()])
+        return torch.stack([loss_sum, norm.float(), max_abs.float(), scale_lowered.float()])
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -318,7 +346,8 @@ class Trial:
         tracker = open_record(self.cfg, self.run_dir, self.ranks)
         self.run_id = tracker.run_id
         try:
-            tracker.set_tags({"init_fingerprint": self.init_fingerprint, "device": str(self.device)})
+            tracker.set_tags({"init_fingerprint": self.init_fingerprint, "device": str(self.device),
+                              "test_loss_amp_autocast": str(self.test_autocast or "none")})
             result = self._train(tracker)
         except ClaimedElsewhere as error:
             tracker.end("KILLED", {records.REASON_TAG: f"withdrawn: {error}", records.WITHDRAWN_TAG: "true"})
@@ -348,7 +377,7 @@ class Trial:
                    unit="step", dynamic_ncols=True)
         for step in range(self.start_step, t.max_steps):
             pending.append((step + 1, self.scheduler.get_last_lr()[0], self.train_step(step)))
-            period_end = (step + 1) % t.checkpoint_interval == 0 or step + 1 == t.max_steps
+            period_end = ends_period(step, t.checkpoint_interval, t.max_steps)
             if period_end or len(pending) == cfg.tracking.log_interval:
                 self._read_back(pending, period, tracker, bar)
                 pending = []
@@ -360,24 +389,27 @@ class Trial:
         bar.close()
         train_seconds = time.perf_counter() - started
         result = {"run_id": tracker.run_id, "init_fingerprint": self.init_fingerprint, "train_seconds": train_seconds}
-        test_loss = on_main_rank(self.ranks, self.test_loss)
+        losses = on_main_rank(self.ranks, self.test_losses)
         if self.ranks.is_main:
-            result["test_loss"] = test_loss
-            tracker.log_metrics({"test_loss": test_loss, "train_seconds": train_seconds}, step=t.max_steps)
-            log.info("test loss %.6f after %.1f s of training", test_loss, train_seconds)
-        if not math.isfinite(test_loss):
-            raise DivergenceError(f"the test loss of the final weights is {test_loss} (non-finite); "
+            result |= losses
+            tracker.log_metrics({"test_loss": losses["test_loss"], "test_loss_amp": losses["test_loss_amp"],
+                                 "train_seconds": train_seconds}, step=t.max_steps)
+            log.info("test loss %.6f (the study's evaluation: %.6f) after %.1f s of training", losses["test_loss"],
+                     losses["test_loss_amp"], train_seconds)
+        unfinished = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
+        if unfinished:
+            raise DivergenceError(f"the final weights score non-finite: {', '.join(unfinished)}; "
                                   f"{self._kept_checkpoint()}")
         return result
 
     def _new_period(self) -> PeriodStats:
-        return PeriodStats(self.cfg.trainer.exploding_grad_norm, self.cfg.optim.grad_clip, self.scaler.is_enabled())
+        return PeriodStats(self.cfg.trainer.exploding_grad_norm, self.cfg.optim.grad_clip, devices=self.ranks.world)
 
     def _read_back(self, pending, period: PeriodStats, tracker, bar) -> None:
         """The one host synchronisation: per-step values since the last read-back."""
         values = torch.stack([v for _, _, v in pending]).tolist()
-        for (step, lr, _), (loss, norm, max_abs) in zip(pending, values):
-            period.add(loss, norm, max_abs)
+        for (step, lr, _), (loss, norm, max_abs, scale_lowered) in zip(pending, values):
+            period.add(loss, norm, max_abs, scale_lowered)
             for key, value in (("step", step), ("loss", loss), ("grad_norm", norm), ("lr", lr)):
                 self.history[key].append(value)
             tracker.log_metrics({"train_loss": loss, "grad_norm": norm, "lr": lr}, step=step)
@@ -395,10 +427,9 @@ class Trial:
     def _end_period(self, period: PeriodStats, step: int, tracker) -> None:
         stats = period.summary(step, self.tokens_per_step * len(period.losses),
                                self.model.flops_per_token(), self.peak_flops)
-        is_best = math.isfinite(stats["train_loss_avg"]) and all(
-            stats["train_loss_avg"] < p["train_loss_avg"] for p in self.periods)
+        stats["is_best"] = is_best = is_best_period(stats, self.periods)
         self.periods.append(stats)
-        tracker.log_metrics({k: v for k, v in stats.items() if k != "step"} | {"is_best": float(is_best)}, step=step)
+        tracker.log_metrics({k: v for k, v in stats.items() if k != "step"}, step=step)
         weights_finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all().item()
         loss_finite = math.isfinite(self.history["loss"][-1])
         if not (loss_finite and weights_finite):
@@ -481,24 +512,47 @@ class Trial:
         log.info("resumed from %s at step %d", path, self.start_step)
 
     # --- evaluation and records -----------------------------------------------------------------
-    def test_loss(self) -> float:
-        return held_out_loss(self.model, self.test_tokens, self.cfg.data)
+    def test_losses(self) -> dict[str, float]:
+        return held_out_losses(self.model, self.test_tokens, self.cfg.data, self.test_autocast)
+
+    @property
+    def test_autocast(self) -> Optional[torch.dtype]:
+        return study_test_autocast(self.cfg.trainer.precision, self.device)
 
 
-@torch.no_grad()
-def held_out_loss(model: GPTModel, tokens, data_cfg: DataConfig) -> float:
-    """Mean cross-entropy over the fixed held-out window in full fp32, dropout off."""
+def study_test_autocast(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast of `test_loss_amp`: the study scored every model (its no_amp one too) under fp16 autocast
+    (the reference's test_loss.py). On a CPU, where fp16 is emulated and several times slower than fp32, only
+    fp16_amp trials pay for it; the others score without autocast there."""
+    return torch.float16 if device.type == "cuda" or precision == "fp16_amp" else None
+
+
+def held_out_losses(model: GPTModel, tokens, data_cfg: DataConfig, autocast: Optional[torch.dtype]) -> dict[str, float]:
+    """The fixed held-out window's mean cross-entropy, dropout off, computed two ways:
+
+    - `test_loss`: in full fp32 (highest matmul precision);
+    - `test_loss_amp`: as the study computed its published losses (its test_loss.py): `inference_mode` under
+      `autocast` (see `study_test_autocast`), the mean of the per-batch mean losses. Without autocast it is
+      the same forward pass as `test_loss`, so it is not run twice.
+    """
+    full = batch_losses(model, tokens, data_cfg, None)
+    amp = batch_losses(model, tokens, data_cfg, autocast) if autocast is not None else full
+    return {"test_loss": math.fsum(full) / len(full), "test_loss_amp": sum(amp) / len(amp)}
+
+
+@torch.inference_mode()
+def batch_losses(model: GPTModel, tokens, data_cfg: DataConfig, autocast: Optional[torch.dtype]) -> list[float]:
+    """Each eval batch's mean cross-entropy over the held-out window (all batches hold the same token count)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    with full_precision():
+    losses = []
+    amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with full_precision(), amp:
         for inputs, targets in held_out_batches(tokens, data_cfg, model.cfg.context_length):
-            loss = cross_entropy(model(inputs.to(device)), targets.to(device))
-            total += loss.double().item() * targets.numel()
-            count += targets.numel()
+            losses.append(cross_entropy(model(inputs.to(device)), targets.to(device)).item())
     model.train(was_training)
-    return total / count
+    return losses
 
 
 @contextlib.contextmanager

@@ -16,6 +16,13 @@ class Intervention:
     changes_init: bool  # whether the initial weights differ from the baseline's for the same seed
     seed_result: str  # what the seeds' study found
     components: tuple[str, ...] = field(default=())  # for stacks: the interventions it combines
+    # The noise the analysis judges it against ("train" or "init" seed noise), when the init_fingerprint
+    # rule (same initial weights as the baseline -> train-seed noise) would judge it wrongly.
+    noise_reference: str | None = None
+
+    def __post_init__(self):
+        if self.noise_reference not in (None, "train", "init"):
+            raise ValueError(f"{self.name}: noise_reference must be 'train', 'init' or None")
 
     def expanded(self) -> tuple[str, ...]:
         return self.components or (self.name,)
@@ -58,6 +65,9 @@ REGISTRY: dict[str, Intervention] = {
             "weight_tying", "output head shares the token-embedding matrix (124,412,160 parameters)",
             {"model.tie_weights": True}, True,
             "not among the positives; initial loss ~460 from the N(0,1) embedding init",
+            # Every weight it has is the baseline's (the head is dropped, not redrawn): the seeds judged
+            # it against train-seed noise, although its init_fingerprint differs.
+            noise_reference="train",
         ),
         Intervention(
             "no_amp", "full fp32: no autocast, no GradScaler, highest matmul precision (no TF32)",
@@ -107,6 +117,8 @@ def describe() -> str:
             f"    {item.description}",
             f"    sets: {changes}",
             f"    changes initial weights: {'yes' if item.changes_init else 'no'}",
+            *([f"    analysed against: {item.noise_reference}-seed noise (declared)"]
+              if item.noise_reference else []),
             f"    seeds' result: {item.seed_result}",
         ]
         if item.components:

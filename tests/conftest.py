@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from harness.__main__ import compose_trial
+from harness.config import compose_trial
 from harness.paths import PROJECT_ROOT
 
 # A trial small enough for a few seconds on 2 CPU cores, through every real code path.

@@ -95,6 +95,7 @@ def test_cli_analyses_an_mlflow_study_and_logs_an_analysis_run(study_store, tmp_
     assert logged["metrics.n_runs"] == 34 and logged["metrics.n_excluded"] == 1
     for verdict in ("better", "worse", "inconclusive"):
         assert logged[f"metrics.n_{verdict}"] == (ranking["verdict"] == verdict).sum()
+    assert logged["tags.thin_evidence"] == "false" and logged["metrics.n_thin_evidence"] == 0
     artifacts = {a.path for a in MlflowClient().list_artifacts(logged["run_id"])}
     assert {"report.md", "report.html", "ranking.csv", "figures"} <= artifacts
 
@@ -184,6 +185,22 @@ def test_csv_input_can_be_logged_to_a_named_experiment(study_store, tmp_path):
     assert main(arguments) == 0
     logged = mlflow.search_runs(experiment_names=["csv-analyses"])
     assert list(logged["tags.analysis"]) == ["true"] and list(logged["tags.study"]) == ["sweep"]
+
+
+def test_thin_evidence_is_flagged_on_the_mlflow_analysis_run(study_store, tmp_path):
+    table = generate_study([PlantedIntervention("no_dropout", -0.02),
+                            PlantedIntervention("qkv_bias", -0.02, changes_init=True)],
+                           baseline_cells=[(s, t) for s in (42, 22, 67) for t in ("none", 23)],
+                           intervention_cells=[(42, "none")], baseline_repeats=1, periods=3).runs
+    runs_csv = tmp_path / "one_run_each.csv"
+    table.to_csv(runs_csv, index=False)
+    arguments = [f"csv={runs_csv}", f"out={tmp_path / 'out'}", "log=true",
+                 f"tracking_uri={study_store}", "experiment=thin", "resamples=999"]
+    assert main(arguments) == 0
+    logged = mlflow.search_runs(experiment_names=["thin"]).iloc[0]
+    assert logged["tags.thin_evidence"] == "true"
+    assert logged["tags.thin_evidence_interventions"] == "qkv_bias"  # init noise: 2 dof
+    assert logged["metrics.n_thin_evidence"] == 1
 
 
 def test_csv_missing_columns_are_named(tmp_path, capsys):

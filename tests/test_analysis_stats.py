@@ -11,7 +11,7 @@ import gc
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
+from scipy import integrate, stats
 from statsmodels.stats.multitest import multipletests
 
 from analysis.compare import (
@@ -41,14 +41,6 @@ def assert_at_most(hits: int, trials: int, rate: float, band: float = 0.999) -> 
 def study_runs(interventions, **options):
     study = generate_study(interventions, **options)
     return prepare_runs(study.runs, "synthetic", "synthetic", study.histories)
-
-
-@pytest.fixture
-def frozen_heap():
-    """statsmodels' Holm calls gc.collect(); freezing the heap keeps loops fast."""
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 # --- intervals cover the truth at their nominal rate -------------------------------------
@@ -177,14 +169,14 @@ def test_aa_comparison_gives_a_verdict_in_at_most_alpha_of_repetitions():
     assert decided > 0  # the test can fail: verdicts are reachable at all
 
 
-def test_aa_study_with_several_interventions_keeps_family_error_at_alpha(frozen_heap):
+def test_aa_study_with_several_interventions_keeps_family_error_at_alpha():
     rng = np.random.default_rng(7)
     reps, arms, seeds = 400, 4, 3
     init = rng.normal(0, 0.02, size=(reps, 1, seeds))  # shared initial weights, shared seeds
     baseline = 3.3 + init[:, 0] + rng.normal(0, 0.006, size=(reps, seeds))
     interventions = 3.3 + init + rng.normal(0, 0.006, size=(reps, arms, seeds))
     test = paired_test(interventions - baseline[:, None, :], ALPHA)
-    adjusted = np.array([holm_adjust(p) for p in test.p_value])
+    adjusted = holm_adjust(test.p_value)
     decided = verdicts(test.difference, adjusted, ALPHA) != "inconclusive"
     assert_at_most(int(decided.any(axis=1).sum()), reps, ALPHA)
 
@@ -231,6 +223,57 @@ def test_holm_adjust_matches_statsmodels_and_keeps_missing_values():
     expected = multipletests([0.01, 0.04, 0.03], method="holm")[1]
     np.testing.assert_allclose(adjusted[[0, 2, 3]], expected)
     np.testing.assert_allclose(adjusted[[0, 2, 3]], [0.03, 0.06, 0.06])
+
+
+def direct_power(noncentrality: float, dof: float, alpha: float = ALPHA) -> float:
+    """P(|T| > t_crit) for T = (Z + noncentrality) / sqrt(V / dof), V ~ chi2(dof), by quadrature."""
+    critical = stats.t.isf(alpha / 2, dof)
+
+    def given(v):
+        scale = critical * np.sqrt(v / dof)
+        return (stats.norm.sf(scale - noncentrality)
+                + stats.norm.cdf(-scale - noncentrality)) * stats.chi2.pdf(v, dof)
+
+    return integrate.quad(given, 0, np.inf, limit=200)[0]
+
+
+@pytest.mark.parametrize("effect_in_sd", [0.8, 3.0, 7.65, 10.71, 15.56, 40.0])
+@pytest.mark.parametrize("paired", [True, False])
+def test_power_matches_a_direct_noncentral_t_computation(effect_in_sd, paired):
+    for n in range(2, 7):
+        if paired:
+            expected = direct_power(effect_in_sd / np.sqrt(2) * np.sqrt(n), n - 1)
+        else:
+            expected = direct_power(effect_in_sd * np.sqrt(n / 2), 2 * n - 2)
+        assert float(power_at(effect_in_sd, 1.0, n, paired)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_seeds_needed_where_statsmodels_power_is_nan():
+    # A paired d = effect / (sqrt(2) sd) of 11: two pairs give 0.78 < 0.8, three are enough
+    # (statsmodels' power is NaN at three pairs, which read as "not enough" and gave 4).
+    effect = 11 * np.sqrt(2)
+    assert direct_power(11 * np.sqrt(2), 1) < 0.8 <= direct_power(11 * np.sqrt(3), 2)
+    assert seeds_needed(effect, 1.0, paired=True) == 3
+    assert seeds_needed(7.65, 1.0, paired=True) == 3  # old: 7
+    assert np.isfinite(power_at(effect, 1.0, np.arange(2, 5000), paired=True)).all()
+
+
+def test_holm_adjust_is_vectorised_over_leading_axes():
+    rng = np.random.default_rng(3)
+    p_values = rng.uniform(0, 0.2, size=(12, 6))
+    p_values[rng.uniform(size=p_values.shape) < 0.2] = np.nan
+    p_values[0, :2] = 0.01  # ties
+    adjusted = holm_adjust(p_values)
+    gc.freeze()  # statsmodels' multipletests calls gc.collect(), slow on a big test-suite heap
+    try:
+        for row, expected in zip(p_values, adjusted, strict=True):
+            present = np.isfinite(row)
+            np.testing.assert_array_equal(np.isnan(expected), ~present)
+            if present.any():
+                np.testing.assert_allclose(expected[present],
+                                           multipletests(row[present], method="holm")[1])
+    finally:
+        gc.unfreeze()
 
 
 def test_seeds_needed_is_the_smallest_count_with_enough_power():
@@ -298,14 +341,18 @@ def test_arm_without_shared_seeds_is_compared_with_welch_and_init_noise():
     assert row["p_value"] == pytest.approx(expected.pvalue)
 
 
-def test_arm_with_one_seed_is_inconclusive():
+def test_arm_with_one_seed_is_tested_against_its_own_seeds_baseline():
     study = generate_study([PlantedIntervention("no_dropout", -0.5)], init_seeds=(1, 2, 3))
     runs = study.runs[(study.runs["intervention"] == "baseline") | (study.runs["seed"] == 1)]
     runs = prepare_runs(runs, "s", "test").runs
-    row = compare_to_baseline(runs, estimate_noise(runs), n_resamples=999).iloc[0]
-    assert row["design"] == "too few seeds"
-    assert row["verdict"] == "inconclusive"
-    assert np.isnan(row["p_value"])
+    noise = estimate_noise(runs)
+    row = compare_to_baseline(runs, noise, n_resamples=999).iloc[0]
+    assert row["design"] == "prediction" and row["verdict"] == "better"
+    # Seed 1's baseline: cells 23 (three exact repeats, averaged first) and 67.
+    assert row["baseline_runs"] == "4 runs: s1/23 x3, s1/67"
+    cells = runs[runs["seed"] == 1].groupby(["intervention", "train_seed"])["test_loss"].mean()
+    assert row["difference"] == pytest.approx(cells["no_dropout"].mean() - cells["baseline"].mean())
+    assert row["dof"] == noise["train"].dof and np.isnan(row["boot_low"])
 
 
 def test_changes_init_flag_decides_when_there_are_no_fingerprints():
@@ -337,8 +384,10 @@ def test_noise_estimates_separate_the_sources():
                       train_seeds=(1, 2, 3, 4), baseline_repeats=8, noise=noise).runs
     estimates = estimate_noise(runs)
     assert estimates["init"].sd > 2 * estimates["train"].sd > 4 * estimates["repeat"].sd
-    # Init draws counted once: the baseline's 12 seeds at one train seed (no_dropout reuses them).
-    assert (estimates["init"].n_runs, estimates["init"].dof) == (12, 11)
+    # Every run enters (2 arms x 4 train seeds x 12 init seeds), but the 8 levels re-use the
+    # same 12 init draws (no_dropout keeps the baseline's), which give 11 dof, not 88.
+    init = estimates["init"]
+    assert (init.n_runs, init.n_groups, init.nominal_dof, init.dof) == (96, 8, 88, 11)
     assert estimates["repeat"].n_runs == 8 and estimates["repeat"].dof == 7
     # Train noise: 2 arms x 12 seeds, 4 train seeds each.
     assert estimates["train"].dof == 2 * 12 * 3
@@ -385,7 +434,7 @@ def test_checkpoint_noise_ignores_non_finite_values():
 
 
 @pytest.mark.slow
-def test_pipeline_aa_studies_rarely_give_verdicts(frozen_heap):
+def test_pipeline_aa_studies_rarely_give_verdicts():
     studies, decided_studies, decided_arms = 200, 0, 0
     for rep in range(studies):
         runs = study_runs([PlantedIntervention("no_dropout", 0.0),
@@ -400,7 +449,7 @@ def test_pipeline_aa_studies_rarely_give_verdicts(frozen_heap):
 
 
 @pytest.mark.slow
-def test_pipeline_finds_a_planted_effect_at_the_stated_power(frozen_heap):
+def test_pipeline_finds_a_planted_effect_at_the_stated_power():
     noise = NoiseModel(init_sd=0.02, train_sd=0.005, repeat_sd=0.002)
     single_run_sd = np.hypot(noise.train_sd, noise.repeat_sd)  # what train-seed noise measures
     effect, studies = -0.008, 200

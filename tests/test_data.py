@@ -80,3 +80,25 @@ def test_manifest_records_the_cache():
     cfg = DataConfig()
     manifest = Manifest.load(prepare_bundled(PROJECT_ROOT / ".cache" / "data", cfg.holdout_fraction))
     assert manifest.complete and manifest.splits["train"].documents > manifest.splits["test"].documents > 0
+
+
+def test_a_damaged_bundled_cache_is_built_again(tmp_path, caplog):
+    directory = prepare_bundled(tmp_path, 0.05)
+    built = {path.name: path.read_bytes() for path in directory.iterdir()}
+
+    def flip_a_byte_and_lose_the_test_shard():
+        with open(directory / "train_000000.bin", "r+b") as shard:
+            shard.write(bytes([shard.read(1)[0] ^ 1]))
+        (directory / "test_000000.bin").unlink()
+
+    def break_the_manifest():
+        (directory / "manifest.json").write_text('{"dataset": "bundled",')
+
+    for damage, seen in ((flip_a_byte_and_lose_the_test_shard, "does not match its manifest checksum"),
+                         (break_the_manifest, "is not a valid manifest")):
+        damage()
+        caplog.clear()
+        assert prepare_bundled(tmp_path, 0.05) == directory
+        assert "the bundled token cache is damaged" in caplog.text and seen in caplog.text
+        assert {path.name: path.read_bytes() for path in directory.iterdir()} == built
+    assert [path.name for path in tmp_path.iterdir()] == [directory.name]  # nothing left aside

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from harness.data.loader import DataConfig, open_dataset
-from harness.data.shards import ChecksumError, ConcatenatedTokens, Manifest, ShardWriter
+from harness.data.shards import ChecksumError, ConcatenatedTokens, DataError, Manifest, ShardWriter
 from harness.tokenizer import END_OF_TEXT
 from harness.trainer import Trial
 from tests.conftest import TINY, compose_config, run_harness
@@ -123,7 +123,8 @@ def test_a_shard_that_does_not_match_its_checksum_fails_naming_it(prepared, tmp_
     with open(damaged / "train_000001.bin", "r+b") as shard:
         shard.seek(10)
         shard.write(b"\x00\x00")
-    with pytest.raises(ChecksumError, match=r"shard .*damaged/train_000001.bin does not match its manifest checksum"):
+    with pytest.raises(ChecksumError, match=r"shard .*damaged/train_000001.bin does not match its manifest checksum; "
+                                            r"re-create it with `python -m harness.data prepare dataset=fineweb out="):
         Trial(fineweb(damaged), tmp_path / "run")
 
 
@@ -132,5 +133,5 @@ def test_an_unfinished_preparation_is_refused(prepared, tmp_path):
     manifest = Manifest.load(unfinished)
     manifest.complete = False
     manifest.save(unfinished)
-    with pytest.raises(RuntimeError, match="unfinished preparation; run the preparation command again"):
+    with pytest.raises(DataError, match="unfinished preparation; finish it with `python -m harness.data prepare"):
         open_dataset(DataConfig(dataset="fineweb", path=str(unfinished)), "train")

@@ -57,7 +57,7 @@ def test_ranks_accumulation_and_micro_batch_give_the_same_training(tmp_path):
 def test_batch_that_does_not_divide_fails_up_front(tmp_path):
     result = run_harness(*TINY, "trainer.nproc_per_node=3", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
     assert result.returncode != 0
-    assert "global_batch_size=4 is not divisible by micro_batch_size × ranks = 2 × 3" in result.stderr
+    assert "trainer.global_batch_size=4: must be divisible by trainer.micro_batch_size × trainer.nproc_per_node = 2 × 3" in result.stderr
 
 
 def start_harness(*args, cwd, uri) -> subprocess.Popen:
@@ -104,7 +104,7 @@ def test_planted_huge_learning_rate_stops_the_trial_and_keeps_the_last_good_chec
     real_step = Trial.train_step
 
     def plant_after_first_checkpoint(self, step):
-        if step == 4:
+        if step == 5:  # checkpoints after steps 1 and 5 (0-based steps 0 and 4: step % 4 == 0)
             self.scheduler.base_lrs = [1e30]
             self.optimizer.param_groups[0]["lr"] = 1e30
         return real_step(self, step)
@@ -117,7 +117,7 @@ def test_planted_huge_learning_rate_stops_the_trial_and_keeps_the_last_good_chec
     run = mlflow.MlflowClient(tracking_uri).search_runs([e.experiment_id for e in mlflow.MlflowClient(tracking_uri).search_experiments()])[0]
     assert run.info.status == "FAILED" and "DivergenceError" in run.data.tags["failure_reason"]
     good = checkpoint.find(tmp_path / "run")
-    assert good.name == "step_000004"
+    assert good.name == "step_000005"
     assert all(torch.isfinite(t).all() for t in load_file(str(good / checkpoint.MODEL_FILE)).values())
 
 
@@ -127,9 +127,9 @@ def test_non_finite_gradients_skip_the_update_in_fp32(tmp_path, tracking_uri):
     before = {k: v.clone() for k, v in trial.model.state_dict().items()}
     adam_steps = trial.optimizer.state[trial.model.final_norm.weight]["step"].clone()
     handle = trial.model.final_norm.weight.register_hook(lambda g: g * float("nan"))
-    loss, norm, max_abs = trial.train_step(1).tolist()
+    loss, norm, max_abs, scale_lowered = trial.train_step(1).tolist()
     handle.remove()
-    assert math.isfinite(loss) and math.isnan(norm) and math.isnan(max_abs)
+    assert math.isfinite(loss) and math.isnan(norm) and math.isnan(max_abs) and scale_lowered == 0.0
     assert all(torch.equal(before[k], v) for k, v in trial.model.state_dict().items())  # nothing moved
     assert torch.equal(trial.optimizer.state[trial.model.final_norm.weight]["step"], adam_steps)
     trial.train_step(2)
@@ -137,7 +137,7 @@ def test_non_finite_gradients_skip_the_update_in_fp32(tmp_path, tracking_uri):
 
 
 def test_non_finite_kinds_are_counted_separately():
-    stats = PeriodStats(exploding_threshold=10.0, grad_clip=3.5, scaler_enabled=False)
+    stats = PeriodStats(exploding_threshold=10.0, grad_clip=3.5)
     for loss, norm, max_abs in [(2.0, 1.0, 0.1), (2.0, 5.0, 0.5), (2.0, 50.0, 5.0), (2.1, math.inf, 1e30),
                                 (math.nan, math.nan, math.nan), (2.0, math.inf, math.inf)]:
         stats.add(loss, norm, max_abs)

@@ -11,21 +11,23 @@ import pytest
 from omegaconf import OmegaConf
 
 from harness import checkpoint
+from harness.config import ConfigError, compose
 from harness.evaluate import main
 from harness.paths import PROJECT_ROOT
+from harness.preflight import check_trial
 from harness.trainer import Trial
 from tests.conftest import TINY, compose_config, rewrite_state
 
 
 @pytest.fixture(scope="module")
 def trained(store, tmp_path_factory):
-    """A finished TINY trial (checkpoints at steps 2 and 4, both kept) and its result."""
+    """A finished TINY trial (checkpoints at steps 1, 3 and 4, all kept) and its result."""
     run_dir = tmp_path_factory.mktemp("trial") / "run"
     return run_dir, Trial(compose_config(*TINY, "trainer.keep_checkpoints=null"), run_dir).run()
 
 
-def checkpoint_losses(uri: str, run_id: str) -> list[tuple[int, float]]:
-    history = mlflow.MlflowClient(uri).get_metric_history(run_id, "checkpoint_test_loss")
+def checkpoint_losses(uri: str, run_id: str, metric: str = "checkpoint_test_loss") -> list[tuple[int, float]]:
+    history = mlflow.MlflowClient(uri).get_metric_history(run_id, metric)
     return sorted((m.step, m.value) for m in history)
 
 
@@ -36,8 +38,10 @@ def test_command_reproduces_the_trials_test_loss_and_logs_it_at_the_checkpoint_s
     out = subprocess.run([sys.executable, "-m", "harness.evaluate", str(run_dir)], cwd=PROJECT_ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"checkpoint_test_loss {result['test_loss']:.6f}  step 4  run {result['run_id']}")
+    assert out.stdout.startswith(f"checkpoint_test_loss {result['test_loss']:.6f}  checkpoint_test_loss_amp "
+                                 f"{result['test_loss_amp']:.6f}  step 4  run {result['run_id']}")
     assert checkpoint_losses(store, result["run_id"])[-1] == (4, result["test_loss"])  # the same fp32 evaluation
+    assert checkpoint_losses(store, result["run_id"], "checkpoint_test_loss_amp")[-1] == (4, result["test_loss_amp"])
     after = mlflow.MlflowClient(store).get_run(result["run_id"]).info
     assert (after.status, after.end_time) == (before.status, before.end_time) == ("FINISHED", before.end_time)
 
@@ -47,17 +51,17 @@ def test_best_pointer_and_step_directories_are_evaluated_and_status_is_kept(trai
     client = mlflow.MlflowClient(store)
     client.set_terminated(result["run_id"], "KILLED")  # any previous status must survive the evaluation
     try:
-        assert main([str(run_dir / "checkpoints" / "step_000002")]) == 0
+        assert main([str(run_dir / "checkpoints" / "step_000001")]) == 0
         best_step = int(checkpoint.resolve(run_dir / "checkpoints", "best").name.removeprefix("step_"))
         assert main([str(run_dir), "best"]) == 0
         assert client.get_run(result["run_id"]).info.status == "KILLED"
     finally:
         client.set_terminated(result["run_id"], "FINISHED")
     losses = dict(checkpoint_losses(store, result["run_id"]))
-    assert {2, best_step} <= set(losses) and losses[2] != result["test_loss"]
+    assert {1, best_step} <= set(losses) and losses[1] != result["test_loss"]
     printed = capsys.readouterr().out
-    assert f"checkpoint_test_loss {losses[2]:.6f}  step 2" in printed
-    assert f"checkpoint_test_loss {losses[best_step]:.6f}  step {best_step}" in printed
+    assert f"checkpoint_test_loss {losses[1]:.6f}  checkpoint_test_loss_amp" in printed and "  step 1  " in printed
+    assert f"checkpoint_test_loss {losses[best_step]:.6f}  checkpoint_test_loss_amp" in printed
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -102,3 +106,23 @@ def test_a_store_without_the_run_is_refused_before_evaluating(trained, store, tm
     assert main([str(foreign)]) == 2
     assert f"no MLflow store at {missing}" in capsys.readouterr().err
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_truncated_checkpoint_files_are_named_by_evaluate_and_by_resume(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    damaged = shutil.copytree(run_dir, tmp_path / "damaged")
+    latest = checkpoint.resolve(damaged / "checkpoints")
+    for name in (checkpoint.MODEL_FILE, checkpoint.STATE_FILE):
+        with open(latest / name, "r+b") as f:
+            f.truncate(f.seek(0, os.SEEK_END) - 100)
+    assert main([str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"{latest / checkpoint.MODEL_FILE} is truncated or damaged: " in err
+    assert f"{latest / checkpoint.STATE_FILE} is truncated or damaged (" in err
+
+    with pytest.raises(ConfigError) as refused:  # resuming it: refused before anything runs
+        check_trial(compose([f"resume={damaged}"]))
+    model_line, state_line = refused.value.problems
+    assert model_line.startswith(f"resume={damaged}: {latest / checkpoint.MODEL_FILE} is truncated or damaged")
+    assert model_line.endswith(f"to resume from an earlier checkpoint, write one of step_000001, step_000003 into "
+                               f"{damaged / 'checkpoints' / 'latest'}")

@@ -145,7 +145,10 @@ def test_reference_run_scores_the_test_window_as_transformers_does(store, tmp_pa
     assert (run.data.tags["scale"], run.data.tags["reference_source"]) == ("smoke", str((tmp_path / "gpt2").resolve()))
     assert "study" not in run.data.tags and run.data.params["study"] == "demo"
     np.testing.assert_allclose(run.data.metrics["test_loss"], total / count, rtol=1e-6)
-    assert f"test_loss {run.data.metrics['test_loss']:.6f}  run {run.info.run_id}" in capsys.readouterr().out
+    np.testing.assert_allclose(run.data.metrics["test_loss_amp"], total / count, rtol=1e-6)  # smoke: no autocast
+    assert run.data.tags["test_loss_amp_autocast"] == "none"
+    assert (f"test_loss {run.data.metrics['test_loss']:.6f}  test_loss_amp {run.data.metrics['test_loss_amp']:.6f}  "
+            f"run {run.info.run_id}") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("problem, message", [

@@ -50,3 +50,24 @@ def test_fingerprint_tracks_the_weights():
     with torch.no_grad():
         model.final_norm.weight[0] += 1e-3
     assert fingerprint(model) != before
+
+
+# Hand count for gpt2_small: per block W_q, W_k, W_v, out_proj (4 × 768 × 768) and the MLP (2 × 768 × 3,072) =
+# 7,077,888 multiplying weights × 12 blocks = 84,934,656, plus the head 50,257 × 768 = 38,597,376: 123,532,032.
+# Attention's QKᵀ and AV: 12 × layers 12 × d 768 × context 1,024 = 113,246,208.
+GPT2_SMALL_MATMUL_WEIGHTS = 4 * 768 * 768 * 12 + 2 * 768 * 3072 * 12 + 50257 * 768
+GPT2_SMALL_FLOPS_PER_TOKEN = 6 * 123_532_032 + 113_246_208
+
+
+def flops_per_token(**overrides) -> float:
+    with torch.device("meta"):
+        return GPTModel(ModelConfig(**overrides)).flops_per_token()
+
+
+def test_flops_per_token_counts_matmuls_only_untied_embedding_as_a_lookup_and_a_tied_matrix_once():
+    assert GPT2_SMALL_MATMUL_WEIGHTS == 123_532_032 and GPT2_SMALL_FLOPS_PER_TOKEN == 854_438_400
+    assert flops_per_token() == 854_438_400  # untied: the token embedding is a lookup
+    assert flops_per_token(tie_weights=True) == 854_438_400  # tied: the shared matrix multiplies once, as the head
+    assert flops_per_token(tie_weights=True, tied_init="head") == 854_438_400
+    assert flops_per_token(qkv_bias=True) == 854_438_400  # biases are additions, not matmuls
+    assert flops_per_token(n_layer=6, n_head=6, d_model=384) == 6 * (12 * 6 * 384 * 384 + 50257 * 384) + 12 * 6 * 384 * 1024

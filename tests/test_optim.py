@@ -1,56 +1,105 @@
+"""Learning-rate schedules against torch's own schedulers (the reference code used SequentialLR), and AdamW settings."""
+
 import pytest
 import torch
 
-from harness.optim import OptimConfig, build_scheduler, lr_factor
+from harness.optim import OptimConfig, build_scheduler, lr_factor, warmup_steps
 from harness.plugins import Plugins
 from tests.conftest import compose_config
 
-
-def test_lr_schedule_at_the_seeds_step_count():
-    cfg = compose_config("scale=gpt2_small", "+intervention=lr_schedule")
-    total = cfg.trainer.max_steps
-    assert total == 33_165 and int(cfg.optim.warmup_fraction * total) == 1_658
-    lr = lambda step: cfg.optim.lr * lr_factor(step, total, cfg.optim)  # noqa: E731
-    assert lr(0) == pytest.approx(1.4e-8)  # peak × start factor 1e-5
-    assert lr(1_657) < lr(1_658) == pytest.approx(1.4e-3)  # warmup ends at the peak
-    assert lr(1_659) < 1.4e-3
-    assert lr(total - 1) == pytest.approx(1.4e-4)  # cosine reaches peak/10 at the last step
-    assert all(lr(s) >= lr(s + 1) for s in range(1_658, total - 1, 97))
+LinearLR, CosineAnnealingLR = torch.optim.lr_scheduler.LinearLR, torch.optim.lr_scheduler.CosineAnnealingLR
+ConstantLR, SequentialLR = torch.optim.lr_scheduler.ConstantLR, torch.optim.lr_scheduler.SequentialLR
 
 
-def test_baseline_lr_is_constant_and_scheduler_follows_the_factor():
-    cfg = OptimConfig(lr=1.4e-3, schedule="warmup_cosine")
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    scheduler = build_scheduler(optimizer, 100, cfg, Plugins({}))
-    seen = []
-    for _ in range(100):
-        seen.append(scheduler.get_last_lr()[0])
+def used_lrs(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[float]:
+    """The LR each step uses: read before the step, as the trainer records it (and the reference code did)."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert seen[0] == pytest.approx(1.4e-8) and seen[5] == pytest.approx(1.4e-3) and seen[99] == pytest.approx(1.4e-4)
+    return lrs
+
+
+def harness_lrs(cfg: OptimConfig, total: int) -> list[float]:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    return used_lrs(optimizer, build_scheduler(optimizer, total, cfg, Plugins({})), total)
+
+
+def torch_lrs(peak: float, total: int, build) -> list[float]:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    return used_lrs(optimizer, build(optimizer), total)
+
+
+def max_relative_difference(ours: list[float], theirs: list[float]) -> float:
+    assert len(ours) == len(theirs)
+    return max(abs(a - b) / abs(b) if b else abs(a) for a, b in zip(ours, theirs))
+
+
+def test_lr_schedule_is_torchs_sequential_linear_then_cosine_at_every_step_of_gpt2_small():
+    """The reference code's scheduler, stepped 33,165 times (ddp_train.py: warmup = total × 5 // 100)."""
+    cfg = compose_config("scale=gpt2_small", "+intervention=lr_schedule")
+    total, peak = cfg.trainer.max_steps, cfg.optim.lr
+    warmup = total * 5 // 100
+    assert (total, warmup, peak) == (33_165, 1_658, 1.4e-3) and warmup_steps(total, cfg.optim) == warmup
+
+    def reference(optimizer):
+        return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=0.00001, end_factor=1.0, total_iters=warmup),
+                                        CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=peak / 10)],
+                            milestones=[warmup])
+
+    theirs, ours = torch_lrs(peak, total, reference), harness_lrs(cfg.optim, total)
+    assert max_relative_difference(ours, theirs) < 1e-11
+    assert ours[0] == pytest.approx(1.4e-8) and ours[warmup] == pytest.approx(1.4e-3)
+    assert ours[-1] > 1.4e-4 and ours[-1] == pytest.approx(1.4e-4, rel=1e-7)  # peak/10 one step after the last
+
+
+def test_warmup_fraction_is_floored_exactly_as_integer_percent_arithmetic():
+    for total in (100, 1000, 2020, 33_165, 99_999):
+        for percent in (1, 5, 7, 29, 57):
+            cfg = OptimConfig(schedule="warmup_cosine", warmup_fraction=percent / 100)
+            assert warmup_steps(total, cfg) == total * percent // 100, (total, percent)
+
+
+@pytest.mark.parametrize("final", [0.0, 0.1])
+def test_warmup_linear_is_torchs_sequential_linear_then_linear(final):
+    cfg = OptimConfig(lr=1.4e-3, schedule="warmup_linear", final_lr_ratio=final)
+    total = 1000
+    warmup = total * 5 // 100
+
+    def reference(optimizer):
+        return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=1e-5, total_iters=warmup),
+                                        LinearLR(optimizer, start_factor=1.0, end_factor=final,
+                                                 total_iters=total - warmup)],
+                            milestones=[warmup])
+
+    ours = harness_lrs(cfg, total)
+    assert max_relative_difference(ours, torch_lrs(cfg.lr, total, reference)) < 1e-11
+    assert ours[-1] > 0 and ours[-1] == pytest.approx(cfg.lr * (final + (1 - final) / (total - warmup)))
+
+
+def test_warmup_stable_decay_is_torchs_warmup_constant_then_linear():
+    cfg = compose_config("+intervention=lr_wsd").optim
+    total = 1000
+    warmup, decay = total * 5 // 100, total * 20 // 100
+
+    def reference(optimizer):
+        return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=1e-5, total_iters=warmup),
+                                        ConstantLR(optimizer, factor=1.0, total_iters=0),
+                                        LinearLR(optimizer, start_factor=1.0, end_factor=cfg.final_lr_ratio,
+                                                 total_iters=decay)],
+                            milestones=[warmup, total - decay])
+
+    ours = harness_lrs(cfg, total)
+    assert max_relative_difference(ours, torch_lrs(cfg.lr, total, reference)) < 1e-11
+    assert all(x == cfg.lr for x in ours[warmup : total - decay])
+
+
+def test_baseline_lr_is_constant():
     assert all(lr_factor(s, 100, OptimConfig()) == 1.0 for s in range(100))
+    assert harness_lrs(OptimConfig(), 100) == [4e-4] * 100
 
 
 def test_invalid_schedule_is_refused():
     with pytest.raises(ValueError, match="optim.schedule"):
         OptimConfig(schedule="cosine")
-
-
-def schedule_of(intervention: str, total: int = 1000):
-    cfg = compose_config(f"+intervention={intervention}").optim
-    return [cfg.lr * lr_factor(step, total, cfg) for step in range(total)]
-
-
-def test_linear_to_zero_schedule():
-    lr = schedule_of("lr_linear_to_zero")
-    assert lr[0] == pytest.approx(1.4e-8) and lr[50] == pytest.approx(1.4e-3)
-    assert lr[999] == 0.0 and lr[50 + 949 // 2] == pytest.approx(0.7e-3, rel=2e-3)
-    assert all(a >= b for a, b in zip(lr[50:], lr[51:]))
-
-
-def test_warmup_stable_decay_schedule():
-    lr = schedule_of("lr_wsd")
-    assert lr[0] == pytest.approx(1.4e-8)
-    assert all(x == pytest.approx(1.4e-3) for x in lr[50:800])  # plateau until the last 20%
-    assert lr[801] < 1.4e-3 and lr[999] == 0.0
-    assert all(a >= b for a, b in zip(lr[800:], lr[801:]))

@@ -76,8 +76,8 @@ def test_z_loss_adds_the_squared_log_normaliser():
 def test_z_loss_overlay_changes_only_the_training_loss(tmp_path, tracking_uri):
     base = Trial(compose_config(*TINY, "model.dropout=0"), tmp_path / "base")
     with_z = Trial(compose_config(*TINY, "model.dropout=0", "+intervention=z_loss"), tmp_path / "z")
-    base_loss, _, _ = base.train_step(0).tolist()
-    z_loss, _, _ = with_z.train_step(0).tolist()
+    base_loss = base.train_step(0)[0].item()
+    z_loss = with_z.train_step(0)[0].item()
     assert 1e-4 * 10.8**2 < z_loss - base_loss < 1e-4 * 11.5**2  # log Z ≈ ln(50257) ≈ 10.8 at init
 
 

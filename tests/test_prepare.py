@@ -2,8 +2,11 @@
 processes -> shards + manifest, through the command line and the Python function, including resuming."""
 
 import itertools
+import logging
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,10 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.data.__main__ import main
-from harness.data.prepare import PrepareError, prepare, read_texts
+from harness.data.loader import DataConfig, open_dataset
+from harness.data.prepare import ENCODING, SPLIT_RULE, PrepareError, prepare, read_texts, reference_test_start
 from harness.data.shards import MANIFEST, Manifest, open_split, sha256_file
 from harness.paths import PROJECT_ROOT
 from harness.tokenizer import END_OF_TEXT, gpt2_encoding
+from harness.trainer import Trial
+from tests.conftest import TINY, compose_config
 
 FILE_DOCUMENTS = (150, 130, 120)  # 400 documents: the last 4 are held out
 TEST_DOCUMENTS = 4
@@ -52,6 +58,7 @@ KILL_AT_MANIFEST_SAVE = """
 import os, signal, sys
 from harness.data import shards
 from harness.data.__main__ import main
+from harness.data.loader import DataConfig, open_dataset
 
 kill_at, saves = int(sys.argv[1]), 0
 save = shards.Manifest.save
@@ -79,10 +86,11 @@ def make_documents() -> list[str]:
     return documents
 
 
-def write_parquet_files(directory: Path, documents: list[str], column: str = "text") -> None:
+def write_parquet_files(directory: Path, documents: list[str], column: str = "text",
+                        counts: tuple[int, ...] = FILE_DOCUMENTS) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     start = 0
-    for number, count in enumerate(FILE_DOCUMENTS):
+    for number, count in enumerate(counts):
         texts = documents[start : start + count]
         table = pa.table({"id": [f"doc-{start + i}" for i in range(count)], column: texts})
         pq.write_table(table, directory / f"{number:03d}_00000.parquet", row_group_size=ROW_GROUP_SIZE)
@@ -112,13 +120,6 @@ def run_python(*arguments: str, **popen_options) -> subprocess.CompletedProcess:
 
 def output_files(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
-
-
-def documents_of(tokens: np.ndarray) -> list[np.ndarray]:
-    """Splits a token stream after every end-of-text; each piece keeps its end-of-text."""
-    ends = np.flatnonzero(tokens == END_OF_TEXT)
-    assert ends[-1] == len(tokens) - 1, "the stream must end with end-of-text"
-    return np.split(tokens, ends + 1)[:-1]
 
 
 def disk_with_free_bytes(free: int):
@@ -168,16 +169,80 @@ def test_cli_writes_train_and_held_out_test_shards(reference, parquet_dir):
     )
 
 
-def test_every_document_decodes_back_and_ends_with_end_of_text(reference, documents):
-    encoding = gpt2_encoding()
+def reference_tokens(texts: list[str]) -> np.ndarray:
+    """prepare_datasets.py's stream: `encode_batch(texts, allowed_special={'<|endoftext|>'})`, each followed by
+    end-of-text."""
+    encoded = gpt2_encoding().encode_batch(texts, allowed_special={"<|endoftext|>"})
+    return np.array([token for document in encoded for token in [*document, END_OF_TEXT]], dtype=np.uint16)
+
+
+def test_every_document_is_encoded_as_the_reference_and_ends_with_end_of_text(reference, documents):
     test_start = len(documents) - TEST_DOCUMENTS
     for split, texts in (("train", documents[:test_start]), ("test", documents[test_start:])):
         tokens = np.asarray(open_split(reference, split)[:])
-        pieces = documents_of(tokens)
-        assert len(pieces) == len(texts)
-        assert [encoding.decode(piece[:-1].tolist()) for piece in pieces] == texts
+        np.testing.assert_array_equal(tokens, reference_tokens(texts))
+        assert gpt2_encoding().decode(tokens.tolist()) == "".join(text + "<|endoftext|>" for text in texts)
     for shard in Manifest.load(reference).splits["train"].shards:
         assert np.fromfile(reference / shard.file, dtype=np.uint16)[-1] == END_OF_TEXT
+
+
+def test_a_literal_end_of_text_in_a_document_is_token_50256_as_the_reference_encodes_it(reference, documents):
+    """"A page that mentions <|endoftext|> literally…" (document 42): the reference's encode call allows the
+    special token, so the text becomes 50256 inside the document, not the tokens of "<|", "endoftext", "|>"."""
+    encoding = gpt2_encoding()
+    ordinary = encoding.encode_ordinary(documents[42])
+    assert END_OF_TEXT not in ordinary
+    tokens = np.asarray(open_split(reference, "train")[:])
+    start = len(reference_tokens(documents[:42]))
+    document = tokens[start : start + len(reference_tokens(documents[42:43]))].tolist()
+    before, after = documents[42].split("<|endoftext|>")
+    assert document == [*encoding.encode_ordinary(before), END_OF_TEXT, *encoding.encode_ordinary(after), END_OF_TEXT]
+    assert document.count(END_OF_TEXT) == 2 and document != ordinary + [END_OF_TEXT]
+
+
+# `datasets`' percent slices (arrow_reader._pct_to_abs_closest): boundary = int(round(99 * n / 100.0)), Python's
+# round-half-to-even; train[:99%] is documents [0, boundary), train[99%:] (the reference's validation) the rest.
+DATASETS_SPLIT = {101: 100, 150: 148, 199: 197, 250: 248, 350: 346, 400: 396, 1_050: 1_040,
+                  14_868_862: 14_720_173}
+
+
+@pytest.mark.parametrize("documents, boundary", sorted(DATASETS_SPLIT.items()))
+def test_split_boundary_rounds_as_datasets_train_99_percent(documents, boundary):
+    assert reference_test_start(documents) == boundary
+
+
+def test_too_few_documents_for_a_held_out_document_are_refused():
+    for documents in (1, 50):  # round(49.5) = 50: datasets would leave the validation split empty
+        with pytest.raises(PrepareError, match="too few to hold out"):
+            reference_test_start(documents)
+
+
+def test_crafted_document_counts_split_where_the_reference_splits_them(tmp_path):
+    """250 documents: datasets' train[:99%] ends at round(247.5) = 248, so 2 are held out, not ceil(2.5) = 3."""
+    texts = [f"Document number {i} says hello." for i in range(250)]
+    write_parquet_files(tmp_path / "parquet", texts, counts=(130, 120))
+    out = prepare("fineweb", out=tmp_path / "out", workers=1, shard_tokens=SHARD_TOKENS,
+                  parquet_dir=tmp_path / "parquet")
+    manifest = Manifest.load(out)
+    assert (manifest.splits["train"].documents, manifest.splits["test"].documents) == (248, 2)
+    np.testing.assert_array_equal(open_split(out, "test")[:], reference_tokens(texts[248:]))
+    assert manifest.source["encoding"] == ENCODING and manifest.source["split"] == SPLIT_RULE
+
+
+def test_a_preparation_made_the_old_way_is_not_resumed_and_a_trial_on_it_is_warned(reference, parquet_dir, tmp_path,
+                                                                                    caplog):
+    out = shutil.copytree(reference, tmp_path / "out")
+    manifest = Manifest.load(out)
+    for key in ("encoding", "split"):
+        del manifest.source[key]
+    for complete in (False, True):
+        manifest.complete = complete
+        manifest.save(out)
+        with pytest.raises(PrepareError, match="prepared by an earlier harness.*Delete .* and prepare again"):
+            prepare("fineweb", out=out, workers=1, shard_tokens=SHARD_TOKENS, parquet_dir=parquet_dir)
+    with caplog.at_level(logging.WARNING):
+        open_dataset(DataConfig(dataset="fineweb", path=str(out)), "train")
+    assert "prepared by an earlier harness" in caplog.text and "differ from the study's" in caplog.text
 
 
 def test_python_function_writes_the_same_bytes_as_the_cli(reference, parquet_dir, tmp_path):
@@ -261,15 +326,43 @@ def test_refuses_to_continue_with_other_settings(reference, parquet_dir, tmp_pat
         prepare("fineweb_edu", out=out, shard_tokens=SHARD_TOKENS, parquet_dir=parquet_dir)
 
 
-def test_refuses_to_continue_when_a_recorded_shard_was_damaged(reference, parquet_dir, tmp_path):
+def test_continuing_re_creates_a_recorded_shard_that_was_damaged(reference, parquet_dir, tmp_path, capsys):
     out = shutil.copytree(reference, tmp_path / "out")
     manifest = Manifest.load(out)
     manifest.complete = False
     manifest.save(out)
     with open(out / "train_000001.bin", "r+b") as shard:
         shard.truncate(10)
-    with pytest.raises(PrepareError, match="train_000001.bin is missing or has the wrong size"):
-        prepare("fineweb", out=out, shard_tokens=SHARD_TOKENS, parquet_dir=parquet_dir)
+    prepare("fineweb", out=out, workers=1, shard_tokens=SHARD_TOKENS, parquet_dir=parquet_dir)
+    assert "train_000001.bin (29 documents, checksum as recorded)" in capsys.readouterr().err
+    assert output_files(out) == output_files(reference)
+
+
+def test_the_advice_for_a_damaged_or_missing_shard_is_the_command_that_repairs_it(reference, tmp_path):
+    out = shutil.copytree(reference, tmp_path / "out")
+    with open(out / "train_000003.bin", "r+b") as shard:  # a flipped byte: same size, another checksum
+        shard.seek(100)
+        byte = shard.read(1)
+        shard.seek(100)
+        shard.write(bytes([byte[0] ^ 1]))
+    (out / "test_000000.bin").unlink()
+    trial = [*TINY, "data.dataset=fineweb", f"data.path={out}"]
+
+    refused = run_python("-m", "harness", *trial, f"hydra.run.dir={tmp_path}/run")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert f"shard {out}/train_000003.bin does not match its manifest checksum; re-create it with `" in line
+    command = re.search(r"`(python -m harness\.data prepare [^`]*)`", line).group(1)
+    assert command == f"python -m harness.data prepare dataset=fineweb out={out} shard_tokens={SHARD_TOKENS} " \
+                      f"parquet_dir={Manifest.load(reference).source['parquet_dir']}"
+    assert not (tmp_path / "run").exists()
+
+    repaired = run_python(*shlex.split(command)[1:])  # as printed, with this interpreter
+    assert repaired.returncode == 0, repaired.stderr
+    assert output_files(out) == output_files(reference)  # both shards back, byte for byte
+    repaired_trial = Trial(compose_config(*trial), tmp_path / "run")  # reads and verifies every shard
+    losses = [repaired_trial.train_step(step)[0].item() for step in range(2)]
+    assert all(5 < loss < 12 for loss in losses + [repaired_trial.test_losses()["test_loss"]])
 
 
 def test_refuses_before_writing_when_the_disk_is_too_small(reference, parquet_dir, tmp_path, monkeypatch):
@@ -342,7 +435,7 @@ def test_refuses_to_download_without_room_for_the_files_and_shards(parquet_dir, 
 
 
 def test_clear_errors_for_bad_input(documents, tmp_path, capsys):
-    with pytest.raises(PrepareError, match="unknown dataset 'c4'; known datasets: fineweb, fineweb_edu"):
+    with pytest.raises(PrepareError, match="unknown dataset 'c4'; known datasets: fineweb, fineweb_edu, fineweb_gpt2_tokens"):
         prepare("c4", parquet_dir=tmp_path)
     with pytest.raises(PrepareError, match="holds no \\*.parquet files"):
         prepare("fineweb", out=tmp_path / "out", parquet_dir=tmp_path)
@@ -350,6 +443,11 @@ def test_clear_errors_for_bad_input(documents, tmp_path, capsys):
     with pytest.raises(PrepareError, match="has no `text` column"):
         prepare("fineweb", out=tmp_path / "out", parquet_dir=tmp_path / "content")
     assert not (tmp_path / "out").exists()
+
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / MANIFEST).write_text("{not json")
+    with pytest.raises(PrepareError, match=f"{tmp_path}/damaged/manifest.json is not a valid manifest .*; move it away"):
+        prepare("fineweb", out=tmp_path / "damaged", parquet_dir=tmp_path)
 
     assert main(["prepare", "dataset=fineweb", "shard_tokens=many"]) == 2
     assert main(["prepare", "parquet_dir=x"]) == 2

@@ -68,8 +68,8 @@ def test_a_trial_that_ends_non_finite_is_failed_with_a_true_message(tmp_path, tr
 
 
 def test_a_non_finite_test_loss_is_failed_with_the_final_checkpoint_kept(tmp_path, tracking_uri, monkeypatch):
-    monkeypatch.setattr(Trial, "test_loss", lambda self: float("nan"))
-    with pytest.raises(DivergenceError, match="the test loss of the final weights is nan"):
+    monkeypatch.setattr(Trial, "test_losses", lambda self: {"test_loss": float("nan"), "test_loss_amp": 3.0})
+    with pytest.raises(DivergenceError, match="the final weights score non-finite: test_loss nan"):
         Trial(compose_config(*TINY), tmp_path / "run").run()
     [run] = all_runs(tracking_uri)
     assert run.info.status == "FAILED" and checkpoint.find(tmp_path / "run").name == "step_000004"

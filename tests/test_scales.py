@@ -8,7 +8,7 @@ from harness.config import as_dict, flatten
 from harness.model import GPTModel
 from tests.conftest import compose_config
 
-FINEWEB_10BT_TRAIN_TOKENS = 9.9e9  # one epoch of FineWeb sample-10BT's training split
+STUDY_TRAIN_TOKENS = 10_248_871_837  # one epoch of the study's training tokens (gpjt/fineweb-gpt2-tokens)
 H100_TOKENS_PER_SECOND = 400e3  # assumed training throughput of a model this size on one H100
 
 
@@ -27,12 +27,12 @@ def test_proxy_scales_gpt2_small_down_and_stays_single_epoch():
     tokens_per_step = t.global_batch_size * m.context_length
     assert tokens_per_step == 98_304 and t.grad_accum_steps(1) == 4
     assert t.max_steps == math.ceil(4 * parameters / tokens_per_step) == 2_020
-    assert t.max_steps * tokens_per_step == 198_574_080 <= FINEWEB_10BT_TRAIN_TOKENS
+    assert t.max_steps * tokens_per_step == 198_574_080 <= STUDY_TRAIN_TOKENS / 50
     assert t.max_steps * tokens_per_step / H100_TOKENS_PER_SECOND < 10 * 60
     assert t.max_steps % t.checkpoint_interval == 0
 
     # the test window is the first fifth of gpt2_small's: same offset, same sequences
     d = proxy.data
     assert (d.dataset, d.test_offset, d.eval_batch_size) == (
-        "fineweb", small.data.test_offset, small.data.eval_batch_size)
+        "fineweb_gpt2_tokens", small.data.test_offset, small.data.eval_batch_size)
     assert d.test_tokens * 5 == small.data.test_tokens == 19_660_800

@@ -12,27 +12,48 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from harness import checkpoint
 from harness.tracking import ensure_store
+from harness.version import code_version
 from tests.conftest import TINY, MlflowServer
 
 SWEEP_TINY = [*TINY, "trainer.max_steps=2", "trainer.checkpoint_interval=2", "hydra.sweeper.progress_interval=0.5",
               "tracking.heartbeat_interval=1"]
-FAILS_AT_START = "-1"  # numpy refuses a negative seed as the trial builds its model: a runtime failure
+FAILS_AT_START = "3"  # the seed whose trial fails as it builds its model (a negative seed is refused up front)
+# `python -m harness`, with a runtime failure planted in the trial of seed FAILS_AT_START (the basic launcher runs
+# every trial in this process).
+HARNESS_FAILING_ONE_SEED = f"""
+import sys
+from harness import trainer
+from harness.__main__ import main
+
+build_model = trainer.build_model
+
+def build_or_fail(cfg, plugins=None):
+    if cfg.seed == {FAILS_AT_START}:
+        raise RuntimeError("planted failure")
+    return build_model(cfg, plugins)
+
+trainer.build_model = build_or_fail
+sys.argv[0] = "harness"
+main()
+"""
 
 
-def sweep_command(*args: str, sweep_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "harness", "+sweep=quick", *SWEEP_TINY, *args, f"hydra.sweep.dir={sweep_dir}"]
+def sweep_command(*args: str, sweep_dir: Path, harness: tuple = ("-m", "harness")) -> list[str]:
+    return [sys.executable, *harness, "+sweep=quick", *SWEEP_TINY, *args, f"hydra.sweep.dir={sweep_dir}"]
 
 
 def sweep_env(uri: str) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"}
 
 
-def run_sweep(*args: str, sweep_dir: Path, uri: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(sweep_command(*args, sweep_dir=sweep_dir), cwd=sweep_dir.parent, env=sweep_env(uri),
-                          capture_output=True, text=True, timeout=timeout)
+def run_sweep(*args: str, sweep_dir: Path, uri: str, timeout: int = 300,
+              harness: tuple = ("-m", "harness")) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_command(*args, sweep_dir=sweep_dir, harness=harness), cwd=sweep_dir.parent,
+                          env=sweep_env(uri), capture_output=True, text=True, timeout=timeout)
 
 
 def table(stdout: str) -> dict[str, str]:
@@ -57,38 +78,53 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     study = ["hydra.sweeper.arms=[baseline]", f"hydra.sweeper.seeds=[1,2,{FAILS_AT_START}]"]
-    first = subprocess.Popen(sweep_command(*study, sweep_dir=tmp_path / "first"), cwd=tmp_path, env=sweep_env(uri),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    failing = ("-c", HARNESS_FAILING_ONE_SEED)
+    first = subprocess.Popen(sweep_command(*study, sweep_dir=tmp_path / "first", harness=failing), cwd=tmp_path,
+                             env=sweep_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     deadline = time.time() + 240
     while not (db.exists() and any(r.info.status == "FINISHED" for r in runs(uri))):
         assert first.poll() is None and time.time() < deadline, "the study ended before its first trial finished"
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)  # midway: the first trial FINISHED, the second is starting
     first.wait()
+    # baseline-s2 also FINISHED once, long ago, by other code: that run must not be reused
+    client = mlflow.MlflowClient(uri)
+    killed_parent = runs(uri, parents=True)[0]
+    record = yaml.safe_load(Path(client.download_artifacts(killed_parent.info.run_id, "study.yaml", str(tmp_path)))
+                            .read_text())
+    s2_hash = next(trial["config_hash"] for trial in record["trials"] if trial["name"] == "baseline-s2")
+    older = client.create_run(killed_parent.info.experiment_id, tags={
+        "study": "quick", "config_hash": s2_hash, "code_version": "0ld", "seed": "2",
+        "mlflow.parentRunId": killed_parent.info.run_id}).info.run_id
+    client.set_terminated(older, "FINISHED")
     time.sleep(4.5)  # 4 heartbeat intervals: the killed execution's runs are stale
 
-    result = run_sweep(*study, sweep_dir=tmp_path / "second", uri=uri)
+    result = run_sweep(*study, sweep_dir=tmp_path / "second", uri=uri, harness=failing)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "3 trials: 1 already FINISHED (skipped), 2 to run with the basic launcher" in result.stdout
-    assert table(result.stdout) == {"baseline-s1": "SKIPPED", "baseline-s2": "FINISHED", "baseline-s-1": "FAILED"}
-    assert "ValueError: Seed must be between" in result.stdout
+    assert f"code version {code_version()}" in result.stdout  # the skipped run was made by this very code
+    assert (f"baseline-s2 runs again: its FINISHED run {older} was made by code version 0ld, not by this one "
+            f"({code_version()}); reuse_other_code_versions=true would reuse it") in result.stdout
+    assert table(result.stdout) == {"baseline-s1": "SKIPPED", "baseline-s2": "FINISHED", "baseline-s3": "FAILED"}
+    assert "RuntimeError: planted failure" in result.stdout
     assert "trial 2 of 2: 1 done (1 FINISHED), 0 running | elapsed" in result.stdout
     assert "all 2 trials done (1 FAILED, 1 FINISHED) | elapsed" in result.stdout and ", ETA " in result.stdout
-    assert "1 of 3 trials of study quick did not finish (baseline-s-1)" in result.stderr
+    assert "1 of 3 trials of study quick did not finish (baseline-s3)" in result.stderr
     assert sorted(p.name for p in (tmp_path / "second").iterdir() if p.is_dir()) == ["0", "1"]  # only the missing
 
     trials = runs(uri)
-    assert Counter(r.data.tags["seed"] for r in trials if r.info.status == "FINISHED") == {"1": 1, "2": 1}
+    assert Counter(r.data.tags["seed"] for r in trials if r.info.status == "FINISHED") == {"1": 1, "2": 2}
     first_parent, second_parent = sorted(runs(uri, parents=True), key=lambda r: r.info.start_time)
     assert (first_parent.info.status, second_parent.info.status) == ("KILLED", "FAILED")  # marked by the second
     assert "no heartbeat since" in first_parent.data.tags["failure_reason"]
     assert f"marked run {first_parent.info.run_id} (study quick) KILLED: its process died" in result.stdout
     assert not [r for r in trials if r.info.status == "RUNNING"]  # the killed trial's run too
     children = [r for r in trials if r.data.tags["mlflow.parentRunId"] == second_parent.info.run_id]
-    assert [(r.data.tags["seed"], r.info.status) for r in children] == [("2", "FINISHED")]  # seed -1: refused, no run
+    assert [(r.data.tags["seed"], r.info.status) for r in children] == [("2", "FINISHED")]  # seed 3: failed as it was built, no run
     assert all(r.data.tags["study"] == "quick" for r in trials)
     summary = mlflow.MlflowClient(uri).download_artifacts(second_parent.info.run_id, "summary.md", str(tmp_path))
-    assert "baseline-s-1" in Path(summary).read_text() and second_parent.data.metrics["trials_skipped"] == 1
+    assert "baseline-s3" in Path(summary).read_text() and second_parent.data.metrics["trials_skipped"] == 1
     assert integrity(db) == "ok"
 
 

@@ -142,9 +142,37 @@ def test_only_finished_runs_of_the_same_study_are_skipped_one_per_requested_run(
     computation asked for three times (exact repeats) with one FINISHED run still runs twice."""
     for study, config, status in [("mine", "a", "FINISHED"), ("mine", "b", "FAILED"), ("mine", "c", "KILLED"),
                                   ("other", "d", "FINISHED"), ("mine", "r", "FINISHED")]:
-        run = store.client.create_run(store.experiment_id, tags={"study": study, "config_hash": config})
+        run = store.client.create_run(store.experiment_id, tags={"study": study, "config_hash": config,
+                                                                  "code_version": "v1"})
         store.client.set_terminated(run.info.run_id, status)
     cells = [(1, "a", 0), (2, "b", 0), (3, "c", 0), (4, "d", 0), (5, "r", 0), (5, "r", 1), (5, "r", 2)]
     trials = [PlannedTrial(Trial((), seed, None, repeat), [], config) for seed, config, repeat in cells]
-    skip_finished(trials, store.finished_runs())
+    skip_finished(trials, store.finished_runs(), "v1")
     assert [t.earlier_run is not None for t in trials] == [True, False, False, False, True, False, False]
+
+
+def test_a_finished_run_is_reused_only_by_the_same_code_version_unless_asked(store):
+    """Runs of one computation made by other code (another commit, other uncommitted edits, or before the
+    tag existed) run again, and the trial says why; reuse_other_code_versions reuses them."""
+    made = {}
+    for config, version in [("a", "v1"), ("b", "v0"), ("c", None), ("d", "v0"), ("d", "v1")]:
+        tags = {"study": "mine", "config_hash": config} | ({"code_version": version} if version else {})
+        run = store.client.create_run(store.experiment_id, tags=tags)
+        store.client.set_terminated(run.info.run_id, "FINISHED")
+        made[config, version] = run.info.run_id
+
+    def plan(**options):
+        trials = [PlannedTrial(Trial((), seed, None), [], config) for seed, config in enumerate("abcd")]
+        skip_finished(trials, store.finished_runs(), "v1", **options)
+        return trials
+
+    trials = plan()
+    assert [t.earlier_run.info.run_id if t.earlier_run else None for t in trials] == [
+        made["a", "v1"], None, None, made["d", "v1"]]
+    assert trials[1].rerun_reason == (f"its FINISHED run {made['b', 'v0']} was made by code version v0, not by this "
+                                      "one (v1); reuse_other_code_versions=true would reuse it")
+    assert "code version (not recorded)" in trials[2].rerun_reason
+    assert trials[0].rerun_reason == trials[3].rerun_reason == ""
+    reused = plan(reuse_other_code_versions=True)
+    assert [t.earlier_run.info.run_id for t in reused][:3] == [made["a", "v1"], made["b", "v0"], made["c", None]]
+    assert all(t.rerun_reason == "" for t in reused)

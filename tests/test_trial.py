@@ -4,12 +4,13 @@ import torch
 from safetensors.torch import load_file
 
 from harness import checkpoint
+from harness.config import config_hash
 from harness.trainer import Trial, build_model, fingerprint
 from interventions import REGISTRY
 from tests.conftest import TINY, compose_config, run_harness
 
 CONTRACT_TAGS = ["intervention", "seed", "train_seed", "data_seed", "init_fingerprint", "config_hash", "scale",
-                 "mlflow.source.git.commit"]
+                 "mlflow.source.git.commit", "code_version"]
 
 
 def only_run(uri: str):
@@ -33,15 +34,18 @@ def test_cli_trial_lands_in_mlflow_with_the_whole_contract(tmp_path):
     assert run.data.params["model.dropout"] == "0.0" and run.data.params["optim.grad_clip"] == "3.5"
     assert run.data.params["trainer.max_steps"] == "4"
     metrics = run.data.metrics
-    for metric in ["test_loss", "train_seconds", "train_loss", "train_loss_avg", "train_loss_min", "train_loss_max",
+    for metric in ["test_loss", "test_loss_amp", "train_seconds", "train_loss", "train_loss_avg", "train_loss_min", "train_loss_max",
                    "grad_norm_max", "grad_norm_avg", "clip_fraction", "nonfinite_element", "nonfinite_overflow",
                    "nonfinite_exploding", "nonfinite_scaler_skips", "lr", "tokens_per_sec"]:
         assert metric in metrics, metric
     assert 5 < metrics["test_loss"] < 12
     assert f"{metrics['test_loss']:.6f}" in out
+    assert metrics["test_loss_amp"] == pytest.approx(metrics["test_loss"], rel=1e-6)  # tf32 on CPU: no autocast
+    assert tags["test_loss_amp_autocast"] == "none"
     client = mlflow.MlflowClient(uri)
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_avg")] == [2, 4]
+    # periods end after 0-based steps 0, 2 (step % 2 == 0) and 3 (the last), as the reference code's
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_avg")] == [1, 3, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "charts", "samples", "checkpoints.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "charts")} == {
@@ -62,11 +66,16 @@ def final_weights(tmp_path, name: str) -> dict:
 
 def test_same_config_and_seeds_give_bit_identical_weights(tmp_path, tracking_uri):
     first = run_tiny(tmp_path, "a", "seed=3", "train_seed=5")
-    second = run_tiny(tmp_path, "b", "seed=3", "train_seed=5")
+    # what config_hash leaves out (samples, progress, checksums) must not change the computation
+    unhashed = ["trainer.sample_prompt=Hello", "trainer.sample_tokens=7", "trainer.sample_top_k=3",
+                "trainer.sample_temperature=1.4", "trainer.progress=true", "data.verify_checksums=false"]
+    assert config_hash(compose_config(*TINY, "seed=3", "train_seed=5", *unhashed)) == config_hash(
+        compose_config(*TINY, "seed=3", "train_seed=5"))
+    second = run_tiny(tmp_path, "b", "seed=3", "train_seed=5", *unhashed)
     a, b = final_weights(tmp_path, "a"), final_weights(tmp_path, "b")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert first["test_loss"] == second["test_loss"]
+    assert (first["test_loss"], first["test_loss_amp"]) == (second["test_loss"], second["test_loss_amp"])
     other_train_seed = run_tiny(tmp_path, "c", "seed=3", "train_seed=6")
     c = final_weights(tmp_path, "c")
     assert other_train_seed["init_fingerprint"] == first["init_fingerprint"]  # same init, other dropout masks
@@ -118,6 +127,8 @@ def test_an_interrupted_or_failing_trial_never_ends_finished(tmp_path, tracking_
         assert run.data.tags["failure_reason"] == "RuntimeError: boom"
 
 
-def test_fp16_on_cpu_is_refused_clearly(tmp_path, tracking_uri):
-    with pytest.raises(ValueError, match="fp16_amp needs a CUDA device"):
-        run_tiny(tmp_path, "fp16", "trainer.precision=fp16_amp", "trainer.device=cpu")
+def test_fp16_without_cuda_is_refused_clearly_unless_the_cpu_is_asked_for(tmp_path, tracking_uri):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16_amp but no CUDA device was found.*trainer.device=cpu"):
+            Trial(compose_config(*TINY, "trainer.precision=fp16_amp"), tmp_path / "auto")
+    assert Trial(compose_config(*TINY, "trainer.precision=fp16_amp", "trainer.device=cpu"), tmp_path / "cpu").scaler.is_enabled()

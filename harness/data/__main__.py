@@ -6,21 +6,25 @@ from harness.data.prepare import DATASETS, DEFAULT_SHARD_TOKENS, PrepareError, p
 
 USAGE = f"""\
 usage: python -m harness.data prepare dataset=NAME
-           [out=DIR] [workers=N] [shard_tokens=N] [max_files=N] [parquet_dir=DIR]
+           [out=DIR] [workers=N] [shard_tokens=N] [max_files=N] [parquet_dir=DIR] [safetensors_dir=DIR]
 
-Downloads NAME's sample/10BT parquet files and tokenizes them into GPT-2 uint16 shards with a manifest.
+fineweb, fineweb_edu: downloads NAME's sample/10BT parquet files and tokenizes them into GPT-2 uint16 shards
+with a manifest, as the study's prepare_datasets.py did (last 1% of documents held out).
+fineweb_gpt2_tokens: the study's own published tokens (Hugging Face gpjt/fineweb-gpt2-tokens, ~19 GiB),
+converted into the same shards; the data of scale=gpt2_small and scale=proxy.
 Rerun the same command to resume an interrupted preparation.
 
-  dataset      one of: {", ".join(DATASETS)}
-  out          output directory (default: <project root>/data/NAME)
-  workers      tokenizer processes (default: CPU cores - 1)
-  shard_tokens tokens per shard file (default: {DEFAULT_SHARD_TOKENS:_})
-  max_files    use only the first N parquet files (sorted by name)
-  parquet_dir  use the parquet files already in DIR instead of downloading
+  dataset         one of: {", ".join(DATASETS)}
+  out             output directory (default: <project root>/data/NAME)
+  workers         tokenizer processes (default: CPU cores - 1; parquet only)
+  shard_tokens    tokens per shard file (default: {DEFAULT_SHARD_TOKENS:_})
+  max_files       use only the first N parquet files (sorted by name)
+  parquet_dir     use the parquet files already in DIR instead of downloading
+  safetensors_dir use train.safetensors and validation.safetensors already in DIR instead of downloading
 """
 
 INTEGER_OPTIONS = {"workers", "shard_tokens", "max_files"}
-TEXT_OPTIONS = {"dataset", "out", "parquet_dir"}
+TEXT_OPTIONS = {"dataset", "out", "parquet_dir", "safetensors_dir"}
 
 
 def parse_options(arguments: list[str]) -> dict:

@@ -7,50 +7,34 @@ global batch into ranks × micro-batch × accumulation reads the same sequences 
 
 import functools
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from harness.data.corpus import prepare_bundled
-from harness.data.shards import MANIFEST, open_split
-from harness.paths import PROJECT_ROOT
+from harness.config import DataConfig
+from harness.data.corpus import BUNDLED_CACHE, prepare_bundled
+from harness.data.shards import MANIFEST, Manifest, open_split
 
 log = logging.getLogger(__name__)
-DATASETS = ("bundled", "fineweb", "fineweb_edu")
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "bundled"
-    path: Optional[str] = None  # prepared dataset directory; default <project root>/data/<dataset>
-    holdout_fraction: float = 0.05  # bundled corpus only; prepared datasets fix theirs at preparation
-    seed: Optional[int] = None  # None: in order (the seeds' behaviour); an int: shuffled sequence order
-    max_epochs: float = 1.0  # refuse a trial that would read the training split more often than this
-    test_offset: int = 0  # first token of the test window in the held-out split
-    test_tokens: int = 32768  # tokens in the test window: a whole number of eval batches
-    eval_batch_size: int = 8
-    verify_checksums: bool = True
-
-    def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset={self.dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
 def open_dataset(cfg: DataConfig, split: str, verify: bool = True):
     """The split's tokens; `verify=False` skips the sha256 pass (ranks other than each node's first)."""
     if cfg.dataset == "bundled":
-        directory = prepare_bundled(PROJECT_ROOT / ".cache" / "data", cfg.holdout_fraction)
+        directory = prepare_bundled(BUNDLED_CACHE, cfg.holdout_fraction, verify=cfg.verify_checksums and verify)
     else:
-        directory = Path(cfg.path) if cfg.path else PROJECT_ROOT / "data" / cfg.dataset
+        directory = cfg.prepared_directory()
         if not (directory / MANIFEST).exists():
             raise FileNotFoundError(
                 f"no prepared {cfg.dataset} data in {directory}. Prepare it once with "
                 f"`python -m harness.data prepare dataset={cfg.dataset}` (or `make data DATASET={cfg.dataset}`), "
                 f"or point data.path at a prepared directory."
             )
+    if cfg.dataset in ("fineweb", "fineweb_edu") and "encoding" not in Manifest.load(directory).source:
+        log.warning("%s was prepared by an earlier harness (encode_ordinary, ceil(1%%) held out), not as the study's "
+                    "prepare_datasets.py did it: its split and test window differ from the study's. Prepare it again "
+                    "to match (python -m harness.data prepare dataset=%s out=NEW_DIR).", directory, cfg.dataset)
     return open_split(directory, split, verify=cfg.verify_checksums and verify)
 
 

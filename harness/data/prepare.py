@@ -1,8 +1,12 @@
 """FineWeb preparation: parquet files of `sample/10BT` -> GPT-2 token shards (see `harness.data.shards`).
 
-Documents are taken in sorted file order and row order; the last 1% are held out as `test`. Tokenization
-runs in worker processes while the main process reads parquet and writes shards in document order. A
-killed preparation resumes after its last completed shard and ends byte-identical to an uninterrupted one.
+As the study's own prepare_datasets.py did it: documents in sorted file order and row order, split as
+`datasets`' `train[:99%]` / `train[99%:]` (the last 1% held out as `test`), each encoded with
+`encode_batch(texts, allowed_special={"<|endoftext|>"})` (a literal "<|endoftext|>" in a document is token
+50256) and followed by end-of-text. Tokenization runs in worker processes while the main process reads parquet
+and writes shards in document order. A killed preparation resumes after its last completed shard and ends
+byte-identical to an uninterrupted one. `dataset=fineweb_gpt2_tokens` (the study's published tokens) is
+converted by `harness.data.tokens` instead.
 """
 
 import itertools
@@ -21,13 +25,20 @@ import pyarrow
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from harness.data.shards import MANIFEST, SPLITS, TOKEN_DTYPE, Manifest, ShardWriter, holdout_start
+from harness.data.shards import (MANIFEST, SPLITS, TOKEN_DTYPE, Manifest, ManifestError, ShardWriter, sha256_file,
+                                 shard_problem)
 from harness.paths import PROJECT_ROOT
-from harness.tokenizer import gpt2_encoding
+from harness.tokenizer import END_OF_TEXT, gpt2_encoding
 
-DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb_edu": "HuggingFaceFW/fineweb-edu"}
+PARQUET_DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb_edu": "HuggingFaceFW/fineweb-edu"}
+TOKEN_DATASETS = ("fineweb_gpt2_tokens",)  # already tokenized: harness.data.tokens
+DATASETS = (*PARQUET_DATASETS, *TOKEN_DATASETS)
 SAMPLE = "sample/10BT"
 HOLDOUT_FRACTION = 0.01
+TRAIN_PERCENT = 99  # the reference's split: train[:99%], validation (our test) train[99%:]
+# Recorded in the manifest: a preparation made another way (as before these were recorded) is not resumed.
+ENCODING = "encode_batch(allowed_special={'<|endoftext|>'})"
+SPLIT_RULE = "datasets train[:99%] / train[99%:], closest rounding"
 DEFAULT_SHARD_TOKENS = 100_000_000
 DOCUMENTS_PER_TASK = 1024
 TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
@@ -54,52 +65,80 @@ def prepare(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     max_files: int | None = None,
     parquet_dir: Path | str | None = None,
+    safetensors_dir: Path | str | None = None,
 ) -> Path:
     """Prepares (or finishes preparing) `dataset` into `out` and returns `out`.
 
     Downloads the parquet files unless `parquet_dir` already holds them; `max_files` keeps the first N.
+    `fineweb_gpt2_tokens` downloads its two token files unless `safetensors_dir` holds them.
     """
+    if dataset in TOKEN_DATASETS:
+        from harness.data.tokens import prepare_tokens  # it builds on this module's helpers
+
+        require_positive(shard_tokens=shard_tokens)
+        not_applicable(dataset, workers=workers, max_files=max_files, parquet_dir=parquet_dir)
+        return prepare_tokens(dataset, out, shard_tokens, safetensors_dir)
+    not_applicable(dataset, safetensors_dir=safetensors_dir)
     repo = dataset_repo(dataset)
     out = Path(out) if out is not None else PROJECT_ROOT / "data" / dataset
     workers = workers if workers is not None else default_workers()
     require_positive(workers=workers, shard_tokens=shard_tokens, max_files=max_files)
-    settings = {"repo": repo, "sample": SAMPLE, "max_files": max_files, "shard_tokens": shard_tokens}
+    settings = {"repo": repo, "sample": SAMPLE, "max_files": max_files, "shard_tokens": shard_tokens,
+                "encoding": ENCODING, "split": SPLIT_RULE}
 
     manifest = load_matching_manifest(out, dataset, settings)
-    if manifest is not None and manifest.complete:
+    damaged = damaged_shards(out, manifest)
+    if manifest is not None and manifest.complete and not damaged:
         log(f"{out} is already prepared ({describe(manifest)}); nothing to do")
         return out
     written = written_bytes(manifest)
     if parquet_dir is None:
-        parquet_dir = download(repo, out / "parquet", max_files, out, written)
+        parquet_dir = downloaded_parquet(out, manifest) or download(repo, out / "parquet", max_files, out, written)
     files = parquet_files(Path(parquet_dir), max_files)
     documents, text_bytes = measure(files)
     source = {**settings, "files": [path.name for path in files], "documents": documents}
     if manifest is None:
         manifest = Manifest(dataset, source, HOLDOUT_FRACTION)
-    elif manifest.source != source:
+    elif without_parquet_dir(manifest.source) != source:
         raise PrepareError(f"the parquet files differ from those {out} was started with; delete {out} to start over")
-    try:
-        test_start = holdout_start(documents, HOLDOUT_FRACTION)
-    except ValueError as error:
-        raise PrepareError(str(error)) from None
+    # Where the files are, so that the repair command a damaged shard prints is complete (not compared on resume).
+    downloaded = Path(parquet_dir) == out / "parquet" / SAMPLE
+    manifest.source["parquet_dir"] = None if downloaded else str(Path(parquet_dir).resolve())
+    test_start = reference_test_start(documents)
     shard_bytes = SHARD_BYTES_PER_TEXT_BYTE * text_bytes + TOKEN_BYTES * documents
     require_disk_space(out, shard_bytes - written, "the token shards")
 
     out.mkdir(parents=True, exist_ok=True)
     remove_unfinished_shards(out, manifest)
-    check_recorded_shards(out, manifest)
-    write_shards(out, manifest, files, test_start, workers)
-    manifest.complete = True
+    recreate_shards(out, manifest, damaged, files, test_start, workers)
+    if not manifest.complete:
+        write_shards(out, manifest, files, test_start, workers)
+        manifest.complete = True
     manifest.save(out)
     log(f"prepared {out}: {describe(manifest)}")
     return out
 
 
 def dataset_repo(dataset: str) -> str:
-    if dataset not in DATASETS:
+    if dataset not in PARQUET_DATASETS:
         raise PrepareError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
-    return DATASETS[dataset]
+    return PARQUET_DATASETS[dataset]
+
+
+def not_applicable(dataset: str, **options) -> None:
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise PrepareError(f"{', '.join(given)} do{'es' if len(given) == 1 else ''} not apply to dataset={dataset}")
+
+
+def reference_test_start(documents: int) -> int:
+    """Index of the first held-out document, as `datasets` computes `train[:99%]` (its default "closest"
+    rounding: `int(round(99 * n / 100.0))`, Python's round-half-to-even) for the reference's split."""
+    start = int(round(TRAIN_PERCENT * documents / 100.0))
+    if not 0 < start < documents:
+        raise PrepareError(f"{documents} documents are too few to hold out {HOLDOUT_FRACTION:.0%} for testing "
+                           f"(the split would leave {documents - start} test documents)")
+    return start
 
 
 def default_workers() -> int:
@@ -128,8 +167,17 @@ def load_matching_manifest(out: Path, dataset: str, settings: dict) -> Manifest 
     """The manifest of an earlier preparation in `out`, if any; refuses one made with other settings."""
     if not (out / MANIFEST).exists():
         return None
-    manifest = Manifest.load(out)
+    try:
+        manifest = Manifest.load(out)
+    except ManifestError as error:
+        raise PrepareError(f"{error}; move it away to prepare {out} from the start") from None
     recorded = {key: manifest.source.get(key) for key in settings}
+    if manifest.dataset == dataset and "encoding" in settings and "encoding" not in manifest.source:
+        raise PrepareError(
+            f"{out} was prepared by an earlier harness (encode_ordinary, and the last ceil(1%) of documents held out), "
+            f"not as the study's prepare_datasets.py did it; its tokens differ from the study's. Delete {out} and "
+            "prepare again, or choose another out=DIR"
+        )
     if manifest.dataset != dataset or recorded != settings:
         raise PrepareError(
             f"{out} holds a preparation of {manifest.dataset} with {recorded}, not of {dataset} with {settings}; "
@@ -237,11 +285,70 @@ def remove_unfinished_shards(out: Path, manifest: Manifest) -> None:
             path.unlink()  # renamed into place, but the run died before recording it in the manifest
 
 
-def check_recorded_shards(out: Path, manifest: Manifest) -> None:
-    for shard in (shard for split in manifest.splits.values() for shard in split.shards):
-        path = out / shard.file
-        if not path.exists() or path.stat().st_size != shard.tokens * TOKEN_BYTES:
-            raise PrepareError(f"shard {path} is missing or has the wrong size; delete {out} to start over")
+def without_parquet_dir(source: dict) -> dict:
+    return {key: value for key, value in source.items() if key != "parquet_dir"}
+
+
+def downloaded_parquet(out: Path, manifest: Manifest | None) -> Path | None:
+    """The earlier download's folder when it still holds every file the preparation read (no network needed)."""
+    folder = out / "parquet" / SAMPLE
+    names = manifest.source.get("files") if manifest is not None else None
+    return folder if names and all((folder / name).is_file() for name in names) else None
+
+
+def damaged_shards(out: Path, manifest: Manifest | None) -> list[tuple[str, int]]:
+    """(split, index) of each recorded shard that is missing, has the wrong size or fails its checksum."""
+    if manifest is None:
+        return []
+    damaged = []
+    shards = [(name, index, shard) for name, split in manifest.splits.items()
+              for index, shard in enumerate(split.shards)]
+    for name, index, shard in tqdm(shards, desc="verifying shards", unit="shard", file=sys.stderr,
+                                   disable=len(shards) < 10):
+        problem = shard_problem(out, shard, verify=True)
+        if problem:
+            log(f"{problem}: it will be re-created")
+            damaged.append((name, index))
+    return damaged
+
+
+def recreate_shards(out: Path, manifest: Manifest, damaged: list[tuple[str, int]], files: list[Path],
+                    test_start: int, workers: int) -> None:
+    """Tokenizes the documents of each damaged shard again; the new file must have the recorded checksum."""
+    if not damaged:
+        return
+    with tokenizer_pool(workers) as pool:
+        for name, index in damaged:
+            shard = manifest.splits[name].shards[index]
+            before = sum(s.documents for s in manifest.splits[name].shards[:index])
+            first = (test_start if name == "test" else 0) + before
+            chunks = first_documents(read_texts(files, skip=first, batch_size=DOCUMENTS_PER_TASK), shard.documents)
+            tmp = out / (shard.file + ".tmp")
+            with open(tmp, "wb") as f:
+                for tokens, lengths in tokenize_in_order(chunks, pool, max_in_flight=2 * workers):
+                    for document in np.split(tokens, np.cumsum(lengths)[:-1]):
+                        np.append(document, END_OF_TEXT).astype(TOKEN_DTYPE).tofile(f)
+            if sha256_file(tmp) != shard.sha256:
+                tmp.unlink()
+                raise PrepareError(f"re-created {out / shard.file} does not match its recorded checksum: the parquet "
+                                   f"files are not those it was prepared from; delete {out} to start over")
+            os.replace(tmp, out / shard.file)
+            log(f"re-created {out / shard.file} ({shard.documents:,} documents, checksum as recorded)")
+
+
+def first_documents(chunks: Iterable[pyarrow.Array], count: int) -> Iterator[pyarrow.Array]:
+    for chunk in chunks:
+        if count <= 0:
+            return
+        yield chunk.slice(0, count)
+        count -= len(chunk)
+
+
+def tokenizer_pool(workers: int) -> Pool:
+    # spawn, not fork: the main process has pyarrow and tqdm threads running, which fork does not copy safely.
+    # Workers ignore Ctrl-C; the main process gets it and terminates them.
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=signal.signal,
+                                                     initargs=(signal.SIGINT, signal.SIG_IGN))
 
 
 def write_shards(out: Path, manifest: Manifest, files: list[Path], test_start: int, workers: int) -> None:
@@ -259,12 +366,7 @@ def write_shards(out: Path, manifest: Manifest, files: list[Path], test_start: i
         file=sys.stderr,
     )
     tokens_bar = tqdm(desc="tokens", initial=already_tokens, unit="tok", unit_scale=True, file=sys.stderr)
-    # spawn, not fork: the main process has pyarrow and tqdm threads running, which fork does not copy safely.
-    # Workers ignore Ctrl-C; the main process gets it and terminates them.
-    pool = multiprocessing.get_context("spawn").Pool(
-        workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
-    )
-    with documents_bar, tokens_bar, pool:
+    with documents_bar, tokens_bar, tokenizer_pool(workers) as pool:
         chunks = read_texts(files, skip=already_documents, batch_size=DOCUMENTS_PER_TASK)
         for tokens, lengths in tokenize_in_order(chunks, pool, max_in_flight=2 * workers):
             for document in np.split(tokens, np.cumsum(lengths)[:-1]):
@@ -315,7 +417,7 @@ def tokenize(texts: pyarrow.Array) -> TokenizedChunk:
 
     The texts arrive as an Arrow array and become Python strings here, not in the busier main process.
     """
-    documents = gpt2_encoding().encode_ordinary_batch(texts.to_pylist(), num_threads=1)
+    documents = gpt2_encoding().encode_batch(texts.to_pylist(), num_threads=1, allowed_special={"<|endoftext|>"})
     lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
     tokens = np.fromiter(itertools.chain.from_iterable(documents), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
     return tokens, lengths

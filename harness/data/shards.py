@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -52,12 +53,18 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
-        raw = json.loads((Path(directory) / MANIFEST).read_text())
-        splits = {
-            name: Split(s["documents"], s["tokens"], [Shard(**sh) for sh in s["shards"]])
-            for name, s in raw.pop("splits").items()
-        }
-        return cls(**raw, splits=splits)
+        path = Path(directory) / MANIFEST
+        try:
+            raw = json.loads(path.read_text())
+            splits = {
+                name: Split(s["documents"], s["tokens"], [Shard(**sh) for sh in s["shards"]])
+                for name, s in raw.pop("splits").items()
+            }
+            return cls(**raw, splits=splits)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or not a manifest
+            reason = f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
+            raise ManifestError(f"{path} is not a valid manifest ({reason}); it was changed or damaged after "
+                                f"preparation, so the shards beside it cannot be trusted") from None
 
     def save(self, directory: Path) -> None:
         path = Path(directory) / MANIFEST
@@ -122,8 +129,52 @@ def holdout_start(n_documents: int, holdout_fraction: float) -> int:
     return n_documents - n_test
 
 
-class ChecksumError(RuntimeError):
+class DataError(RuntimeError):
+    """Prepared data that cannot be read as recorded; the message names the file and the command that repairs it."""
+
+
+class ManifestError(DataError):
     pass
+
+
+class ChecksumError(DataError):
+    pass
+
+
+def prepare_command(directory: Path, manifest: Manifest) -> str:
+    """The command that finishes or repairs `directory`'s preparation, with the settings it was made with."""
+    options = [f"dataset={manifest.dataset}", f"out={directory}"]
+    for key in ("shard_tokens", "max_files", "parquet_dir", "safetensors_dir"):
+        if manifest.source.get(key) is not None:
+            options.append(f"{key}={manifest.source[key]}")
+    return "python -m harness.data prepare " + " ".join(options)
+
+
+def shard_problem(directory: Path, shard: Shard, verify: bool) -> Optional[str]:
+    """Why the shard file does not hold what its manifest records (missing, wrong size, wrong checksum), or None."""
+    path = Path(directory) / shard.file
+    if not path.is_file():
+        return f"shard {path} is missing"
+    expected = shard.tokens * np.dtype(TOKEN_DTYPE).itemsize
+    if path.stat().st_size != expected:
+        return f"shard {path} has {path.stat().st_size:,} bytes, not the {expected:,} its manifest records"
+    if verify and not verified(path, shard.sha256):
+        return f"shard {path} does not match its manifest checksum"
+    return None
+
+
+_verified: set[tuple] = set()
+
+
+def verified(path: Path, sha256: str) -> bool:
+    """Whether the file's sha256 is `sha256`; a file verified in this process and unchanged since is not read again."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, sha256)
+    if key not in _verified:
+        if sha256_file(path) != sha256:
+            return False
+        _verified.add(key)
+    return True
 
 
 def open_split(directory: Path, split: str, verify: bool = True) -> np.ndarray:
@@ -131,15 +182,15 @@ def open_split(directory: Path, split: str, verify: bool = True) -> np.ndarray:
     directory = Path(directory)
     manifest = Manifest.load(directory)
     if not manifest.complete:
-        raise RuntimeError(f"{directory} holds an unfinished preparation; run the preparation command again to finish it")
+        raise DataError(f"{directory} holds an unfinished preparation; finish it with `{prepare_command(directory, manifest)}`")
     arrays = []
     for shard in manifest.splits[split].shards:
-        path = directory / shard.file
-        if verify and sha256_file(path) != shard.sha256:
-            raise ChecksumError(f"shard {path} does not match its manifest checksum; delete it and prepare again")
-        arrays.append(np.memmap(path, dtype=TOKEN_DTYPE, mode="r"))
+        problem = shard_problem(directory, shard, verify)
+        if problem:
+            raise ChecksumError(f"{problem}; re-create it with `{prepare_command(directory, manifest)}`")
+        arrays.append(np.memmap(directory / shard.file, dtype=TOKEN_DTYPE, mode="r"))
     if not arrays:
-        raise RuntimeError(f"{directory} has no {split} tokens")
+        raise DataError(f"{directory} has no {split} tokens")
     return arrays[0] if len(arrays) == 1 else ConcatenatedTokens(arrays)
 
 

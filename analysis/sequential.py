@@ -1,0 +1,855 @@
+"""Sequential studies: decide after every round, spend seeds only where they still decide something.
+
+Rounds.  A schedule of init seeds (``seeds``, in the order rounds add them)
+and ``max_seeds``, the most any arm runs.  Round 1 runs the first
+``first_seeds`` seeds of the schedule for every arm and the baseline (with
+the baseline's train-seed noise study, if the design has one); each later
+round adds the next init seed for the baseline and the arms still open.
+Look k analyses the runs at the first ``first_seeds + k - 1`` seeds; an
+arm's runs count only from the rounds it was open in, so a replay of the
+runs table gives back the decisions that were taken.
+
+Tests.  Each look compares every open arm with the baseline exactly as
+:mod:`analysis.compare` does: the prediction t-test against pooled noise
+while the arm shares one init seed with the baseline (train-seed noise for
+arms that keep the baseline's initial weights; the arm that draws its own
+needs init-seed noise, which one baseline seed cannot give, so it waits for
+look 2), the paired t-test over init seeds once two are paired (dof = seeds
+- 1).  Holm runs over all the study's interventions.
+
+Alpha spending.  Lan-DeMets spending of O'Brien-Fleming type over the
+information fraction ``t = paired init seeds / max_seeds``:
+``alpha(t) = 4 - 4 Phi(z_{1-alpha/4} / sqrt(t))``, each side spending the
+one-sided O'Brien-Fleming function at alpha/2 (gsDesign's ``sfLDOF``).  Look
+k spends ``alpha(t_k) - alpha(t_{k-1})``; almost nothing early, nearly all
+of alpha by the last seeds.
+
+Boundaries for t statistics.  The textbook transfer (reject when the t
+test's p-value is below the nominal level of the normal-theory boundary)
+spends too much with few seeds: over paired looks at 2..8 of 8 seeds it
+rejected 5.75% of a million null studies at alpha = 5%, because t
+statistics on 1-7 dof are less correlated from look to look than z
+statistics.  The paired
+looks therefore get exact boundaries for the sequence of one-sample t
+statistics.  With normal per-seed differences and no effect, let
+``sin(theta_n)`` be the cosine of the angle between the vector of the first
+n differences and the all-ones vector, so that ``T_n = sqrt(n - 1)
+tan(theta_n)``.  One more seed gives ``sin(theta_{n+1}) = (sqrt(n)
+sin(theta_n) + rho) / sqrt((n + 1)(1 + rho^2))`` with ``rho = d_{n+1} /
+|d_1..n|``, and ``sqrt(n) rho`` is t-distributed with n dof independently of
+the path so far (the norm of a normal vector is independent of its
+direction).  So ``theta`` is a Markov chain whose law does not depend on the
+noise SD; it is integrated numerically on a grid (the recursion Armitage,
+McPherson and Rowe use for z statistics, with the transition in closed form
+through t CDFs), and each
+look's boundary is the root that spends exactly its increment.  A look that
+is not paired (the prediction test at one seed) is a separate Bonferroni
+piece that spends its increment at its exact marginal level; the paired
+looks spend the other increments among themselves, so the total is at most
+alpha whatever the dependence between the pieces.
+
+Holm across interventions.  Group-sequential Holm (Maurer and Bretz 2013,
+graphical approach with Holm's graph): every hypothesis not yet rejected is
+tested with the boundary of its local level ``alpha / m``, ``m`` the number
+not yet rejected; a rejection raises the others' levels at once (within the
+same look) and stays.  A raised level applies to an arm's current look only
+(the full closed test would also re-examine its earlier looks), so the
+procedure rejects a subset of what that closed test rejects, and the
+study-wide error stays at most alpha.  (A look counts as crossing at
+``alpha / m`` only if it also crosses every higher level's boundary, as the
+shortcut to the closed test needs.)
+
+Decisions at a look, per intervention (``difference`` = intervention minus
+baseline; its repeated confidence interval (RCI) = difference +- boundary x
+standard error at the arm's level; at a fixed level, an arm's RCIs cover its
+true difference at all looks at once with probability at least 1 - level):
+
+``better`` / ``worse``
+    The RCI excludes zero (the arm's null hypothesis is rejected by the
+    procedure above) and the difference is at least ``min_effect`` below /
+    above zero.  The arm stops.
+``no meaningful effect``
+    The RCI lies inside ``(-min_effect, +min_effect)``; never when
+    ``min_effect`` is 0.  The arm stops.
+``open``
+    Neither: the arm gets the next seed, and ``more_seeds`` says how many it
+    would still need for 80% power at the boundaries still ahead, from the
+    current difference and pooled noise SD (NaN when they cannot tell).
+
+The baseline runs every round while any arm is open; from look 2 on its
+noise study needs nothing more (paired tests do not use pooled noise), and
+it needs as many more seeds as the open arm that needs most
+(:class:`BaselineNeeds`).
+
+Every array function is vectorised (leading axes are repetitions), and
+:meth:`SequentialDesign.simulate` drives many simulated studies through the
+same :class:`LookPlan` tests and :class:`SequentialProcedure` that
+:func:`sequential_decisions` uses on one real study.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+from scipy.optimize import elementwise
+
+from analysis.compare import (
+    ArmPlan, DifferenceTest, decide, plan_comparisons, seeds_needed, t_test_power, test_arm,
+)
+from analysis.load import BASELINE
+from analysis.noise import NoiseDesign, noise_designs, noise_statistics
+
+OPEN, BETTER, WORSE, NO_EFFECT = 0, 1, 2, 3
+DECISIONS = np.array(["open", "better", "worse", "no meaningful effect"])
+TARGET_POWER = 0.8
+GRID_CELLS = 160  # cells of the angle grid (the tests check the spending by Monte Carlo)
+EXACT_FROM = 1e-7  # increments below this get the marginal (conservative) boundary
+METHOD = (
+    "Sequential design: after each round the study is analysed again. Each intervention is "
+    "compared with the baseline as in the fixed analysis (prediction t against pooled noise with "
+    "one init seed, paired t over init seeds from two). Repeated looks spend alpha by Lan-DeMets "
+    "O'Brien-Fleming-type spending over the information fraction (paired init seeds / max_seeds); "
+    "paired looks use exact boundaries for the sequence of t statistics, a one-seed look spends "
+    "its share at its exact marginal level. Holm across interventions is group-sequential "
+    "(Maurer-Bretz graphical approach): an arm is tested at alpha/m with m the interventions not "
+    "yet rejected, and rejections are final. better/worse: the repeated confidence interval "
+    "excludes zero and the difference is at least min_effect; no meaningful effect: the interval "
+    "lies inside +-min_effect; open: neither, the arm gets the next init seed."
+)
+
+
+# --- alpha spending and boundaries ---------------------------------------------------------------
+
+
+def spent_alpha(fraction, alpha: float):
+    """Two-sided alpha spent by information ``fraction`` (Lan-DeMets, O'Brien-Fleming type)."""
+    fraction = np.asarray(fraction, dtype=float)
+    with np.errstate(divide="ignore"):
+        return np.where(fraction > 0,
+                        4 * stats.norm.sf(stats.norm.isf(alpha / 4) / np.sqrt(fraction)), 0.0)
+
+
+def normal_boundaries(fractions, alpha: float, points: int = 801) -> np.ndarray:
+    """|Z| boundaries of the spending function for normal statistics at these fractions.
+
+    The recursion of Armitage, McPherson and Rowe on the score scale
+    ``S = Z sqrt(t)`` (independent normal increments): the density of S on
+    the continuation region, propagated by Simpson's rule, and each
+    boundary the root that spends exactly the look's increment.  The
+    reference that the t boundaries converge to; used to show how much
+    stricter few seeds make them.
+    """
+    fractions = np.asarray(fractions, dtype=float)
+    increments = np.diff(spent_alpha(fractions, alpha), prepend=0.0)
+    boundaries = [stats.norm.isf(increments[0] / 2)]
+    edge = boundaries[0] * np.sqrt(fractions[0])
+    grid = np.linspace(-edge, edge, points)
+    density = stats.norm.pdf(grid, scale=np.sqrt(fractions[0]))
+    weights = np.ones(points)
+    weights[1:-1:2], weights[2:-1:2] = 4, 2
+    for previous, fraction, increment in zip(fractions[:-1], fractions[1:], increments[1:]):
+        step = np.sqrt(fraction - previous)
+        mass = weights * (grid[1] - grid[0]) / 3 * density
+
+        def crossing(edge):
+            return mass @ (stats.norm.sf((edge - grid) / step)
+                           + stats.norm.cdf((-edge - grid) / step))
+
+        edge = optimize.brentq(lambda e: crossing(e) - increment, 1e-9, grid[-1] + 40 * step,
+                               xtol=1e-13)
+        boundaries.append(edge / np.sqrt(fraction))
+        new_grid = np.linspace(-edge, edge, points)
+        density = stats.norm.pdf((new_grid[:, None] - grid) / step) @ mass / step
+        grid = new_grid
+    return np.array(boundaries)
+
+
+def t_cdf(dof: int, x) -> np.ndarray:
+    """CDF of Student's t with integer ``dof``, in closed form (Abramowitz and Stegun 26.7.3-4).
+
+    Absolute error ~1e-16 and about ten times faster than ``scipy.special.stdtr``,
+    which the boundary recursion calls millions of times.
+    """
+    x = np.asarray(x, dtype=float)
+    with np.errstate(invalid="ignore"):
+        sine = np.where(np.isinf(x), 1.0, np.abs(x) / np.sqrt(dof + x * x))
+        cosine2 = np.where(np.isinf(x), 0.0, dof / (dof + x * x))
+    if dof % 2:
+        term = sine * np.sqrt(cosine2)
+        total = np.arctan2(sine, np.sqrt(cosine2))
+        for k in range(1, (dof - 1) // 2 + 1):
+            total = total + term
+            term = term * cosine2 * (2 * k) / (2 * k + 1)
+        central = 2 / np.pi * total
+    else:
+        term, central = sine, np.zeros_like(sine)
+        for k in range(1, dof // 2 + 1):
+            central = central + term
+            term = term * cosine2 * (2 * k - 1) / (2 * k)
+    return 0.5 + 0.5 * np.sign(x) * central
+
+
+def _probability_above(level, sine, n: int) -> np.ndarray:
+    """P(sin(theta_{n+1}) > level | sin(theta_n) = sine) for one more seed (module docstring).
+
+    ``h(rho) = (sqrt(n) sine + rho) / sqrt(1 + rho^2)`` must exceed
+    ``g = level sqrt(n + 1)``; ``h`` runs from -1 to +1 with one extremum, so
+    the set is one half-line when ``|g| < 1`` and an interval (or its
+    complement) otherwise, bounded by the roots of
+    ``(1 - g^2) rho^2 + 2 a rho + a^2 - g^2`` on the side where ``a + rho``
+    has the sign of ``g``.  ``sqrt(n) rho`` is t with n dof.
+    """
+    a = np.sqrt(n) * sine
+    g = level * np.sqrt(n + 1)
+    quadratic, linear, constant = 1 - g * g, 2 * a, a * a - g * g
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.sqrt(np.maximum(linear * linear - 4 * quadratic * constant, 0.0))
+        half = -0.5 * (linear + np.copysign(root, linear))
+        first, second = half / quadratic, constant / half
+        low, high = np.minimum(first, second), np.maximum(first, second)
+        low_valid, high_valid = (a + low) * g >= 0, (a + high) * g >= 0
+    cdf_low, cdf_high = t_cdf(n, low * np.sqrt(n)), t_cdf(n, high * np.sqrt(n))
+    half_line = 1 - np.where(high_valid, cdf_high, cdf_low)
+    between = np.where(low_valid & high_valid & (root > 0), cdf_high - cdf_low, 0.0)
+    return np.where(np.abs(g) < 1, half_line, np.where(g > 0, between, 1 - between))
+
+
+def _angle_grid(edge) -> np.ndarray:
+    """Cell edges on (-edge, edge) per level, finest near the edges where crossing mass sits."""
+    return np.asarray(edge, dtype=float)[..., None] * np.sin(
+        np.linspace(-np.pi / 2, np.pi / 2, GRID_CELLS + 1))
+
+
+def _middles(edges: np.ndarray) -> np.ndarray:
+    return np.sin(0.5 * (edges[..., 1:] + edges[..., :-1]))
+
+
+def _step(edges: np.ndarray, mass: np.ndarray, new_edges: np.ndarray, n: int) -> np.ndarray:
+    """Mass in each new cell after one more seed (each old cell's mass at its midpoint)."""
+    above = _probability_above(np.sin(new_edges)[..., None, :], _middles(edges)[..., :, None], n)
+    return np.einsum("...c,...cj->...j", mass, above[..., :-1] - above[..., 1:])
+
+
+@lru_cache(maxsize=1024)
+def _chain(seeds: tuple[int, ...], increments: tuple[tuple[float, ...], ...]) -> tuple:
+    """Boundaries (levels, looks) and the chain's state after the last look.
+
+    ``increments[look][level]``; the state after a look (cell edges and
+    masses on the continuation region, per level) is cached, so a study that
+    adds one look at a time integrates each step once.
+    """
+    spend = np.array(increments[-1])
+    n = seeds[-1]
+    if len(seeds) == 1:
+        boundary = stats.t.isf(spend / 2, n - 1)
+        edges = _angle_grid(np.arctan(boundary / np.sqrt(n - 1)))
+        mass = np.diff(t_cdf(n - 1, np.sqrt(n - 1) * np.tan(edges)), axis=-1)
+        return boundary[:, None], edges, mass
+    previous, edges, mass = _chain(seeds[:-1], increments[:-1])
+    for count in range(seeds[-2], n - 1):  # seed counts without a look
+        edges, mass = _angle_grid(np.full(len(spend), np.pi / 2)), _step(
+            edges, mass, _angle_grid(np.full(len(spend), np.pi / 2)), count)
+    middles = _middles(edges)
+
+    def excess(angle, level):
+        sine = np.sin(angle)[:, None]
+        crossing = (_probability_above(sine, middles[level], n - 1) + 1
+                    - _probability_above(-sine, middles[level], n - 1))
+        return (mass[level] * crossing).sum(axis=-1) - spend[level]
+
+    marginal = stats.t.isf(spend / 2, n - 1)
+    exact = spend >= EXACT_FROM
+    angle = np.arctan(marginal / np.sqrt(n - 1))
+    if exact.any():
+        levels = np.flatnonzero(exact)
+        root = elementwise.find_root(excess, (np.full(levels.size, 1e-12),
+                                              np.full(levels.size, np.pi / 2 - 1e-12)),
+                                     args=(levels,))
+        if not root.success.all():
+            raise ArithmeticError(f"no boundary for seeds {seeds}, increments {spend}")
+        angle[levels] = root.x
+    boundary = np.where(exact, np.sqrt(n - 1) * np.tan(angle), marginal)
+    new_edges = _angle_grid(angle)
+    return (np.concatenate([previous, boundary[:, None]], axis=1), new_edges,
+            _step(edges, mass, new_edges, n - 1))
+
+
+def paired_t_boundaries(seeds, increments) -> np.ndarray:
+    """|T| boundaries of one-sample t-tests at looks with these numbers of seeds.
+
+    ``seeds`` increase (the first at least 2); ``increments`` is (looks,) or
+    (looks, levels): under no effect, with normal per-seed differences, the
+    boundaries cross first at look k with probability ``increments[k]``
+    exactly (an increment of 0 gives an infinite boundary).  Increments below
+    ``EXACT_FROM`` get the marginal t quantile, which spends at most the
+    increment.  Returns (looks,) or (levels, looks).
+    """
+    seeds = tuple(int(n) for n in seeds)
+    if seeds[0] < 2 or any(b <= a for a, b in zip(seeds, seeds[1:])):
+        raise ValueError(f"paired looks need increasing seed counts from 2, got {seeds}")
+    increments = np.asarray(increments, dtype=float)
+    single = increments.ndim == 1
+    key = tuple(tuple(float(v) for v in np.atleast_1d(row)) for row in increments)
+    boundaries = _chain(seeds, key)[0]
+    return boundaries[0] if single else boundaries
+
+
+# --- the comparisons at one look ---------------------------------------------------------------
+
+
+@dataclass
+class LookTests:
+    """Every intervention's comparison with the baseline at one look: (..., interventions)."""
+
+    difference: np.ndarray
+    statistic: np.ndarray
+    standard_error: np.ndarray
+    dof: np.ndarray
+    noise_sd: np.ndarray  # of the arm's noise reference, for effect sizes and seeds needed
+
+
+@dataclass
+class LookPlan:
+    """The comparisons of one look without losses: issue 11's noise designs and arm plans.
+
+    ``plans[i]`` is None for an intervention without runs; ``seeds[i]`` the
+    init seeds its comparison rests on (paired seeds, or the arm's seeds
+    for a one-look test).
+    """
+
+    interventions: list[str]
+    designs: dict[str, NoiseDesign]
+    plans: list[ArmPlan | None]
+    seeds: np.ndarray
+
+    def kind(self, arm: int) -> str | None:
+        """``paired``, ``single`` (a one-look test, e.g. the prediction test) or None (no test)."""
+        plan = self.plans[arm]
+        if plan is None or plan.design == "none":
+            return None
+        return "paired" if plan.design == "paired" else "single"
+
+    def noise(self, losses) -> dict[str, tuple]:
+        return noise_statistics(self.designs, losses)
+
+    def tests(self, losses) -> LookTests:
+        """The tests of :mod:`analysis.compare` on ``losses`` (..., runs of the look)."""
+        losses = np.asarray(losses, dtype=float)
+        noise = self.noise(losses)
+        shape = losses.shape[:-1] + (len(self.interventions),)
+        fields = {name: np.full(shape, np.nan) for name in LookTests.__dataclass_fields__}
+        for arm, plan in enumerate(self.plans):
+            if plan is None:
+                continue
+            other = "init" if plan.reference == "train" else "train"
+            reference = noise[plan.reference][0]
+            fields["noise_sd"][..., arm] = np.where(np.isfinite(reference), reference,
+                                                    noise[other][0])
+            if plan.design == "none":
+                continue
+            test = test_arm(plan, losses, noise)
+            fields["difference"][..., arm] = test.difference
+            fields["statistic"][..., arm] = test.statistic
+            fields["dof"][..., arm] = test.dof
+            fields["standard_error"][..., arm] = _standard_error(test)
+        return LookTests(**fields)
+
+
+def plan_look(runs: pd.DataFrame, interventions: list[str]) -> LookPlan:
+    """The look's noise designs and comparisons (``runs``: the runs of the look)."""
+    runs = runs.reset_index(drop=True)
+    designs = noise_designs(runs)
+    measurable = {kind for kind in ("train", "init") if designs[kind].dof > 0}
+    plans = {plan.intervention: plan for plan in plan_comparisons(runs, measurable)}
+    ordered = [plans.get(name) for name in interventions]
+    seeds = np.array([0 if plan is None or plan.design == "none" else
+                      plan.treated.shape[0] if plan.design == "paired" else
+                      plan.n_intervention_seeds for plan in ordered])
+    return LookPlan(list(interventions), designs, ordered, seeds)
+
+
+def _standard_error(test: DifferenceTest, alpha: float = 0.05) -> np.ndarray:
+    """The SE behind a test's (1 - alpha) t interval."""
+    with np.errstate(invalid="ignore"):
+        return (test.ci_high - test.difference) / stats.t.isf(alpha / 2, test.dof)
+
+
+# --- the procedure, look by look ---------------------------------------------------------------
+
+
+class SequentialProcedure:
+    """Group-sequential Holm over the interventions, updated one look at a time.
+
+    Arrays have the leading shape given (repetitions) and one entry per
+    intervention.  ``decision`` holds OPEN, BETTER, WORSE or NO_EFFECT;
+    ``rejected_at`` the ``m`` of the level ``alpha / m`` at which an arm's
+    null hypothesis was rejected (0: not rejected); the other arrays what
+    the latest look that tested each arm found.
+    """
+
+    def __init__(self, interventions: list[str], shape: tuple, max_seeds: int,
+                 alpha: float = 0.05, min_effect: float = 0.0):
+        self.interventions = list(interventions)
+        self.max_seeds, self.alpha, self.min_effect = max_seeds, alpha, min_effect
+        full = tuple(shape) + (len(self.interventions),)
+        self.decision = np.full(full, OPEN)
+        self.decided_at = np.zeros(full, dtype=int)
+        self.rejected_at = np.zeros(full, dtype=int)
+        self.history: list[list[tuple[str, int]]] = [[] for _ in self.interventions]
+        self.looks = 0
+        self.seeds = np.zeros(full, dtype=int)
+        self.level = np.full(full, np.nan)
+        self.boundary, self.dof = np.full(full, np.nan), np.full(full, np.nan)
+        self.difference, self.standard_error = np.full(full, np.nan), np.full(full, np.nan)
+
+    @property
+    def open(self) -> np.ndarray:
+        return self.decision == OPEN
+
+    @property
+    def current_level(self) -> np.ndarray:
+        """Each arm's level now: ``alpha / m`` at its rejection, else with m those standing."""
+        rejected = self.rejected_at > 0
+        standing = np.maximum((~rejected).sum(axis=-1, keepdims=True), 1)
+        return self.alpha / np.where(rejected, self.rejected_at, standing)
+
+    @property
+    def ci_low(self) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return self.difference - self.boundary * self.standard_error
+
+    @property
+    def ci_high(self) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return self.difference + self.boundary * self.standard_error
+
+    def boundaries(self, arm: int, dof, future: tuple[int, ...] = ()) -> np.ndarray:
+        """|t| boundaries of the arm's latest look (then of ``future`` paired looks) at every level.
+
+        Returns (..., levels, looks): level ``m`` is ``alpha / m``; looks are
+        the latest tested look followed by one per ``future`` seed count.
+        """
+        kinds = [kind for kind, _ in self.history[arm]] + ["paired"] * len(future)
+        seeds = [n for _, n in self.history[arm]] + list(future)
+        fractions = np.minimum(np.array(seeds, dtype=float) / self.max_seeds, 1.0)
+        levels = self.alpha / np.arange(1, len(self.interventions) + 1)
+        increments = np.diff(spent_alpha(fractions[:, None], levels), axis=0, prepend=0.0)
+        paired = [look for look, kind in enumerate(kinds) if kind == "paired"]
+        if paired:
+            chain = paired_t_boundaries([seeds[look] for look in paired], increments[paired])
+        dof = np.asarray(dof, dtype=float)
+        columns = []
+        for look in range(len(kinds) - 1 - len(future), len(kinds)):
+            if kinds[look] == "paired":
+                columns.append(np.broadcast_to(chain[:, paired.index(look)],
+                                               dof.shape + levels.shape))
+            else:
+                with np.errstate(invalid="ignore"):
+                    columns.append(stats.t.isf(increments[look] / 2, dof[..., None]))
+        return np.stack(columns, axis=-1)
+
+    def update(self, plan: LookPlan, tests: LookTests) -> None:
+        """Test every open arm that has new seeds, Holm-reject, and decide (module docstring)."""
+        self.looks += 1
+        count = len(self.interventions)
+        critical = np.full(self.decision.shape + (count,), np.inf)
+        tested = np.zeros(count, dtype=bool)
+        for arm in range(count):
+            kind, seeds = plan.kind(arm), int(plan.seeds[arm])
+            if kind is None or seeds <= (self.history[arm][-1][1] if self.history[arm] else 0):
+                continue
+            self.history[arm].append((kind, seeds))
+            tested[arm] = True
+            critical[..., arm, :] = self.boundaries(arm, tests.dof[..., arm])[..., 0]
+        testing = self.open & tested
+        with np.errstate(invalid="ignore"):
+            crossed = testing[..., None] & (np.abs(tests.statistic)[..., None] >= critical)
+        self._holm(np.cumprod(crossed, axis=-1).sum(axis=-1))
+
+        rejected = self.rejected_at > 0
+        free = count - rejected.sum(axis=-1, keepdims=True)
+        level = np.maximum(np.where(rejected, self.rejected_at, free), 1)
+        boundary = np.take_along_axis(critical, (level - 1)[..., None], axis=-1)[..., 0]
+        for name, value in (("seeds", plan.seeds),
+                            ("level", self.alpha / level), ("boundary", boundary),
+                            ("dof", tests.dof), ("difference", tests.difference),
+                            ("standard_error", tests.standard_error)):
+            current = getattr(self, name)
+            current[...] = np.where(testing, value, current)
+        low, high, difference = self.ci_low, self.ci_high, self.difference
+        with np.errstate(invalid="ignore"):
+            resolved = testing & rejected & ((low > 0) | (high < 0))
+            large = np.abs(difference) >= self.min_effect
+            negligible = (self.min_effect > 0) & (low > -self.min_effect) & (high < self.min_effect)
+        decision = np.where(resolved & large, np.where(difference < 0, BETTER, WORSE),
+                            np.where(testing & negligible, NO_EFFECT, OPEN))
+        newly = self.open & (decision != OPEN)
+        self.decision = np.where(newly, decision, self.decision)
+        self.decided_at = np.where(newly, self.looks, self.decided_at)
+
+    def _holm(self, strictest: np.ndarray) -> None:
+        """Holm's step-down, continued from the hypotheses rejected at earlier looks.
+
+        ``strictest``: per arm the largest ``m`` such that this look crosses
+        the boundaries of ``alpha / 1`` to ``alpha / m`` (0: none).  With ``r`` hypotheses
+        still standing, the arm with the largest value is rejected if it
+        crossed at ``alpha / r``, the next at ``alpha / (r - 1)``, and so on.
+        """
+        rejected = self.rejected_at > 0
+        standing = (~rejected).sum(axis=-1, keepdims=True)
+        candidate = np.where(rejected, 0, strictest)
+        order = np.argsort(-candidate, axis=-1, kind="stable")
+        ranked = np.take_along_axis(candidate, order, axis=-1)
+        needed = standing - np.arange(candidate.shape[-1])
+        passes = np.cumprod((ranked >= needed) & (ranked > 0), axis=-1).astype(bool)
+        new = np.zeros_like(self.rejected_at)
+        np.put_along_axis(new, order, np.where(passes, needed, 0), axis=-1)
+        self.rejected_at = np.where(rejected, self.rejected_at, new)
+
+
+# --- one real study: the decisions after a round -----------------------------------------------
+
+
+def round_seeds(seeds, look: int, first_seeds: int = 1) -> list[int]:
+    """The init seeds round ``look`` adds: the first ``first_seeds``, then one per round."""
+    seeds = list(seeds)
+    if look == 1:
+        return seeds[:first_seeds]
+    return seeds[first_seeds + look - 2:first_seeds + look - 1]
+
+
+def last_look(max_seeds: int, first_seeds: int = 1) -> int:
+    """The look at which every open arm has ``max_seeds`` init seeds."""
+    return max_seeds - first_seeds + 1
+
+
+def _check_design(seeds, look: int | None, max_seeds: int, alpha: float, min_effect: float,
+                  first_seeds: int) -> None:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the seed schedule repeats a seed: {list(seeds)}")
+    if not 1 <= first_seeds <= max_seeds:
+        raise ValueError(f"first_seeds={first_seeds} must be between 1 and max_seeds={max_seeds}")
+    if len(seeds) < max_seeds:
+        raise ValueError(f"the seed schedule lists {len(seeds)} init seeds; max_seeds={max_seeds} "
+                         "needs that many")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha} must be between 0 and 1")
+    if not min_effect >= 0:
+        raise ValueError(f"min_effect={min_effect} must be >= 0")
+    final = last_look(max_seeds, first_seeds)
+    if look is not None and not 1 <= look <= final:
+        raise ValueError(f"look={look}: a study with max_seeds={max_seeds} and "
+                         f"first_seeds={first_seeds} has looks 1 to {final}")
+
+
+@dataclass
+class BaselineNeeds:
+    """What the baseline must still run."""
+
+    seeds: int  # init seeds it has run
+    next_seed: int | None  # the next round's init seed (None: the study stops)
+    more_seeds: float  # the most any open arm still needs (NaN: unknown; inf: out of reach)
+    noise: dict[str, tuple[float, float]]  # train/init noise (sd, dof) at this look
+
+
+@dataclass
+class SequentialLook:
+    """The decisions of a sequential study after one look.
+
+    ``table`` has one row per intervention (see :data:`TABLE_COLUMNS`);
+    ``stop_reason`` is None while the study goes on, else ``nothing open``
+    or ``max_seeds reached``; ``next_round`` lists the arms (baseline
+    first) that run ``next_seed``; ``missing`` the (intervention, seed)
+    pairs a round scheduled that have no finished run.
+    """
+
+    look: int
+    max_seeds: int
+    alpha: float
+    min_effect: float
+    table: pd.DataFrame
+    baseline: BaselineNeeds
+    stop_reason: str | None
+    next_seed: int | None
+    next_round: list[str]
+    missing: list[tuple[str, int]] = field(default_factory=list)
+    method: str = METHOD
+
+    def counts(self) -> dict[str, int]:
+        """Decisions by kind, plus the look: metrics for the study's parent run."""
+        decided = self.table["decision"].value_counts()
+        names = {"better": "n_better", "worse": "n_worse", "no meaningful effect": "n_no_effect",
+                 "open": "n_open"}
+        return {"look": self.look} | {key: int(decided.get(kind, 0)) for kind, key in names.items()}
+
+    def markdown(self, stop_reason: str | None = None) -> str:
+        """The look as Markdown: status, the decisions, what stays open, and the method.
+
+        ``stop_reason`` overrides the study's own (e.g. a spent budget).
+        """
+        reason = stop_reason or self.stop_reason
+        status = (f"stopped after look {self.look}: {reason}" if reason else
+                  f"look {self.look}; next round: init seed {self.next_seed} for "
+                  f"{', '.join(self.next_round)}")
+        lines = [f"**Sequential study** ({status}; max_seeds={self.max_seeds}, "
+                 f"alpha={self.alpha}, min_effect={self.min_effect})", "",
+                 "| intervention | decision | look | seeds | difference | RCI | level | "
+                 "boundary t | dof | method | more seeds |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in self.table.itertuples():
+            more = (_more(row.more_seeds, row.beyond_max_seeds) if row.decision == "open"
+                    else "-")
+            lines.append(
+                f"| {row.intervention} | {row.decision} | {_integer(row.decided_at_look)} | "
+                f"{row.seeds} | {_loss(row.difference)} | "
+                f"[{_loss(row.rci_low)}, {_loss(row.rci_high)}] | {_general(row.level)} | "
+                f"{_general(row.boundary)} | {_integer(row.dof)} | {row.method} | {more} |")
+        open_rows = self.table[self.table["decision"] == "open"]
+        if len(open_rows):
+            needs = "; ".join(f"{row.intervention} {_more(row.more_seeds, row.beyond_max_seeds)}"
+                              for row in open_rows.itertuples())
+            lines += ["", "Still open, with the further init seeds each would need for 80% "
+                      f"power at its level: {needs}."]
+            if not reason:
+                lines[-1] += (f" The baseline runs init seed {self.next_seed} with them; from look "
+                              "2 on every test is paired, so its noise study needs nothing more.")
+        if self.missing:
+            lines += ["", "Scheduled without a finished run: "
+                      + ", ".join(f"{name} seed {seed}" for name, seed in self.missing)]
+        return "\n".join(lines + ["", self.method])
+
+
+TABLE_COLUMNS = [
+    "intervention", "decision", "decided_at_look", "seeds", "method", "difference", "rci_low",
+    "rci_high", "level", "boundary", "dof", "noise_reference", "noise_sd", "effect_in_sd",
+    "more_seeds", "beyond_max_seeds",
+]
+
+
+def _loss(value) -> str:
+    return "n/a" if not np.isfinite(value) else f"{value:+.6f}"
+
+
+def _general(value) -> str:
+    return "-" if np.isnan(value) else f"{value:.4g}"
+
+
+def _integer(value) -> str:
+    return "-" if not np.isfinite(value) or value == 0 else f"{value:g}"
+
+
+def _more(value, beyond: bool) -> str:
+    if not np.isfinite(value):
+        return "unknown" if np.isnan(value) else "out of reach"
+    return f"{value:.0f}" + (" (beyond max_seeds)" if beyond else "")
+
+
+def sequential_decisions(
+    runs: pd.DataFrame,
+    seeds,
+    look: int,
+    max_seeds: int,
+    alpha: float = 0.05,
+    min_effect: float = 0.0,
+    first_seeds: int = 1,
+    interventions: list[str] | None = None,
+) -> SequentialLook:
+    """Replay a sequential study's looks 1..``look`` on its runs and decide.
+
+    ``runs``: the analysis run table (:func:`analysis.load.prepare_runs`,
+    FINISHED runs with a finite test loss) of every round so far; runs at
+    seeds outside the first rounds, or of an arm after it was decided, are
+    left out.  ``seeds``: the init-seed schedule (at least ``max_seeds``).
+    ``interventions``: the study's interventions (the Holm family; default:
+    those in ``runs``).  The result is a deterministic function of these, so
+    a resumed study takes the same decisions again.
+    """
+    seeds = [int(seed) for seed in seeds]
+    _check_design(seeds, look, max_seeds, alpha, min_effect, first_seeds)
+    runs = runs.reset_index(drop=True)
+    names = sorted(interventions if interventions is not None
+                   else set(runs["intervention"]) - {BASELINE})
+    procedure = SequentialProcedure(names, (), max_seeds, alpha, min_effect)
+    is_baseline = runs["intervention"] == BASELINE
+    scheduled = pd.Series(False, index=runs.index)
+    missing = []
+    for current in range(1, look + 1):
+        if current > 1 and not procedure.open.any():
+            break
+        running = [BASELINE] + [name for name, open_ in zip(names, procedure.open) if open_]
+        added = runs["seed"].isin(round_seeds(seeds, current, first_seeds))
+        scheduled |= added & (is_baseline | runs["intervention"].isin(running))
+        present = set(zip(runs.loc[scheduled, "intervention"], runs.loc[scheduled, "seed"]))
+        missing += [(name, seed) for name in running
+                    for seed in round_seeds(seeds, current, first_seeds)
+                    if (name, seed) not in present]
+        at_look = runs[scheduled]
+        plan = plan_look(at_look, names)
+        tests = plan.tests(at_look["test_loss"].to_numpy(dtype=float))
+        procedure.update(plan, tests)
+    table = _decision_table(procedure, plan, tests)
+    open_any = bool(procedure.open.any())
+    stop_reason = (None if open_any and procedure.looks < last_look(max_seeds, first_seeds) else
+                   "max_seeds reached" if open_any else "nothing open")
+    next_seed = None if stop_reason else round_seeds(seeds, procedure.looks + 1, first_seeds)[0]
+    noise = plan.noise(at_look["test_loss"].to_numpy(dtype=float))
+    baseline = BaselineNeeds(
+        int(at_look.loc[at_look["intervention"] == BASELINE, "seed"].nunique()), next_seed,
+        _most(table.loc[table["decision"] == "open", "more_seeds"]),
+        {kind: (float(noise[kind][0]), float(noise[kind][1])) for kind in ("train", "init")})
+    next_round = [] if stop_reason else [BASELINE] + table.loc[table["decision"] == "open",
+                                                               "intervention"].tolist()
+    return SequentialLook(procedure.looks, max_seeds, alpha, min_effect, table, baseline,
+                          stop_reason, next_seed, next_round, missing)
+
+
+def _most(values: pd.Series) -> float:
+    values = values.to_numpy(dtype=float)
+    if not len(values) or np.isnan(values).all():
+        return np.nan
+    return float(np.nanmax(values))
+
+
+def _decision_table(procedure: SequentialProcedure, look: LookPlan, tests: LookTests
+                    ) -> pd.DataFrame:
+    rows = []
+    for arm, name in enumerate(procedure.interventions):
+        plan = look.plans[arm]
+        decision = int(procedure.decision[arm])
+        noise_sd = float(tests.noise_sd[arm])
+        difference = float(procedure.difference[arm])
+        more, beyond = (_more_seeds(procedure, arm, noise_sd) if decision == OPEN
+                        else (0.0, False))
+        rows.append({
+            "intervention": name,
+            "decision": DECISIONS[decision],
+            "decided_at_look": int(procedure.decided_at[arm]) or np.nan,
+            "seeds": int(procedure.seeds[arm]),
+            "method": plan.method if plan is not None else "no runs",
+            "difference": difference,
+            "rci_low": float(procedure.ci_low[arm]),
+            "rci_high": float(procedure.ci_high[arm]),
+            "level": float(procedure.level[arm]),
+            "boundary": float(procedure.boundary[arm]),
+            "dof": float(procedure.dof[arm]),
+            "noise_reference": plan.reference if plan is not None else "",
+            "noise_sd": noise_sd,
+            "effect_in_sd": difference / noise_sd if noise_sd > 0 else np.nan,
+            "more_seeds": more,
+            "beyond_max_seeds": beyond,
+        })
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def _more_seeds(procedure: SequentialProcedure, arm: int, noise_sd: float) -> tuple[float, bool]:
+    """Further init seeds for 80% power at the boundaries still ahead (NaN: cannot tell).
+
+    From the arm's current difference and the pooled noise SD of its
+    reference (paired differences have SD ``sqrt(2) * noise_sd``, as in
+    :func:`analysis.compare.seeds_needed`): the first seed count up to
+    ``max_seeds`` whose look would cross the boundary at the arm's current
+    level with 80% probability.  If none would, the seeds a fixed design at
+    that level needs (flagged as beyond ``max_seeds``).
+    """
+    effect = float(procedure.difference[arm])
+    if not (np.isfinite(effect) and np.isfinite(noise_sd) and noise_sd > 0):
+        return np.nan, False  # also an arm never tested
+    level = float(procedure.current_level[arm])
+    now = procedure.history[arm][-1][1]
+    future = np.arange(max(now + 1, 2), procedure.max_seeds + 1)
+    if future.size:
+        level_index = int(round(procedure.alpha / level)) - 1
+        boundaries = procedure.boundaries(arm, np.nan, tuple(future))[level_index, 1:]
+        noncentrality = abs(effect) / (np.sqrt(2) * noise_sd) * np.sqrt(future)
+        power = t_test_power(noncentrality, future - 1, critical=boundaries)
+        reached = np.flatnonzero(power >= TARGET_POWER)
+        if reached.size:
+            return float(future[reached[0]] - now), False
+    fixed = seeds_needed(effect, noise_sd, paired=True, alpha=level, power=TARGET_POWER)
+    return float(max(fixed, procedure.max_seeds + 1) - now), True
+
+
+# --- many simulated studies through the same code ----------------------------------------------
+
+
+@dataclass
+class SimulatedStudies:
+    """Outcomes of simulated sequential studies: arrays (repetitions, interventions)."""
+
+    interventions: list[str]
+    decision: np.ndarray  # strings, as in the decision table
+    decided_at: np.ndarray  # look of the decision (0: open at the end)
+    seeds: np.ndarray  # init seeds each arm ran
+    trials: np.ndarray  # (repetitions,) runs the study spent
+    difference: np.ndarray  # at each arm's last test, with its repeated confidence interval
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+
+
+class SequentialDesign:
+    """A sequential study's full design, planned once, for simulating many studies.
+
+    ``runs`` is every arm at every seed of the schedule up to ``max_seeds``
+    (the baseline with its noise study): what a study that never stops
+    would run.  The plans of each look are made once; :meth:`simulate` and
+    :meth:`fixed` then run any number of loss arrays (repetitions, runs)
+    through them.
+    """
+
+    def __init__(self, runs: pd.DataFrame, seeds, max_seeds: int, first_seeds: int = 1):
+        self.seeds = [int(seed) for seed in seeds]
+        _check_design(self.seeds, None, max_seeds, 0.05, 0.0, first_seeds)
+        self.runs = runs.reset_index(drop=True)
+        self.max_seeds, self.first_seeds = max_seeds, first_seeds
+        self.interventions = sorted(set(self.runs["intervention"]) - {BASELINE})
+        self.looks = []  # (runs of the look: bool mask, its plan, runs each arm adds, baseline's)
+        arm = self.runs["intervention"]
+        for look in range(1, last_look(max_seeds, first_seeds) + 1):
+            at_look = self.runs["seed"].isin(self.seeds[:first_seeds + look - 1]).to_numpy()
+            added = self.runs["seed"].isin(round_seeds(self.seeds, look, first_seeds))
+            self.looks.append((at_look, plan_look(self.runs[at_look], self.interventions),
+                               np.array([(added & (arm == name)).sum()
+                                         for name in self.interventions]),
+                               int((added & (arm == BASELINE)).sum())))
+
+    def simulate(self, losses, alpha: float = 0.05, min_effect: float = 0.0
+                 ) -> SimulatedStudies:
+        """The sequential design on these studies, through the code of :func:`sequential_decisions`.
+
+        An arm decided in one repetition keeps its later runs in the look's
+        table, which changes nothing for the open ones: from look 2 on their
+        tests are paired and use only their own and the baseline's runs, and
+        at look 1 every arm is in.  A round counts only the arms open in it.
+        """
+        _check_design(self.seeds, None, self.max_seeds, alpha, min_effect, self.first_seeds)
+        losses = np.asarray(losses, dtype=float)
+        procedure = SequentialProcedure(self.interventions, losses.shape[:-1], self.max_seeds,
+                                        alpha, min_effect)
+        trials = np.zeros(losses.shape[:-1])
+        ran = np.zeros(procedure.decision.shape, dtype=int)
+        for look, (at_look, plan, arm_runs, baseline_runs) in enumerate(self.looks, start=1):
+            running = procedure.open
+            trials += running.any(axis=-1) * baseline_runs + running @ arm_runs
+            ran += running * len(round_seeds(self.seeds, look, self.first_seeds))
+            procedure.update(plan, plan.tests(losses[..., at_look]))
+            if not procedure.open.any():
+                break
+        return SimulatedStudies(self.interventions, DECISIONS[procedure.decision],
+                                procedure.decided_at, ran, trials, procedure.difference,
+                                procedure.ci_low, procedure.ci_high)
+
+    def fixed(self, losses, seeds: int, alpha: float = 0.05, min_effect: float = 0.0):
+        """The fixed design with every arm at the first ``seeds`` init seeds, analysed by issue 11.
+
+        The noise estimates, plans, tests, Holm and verdicts of
+        :func:`analysis.compare.decide` (what :func:`analysis.compare.decide_studies`
+        runs), on that look's runs.  Returns (decisions, trials).
+        """
+        at_look, plan = self.looks[seeds - self.first_seeds][:2]
+        looked = np.asarray(losses, dtype=float)[..., at_look]
+        plans = [p for p in plan.plans if p is not None]
+        return decide(plans, looked, plan.noise(looked), alpha, min_effect), int(at_look.sum())
