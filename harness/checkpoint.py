@@ -190,15 +190,16 @@ def _point(pointer: Path, target: str) -> None:
 # --- retention and cleaning ---------------------------------------------------------------------------
 
 def prune(directory: Path, keep_every: Optional[int], interval: int) -> list[Path]:
-    """Delete the checkpoints no pointer names, except every `keep_every`-th (steps divisible by
-    keep_every × interval). `keep_every=None` keeps everything."""
+    """Delete the checkpoints no pointer names, except every `keep_every`-th: checkpoints are written after steps
+    1, interval+1, 2·interval+1, … (and the last), and the K-th kept ones are those after steps 1,
+    K·interval+1, 2K·interval+1, …. `keep_every=None` keeps everything."""
     if keep_every is None:
         return []
     keep = {p.name for p in (resolve(directory, which) for which in POINTERS) if p is not None}
     removed = []
     for path in sorted(Path(directory).iterdir()):
         match = STEP_DIR.fullmatch(path.name)
-        if not match or path.name in keep or (keep_every and int(match[1]) % (keep_every * interval) == 0):
+        if not match or path.name in keep or (keep_every and (int(match[1]) - 1) % (keep_every * interval) == 0):
             continue
         shutil.rmtree(path)
         removed.append(path)
@@ -225,11 +226,13 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
 
 
 def kept_at_most(max_steps: int, interval: int, keep_every: Optional[int]) -> int:
-    """Checkpoints a trial can hold at once: the pointed-at ones and every keep_every-th, plus one staged."""
-    count = -(-max_steps // interval)
+    """Checkpoints a trial can hold at once: the pointed-at ones and every keep_every-th, plus one staged.
+    A trial writes one after steps 1, interval+1, 2·interval+1, … and one after its last step."""
+    periodic = -(-max_steps // interval)
+    count = periodic + (1 if (max_steps - 1) % interval else 0)
     if keep_every is None:
         return count
-    extra = max_steps // (keep_every * interval) if keep_every else 0
+    extra = -(-periodic // keep_every) if keep_every else 0
     return min(count, 2 + extra + 1)
 
 

@@ -269,8 +269,8 @@ class TrainerConfig(Checked):
     deterministic: bool = False
     compile: bool = False  # torch.compile the training forward/backward (same computation, fused kernels)
     progress: bool = True
-    # Besides `latest` and `best`, keep every K-th checkpoint (K × checkpoint_interval steps); 0 keeps no
-    # others, null keeps every checkpoint. gpt2_small writes ~2 GB per checkpoint, 54 per trial.
+    # Besides `latest` and `best`, keep every K-th checkpoint (one per K × checkpoint_interval steps); 0 keeps
+    # no others, null keeps every checkpoint. gpt2_small writes ~2 GB per checkpoint, 55 per trial.
     keep_checkpoints: Optional[int] = 0
 
     section: ClassVar[str] = "trainer"

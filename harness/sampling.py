@@ -16,6 +16,9 @@ def continue_text(model: GPTModel, prompt: str, new_tokens: int, top_k: int, tem
     model.eval()
     for _ in range(new_tokens):
         logits = model(idx[:, -model.cfg.context_length :])[:, -1, :].float()
+        if not torch.isfinite(logits).all():  # weights on their way to diverging: the sample says so, the trial goes on
+            model.train(was_training)
+            return encoding.decode(idx[0].tolist()) + " [sampling stopped: the model's logits are non-finite]"
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

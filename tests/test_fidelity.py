@@ -47,7 +47,8 @@ def test_a_fp16_trial_records_periods_is_best_lr_and_test_losses_as_the_referenc
 
     monkeypatch.setattr(Trial, "train_step", nan_loss_at_step_4)
     cfg = compose_config(*TINY, "+intervention=lr_schedule", "optim.warmup_fraction=0.3", "trainer.max_steps=7",
-                         "trainer.checkpoint_interval=3", "trainer.device=cpu", "trainer.precision=fp16_amp")
+                         "trainer.checkpoint_interval=3", "trainer.device=cpu", "trainer.precision=fp16_amp",
+                         "trainer.keep_checkpoints=null")
     trial = Trial(cfg, tmp_path / "run")
     result = trial.run()
     client = mlflow.MlflowClient(tracking_uri)

@@ -40,15 +40,13 @@ def step_dirs(run_dir: Path) -> list[str]:
 
 @pytest.mark.parametrize("lr, steps, message, latest", [
     ("30", 20, "diverged at step 20: non-finite training loss at the end of the last period, so no final "
-               "checkpoint was saved; `latest` names the last finite checkpoint", "step_000015"),
-    ("inf", 6, "diverged at step 6: non-finite training loss and weights at the end of the last period, so no "
-               "final checkpoint was saved; no checkpoint was saved", None),
-    ("1e6", 20, "diverged at step 11: the training loss was non-finite for the last 10 steps (2–11); no "
-                "checkpoint was saved", None),
+               "checkpoint was saved; `latest` names the last finite checkpoint", "step_000011"),
+    ("1e6", 20, "diverged at step 11: the training loss was non-finite for the last 10 steps (2–11); `latest` "
+                "names the last finite checkpoint", "step_000001"),  # whose sample stops at non-finite logits
 ])
 def test_a_trial_that_ends_non_finite_is_failed_with_a_true_message(tmp_path, tracking_uri, lr, steps, message, latest):
-    """The issue's lr=30 and lr=inf runs ended FINISHED (test_loss 3.2e12, NaN); lr=1e6 claimed a checkpoint
-    that did not exist."""
+    """The issue's lr=30 run ended FINISHED (test_loss 3.2e12); lr=1e6 claimed a checkpoint that did not exist.
+    (lr=inf, which ended FINISHED with a NaN test loss, is now refused before anything runs.)"""
     cfg = compose_config(*TINY, f"optim.lr={lr}", f"trainer.max_steps={steps}", "trainer.checkpoint_interval=5",
                          "tracking.log_interval=1")
     with pytest.raises(DivergenceError) as error:
@@ -79,7 +77,7 @@ def test_a_non_finite_test_loss_is_failed_with_the_final_checkpoint_kept(tmp_pat
 
 @pytest.fixture(scope="module")
 def finished(store, tmp_path_factory):
-    """A FINISHED TINY trial every checkpoint of which is kept (steps 2 and 4)."""
+    """A FINISHED TINY trial every checkpoint of which is kept (steps 1, 3 and 4)."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     result = Trial(compose_config(*TINY, "trainer.keep_checkpoints=null"), run_dir).run()
     return run_dir, result
@@ -105,9 +103,9 @@ def flip_a_bit(path: Path) -> None:
 def test_a_flipped_bit_is_refused_by_resume_evaluate_and_export_naming_the_file(finished, store, tmp_path, capsys):
     run_dir, _ = finished
     copy = shutil.copytree(run_dir, tmp_path / "run")
-    target = copy / "checkpoints" / "step_000002" / checkpoint.MODEL_FILE
+    target = copy / "checkpoints" / "step_000003" / checkpoint.MODEL_FILE
     flip_a_bit(target)
-    (copy / "checkpoints" / "latest").write_text("step_000002\n")  # as if killed after step 2
+    (copy / "checkpoints" / "latest").write_text("step_000003\n")  # as if killed after step 3
     with pytest.raises(checkpoint.CheckpointError, match=f"{target} does not match the sha256"):
         checkpoint.load(target.parent, build_model(compose_config(*TINY)))
 
@@ -133,18 +131,18 @@ def test_manifest_records_every_file_and_its_run(finished):
     manifest = checkpoint.verify(latest)
     assert manifest["run_id"] == result["run_id"] and manifest["step"] == 4 and manifest["world_size"] == 1
     assert set(manifest["files"]) == {checkpoint.MODEL_FILE, checkpoint.STATE_FILE, "rng_rank0.pt"}
-    assert step_dirs(run_dir) == ["step_000002", "step_000004"]  # keep_checkpoints=null keeps every one
+    assert step_dirs(run_dir) == ["step_000001", "step_000003", "step_000004"]  # keep_checkpoints=null keeps every one
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == checkpoint.sha256(latest / name)
 
 
 def test_keep_checkpoints_keeps_latest_best_and_every_kth(tmp_path, tracking_uri):
-    """keep_checkpoints=2 with a checkpoint every 2 steps keeps steps 4 and 8 besides latest and best; the
-    default (0) and null (all) are the other tests' trials."""
+    """Checkpoints after steps 1, 3, 5, 7, 9 and 10: keep_checkpoints=2 keeps every second (1, 5, 9) besides
+    latest and best; the default (0) and null (all) are the other tests' trials."""
     run_dir = tmp_path / "run"
     Trial(compose_config(*TINY, "trainer.max_steps=10", "trainer.keep_checkpoints=2"), run_dir).run()
     best = checkpoint.resolve(run_dir / "checkpoints", "best").name
-    assert step_dirs(run_dir) == sorted({"step_000004", "step_000008", "step_000010", best})
+    assert step_dirs(run_dir) == sorted({"step_000001", "step_000005", "step_000009", "step_000010", best})
     assert checkpoint.resolve(run_dir / "checkpoints", "latest").name == "step_000010"
 
 
@@ -172,7 +170,7 @@ def test_a_trial_whose_checkpoints_cannot_fit_is_refused_before_its_first_step(t
 def test_staging_left_by_a_killed_writer_is_removed_on_resume(finished, store, tmp_path):
     run_dir, _ = finished
     copy = shutil.copytree(run_dir, tmp_path / "run")
-    (copy / "checkpoints" / "latest").write_text("step_000002\n")
+    (copy / "checkpoints" / "latest").write_text("step_000003\n")
     stale = checkpoint.staging_dir(copy / "checkpoints", 4)
     stale.mkdir()
     (stale / checkpoint.MODEL_FILE).write_bytes(b"half a file")
@@ -228,10 +226,10 @@ def test_a_full_disk_at_a_checkpoint_fails_the_trial_with_latest_intact_and_no_s
     assert result.returncode == 0, result.stdout + result.stderr
     outcome = json.loads(result.stdout.splitlines()[-1])
     assert outcome["returncode"] != 0
-    assert ("no space left on the device writing" in outcome["stderr"] and "of checkpoint step 20" in outcome["stderr"]
-            and "`latest` still names step_000010; the partial checkpoint is removed" in outcome["stderr"])
-    assert outcome["latest"] == "step_000010"  # and it verified against its manifest
-    assert outcome["entries"] == ["best", "filler", "latest", "step_000010"]  # no .step_000020.tmp
+    assert ("no space left on the device writing" in outcome["stderr"] and "of checkpoint step 11" in outcome["stderr"]
+            and "`latest` still names step_000001; the partial checkpoint is removed" in outcome["stderr"])
+    assert outcome["latest"] == "step_000001"  # and it verified against its manifest
+    assert outcome["entries"] == ["best", "filler", "latest", "step_000001"]  # no .step_000011.tmp
     [run] = all_runs(uri)
     assert run.info.status == "FAILED" and "CheckpointError: no space left on the device" in run.data.tags["failure_reason"]
 
@@ -386,6 +384,7 @@ def test_a_trial_that_finds_an_earlier_claim_of_its_computation_withdraws_mid_ru
         [mine] = all_runs(tracking_uri)
         rival.append(client.create_run(mine.info.experiment_id, start_time=mine.info.start_time - 60_000, tags={
             "study": "race", "config_hash": mine.data.tags["config_hash"], "claim_slots": "1",
+            "code_version": mine.data.tags["code_version"],
             "heartbeat": f"{time.time() + 3600:.3f}", "heartbeat_interval": "1"}).info.run_id)
 
     thread = threading.Thread(target=claim_from_a_slow_clock, daemon=True)
