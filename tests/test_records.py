@@ -425,9 +425,9 @@ def test_new_keys_are_validated_and_kept_out_of_the_config_hash():
     assert config_hash(compose_config(*TINY), world_size=2) != base
     assert config_hash(compose_config(*TINY, "trainer.nproc_per_node=2")) == \
         config_hash(compose_config(*TINY), world_size=2)  # spawned or torchrun: the same ranks, the same hash
-    for bad, message in (("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1: use 0"),
-                         ("tracking.heartbeat_interval=0", "tracking.heartbeat_interval=0.0: must be a positive"),
-                         ("tracking.claim_slots=0", "tracking.claim_slots=0: must be at least 1")):
+    for bad, message in (("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1: must be a whole number ≥ 0"),
+                         ("tracking.heartbeat_interval=0", "tracking.heartbeat_interval=0.0: must be a finite number > 0"),
+                         ("tracking.claim_slots=0", "tracking.claim_slots=0: must be a whole number ≥ 1")):
         with pytest.raises(Exception, match=message):
             compose_config(*TINY, bad)
 
