@@ -18,7 +18,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -76,16 +76,23 @@ def save_rank_rng(directory: Path, step: int, rank: int) -> None:
     _save_torch(rng_state(), staging_dir(directory, step) / f"rng_rank{rank}.pt", directory, step)
 
 
-def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_best: bool) -> Path:
+COMMIT_PARTS = 4  # what `commit` reports through `starting`: weights, state, manifest, pointers
+
+
+def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_best: bool,
+           starting: Callable[[str], None] = lambda part: None) -> Path:
     """Rank 0: add weights, state and manifest, rename into `step_NNNNNN/`, then point `latest` (and `best`)
-    at it. On any failure (a full disk included) the staging directory is removed and the pointers are as
-    they were."""
+    at it; `starting(part)` is called as each of the COMMIT_PARTS begins (for a progress bar). On any failure
+    (a full disk included) the staging directory is removed and the pointers are as they were."""
     directory, tmp, final = Path(directory), staging_dir(directory, step), step_dir(directory, step)
     try:
+        starting(MODEL_FILE)
         with _writing(directory, step, tmp / MODEL_FILE):
             save_model(model, str(tmp / MODEL_FILE))  # stores a tied matrix once
             _fsync_file(tmp / MODEL_FILE)
+        starting(STATE_FILE)
         _save_torch(state, tmp / STATE_FILE, directory, step)
+        starting(f"{MANIFEST_FILE} (sha256)")
         files = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         manifest = {"step": step, "run_id": state.get("run_id"), "config_hash": state.get("config_hash"),
                     "world_size": state.get("world_size"), "files": files}
@@ -93,6 +100,7 @@ def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_b
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
             _fsync_file(tmp / MANIFEST_FILE)
             _fsync_dir(tmp)
+        starting("pointers")
         shutil.rmtree(final, ignore_errors=True)  # a copy the pointers never reached (killed before them)
         os.replace(tmp, final)
         _fsync_dir(directory)
