@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from harness.disk import checkpoint_size, format_bytes, kept_at_most, retention  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
@@ -229,16 +231,7 @@ def clean_staging(directory: Path) -> list[Path]:
 def checkpoint_bytes(model: torch.nn.Module) -> int:
     """About what one checkpoint takes: the weights (a tied matrix once) and AdamW's two moments of each."""
     unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    return 3 * sum(unique.values()) + (1 << 20)
-
-
-def kept_at_most(max_steps: int, interval: int, keep_every: Optional[int]) -> int:
-    """Checkpoints a trial can hold at once: the pointed-at ones and every keep_every-th, plus one staged."""
-    count = -(-max_steps // interval)
-    if keep_every is None:
-        return count
-    extra = max_steps // (keep_every * interval) if keep_every else 0
-    return min(count, 2 + extra + 1)
+    return checkpoint_size(sum(unique.values()))
 
 
 def disk_plan(directory: Path, per_checkpoint: int, max_steps: int, interval: int,
@@ -250,24 +243,15 @@ def disk_plan(directory: Path, per_checkpoint: int, max_steps: int, interval: in
     needed = max(0, count * per_checkpoint - existing)
     probe = existing_parent(directory)
     free = shutil.disk_usage(probe).free
-    policy = "every checkpoint" if keep_every is None else \
-        "latest and best" + (f" and every {keep_every}th" if keep_every else "")
-    line = (f"checkpoints: ~{format_bytes(per_checkpoint)} each; keeping {policy} (trainer.keep_checkpoints), "
-            f"up to {count} on disk at once: {format_bytes(needed)} more needed, {format_bytes(free)} free in {probe}")
+    line = (f"checkpoints: ~{format_bytes(per_checkpoint)} each; keeping {retention(keep_every)} "
+            f"(trainer.keep_checkpoints), up to {count} on disk at once: {format_bytes(needed)} more needed, "
+            f"{format_bytes(free)} free in {probe}")
     return line, free >= needed
 
 
 def existing_parent(path: Path) -> Path:
     path = Path(path).absolute()
     return path if path.exists() else next(p for p in path.parents if p.exists())
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.1f} {unit}" if unit != "B" else f"{count:.0f} B"
-        count /= 1000
-    return f"{count:.1f} TB"
 
 
 # --- reading ------------------------------------------------------------------------------------------

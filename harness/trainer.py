@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import charts, checkpoint, progress, records
 from harness.config import TrialConfig, as_dict, config_hash, flatten, intervention_tag
+from harness.cost import PEAK_FLOPS  # by substring of the CUDA device name, for MFU
 from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
 from harness.launch import Ranks
 from harness.model import GPTModel, cross_entropy
@@ -33,9 +34,6 @@ from harness.tracking import NullTracker, Tracker, default_tracking_uri, probe
 from harness.version import code_version
 
 log = logging.getLogger(__name__)
-
-# Dense fp16/bf16 tensor-core peak FLOP/s of one device, used for MFU, by substring of the CUDA device name.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops_per_device: float, devices: int) -> float:
