@@ -26,7 +26,6 @@ from harness.disk import format_bytes, retention
 from harness.progress import format_duration
 
 
-
 def number(text: str, kind=float) -> Optional[float]:
     try:
         value = kind(text)
@@ -64,15 +63,21 @@ def parse(arguments: list[str]) -> tuple[dict, list[str], list[str]]:
     return options, overrides, problems
 
 
-def sweeps_values(overrides: list[str]) -> list[str]:
+def unplannable(overrides: list[str]) -> list[str]:
+    """Overrides that do not parse, and value sweeps."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # a syntax error: composing reports it
-        return []
-    return [f"{o.input_line}: a plan covers one trial, or a study with +sweep=NAME; plan each value on its own"
-            for o in parsed if o.is_sweep_override()]
+    parser, problems = OverridesParser.create(), []
+    for override in overrides:
+        try:
+            [parsed] = parser.parse_overrides([override])
+        except Exception as error:
+            problems.append(f"{override}: {str(error).splitlines()[0]}")
+            continue
+        if parsed.is_sweep_override():
+            problems.append(f"{override}: a plan covers one trial, or a study with +sweep=NAME; plan each value on "
+                            f"its own")
+    return problems
 
 
 def compose_trials(overrides: list[str]) -> tuple[list[tuple[str, TrialConfig]], str]:
@@ -203,7 +208,7 @@ def main(arguments: list[str]) -> int:
         print(__doc__.strip())
         return 0
     options, overrides, problems = parse(arguments)
-    problems += override_problems(overrides) + sweeps_values(overrides)
+    problems += override_problems(overrides) + unplannable(overrides)
     try:
         if problems:
             raise ConfigError(problems)

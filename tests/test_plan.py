@@ -147,7 +147,9 @@ def test_the_command_answers_without_torch_and_refuses_bad_input_in_one_line_eac
     (["+sweep=quick", "hydra.sweeper.seeds=[42,-1]"],
      "study quick, trial baseline-s-1: seed=-1: must be a whole number in [0, 4294967295]"),
     (["+sweep=quick", "seed=3"], "study quick: seed=3: the study sets it per trial; change hydra.sweeper.seeds"),
-], ids=["unknown gpu", "mfu without a peak", "two throughputs", "too few gpus", "a study's bad seed", "a per-trial key"])
+    (["optim.lr=["], "optim.lr=[: no viable alternative at input '['"),
+], ids=["unknown gpu", "mfu without a peak", "two throughputs", "too few gpus", "a study's bad seed", "a per-trial key",
+        "syntax"])
 def test_what_cannot_be_planned_is_refused_in_one_line(arguments, error, capsys):
     with pytest.raises(SystemExit) as exit_status:
         main(arguments)
