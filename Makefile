@@ -1,13 +1,18 @@
 PYTHON ?= python
-# CPU wheel by default (no CUDA download); on a GPU machine: make setup TORCH=torch
+# The torch the tests pin; on a GPU machine: make setup TORCH=torch (PyPI's Linux wheels are CUDA builds)
 TORCH ?= torch==2.13.0
 ARGS ?=
 STUDY ?= quick
 
-.PHONY: setup run test test-all ui list data analyze sweep bench bench-tracking
+.PHONY: setup setup-dev run test test-all ui list plan data analyze sweep bench bench-tracking
 
+# What running needs: torch, then the harness and its dependencies.
 setup:
 	$(PYTHON) -m pip install "$(TORCH)"
+	$(PYTHON) -m pip install -e .
+
+# Also what the tests need (pytest, transformers, the notebook kernel): the extras `.[test]`.
+setup-dev: setup
 	$(PYTHON) -m pip install -e ".[test]"
 
 run:
@@ -15,6 +20,10 @@ run:
 
 list:
 	$(PYTHON) -m harness list
+
+# What a trial or a study will cost, e.g. make plan ARGS="+sweep=interventions scale=gpt2_small gpu=h100"
+plan:
+	$(PYTHON) -m harness plan $(ARGS)
 
 test:
 	$(PYTHON) -m pytest -q

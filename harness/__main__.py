@@ -1,7 +1,7 @@
 """`python -m harness [overrides]` runs one trial; `python -m harness +sweep=STUDY [overrides]` runs a study
 (conf/sweep/); `python -m harness list` lists the interventions; `python -m harness runs` and
-`python -m harness replay` look after the records in the store (harness/runs.py); `python -m harness --help`
-says how.
+`python -m harness replay` look after the records in the store (harness/runs.py); `python -m harness plan`
+says what a trial or a study will cost (harness/plan.py); `python -m harness --help` says how.
 
 Bad input is refused before anything runs, one line per problem: the overrides are checked against the
 schema before Hydra composes, the composed trial before Hydra makes its output directory (a callback, see
@@ -45,6 +45,10 @@ def main() -> None:
 
         print(describe())
         return
+    if arguments[:1] == ["plan"]:
+        from harness.plan import main as plan_main
+
+        sys.exit(plan_main(arguments[1:]))
     if arguments[:1] in (["runs"], ["replay"]):
         from harness.runs import main as runs_main
 

@@ -6,17 +6,21 @@ MFU (against the GPU's dense bf16 peak, or `peak_flops=`), peak memory and where
 (profiler, top ops by self time). `compare=` runs a second config (the same overrides plus these) in the
 same process, side by side. `repeat=true` trains the config twice from the same seeds for `repeat_steps` (50) steps and
 says whether the losses are bit-identical; `deterministic=true` also measures `trainer.deterministic=true`.
+The base config's tokens/s is appended to the bench records (`harness.cost.BENCH_RECORDS`), where
+`python -m harness plan gpu=KIND` finds it.
 """
 
 import resource
 import sys
 import tempfile
 import time
+from datetime import datetime
 
 import torch
 from hydra import compose, initialize_config_dir
 
 from harness.config import TrialConfig, compose_trial
+from harness.cost import gpu_kind, record_bench
 from harness.launch import set_determinism
 from harness.paths import PROJECT_ROOT
 from harness.trainer import Trial, mfu
@@ -124,6 +128,10 @@ def main(argv: list[str]) -> None:
         set_determinism(cfg.trainer.deterministic)
         results[name] = measure(cfg, steps, warmup, options["peak_flops"])
         print(report(f"{name}: {' '.join(config_overrides) or 'defaults'}", results[name]), flush=True)
+        if name == "base":
+            path = record_bench(results[name]["device"], results[name]["tokens_per_sec"], cfg, config_overrides,
+                                datetime.now().isoformat(timespec="seconds"))
+            print(f"   recorded in {path} for `python -m harness plan gpu={gpu_kind(results[name]['device'])}`")
         if options["repeat"]:
             first, second = losses_of_two_runs(cfg, options["repeat_steps"])
             drift = max(abs(a - b) for a, b in zip(first, second))

@@ -18,11 +18,13 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+
+from harness.disk import checkpoint_size, format_bytes, kept_at_most, retention  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +78,23 @@ def save_rank_rng(directory: Path, step: int, rank: int) -> None:
     _save_torch(rng_state(), staging_dir(directory, step) / f"rng_rank{rank}.pt", directory, step)
 
 
-def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_best: bool) -> Path:
+COMMIT_PARTS = 4  # what `commit` reports through `starting`: weights, state, manifest, pointers
+
+
+def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_best: bool,
+           starting: Callable[[str], None] = lambda part: None) -> Path:
     """Rank 0: add weights, state and manifest, rename into `step_NNNNNN/`, then point `latest` (and `best`)
-    at it. On any failure (a full disk included) the staging directory is removed and the pointers are as
-    they were."""
+    at it; `starting(part)` is called as each of the COMMIT_PARTS begins (for a progress bar). On any failure
+    (a full disk included) the staging directory is removed and the pointers are as they were."""
     directory, tmp, final = Path(directory), staging_dir(directory, step), step_dir(directory, step)
     try:
+        starting(MODEL_FILE)
         with _writing(directory, step, tmp / MODEL_FILE):
             save_model(model, str(tmp / MODEL_FILE))  # stores a tied matrix once
             _fsync_file(tmp / MODEL_FILE)
+        starting(STATE_FILE)
         _save_torch(state, tmp / STATE_FILE, directory, step)
+        starting(f"{MANIFEST_FILE} (sha256)")
         files = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         manifest = {"step": step, "run_id": state.get("run_id"), "config_hash": state.get("config_hash"),
                     "world_size": state.get("world_size"), "files": files}
@@ -93,6 +102,7 @@ def commit(directory: Path, step: int, model: torch.nn.Module, state: dict, is_b
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
             _fsync_file(tmp / MANIFEST_FILE)
             _fsync_dir(tmp)
+        starting("pointers")
         shutil.rmtree(final, ignore_errors=True)  # a copy the pointers never reached (killed before them)
         os.replace(tmp, final)
         _fsync_dir(directory)
@@ -222,18 +232,7 @@ def clean_staging(directory: Path) -> list[Path]:
 def checkpoint_bytes(model: torch.nn.Module) -> int:
     """About what one checkpoint takes: the weights (a tied matrix once) and AdamW's two moments of each."""
     unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    return 3 * sum(unique.values()) + (1 << 20)
-
-
-def kept_at_most(max_steps: int, interval: int, keep_every: Optional[int]) -> int:
-    """Checkpoints a trial can hold at once: the pointed-at ones and every keep_every-th, plus one staged.
-    A trial writes one after steps 1, interval+1, 2·interval+1, … and one after its last step."""
-    periodic = -(-max_steps // interval)
-    count = periodic + (1 if (max_steps - 1) % interval else 0)
-    if keep_every is None:
-        return count
-    extra = -(-periodic // keep_every) if keep_every else 0
-    return min(count, 2 + extra + 1)
+    return checkpoint_size(sum(unique.values()))
 
 
 def disk_plan(directory: Path, per_checkpoint: int, max_steps: int, interval: int,
@@ -245,24 +244,15 @@ def disk_plan(directory: Path, per_checkpoint: int, max_steps: int, interval: in
     needed = max(0, count * per_checkpoint - existing)
     probe = existing_parent(directory)
     free = shutil.disk_usage(probe).free
-    policy = "every checkpoint" if keep_every is None else \
-        "latest and best" + (f" and every {keep_every}th" if keep_every else "")
-    line = (f"checkpoints: ~{format_bytes(per_checkpoint)} each; keeping {policy} (trainer.keep_checkpoints), "
-            f"up to {count} on disk at once: {format_bytes(needed)} more needed, {format_bytes(free)} free in {probe}")
+    line = (f"checkpoints: ~{format_bytes(per_checkpoint)} each; keeping {retention(keep_every)} "
+            f"(trainer.keep_checkpoints), up to {count} on disk at once: {format_bytes(needed)} more needed, "
+            f"{format_bytes(free)} free in {probe}")
     return line, free >= needed
 
 
 def existing_parent(path: Path) -> Path:
     path = Path(path).absolute()
     return path if path.exists() else next(p for p in path.parents if p.exists())
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.1f} {unit}" if unit != "B" else f"{count:.0f} B"
-        count /= 1000
-    return f"{count:.1f} TB"
 
 
 # --- reading ------------------------------------------------------------------------------------------

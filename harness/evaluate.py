@@ -110,7 +110,7 @@ def evaluate_checkpoint(path: Path, which: Optional[str] = None) -> tuple[dict[s
     tokens = open_dataset(saved.cfg.data, "test")
     device = evaluation_device()
     losses = held_out_losses(saved.model.to(device), tokens, saved.cfg.data,
-                             study_test_autocast(saved.cfg.trainer.precision, device))
+                             study_test_autocast(saved.cfg.trainer.precision, device), show_progress=True)
     for name, value in losses.items():
         client.log_metric(saved.run_id, f"checkpoint_{name}", value, step=saved.step)
     return losses, saved

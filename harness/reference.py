@@ -54,7 +54,7 @@ def evaluate_reference(source: Path, cfg: TrialConfig) -> dict:
               **flatten({"model": dataclasses.asdict(model.cfg)})}
     tracker.start(f"reference-{source.name}", tags, params)
     try:
-        losses = held_out_losses(model.to(device), tokens, cfg.data, autocast)
+        losses = held_out_losses(model.to(device), tokens, cfg.data, autocast, show_progress=True)
         tracker.log_metrics({**losses, "parameters": model.num_parameters()}, step=0)
     except BaseException as error:
         tracker.set_tags({"failure_reason": f"{type(error).__name__}: {error}"[:5000]})

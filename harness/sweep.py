@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from harness import records
 from harness.config import STUDY_TAG, TrialConfig, compose_trial, config_hash
 from harness.preflight import check_trial
+from harness.progress import study_line, write_line
 from harness.records import ClaimedElsewhere
 from harness.study import StudyConf, Trial, factorial_design, study_trials
 from harness.version import code_version
@@ -275,16 +276,10 @@ def outcome_table(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 class Progress:
     """The sweep-level progress line. It reads the trials' runs from the store, so it works the same for
-    every launcher, trials running in parallel on other machines included."""
+    every launcher, trials running in parallel on other machines included. The line is printed through the
+    bar of a trial running in this process (`harness.progress`), never over it."""
 
     def __init__(self, study: str, pending: list[PlannedTrial], ended_early: dict[int, JobEnd],
                  store: "StudyStore", parent_id: str, interval: float):
@@ -312,7 +307,7 @@ class Progress:
         try:
             children = self.store.children(self.parent_id, patient=False)
         except Exception as error:  # a busy or unreachable store must not stop the trials
-            print(f"[study {self.study}] progress unavailable: {error}", flush=True)
+            write_line(f"[study {self.study}] progress unavailable: {error}")
             return
         counts = Counter(o.status for o in collect_outcomes(self.pending, self.ended_early, children))
         total, running, elsewhere = len(self.pending), counts.pop("RUNNING", 0), counts.pop(ELSEWHERE, 0)
@@ -322,13 +317,8 @@ class Progress:
             if (done, running, elsewhere, counts) == self._last:
                 return
             self._last = (done, running, elsewhere, counts)
-            elapsed = time.monotonic() - self.started
-            eta = format_duration(elapsed / done * (total - done)) if done else "after the first trial"
-            ended = " (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")" if done else ""
-            where = f"all {total} trials done{ended}" if done == total else \
-                f"trial {done + 1} of {total}: {done} done{ended}, {running} running" + \
-                (f", {elsewhere} running in another execution" if elsewhere else "")
-            print(f"[study {self.study}] {where} | elapsed {format_duration(elapsed)}, ETA {eta}", flush=True)
+            write_line(study_line(self.study, total, done, running, elsewhere, counts,
+                                  time.monotonic() - self.started))
 
 
 class StudyStore:

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from harness import charts, checkpoint, records
+from harness import charts, checkpoint, progress, records
 from harness.config import TrialConfig, as_dict, config_hash, flatten, intervention_tag
+from harness.cost import PEAK_FLOPS  # by substring of the CUDA device name, for MFU
 from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
 from harness.launch import Ranks
 from harness.model import GPTModel, cross_entropy
@@ -34,9 +34,6 @@ from harness.tracking import NullTracker, Tracker, default_tracking_uri, probe
 from harness.version import code_version
 
 log = logging.getLogger(__name__)
-
-# Dense fp16/bf16 tensor-core peak FLOP/s of one device, used for MFU, by substring of the CUDA device name.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops_per_device: float, devices: int) -> float:
@@ -362,7 +359,7 @@ class Trial:
         return result
 
     def _train(self, tracker) -> dict:
-        cfg, t = self.cfg, self.cfg.trainer
+        t = self.cfg.trainer
         params = self.model.num_parameters()
         log.info("%s parameters; steps %d→%d × %d tokens; %d ranks × %d micro-steps × %d sequences; %s, %s",
                  f"{params:,}", self.start_step, t.max_steps, self.tokens_per_step, self.ranks.world, self.accum,
@@ -370,26 +367,11 @@ class Trial:
         if self.start_step == 0:
             tracker.log_metrics({"parameters": params, "epochs": self.batches.epochs}, step=0)
         on_main_rank(self.ranks, self._check_disk)
-        started = time.perf_counter()
-        period = self._new_period()
-        pending: list[tuple[int, float, torch.Tensor]] = []
-        bar = tqdm(total=t.max_steps, initial=self.start_step, disable=not (t.progress and self.ranks.is_main),
-                   unit="step", dynamic_ncols=True)
-        for step in range(self.start_step, t.max_steps):
-            pending.append((step + 1, self.scheduler.get_last_lr()[0], self.train_step(step)))
-            period_end = ends_period(step, t.checkpoint_interval, t.max_steps)
-            if period_end or len(pending) == cfg.tracking.log_interval:
-                self._read_back(pending, period, tracker, bar)
-                pending = []
-                tokens_per_sec = self.tokens_per_step * (step + 1 - self.start_step) / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
-            if period_end:
-                self._end_period(period, step + 1, tracker)
-                period = self._new_period()
-        bar.close()
-        train_seconds = time.perf_counter() - started
-        result = {"run_id": tracker.run_id, "init_fingerprint": self.init_fingerprint, "train_seconds": train_seconds}
-        losses = on_main_rank(self.ranks, self.test_losses)
+        with progress.through_bars(self.show_progress):
+            train_seconds = self._train_steps(tracker)
+            result = {"run_id": tracker.run_id, "init_fingerprint": self.init_fingerprint,
+                      "train_seconds": train_seconds}
+            losses = on_main_rank(self.ranks, self.test_losses)
         if self.ranks.is_main:
             result |= losses
             tracker.log_metrics({"test_loss": losses["test_loss"], "test_loss_amp": losses["test_loss_amp"],
@@ -402,10 +384,37 @@ class Trial:
                                   f"{self._kept_checkpoint()}")
         return result
 
+    def _train_steps(self, tracker) -> float:
+        """The step loop; returns its seconds. The bar counts every step as it is queued on the device; loss and
+        tokens/s, which need the values back on the host, are refreshed at each read-back."""
+        cfg, t = self.cfg, self.cfg.trainer
+        started = time.perf_counter()
+        period = self._new_period()
+        pending: list[tuple[int, float, torch.Tensor]] = []
+        with progress.training_bar(t.max_steps, self.start_step, self.show_progress) as bar:
+            for step in range(self.start_step, t.max_steps):
+                pending.append((step + 1, self.scheduler.get_last_lr()[0], self.train_step(step)))
+                bar.update(1)
+                period_end = ends_period(step, t.checkpoint_interval, t.max_steps)
+                if period_end or len(pending) == cfg.tracking.log_interval:
+                    self._read_back(pending, period, tracker)
+                    pending = []
+                    tokens = self.tokens_per_step * (step + 1 - self.start_step)
+                    bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}",
+                                    tok_s=f"{tokens / (time.perf_counter() - started):,.0f}")
+                if period_end:
+                    self._end_period(period, step + 1, tracker)
+                    period = self._new_period()
+        return time.perf_counter() - started
+
+    @property
+    def show_progress(self) -> bool:
+        return self.cfg.trainer.progress and self.ranks.is_main
+
     def _new_period(self) -> PeriodStats:
         return PeriodStats(self.cfg.trainer.exploding_grad_norm, self.cfg.optim.grad_clip, devices=self.ranks.world)
 
-    def _read_back(self, pending, period: PeriodStats, tracker, bar) -> None:
+    def _read_back(self, pending, period: PeriodStats, tracker) -> None:
         """The one host synchronisation: per-step values since the last read-back."""
         values = torch.stack([v for _, _, v in pending]).tolist()
         for (step, lr, _), (loss, norm, max_abs, scale_lowered) in zip(pending, values):
@@ -413,7 +422,6 @@ class Trial:
             for key, value in (("step", step), ("loss", loss), ("grad_norm", norm), ("lr", lr)):
                 self.history[key].append(value)
             tracker.log_metrics({"train_loss": loss, "grad_norm": norm, "lr": lr}, step=step)
-        bar.update(len(pending))
         stop_reason = on_main_rank(self.ranks, lambda: tracker.stop_reason)
         if stop_reason:
             raise ClaimedElsewhere(stop_reason)
@@ -487,7 +495,12 @@ class Trial:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "periods": self.periods,
                 "history": self.history,
             }
-            saved = checkpoint.commit(directory, step, self.model, state, is_best)
+            started = time.perf_counter()
+            with progress.Stages(f"checkpoint step_{step:06d}", checkpoint.COMMIT_PARTS, self.show_progress) as parts:
+                saved = checkpoint.commit(directory, step, self.model, state, is_best, parts)
+            size = sum(f.stat().st_size for f in saved.iterdir())
+            log.info("saved checkpoint %s (%s) in %.1f s", saved.name, checkpoint.format_bytes(size),
+                     time.perf_counter() - started)
             for path in checkpoint.prune(directory, t.keep_checkpoints, t.checkpoint_interval):
                 log.info("removed %s (trainer.keep_checkpoints=%s)", path.name, t.keep_checkpoints)
             pointers = {"host": socket.gethostname(), "latest": str(saved.resolve()),
@@ -513,7 +526,7 @@ class Trial:
 
     # --- evaluation and records -----------------------------------------------------------------
     def test_losses(self) -> dict[str, float]:
-        return held_out_losses(self.model, self.test_tokens, self.cfg.data, self.test_autocast)
+        return held_out_losses(self.model, self.test_tokens, self.cfg.data, self.test_autocast, self.show_progress)
 
     @property
     def test_autocast(self) -> Optional[torch.dtype]:
@@ -527,29 +540,38 @@ def study_test_autocast(precision: str, device: torch.device) -> Optional[torch.
     return torch.float16 if device.type == "cuda" or precision == "fp16_amp" else None
 
 
-def held_out_losses(model: GPTModel, tokens, data_cfg: DataConfig, autocast: Optional[torch.dtype]) -> dict[str, float]:
+def held_out_losses(model: GPTModel, tokens, data_cfg: DataConfig, autocast: Optional[torch.dtype],
+                    show_progress: bool = False) -> dict[str, float]:
     """The fixed held-out window's mean cross-entropy, dropout off, computed two ways:
 
     - `test_loss`: in full fp32 (highest matmul precision);
     - `test_loss_amp`: as the study computed its published losses (its test_loss.py): `inference_mode` under
       `autocast` (see `study_test_autocast`), the mean of the per-batch mean losses. Without autocast it is
       the same forward pass as `test_loss`, so it is not run twice.
+
+    `show_progress`: a short bar over the eval batches of each pass, on a terminal.
     """
-    full = batch_losses(model, tokens, data_cfg, None)
-    amp = batch_losses(model, tokens, data_cfg, autocast) if autocast is not None else full
+    full = batch_losses(model, tokens, data_cfg, None, show_progress)
+    amp = batch_losses(model, tokens, data_cfg, autocast, show_progress) if autocast is not None else full
     return {"test_loss": math.fsum(full) / len(full), "test_loss_amp": sum(amp) / len(amp)}
 
 
 @torch.inference_mode()
-def batch_losses(model: GPTModel, tokens, data_cfg: DataConfig, autocast: Optional[torch.dtype]) -> list[float]:
+def batch_losses(model: GPTModel, tokens, data_cfg: DataConfig, autocast: Optional[torch.dtype],
+                 show_progress: bool = False) -> list[float]:
     """Each eval batch's mean cross-entropy over the held-out window (all batches hold the same token count)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     losses = []
     amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    with full_precision(), amp:
-        for inputs, targets in held_out_batches(tokens, data_cfg, model.cfg.context_length):
+    context = model.cfg.context_length
+    what = "fp32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast"
+    batches = progress.short_bar(held_out_batches(tokens, data_cfg, context),
+                                 data_cfg.test_tokens // (data_cfg.eval_batch_size * context),
+                                 f"test loss ({what})", "batch", show_progress)
+    with full_precision(), amp, batches:
+        for inputs, targets in batches:
             losses.append(cross_entropy(model(inputs.to(device)), targets.to(device)).item())
     model.train(was_training)
     return losses

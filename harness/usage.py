@@ -12,6 +12,8 @@ usage:
   python -m harness -m KEY=V1,V2 [...]            a Hydra multirun: one trial per value
   python -m harness resume=outputs/DATE/TIME      continue a trial from its latest checkpoint
   python -m harness list                          the interventions: what each sets, the seeds' result
+  python -m harness plan [+sweep=STUDY] [...]     what it will cost, before anything runs: tokens, FLOPs, GPU-hours,
+                                                  checkpoint disk, money (plan --help: gpu=, tokens_per_sec=, ...)
   python -m harness --cfg job [KEY=VALUE ...]     print the composed config instead of running it
   python -m harness --hydra-help                  Hydra's own flags
 
