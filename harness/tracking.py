@@ -423,8 +423,13 @@ class Tracker:
         return path, len(records)
 
     def _start_system_metrics(self, first_step: int) -> None:
-        if self.system_metrics_interval is not None:
+        if self.system_metrics_interval is None:
+            return
+        try:
             self._system = SystemMetrics(self, self.system_metrics_interval, first_step).start()
+        except ImportError as error:  # psutil is a dependency; a trial never fails for its bookkeeping
+            log.warning("no system metrics for run %s: %s (pip install psutil, or tracking.system_metrics=false)",
+                        self.run_id, error)
 
     def _stop_system_metrics(self) -> None:
         if self._system is not None:

@@ -15,6 +15,7 @@ import mlflow
 import pytest
 
 from analysis.__main__ import main as analysis_main
+from analysis.synthetic import PlantedIntervention, generate_study, log_study_to_mlflow
 from harness import checkpoint, parents
 from harness.study import StudyConf, Trial
 from harness.sweep import PlannedTrial, StudyStore
@@ -46,7 +47,7 @@ def assert_marked(experiment) -> None:
 
 def test_a_trial_reads_in_the_ui_and_its_system_metrics_change_nothing(tracking_uri, tmp_path):
     """Two trials of one computation, with and without system metrics: the same weights and test loss."""
-    overrides = [*TINY, "+intervention=no_dropout", "seed=7", "train_seed=3"]
+    overrides = [*TINY, "trainer.max_steps=2", "+intervention=no_dropout", "seed=7", "train_seed=3"]
     with_metrics = compose_config(*overrides, "tracking.system_metrics_interval=0.05")
     without = compose_config(*overrides, "tracking.system_metrics=false")
     results = [TrainingTrial(cfg, tmp_path / name).run() for cfg, name in ((with_metrics, "on"), (without, "off"))]
@@ -137,6 +138,17 @@ def test_a_description_is_cut_to_mlflows_limit_trials_first():
     assert len(note) <= parents.NOTE_LIMIT and "| a | better |" in note and "| trial-0 |" in note
     assert "| trial-399 |" not in note and "cut to fit" in note
     assert parents.split_note(note)[0] == "head"
+
+
+def test_the_analysis_refuses_a_study_tag_found_at_two_scales(tracking_uri, tmp_path, capsys):
+    study = generate_study([PlantedIntervention("no_dropout", -0.01)], init_seeds=(1, 2))
+    for experiment in ("harness/smoke", "harness/proxy"):
+        log_study_to_mlflow(study, "twice", experiment, tracking_uri)
+    assert analysis_main(["study=twice", f"out={tmp_path}", "resamples=999"]) == 2
+    error = capsys.readouterr().err
+    assert "study 'twice' has runs in 2 experiments: harness/smoke (10 runs), harness/proxy (10 runs)" in error
+    assert analysis_main(["study=twice", "experiment=harness/proxy", f"out={tmp_path}", "resamples=999",
+                          "log=false"]) == 0
 
 
 @pytest.fixture
