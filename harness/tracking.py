@@ -203,7 +203,10 @@ def mark_experiment(client, experiment) -> None:
     for key, value in experiment_tags(experiment.experiment_id).items():
         current = experiment.tags.get(key)
         if current is None or (key.startswith(VIEW_TAG_PREFIX) and current != value):
-            client.set_experiment_tag(experiment.experiment_id, key, value)
+            try:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+            except Exception as error:  # a store that refuses it (permissions) still records trials
+                log.warning("could not tag experiment %s with %s: %s", experiment.name, key, error)
 
 
 def transient(error: BaseException) -> bool:
