@@ -1,7 +1,8 @@
 """Command line: ``python -m analysis study=<name> [key=value ...]``.
 
 Prints the ranking, writes the report into the output directory and, for
-MLflow input, logs it as an ``analysis`` run in the same store.
+MLflow input, logs it as an ``analysis`` run in the same store, nested under
+the study's parent run, whose description then shows the verdicts.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from analysis import PROJECT_ROOT
 from analysis.load import (
-    AnalysisInputError, default_tracking_uri, load_csv_study, load_mlflow_study, mlflow_store,
+    AnalysisInputError, default_tracking_uri, load_csv_study, load_mlflow_study,
 )
 
 USAGE = """\
@@ -21,7 +22,8 @@ usage: python -m analysis study=NAME [key=value ...]
                     defaults to the CSV file name
   tracking_uri=URI  MLflow store (default: $MLFLOW_TRACKING_URI, else
                     sqlite:///<project>/mlflow.db)
-  experiment=NAME   MLflow experiment to search (default: all experiments)
+  experiment=NAME   MLflow experiment to search (default: all experiments; a
+                    study's runs must be in one, e.g. harness/smoke)
   csv=PATH          analyse this CSV instead (columns intervention, seed,
                     train_seed, test_loss and init_fingerprint or changes_init;
                     optional status, run_id, data_seed, study)
@@ -103,18 +105,34 @@ def run(options: dict) -> int:
         tracking_uri = (options.get("tracking_uri") or study_runs.tracking_uri
                         or default_tracking_uri())
         experiment_id = study_runs.experiment_id or _experiment_id(tracking_uri, options)
-        run_id = log_analysis_run(analysis, files, tracking_uri, experiment_id)
-        print(f"logged analysis run {run_id} to {tracking_uri}")
+        parent = study_parent(tracking_uri, experiment_id, study_runs.study) if experiment_id else None
+        run_id = log_analysis_run(analysis, files, tracking_uri, experiment_id, parent)
+        where = f"under the study's parent run {parent} (its description shows the verdicts)" if parent else \
+            "at the top level (the study has no parent run)"
+        print(f"logged analysis run {run_id} to {tracking_uri}, {where}")
     return 0
 
 
 def _experiment_id(tracking_uri: str, options: dict) -> str | None:
-    """The experiment for the analysis of CSV input: experiment= or the default one."""
+    """The experiment for the analysis of CSV input: experiment= (created as the harness creates its
+    experiments) or the default one."""
     if "experiment" not in options:
         return None
-    with mlflow_store(tracking_uri) as mlflow:
-        found = mlflow.get_experiment_by_name(options["experiment"])
-        return found.experiment_id if found else mlflow.create_experiment(options["experiment"])
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import experiment_id
+
+    return experiment_id(MlflowClient(tracking_uri), options["experiment"], tracking_uri)
+
+
+def study_parent(tracking_uri: str, experiment_id: str, study: str) -> str | None:
+    """The study's latest parent run in the experiment, where its analysis is logged; None if it has none."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.parents import latest_parent
+
+    parent = latest_parent(MlflowClient(tracking_uri), experiment_id, study)
+    return parent.info.run_id if parent else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,7 +100,9 @@ def load_mlflow_study(
 
     Searches ``experiment`` (a name) or, when not given, every experiment.
     Study parent runs (``study_parent=true``) and earlier analysis runs
-    (``analysis=true``) are not trial runs and are skipped.
+    (``analysis=true``) are not trial runs and are skipped.  The runs must be
+    of one experiment and one scale (the harness keeps one experiment per
+    scale): a study tag found in several is refused, naming them.
     """
     if "'" in study:
         raise AnalysisInputError(f"study names cannot contain quotes: {study!r}")
@@ -116,6 +118,7 @@ def load_mlflow_study(
         raise AnalysisInputError(
             f"unknown study {study!r} in {tracking_uri}; studies found: {listing}"
         )
+    _require_one_experiment_and_scale(found, study, tracking_uri)
     frame = _frame_from_mlflow(found)
     experiment_id = str(found["experiment_id"].iloc[0])
     study_runs = prepare_runs(frame, study, source=tracking_uri)
@@ -288,6 +291,26 @@ def _search_scope(mlflow, experiment: str | None, tracking_uri: str) -> dict:
             f"experiments found: {', '.join(names) or 'none'}"
         )
     return {"experiment_names": [experiment]}
+
+
+def _require_one_experiment_and_scale(found: pd.DataFrame, study: str, tracking_uri: str) -> None:
+    """Trials of two scales are never compared: the same study tag in two experiments (scales) is refused."""
+    experiment_ids = sorted(found["experiment_id"].astype(str).unique())
+    if len(experiment_ids) > 1:
+        with mlflow_store(tracking_uri) as mlflow:
+            names = [mlflow.get_experiment(i).name for i in experiment_ids]
+        counts = found["experiment_id"].astype(str).value_counts()
+        listing = ", ".join(f"{name} ({counts[i]} runs)" for i, name in zip(experiment_ids, names, strict=True))
+        raise AnalysisInputError(
+            f"study {study!r} has runs in {len(names)} experiments: {listing}; each experiment holds one "
+            f"scale, so analyse one of them: experiment={names[0]}"
+        )
+    scales = sorted(found["tags.scale"].dropna().unique()) if "tags.scale" in found else []
+    if len(scales) > 1:
+        raise AnalysisInputError(
+            f"study {study!r} mixes runs of scales {', '.join(scales)}; trials of different scales are not "
+            "comparable: give each scale its own study tag (study=NAME) or experiment (tracking.experiment=NAME)"
+        )
 
 
 def _trial_runs(found: pd.DataFrame) -> pd.DataFrame:

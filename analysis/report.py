@@ -330,12 +330,30 @@ def write_report(analysis: StudyAnalysis, directory: str | Path) -> ReportFiles:
     return files
 
 
+def verdicts_markdown(analysis: StudyAnalysis, run_id: str) -> str:
+    """The verdict table for the study parent's description: each verdict with its interval, method and dof."""
+    ranking, settings = analysis.ranking, analysis.settings
+    confidence = f"{1 - settings.alpha:.0%}"
+    head = (f"{len(analysis.study_runs.runs)} runs analysed ({len(analysis.study_runs.excluded)} excluded), "
+            f"alpha {settings.alpha}, minimum effect {settings.min_effect}; difference = intervention - "
+            f"baseline test loss (negative = better), with its {confidence} CI. Analysis run {run_id} holds the "
+            "report (report.md, report.html, figures).")
+    if ranking.empty:
+        return head + "\n\n(no interventions besides the baseline)"
+    shown = ranking_display(ranking)[["intervention", "verdict", "difference", "CI (t)", "p (Holm)", "method",
+                                      "dof", "warning"]].rename(columns={"CI (t)": f"{confidence} CI"})
+    note = thin_evidence_note(ranking)
+    return "\n\n".join(filter(None, [head, _markdown_table(shown), note and f"**{note}**"]))
+
+
 def log_analysis_run(analysis: StudyAnalysis, files: ReportFiles, tracking_uri: str,
-                     experiment_id: str | None) -> str:
-    """Log the report as an MLflow run tagged ``analysis=true``; returns its id."""
+                     experiment_id: str | None, parent_run_id: str | None = None) -> str:
+    """Log the report as an MLflow run tagged ``analysis=true``; returns its id. With ``parent_run_id`` (the
+    study's parent run) it is nested under the parent, and the parent's description gets its verdicts."""
     ranking = analysis.ranking
     with mlflow_store(tracking_uri) as mlflow, mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"analysis-{analysis.study}"
+        experiment_id=experiment_id, run_name=f"analysis {analysis.study}",
+        tags={"mlflow.parentRunId": parent_run_id} if parent_run_id else None,
     ) as run:
         thin = analysis.thin_evidence
         mlflow.set_tags({"analysis": "true", "study": analysis.study,
@@ -353,4 +371,12 @@ def log_analysis_run(analysis: StudyAnalysis, files: ReportFiles, tracking_uri: 
                for stat, value in (("sd", estimate.sd), ("dof", estimate.dof))},
         })
         mlflow.log_artifacts(str(files.directory))
+    if parent_run_id:
+        from mlflow.tracking import MlflowClient
+
+        from harness.parents import write_note
+
+        client = MlflowClient(tracking_uri)
+        write_note(client, parent_run_id, Verdicts=verdicts_markdown(analysis, run.info.run_id))
+        client.set_tag(parent_run_id, "analysis_run_id", run.info.run_id)
     return run.info.run_id

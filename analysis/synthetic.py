@@ -187,23 +187,26 @@ def log_study_to_mlflow(
 ) -> str:
     """Write the study into an MLflow store the way the training harness does.
 
-    A study parent run (``study_parent=true``) and one run per trial with the
-    contract's tags and metrics; FAILED runs end with status FAILED.  Returns
-    the experiment id.
+    A study parent run (``study_parent=true``) and one run per trial nested
+    under it with the contract's tags and metrics; FAILED runs end with status
+    FAILED.  Returns the experiment id.
     """
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
+
+    from harness.tracking import mark_experiment
 
     client = MlflowClient(tracking_uri)
     with mlflow_store(tracking_uri) as mlflow:
         found = mlflow.get_experiment_by_name(experiment)
         experiment_id = (found.experiment_id if found else
                          mlflow.create_experiment(experiment, artifact_location=artifact_location))
-        with mlflow.start_run(experiment_id=experiment_id, run_name=study_name):
+        mark_experiment(client, client.get_experiment(experiment_id))
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"study {study_name}") as parent:
             mlflow.set_tags({"study": study_name, "study_parent": "true"})
         for run in study.runs.itertuples():
-            mlflow.start_run(experiment_id=experiment_id,
-                             run_name=f"{run.intervention}-{run.seed}")
+            mlflow.start_run(experiment_id=experiment_id, run_name=f"{run.intervention} s{run.seed}",
+                             tags={"mlflow.parentRunId": parent.info.run_id})
             mlflow.set_tags({
                 "intervention": run.intervention, "seed": str(run.seed),
                 "train_seed": run.train_seed, "data_seed": "none",

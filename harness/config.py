@@ -309,25 +309,28 @@ class TrainerConfig(Checked):
 @dataclass
 class TrackingConfig(Checked):
     uri: Optional[str] = None  # default $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
-    experiment: str = "harness"
+    experiment: str = "harness/${scale}"  # one experiment per scale: the UI never groups trials of two scales
     parent_run_id: Optional[str] = None  # a study's parent run; the trial becomes its child in `mlflow ui`
     log_interval: int = 10  # steps between batched uploads of per-step metrics
     heartbeat_interval: float = 30.0  # seconds between heartbeats; a run silent for 4 intervals counts as dead
     connect_timeout: float = 10.0  # seconds the first contact with the store may take before the trial fails
     flush_timeout: float = 60.0  # seconds the end of a trial waits for unsent records before saving them to disk
     claim_slots: int = 1  # a study trial runs only while fewer runs of its computation are FINISHED or live
+    system_metrics: bool = True  # rank 0 records MLflow's system metrics (CPU, memory, GPUs) with the trial
+    system_metrics_interval: float = 10.0  # seconds between system-metrics samples
 
     section: ClassVar[str] = "tracking"
     allowed: ClassVar[dict[str, Allowed]] = {
         "uri": optional(Allowed(is_tracking_uri, TRACKING_URI),
                         "$MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db"),
-        "experiment": text(),
+        "experiment": text(what="non-empty text (default harness/${scale}: one experiment per scale)"),
         "parent_run_id": optional(text(r"[0-9a-f]{32}", "an MLflow run id (32 hex digits)"), "no parent"),
         "log_interval": at_least(1),
         "heartbeat_interval": positive(" seconds"),
         "connect_timeout": positive(" seconds"),
         "flush_timeout": Allowed(lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0 (seconds)"),
         "claim_slots": at_least(1),
+        "system_metrics_interval": positive(" seconds"),
     }
 
 

@@ -1,4 +1,5 @@
-"""Run a study: one MLflow parent run per execution, every trial a child run, all launched by Hydra.
+"""Run a study: an MLflow parent run, every trial a child run, all launched by Hydra. A later execution of the
+same plan reuses the parent (`harness.parents` says exactly when), so a study finished in several goes is one tree.
 
 The study sweeper (`hydra_plugins/harness_study_sweeper`) hands `run_study` the study's settings and the
 configured launcher: Hydra's basic local launcher by default, submitit for SLURM (`hydra/launcher=slurm`)
@@ -19,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Callable, Optional
@@ -29,12 +31,13 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness import records
+from harness import parents, records
 from harness.config import STUDY_TAG, TrialConfig, compose_trial, config_hash
 from harness.preflight import check_trial
 from harness.progress import study_line, write_line
 from harness.records import ClaimedElsewhere
 from harness.study import StudyConf, Trial, factorial_design, study_trials
+from harness.tracking import ui_url
 from harness.version import code_version
 
 if TYPE_CHECKING:
@@ -128,6 +131,7 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
     print(f"[study {tag}] {len(planned)} trials: {len(planned) - len(pending)} already FINISHED (skipped), "
           f"{len(pending)} to run with the {launcher_name} launcher; parent run {parent_id} in {store.uri}; "
           f"code version {version}", flush=True)
+    print(f"[study {tag}] in mlflow ui: {ui_url(store.uri, store.experiment_id, parent_id)}", flush=True)
     for p in pending:
         if p.rerun_reason:
             print(f"[study {tag}] {p.trial.name} runs again: {p.rerun_reason}", flush=True)
@@ -333,6 +337,8 @@ class StudyStore:
         self.client, self.uri, self.study = tracker.client, tracker.uri, study
         self.experiment_id = tracker.experiment_id
         self.heartbeat_interval, self.code_version = heartbeat_interval, code_version
+        self.execution, self.execution_number = uuid.uuid4().hex, 1  # this execution, and its number on its parent
+        self.earlier_children: set[str] = set()  # runs of the parent made by its earlier executions
         self._stop = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
 
@@ -417,8 +423,8 @@ class StudyStore:
     def _assign_elsewhere(self, group: list[PlannedTrial], finished: list, ended_early: dict[int, JobEnd],
                           parent_id: str) -> None:
         taken = {p.earlier_run.info.run_id for p in group if p.earlier_run is not None}
-        foreign = [r for r in finished if r.data.tags.get("mlflow.parentRunId") != parent_id
-                   and r.info.run_id not in taken]
+        foreign = [r for r in finished if (r.data.tags.get("mlflow.parentRunId") != parent_id
+                                           or r.info.run_id in self.earlier_children) and r.info.run_id not in taken]
         for p in group:
             ended_early.pop(id(p), None)
             if foreign:
@@ -434,21 +440,23 @@ class StudyStore:
         return by_hash
 
     def children(self, parent_id: str, patient: bool = True) -> list:
+        """The parent's child runs made by this execution (a reused parent also holds its earlier ones')."""
         query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
-        return self.search(query) if patient else records.search(self.client, [self.experiment_id], query)
+        found = self.search(query) if patient else records.search(self.client, [self.experiment_id], query)
+        return [r for r in found if r.info.run_id not in self.earlier_children]
 
     def start_parent(self, study: StudyConf, planned: list[PlannedTrial], arguments: list[str], launcher: str,
                      sweep_dir: str, design: str) -> str:
+        """The execution's parent run: an earlier one of the same plan (`harness.parents`), else a new one."""
         from harness.tracking import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, git_state
 
-        tags = {"study": self.study, "study_parent": "true", "launcher": launcher, "sweep_dir": sweep_dir,
-                "host": socket.gethostname(), "code_version": code_version(),
-                "mlflow.note.content": "\n\n".join(filter(None, [study.description, design])),
-                HEARTBEAT_TAG: f"{time.time():.3f}", HEARTBEAT_INTERVAL_TAG: f"{self.heartbeat_interval:g}"}
+        plan = parents.plan_digest([(p.trial.name, p.config_hash) for p in planned], self.code_version)
+        tags = {"launcher": launcher, "sweep_dir": sweep_dir, "host": socket.gethostname(),
+                "code_version": code_version(), HEARTBEAT_TAG: f"{time.time():.3f}",
+                HEARTBEAT_INTERVAL_TAG: f"{self.heartbeat_interval:g}"}
         commit, dirty = git_state()
         if commit:
             tags |= {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
-        run_id = self.client.create_run(self.experiment_id, run_name=f"study {self.study}", tags=tags).info.run_id
         settings = asdict(study)
         del settings["_target_"]
         record = {"study": self.study, "settings": settings, "command_line": arguments, "launcher": launcher,
@@ -457,14 +465,43 @@ class StudyStore:
                   "trials": [{"name": p.trial.name, "config_hash": p.config_hash, "overrides": p.overrides,
                               "reuses_run": p.earlier_run.info.run_id if p.earlier_run else None,
                               "rerun_reason": p.rerun_reason or None} for p in planned]}
-        self.client.log_text(run_id, OmegaConf.to_yaml(record), "study.yaml")
-        for key in ("arms", "seeds", "train_seeds", "overrides"):
-            self.client.log_param(run_id, key, str(settings[key])[:6000])
-        self.client.log_param(run_id, "trials", len(planned))
-        self.client.log_param(run_id, "command_line", " ".join(arguments)[:6000])
+        run_id = self.reuse_parent(plan, tags, record)
+        if run_id is None:
+            run_id = self.new_parent(study, len(planned), arguments, plan, tags, record, design)
         self._heartbeat = threading.Thread(target=self._beat, args=(run_id,), name="study-heartbeat", daemon=True)
         self._heartbeat.start()
         return run_id
+
+    def new_parent(self, study: StudyConf, trials: int, arguments: list[str], plan: str, tags: dict, record: dict,
+                   design: str) -> str:
+        tags = {"study": self.study, "study_parent": "true", parents.PLAN_TAG: plan, parents.EXECUTIONS_TAG: "1",
+                parents.EXECUTION_TAG: self.execution, **tags,
+                parents.NOTE_TAG: "\n\n".join(filter(None, [study.description, design]))}
+        run_id = self.client.create_run(self.experiment_id, run_name=f"study {self.study}", tags=tags).info.run_id
+        self.client.log_text(run_id, OmegaConf.to_yaml(record), "study.yaml")
+        for key in ("arms", "seeds", "train_seeds", "overrides"):
+            self.client.log_param(run_id, key, str(record["settings"][key])[:6000])
+        self.client.log_param(run_id, "trials", trials)
+        self.client.log_param(run_id, "command_line", " ".join(arguments)[:6000])
+        return run_id
+
+    def reuse_parent(self, plan: str, tags: dict, record: dict) -> Optional[str]:
+        """The id of the ended parent of this plan this execution now holds, or None (`harness.parents`). Its
+        trials so far are left out of this execution's outcomes (they are the earlier executions')."""
+        for run in parents.ended_parents(self.client, self.experiment_id, self.study, plan)[:1]:
+            self.execution_number = int(run.data.tags.get(parents.EXECUTIONS_TAG, "1")) + 1
+            if not parents.take_over(self.client, run, self.execution,
+                                     tags | {parents.EXECUTIONS_TAG: str(self.execution_number)}):
+                self.execution_number = 1
+                return None
+            self.earlier_children = {r.info.run_id for r in self.children(run.info.run_id)}
+            self.client.log_text(run.info.run_id, OmegaConf.to_yaml(record),
+                                 f"executions/{self.execution_number}/study.yaml")
+            print(f"[study {self.study}] reusing parent run {run.info.run_id} ({run.info.status} before): the same "
+                  f"trials and code as its earlier executions; this is its execution {self.execution_number}",
+                  flush=True)
+            return run.info.run_id
+        return None
 
     def _beat(self, run_id: str) -> None:
         from harness.tracking import HEARTBEAT_TAG
@@ -489,11 +526,12 @@ class StudyStore:
         counts = Counter(o.status for o in outcomes)
         for key, value in (("trials_finished", counts["FINISHED"]), ("trials_skipped", counts["SKIPPED"]),
                            ("trials_not_finished", len(outcomes) - counts["FINISHED"] - counts["SKIPPED"])):
-            self.client.log_metric(run_id, key, value)
+            self.client.log_metric(run_id, key, value, step=self.execution_number)
         self.client.log_text(run_id, table + "\n", "summary.md")
         self.client.log_text(run_id, outcomes_csv(outcomes), "summary.csv")
-        note = "\n\n".join(filter(None, [study.description, design, table]))
-        self.client.set_tag(run_id, "mlflow.note.content", note)
+        if self.execution_number > 1:
+            self.client.log_text(run_id, table + "\n", f"executions/{self.execution_number}/summary.md")
+        parents.write_note(self.client, run_id, "\n\n".join(filter(None, [study.description, design])), Trials=table)
         self.client.set_terminated(run_id, status)
 
 

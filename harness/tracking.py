@@ -7,7 +7,12 @@ unreachable the thread keeps the records and retries with backoff while training
 heartbeat tag every `tracking.heartbeat_interval` seconds, so other processes can tell a live trial from one
 whose process died (`harness.records`). At the end a trial waits up to `tracking.flush_timeout` seconds for
 the queue; whatever is still unsent is saved to `<run dir>/unsent_records.jsonl` and the trial fails with
-the command that replays it (`python -m harness replay <run dir>`).
+the command that replays it (`python -m harness replay <run dir>`). MLflow's system metrics (CPU, memory, disk,
+network, GPUs) are sampled on a thread of their own and go through the same queue.
+
+Every experiment the harness writes to is marked as classic model training (`mlflow.experimentKind`), so
+`mlflow ui` opens it on its runs table, and gets two saved views of that table (`VIEWS`) linked from its
+description.
 """
 
 import collections
@@ -38,6 +43,40 @@ MAX_BACKOFF = 10.0  # seconds between retries while the store is unreachable
 SEND_INTERVAL = 2.0  # seconds between the writer's batches: few requests, few turns taken from the step loop
 # The writer retries on its own; MLflow's own retries (minutes of backoff per request) would only delay it.
 WRITER_REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+SYSTEM_PREFIX = "system/"  # MLflow's prefix for system metrics: the UI's "System metrics" charts show these
+
+# What MLflow 3's UI calls classic model training (its ExperimentKind enum). MLflow 3.17's UI opens an experiment
+# by a global "GenAI / Model training" switch instead (default GenAI, remembered by the browser once clicked, or
+# `workflowType=machine_learning` in the address), so every link the harness gives carries that too.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_MODE = "workflowType=machine_learning"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # `…/runs?viewStateShareKey=KEY` opens the runs table with that view
+ANSWER_COLUMNS = ["tags.`intervention`", "tags.`seed`", "tags.`train_seed`", "tags.`study`", "metrics.`test_loss`",
+                  "metrics.`test_loss_amp`", "metrics.`train_seconds`"]
+VIEWS = {  # key: (link text, the runs table's state: columns, order, grouping)
+    "harness-answer": ("runs with their test loss", {
+        "selectedColumns": ANSWER_COLUMNS, "orderByKey": "metrics.`test_loss`", "orderByAsc": True}),
+    "harness-by-intervention": ("mean test loss by intervention and study", {
+        "selectedColumns": ANSWER_COLUMNS, "orderByKey": "metrics.`test_loss`", "orderByAsc": True,
+        "columnWidths": {"attributes.`Run Name`": 380},
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "intervention"},
+                                                                    {"mode": "tag", "groupByData": "study"}]}}),
+}
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves a sqlite store
+
+
+def ui_link(experiment_id: str, run_id: Optional[str] = None, view: Optional[str] = None) -> str:
+    """The UI's address (a fragment) of an experiment's runs table (with a saved view) or of one run."""
+    if run_id:
+        return f"#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}"
+    return f"#/experiments/{experiment_id}/runs?{UI_MODE}" + (f"&viewStateShareKey={view}" if view else "")
+
+
+def ui_url(uri: str, experiment_id: str, run_id: Optional[str] = None) -> str:
+    """Where to see it: on the tracking server itself, or in `make ui` for a sqlite store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri}/{ui_link(experiment_id, run_id)}"
+    return f"{UI_ADDRESS}/{ui_link(experiment_id, run_id)} (after make ui)"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -126,21 +165,48 @@ def probe(uri: str, timeout: float) -> None:
 
 
 def experiment_id(client, name: str, uri: str) -> str:
-    """The experiment's id, created if missing (a sqlite store keeps artifacts beside its database file)."""
+    """The experiment's id, created if missing (a sqlite store keeps artifacts beside its database file), and
+    marked for the UI (`mark_experiment`)."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri() \
-        if uri.startswith("sqlite:///") else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:
-        experiment = client.get_experiment_by_name(name)  # another process created it first
+    if experiment is None:
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri() \
+            if uri.startswith("sqlite:///") else None
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            pass  # another process created it first
+        experiment = client.get_experiment_by_name(name)
         if experiment is None:
-            raise
-        return experiment.experiment_id
+            raise MlflowException(f"experiment {name!r} could not be created in {uri}")
+    mark_experiment(client, experiment)
+    return experiment.experiment_id
+
+
+def experiment_tags(experiment_id: str) -> dict[str, str]:
+    """The tags that make `mlflow ui` show an experiment as the harness's: its kind, its saved views of the runs
+    table, and a description linking to them."""
+    links = " · ".join(f"[{text}]({ui_link(experiment_id, view=key)})" for key, (text, _) in VIEWS.items())
+    description = (
+        "Trials of the LLM intervention harness. A trial's answer is its `test_loss` (metric), beside its "
+        "`intervention`, `seed`, `train_seed` and `study` (tags). A study is a parent run with its trials and "
+        "its analyses nested under it; the parent's description holds the verdicts.\n\n"
+        f"Open the runs table with these columns: {links}.")
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, "mlflow.note.content": description,
+            **{VIEW_TAG_PREFIX + key: json.dumps(view) for key, (_, view) in VIEWS.items()}}
+
+
+def mark_experiment(client, experiment) -> None:
+    """Set the experiment tags it lacks (`experiment_tags`); a kind or description someone set stays, and the
+    views are brought up to date."""
+    for key, value in experiment_tags(experiment.experiment_id).items():
+        current = experiment.tags.get(key)
+        if current is None or (key.startswith(VIEW_TAG_PREFIX) and current != value):
+            try:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+            except Exception as error:  # a store that refuses it (permissions) still records trials
+                log.warning("could not tag experiment %s with %s: %s", experiment.name, key, error)
 
 
 def transient(error: BaseException) -> bool:
@@ -172,12 +238,80 @@ def send(client, run_id: str, kind: str, payload) -> None:
         raise ValueError(f"unknown record kind {kind!r}")
 
 
+class SystemMetrics:
+    """MLflow's system metrics of this machine, sampled every `interval` seconds by MLflow's own monitors (CPU
+    utilisation and memory, disk, network, and per GPU utilisation, memory and power where NVML finds one; the
+    UI's "System metrics" charts) on a thread of their own, and queued on the tracker like every other record,
+    so an outage keeps them and `replay` sends them. Step = sample number, continued on resume."""
+
+    def __init__(self, tracker: "Tracker", interval: float, first_step: int = 0):
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        self.tracker, self.interval, self.step = tracker, interval, first_step
+        self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor(), *gpu_monitors()]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="system-metrics", daemon=True)
+
+    def start(self) -> "SystemMetrics":
+        self.collect()  # psutil's CPU percentage counts from its previous call: the first one only starts it
+        for monitor in self.monitors:
+            monitor.clear_metrics()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def collect(self) -> None:
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+
+    def _sample(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                self.collect()
+                metrics = {}
+                for monitor in self.monitors:
+                    metrics.update(monitor.aggregate_metrics())
+                    monitor.clear_metrics()
+                self.tracker.log_metrics({SYSTEM_PREFIX + k: v for k, v in metrics.items()}, self.step)
+                self.step += 1
+        except Exception:  # a monitor that fails must not take the trial with it
+            log.exception("system metrics of run %s stopped", self.tracker.run_id)
+
+
+def gpu_monitors() -> list:
+    """MLflow's NVIDIA monitor (every GPU on this node, through nvidia-ml-py), else its AMD one, else none."""
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+    from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
+
+    for monitor in (GPUMonitor, ROCMMonitor):
+        try:
+            return [monitor()]
+        except Exception as error:  # no driver, no library, no device
+            log.debug("no %s: %s", monitor.__name__, error)
+    return []
+
+
+def last_system_step(client, run) -> int:
+    """The step of a run's last system-metrics sample (every sample has the CPU's), -1 when it has none."""
+    key = SYSTEM_PREFIX + "cpu_utilization_percentage"
+    return max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1) \
+        if key in run.data.metrics else -1
+
+
 class Tracker:
     """A run in the store, written asynchronously (see the module docstring). Methods that record something
     return at once; `end` waits for the queue (up to `flush_timeout`)."""
 
     def __init__(self, uri: Optional[str] = None, experiment: str = "harness", *, connect_timeout: float = 10.0,
-                 heartbeat_interval: float = 30.0, flush_timeout: float = 60.0, unsent_dir: Optional[Path] = None):
+                 heartbeat_interval: float = 30.0, flush_timeout: float = 60.0, unsent_dir: Optional[Path] = None,
+                 system_metrics_interval: Optional[float] = None):
+        """`system_metrics_interval`: seconds between system-metrics samples; None records none."""
         self.uri = normalize_uri(uri or default_tracking_uri())
         self.client = connect(self.uri, connect_timeout)
         self.experiment_id = experiment_id(self.client, experiment, self.uri)
@@ -193,6 +327,8 @@ class Tracker:
         self._closing, self._abandon = threading.Event(), threading.Event()
         self._down_since: Optional[float] = None
         self._thread: Optional[threading.Thread] = None
+        self.system_metrics_interval = system_metrics_interval
+        self._system: Optional[SystemMetrics] = None
 
     # --- opening the run (synchronous: the trial needs the run id) ---------------------------------------
     def start(self, run_name: str, tags: dict[str, str], params: dict) -> str:
@@ -207,6 +343,7 @@ class Tracker:
         for start in range(0, len(items), PARAMS_PER_REQUEST):
             self.client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_REQUEST])
         self._start_writer()
+        self._start_system_metrics(0)
         return self.run_id
 
     def resume(self, run_id: str) -> None:
@@ -214,7 +351,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.get_run(run_id)
+            run = self.client.get_run(run_id)
         except MlflowException:
             raise FileNotFoundError(f"the trial's MLflow run {run_id} is not in {self.uri}: resume with the store "
                                     f"the trial logged to") from None
@@ -222,9 +359,11 @@ class Tracker:
         self.client.update_run(run_id, "RUNNING")
         self.client.log_batch(run_id, tags=[_tag(k, v) for k, v in self._heartbeat_tags().items()])
         self._start_writer()
+        self._start_system_metrics(last_system_step(self.client, run) + 1)
 
     def discard(self) -> None:
         """Delete the run (a claim given up before anything was computed)."""
+        self._stop_system_metrics()
         self._stop_writer()
         self.client.delete_run(self.run_id)
 
@@ -256,6 +395,7 @@ class Tracker:
 
     def end(self, status: str, tags: Optional[dict[str, str]] = None) -> None:
         """status: FINISHED, FAILED or KILLED. Raises UnsentRecords when the store stays unreachable."""
+        self._stop_system_metrics()
         if tags:
             self.set_tags(tags)
         self._ending = True
@@ -284,6 +424,19 @@ class Tracker:
             f.flush()
             os.fsync(f.fileno())
         return path, len(records)
+
+    def _start_system_metrics(self, first_step: int) -> None:
+        if self.system_metrics_interval is None:
+            return
+        try:
+            self._system = SystemMetrics(self, self.system_metrics_interval, first_step).start()
+        except ImportError as error:  # psutil is a dependency; a trial never fails for its bookkeeping
+            log.warning("no system metrics for run %s: %s (pip install psutil, or tracking.system_metrics=false)",
+                        self.run_id, error)
+
+    def _stop_system_metrics(self) -> None:
+        if self._system is not None:
+            self._system.stop()
 
     # --- the writer thread --------------------------------------------------------------------------------
     def _heartbeat_tags(self) -> dict[str, str]:

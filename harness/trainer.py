@@ -30,7 +30,7 @@ from harness.plugins import Plugins
 from harness.precision import Precision
 from harness.sampling import continue_text
 from harness.records import ClaimedElsewhere
-from harness.tracking import NullTracker, Tracker, default_tracking_uri, probe
+from harness.tracking import NullTracker, Tracker, default_tracking_uri, probe, ui_url
 from harness.version import code_version
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def open_record(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
 def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
     t = cfg.tracking
     tracker = Tracker(t.uri, t.experiment, connect_timeout=t.connect_timeout, heartbeat_interval=t.heartbeat_interval,
-                      flush_timeout=t.flush_timeout, unsent_dir=run_dir)
+                      flush_timeout=t.flush_timeout, unsent_dir=run_dir,
+                      system_metrics_interval=t.system_metrics_interval if t.system_metrics else None)
     cfg.tracking.uri = tracker.uri  # the saved config names the store actually used
     computation = config_hash(cfg, world)
     claims = cfg.study is not None and not cfg.rerun
@@ -219,7 +220,7 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
             tags = record_tags(cfg, computation, world) | {"run_dir": str(run_dir.resolve())}
             if claims:
                 tags["claim_slots"] = str(t.claim_slots)
-            tracker.start(trial_name(cfg), tags, flatten(as_dict(cfg)))
+            tracker.start(trial_name(cfg), tags, record_params(cfg))
             if claims:
                 reason = records.claim_new_run(tracker.client, tracker.experiment_id, tracker.run_id, *claim)
                 if reason:
@@ -245,7 +246,15 @@ def resume_run_id(found: Path) -> str:
 
 
 def trial_name(cfg: TrialConfig) -> str:
-    return f"{intervention_tag(cfg.interventions)}-s{cfg.seed}" + ("" if cfg.train_seed is None else f"-t{cfg.train_seed}")
+    """The run's name in `mlflow ui`: what the trial tests, its seeds and its scale, e.g. `no_dropout s42 t23 smoke`."""
+    seeds = [f"s{cfg.seed}", *([] if cfg.train_seed is None else [f"t{cfg.train_seed}"]),
+             *([] if cfg.data.seed is None else [f"d{cfg.data.seed}"])]
+    return " ".join([intervention_tag(cfg.interventions), *seeds, cfg.scale])
+
+
+def record_params(cfg: TrialConfig) -> dict:
+    """The flattened resolved config; `interventions` written as the `intervention` tag is (`a+b`, `baseline`)."""
+    return flatten(as_dict(cfg)) | {"interventions": intervention_tag(cfg.interventions)}
 
 
 def record_tags(cfg: TrialConfig, computation: str, world: int) -> dict[str, str]:
@@ -342,6 +351,9 @@ class Trial:
         checkpoint and a finite test loss."""
         tracker = open_record(self.cfg, self.run_dir, self.ranks)
         self.run_id = tracker.run_id
+        if self.ranks.is_main:
+            log.info("MLflow run %s in experiment %s: %s", tracker.run_id, self.cfg.tracking.experiment,
+                     ui_url(tracker.uri, tracker.experiment_id, tracker.run_id))
         try:
             tracker.set_tags({"init_fingerprint": self.init_fingerprint, "device": str(self.device),
                               "test_loss_amp_autocast": str(self.test_autocast or "none")})

@@ -99,6 +99,16 @@ def test_cli_analyses_an_mlflow_study_and_logs_an_analysis_run(study_store, tmp_
     artifacts = {a.path for a in MlflowClient().list_artifacts(logged["run_id"])}
     assert {"report.md", "report.html", "ranking.csv", "figures"} <= artifacts
 
+    # It is nested under the study's parent run, whose description shows each verdict with its interval.
+    parent = mlflow.search_runs(experiment_names=["trials"],
+                                filter_string="tags.study_parent = 'true' and tags.study = 'demo'")
+    assert logged["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]
+    note = MlflowClient().get_run(parent["run_id"].iloc[0]).data.tags["mlflow.note.content"]
+    row = ranking.loc["no_dropout"]
+    assert note.startswith("### Verdicts") and f"Analysis run {logged['run_id']}" in note
+    assert (f"| no_dropout | better | {row['difference']:.6f} | [{row['ci_low']:.6f}, {row['ci_high']:.6f}] |"
+            in note)
+
     # The analysis run carries study=demo but is not a trial of the study.
     reloaded = load_mlflow_study("demo", with_histories=False)
     assert logged["run_id"] not in set(reloaded.runs["run_id"])

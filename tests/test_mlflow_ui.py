@@ -1,0 +1,204 @@
+"""What `mlflow ui` shows: an experiment per scale marked as model training, with saved views of the runs table;
+runs named by intervention, seeds and scale; system metrics beside the trial's own; a study as one parent run
+(reused by later executions of the same plan) with its trials and analyses nested under it and its verdicts in
+its description. Real MLflow: sqlite stores, and a real `mlflow server` on 127.0.0.1 read through MlflowClient."""
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from analysis.__main__ import main as analysis_main
+from analysis.synthetic import PlantedIntervention, generate_study, log_study_to_mlflow
+from harness import checkpoint, parents
+from harness.study import StudyConf, Trial
+from harness.sweep import PlannedTrial, StudyStore
+from harness.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SYSTEM_PREFIX, VIEW_TAG_PREFIX, VIEWS, Tracker
+from harness.trainer import Trial as TrainingTrial
+from tests.conftest import TINY, MlflowServer, compose_config
+from tests.test_sweep_run import SWEEP_TINY, sweep_env
+
+CPU = SYSTEM_PREFIX + "cpu_utilization_percentage"
+
+
+def test_each_scale_has_its_own_experiment_unless_one_is_named():
+    assert compose_config().tracking.experiment == "harness/smoke"
+    assert compose_config("scale=proxy").tracking.experiment == "harness/proxy"
+    assert compose_config("scale=gpt2_small").tracking.experiment == "harness/gpt2_small"
+    assert compose_config("scale=proxy", "tracking.experiment=mine").tracking.experiment == "mine"
+
+
+def assert_marked(experiment) -> None:
+    """Kind, saved views, and a description linking to them, as the UI reads them."""
+    tags = experiment.tags
+    assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    for key in VIEWS:
+        view = json.loads(tags[VIEW_TAG_PREFIX + key])
+        assert {"tags.`intervention`", "metrics.`test_loss`"} <= set(view["selectedColumns"])
+        link = f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={key}"
+        assert f"]({link})" in tags["mlflow.note.content"]
+
+
+def test_a_trial_reads_in_the_ui_and_its_system_metrics_change_nothing(tracking_uri, tmp_path):
+    """Two trials of one computation, with and without system metrics: the same weights and test loss."""
+    overrides = [*TINY, "trainer.max_steps=2", "+intervention=no_dropout", "seed=7", "train_seed=3"]
+    with_metrics = compose_config(*overrides, "tracking.system_metrics_interval=0.05")
+    without = compose_config(*overrides, "tracking.system_metrics=false")
+    results = [TrainingTrial(cfg, tmp_path / name).run() for cfg, name in ((with_metrics, "on"), (without, "off"))]
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("harness/smoke")
+    assert_marked(experiment)
+    on, off = (client.get_run(r["run_id"]) for r in results)
+    for run in (on, off):
+        assert run.info.run_name == "no_dropout s7 t3 smoke"
+        assert run.data.params["interventions"] == "no_dropout" and run.data.tags["intervention"] == "no_dropout"
+        assert run.info.experiment_id == experiment.experiment_id
+    steps = [m.step for m in client.get_metric_history(on.info.run_id, CPU)]
+    assert steps == list(range(len(steps))) and steps, steps
+    assert SYSTEM_PREFIX + "system_memory_usage_megabytes" in on.data.metrics
+    assert not [key for key in off.data.metrics if key.startswith(SYSTEM_PREFIX)]
+    assert on.data.metrics["test_loss"] == off.data.metrics["test_loss"]
+    weights = [checkpoint.read_manifest(checkpoint.find(tmp_path / name))["files"]["model.safetensors"]["sha256"]
+               for name in ("on", "off")]
+    assert weights[0] == weights[1]
+
+
+def test_system_metrics_go_through_the_queue_and_continue_after_a_resume(tracking_uri):
+    tracker = Tracker(tracking_uri, "harness/smoke", system_metrics_interval=0.05)
+    run_id = tracker.start("sampled", {}, {})
+    time.sleep(0.5)
+    tracker.end("FINISHED")
+    first = [m.step for m in tracker.client.get_metric_history(run_id, CPU)]
+    resumed = Tracker(tracking_uri, "harness/smoke", system_metrics_interval=0.05)
+    resumed.resume(run_id)
+    time.sleep(0.5)
+    resumed.end("FINISHED")
+    steps = [m.step for m in resumed.client.get_metric_history(run_id, CPU)]
+    assert len(first) >= 3 and steps[:len(first)] == first and steps == list(range(len(steps))) and len(steps) > len(first)
+    time.sleep(0.3)  # nothing is sampled once a run has ended
+    assert len(resumed.client.get_metric_history(run_id, CPU)) == len(steps)
+
+
+def test_a_parent_is_reused_only_by_an_execution_of_the_same_plan_once_it_has_ended(tracking_uri):
+    conf = StudyConf(description="two seeds", arms=["baseline"], seeds=[1, 2])
+    plan = [PlannedTrial(Trial((), seed, None), [], f"h{seed}") for seed in (1, 2)]
+
+    def start(trials=plan, version="v1"):
+        store = StudyStore(tracking_uri, "harness/smoke", "mine", heartbeat_interval=30, code_version=version)
+        return store, store.start_parent(conf, trials, [], "basic", "multirun/x", "")
+
+    def end(store, run_id):
+        store.stop_heartbeat()
+        store.end_parent(run_id, conf, [], "| trial |\n|---|\n| baseline-s1 |", "FINISHED", "")
+
+    first, parent = start()
+    client = first.client
+    child = client.create_run(first.experiment_id, tags={"study": "mine", "mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(child, "FINISHED")
+    end(first, parent)
+    parents.write_note(client, parent, Verdicts="| intervention | verdict |\n|---|---|\n| x | better |")
+
+    again, reused = start()  # the same trials and code: the ended parent, RUNNING again
+    assert reused == parent and again.execution_number == 2
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING" and run.data.tags[parents.EXECUTIONS_TAG] == "2"
+    assert again.children(parent) == []  # the first execution's trial is not this one's
+    beside, other = start()  # a parent in use is never taken over
+    assert other != parent
+    end(beside, other)
+    end(again, parent)
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert note.startswith("two seeds") and "### Verdicts" in note and "| x | better |" in note  # kept
+    assert note.index("### Verdicts") < note.index("### Trials")
+
+    changed = [PlannedTrial(Trial((), 3, None), [], "h3"), *plan]
+    assert start(trials=changed)[1] not in (parent, other)  # another plan: a parent of its own
+    assert start(version="v2")[1] not in (parent, other)  # other code: its trials run again, under a new parent
+
+    # Two executions picking the same ended parent at the same moment: one keeps it, the other starts its own.
+    newest = max((client.get_run(i) for i in (parent, other)), key=lambda r: r.info.start_time).info.run_id
+    picked = []
+    racers = [threading.Thread(target=lambda: picked.append(start()[1])) for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    assert newest in picked and len(set(picked)) == 2
+
+
+def test_a_description_is_cut_to_mlflows_limit_trials_first():
+    rows = "\n".join(f"| trial-{i} | FINISHED |" for i in range(400))
+    note = parents.join_note("head", {"Verdicts": "| a | better |", "Trials": "| trial | status |\n|---|---|\n" + rows})
+    assert len(note) <= parents.NOTE_LIMIT and "| a | better |" in note and "| trial-0 |" in note
+    assert "| trial-399 |" not in note and "cut to fit" in note
+    assert parents.split_note(note)[0] == "head"
+
+
+def test_the_analysis_refuses_a_study_tag_found_at_two_scales(tracking_uri, tmp_path, capsys):
+    study = generate_study([PlantedIntervention("no_dropout", -0.01)], init_seeds=(1, 2))
+    for experiment in ("harness/smoke", "harness/proxy"):
+        log_study_to_mlflow(study, "twice", experiment, tracking_uri)
+    assert analysis_main(["study=twice", f"out={tmp_path}", "resamples=999"]) == 2
+    error = capsys.readouterr().err
+    assert "study 'twice' has runs in 2 experiments: harness/smoke (10 runs), harness/proxy (10 runs)" in error
+    assert analysis_main(["study=twice", "experiment=harness/proxy", f"out={tmp_path}", "resamples=999",
+                          "log=false"]) == 0
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    yield server.url
+    server.kill()
+
+
+def test_a_study_in_a_real_mlflow_server_reads_as_one_tree_with_its_verdicts(tmp_path, mlflow_server, monkeypatch):
+    """`make sweep`, `make analyze`, `make sweep` again, against a real tracking server, read back through
+    MlflowClient: kinds, nesting and names."""
+    command = [sys.executable, "-m", "harness", "+sweep=quick", *SWEEP_TINY, "hydra.sweeper.arms=[baseline,no_dropout]",
+               "hydra.sweeper.seeds=[1,2]", "tracking.system_metrics_interval=0.05"]
+    first = subprocess.run([*command, f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=tmp_path,
+                           env=sweep_env(mlflow_server), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert analysis_main(["study=quick", f"out={tmp_path / 'report'}", "resamples=999"]) == 0
+    again = subprocess.run([*command, f"hydra.sweep.dir={tmp_path / 'again'}"], cwd=tmp_path,
+                           env=sweep_env(mlflow_server), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("harness/smoke")
+    assert_marked(experiment)
+    assert {e.name for e in client.search_experiments()} == {"harness/smoke", "Default"}
+    found = client.search_runs([experiment.experiment_id])
+    [parent] = [r for r in found if r.data.tags.get("study_parent") == "true"]
+    assert f"reusing parent run {parent.info.run_id} (FINISHED before)" in again.stdout
+    assert "4 trials: 4 already FINISHED (skipped)" in again.stdout
+    ui = f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning"
+    assert f"in mlflow ui: {ui}" in first.stdout
+    assert (parent.info.run_name, parent.info.status, parent.data.tags["executions"]) == ("study quick", "FINISHED", "2")
+
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(found) - 1  # everything else is nested under the parent
+    trials = [r for r in children if "config_hash" in r.data.tags]
+    assert sorted(r.info.run_name for r in trials) == ["baseline s1 smoke", "baseline s2 smoke",
+                                                      "no_dropout s1 smoke", "no_dropout s2 smoke"]
+    for run in trials:
+        assert run.data.params["interventions"] == run.data.tags["intervention"] == run.info.run_name.split()[0]
+        assert run.data.metrics["test_loss"] > 0 and CPU in run.data.metrics
+    [analysis] = [r for r in children if r.data.tags.get("analysis") == "true"]
+    assert analysis.info.run_name == "analysis quick" and parent.data.tags["analysis_run_id"] == analysis.info.run_id
+
+    head, sections = parents.split_note(parent.data.tags["mlflow.note.content"])
+    assert head.startswith("baseline, no_dropout and lr_schedule")  # the study's description
+    assert f"Analysis run {analysis.info.run_id}" in sections["Verdicts"]
+    [row] = [line for line in sections["Verdicts"].splitlines() if line.startswith("| no_dropout |")]
+    assert re.search(r"\| (better|worse|inconclusive) \| -?\d\.\d{6} \| \[-?\d\.\d{6}, -?\d\.\d{6}\] \|", row), row
+    assert "paired t over 2 init seeds" in row and "| 1.0 |" in row  # the method and its dof
+    assert sections["Trials"].count("| SKIPPED ") == 4  # the latest execution's table
