@@ -218,6 +218,9 @@ def study_trials(conf: StudyConf) -> list[Trial]:
                              f"at init seeds {seeds}")
         already = sum(t == cell for t in trials)
         trials += [Trial(cell.arm, cell.seed, cell.train_seed, r) for r in range(already, repeat.runs)]
+    if conf.sequential and conf.budget_trials is not None and conf.budget_trials < len(trials):
+        raise ValueError(f"hydra.sweeper.budget_trials={conf.budget_trials}: the first round alone has {len(trials)} "
+                         f"trials")
     return trials
 
 

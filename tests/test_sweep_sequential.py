@@ -140,6 +140,7 @@ def test_sequential_study_uninterrupted_then_again_runs_nothing_and_decides_the_
     (dict(sequential=True, alpha=0.0), "alpha=0.0: between 0 and 1"),
     (dict(sequential=True, budget_trials=0, budget_gpu_hours=-1.0),
      "budget_trials=0: at least 1; hydra.sweeper.budget_gpu_hours=-1.0: more than 0"),
+    (dict(sequential=True, budget_trials=3, train_seeds=[None, 23]), "budget_trials=3: the first round alone has 4"),
     (dict(sequential=True, arms=[], factorial={"factors": ["no_dropout", "qkv_bias"]}), "factorial"),
     (dict(sequential=True, repeats=[{"seed": 2, "runs": 2}]), "runs exact repeats in its first round"),
 ])
