@@ -17,12 +17,15 @@ needs init-seed noise, which one baseline seed cannot give, so it waits for
 look 2), the paired t-test over init seeds once two are paired (dof = seeds
 - 1).  Holm runs over all the study's interventions.
 
-Alpha spending.  Lan-DeMets spending of O'Brien-Fleming type over the
-information fraction ``t = paired init seeds / max_seeds``:
-``alpha(t) = 4 - 4 Phi(z_{1-alpha/4} / sqrt(t))``, each side spending the
-one-sided O'Brien-Fleming function at alpha/2 (gsDesign's ``sfLDOF``).  Look
-k spends ``alpha(t_k) - alpha(t_{k-1})``; almost nothing early, nearly all
-of alpha by the last seeds.
+Alpha spending.  Lan-DeMets spending over the information fraction
+``t = paired init seeds / max_seeds``, of O'Brien-Fleming type (the default,
+``spending="obrien_fleming"``): ``alpha(t) = 4 - 4 Phi(z_{1-alpha/4} /
+sqrt(t))``, each side spending the one-sided O'Brien-Fleming function at
+alpha/2 (gsDesign's ``sfLDOF``); almost nothing early, nearly all of alpha by
+the last seeds.  Or of Pocock type (``spending="pocock"``, gsDesign's
+``sfLDPocock``): ``alpha(t) = alpha ln(1 + (e - 1) t)``, which spends much
+more early (so an arm can stop after a few seeds) and leaves less for the
+last looks.  Look k spends ``alpha(t_k) - alpha(t_{k-1})``.
 
 Boundaries for t statistics.  The textbook transfer (reject when the t
 test's p-value is below the nominal level of the normal-theory boundary)
@@ -108,11 +111,12 @@ DECISIONS = np.array(["open", "better", "worse", "no meaningful effect"])
 TARGET_POWER = 0.8
 GRID_CELLS = 160  # cells of the angle grid (the tests check the spending by Monte Carlo)
 EXACT_FROM = 1e-7  # increments below this get the marginal (conservative) boundary
-METHOD = (
+SPENDING = {"obrien_fleming": "O'Brien-Fleming", "pocock": "Pocock"}  # Lan-DeMets spending types
+METHOD = (  # {spending}: the spending function's name
     "Sequential design: after each round the study is analysed again. Each intervention is "
     "compared with the baseline as in the fixed analysis (prediction t against pooled noise with "
     "one init seed, paired t over init seeds from two). Repeated looks spend alpha by Lan-DeMets "
-    "O'Brien-Fleming-type spending over the information fraction (paired init seeds / max_seeds); "
+    "{spending}-type spending over the information fraction (paired init seeds / max_seeds); "
     "paired looks use exact boundaries for the sequence of t statistics, a one-seed look spends "
     "its share at its exact marginal level. Holm across interventions is group-sequential "
     "(Maurer-Bretz graphical approach): an arm is tested at alpha/m with m the interventions not "
@@ -125,15 +129,25 @@ METHOD = (
 # --- alpha spending and boundaries ---------------------------------------------------------------
 
 
-def spent_alpha(fraction, alpha: float):
-    """Two-sided alpha spent by information ``fraction`` (Lan-DeMets, O'Brien-Fleming type)."""
+def method_text(spending: str = "obrien_fleming") -> str:
+    """The method paragraph every look prints, naming its spending function."""
+    return METHOD.format(spending=SPENDING[spending])
+
+
+def spent_alpha(fraction, alpha: float, spending: str = "obrien_fleming"):
+    """Two-sided alpha spent by information ``fraction`` (Lan-DeMets, of ``spending`` type)."""
     fraction = np.asarray(fraction, dtype=float)
+    if spending == "pocock":
+        return alpha * np.log1p((np.e - 1) * np.clip(fraction, 0.0, None))
+    if spending != "obrien_fleming":
+        raise ValueError(f"spending={spending!r}; choose from {', '.join(SPENDING)}")
     with np.errstate(divide="ignore"):
         return np.where(fraction > 0,
                         4 * stats.norm.sf(stats.norm.isf(alpha / 4) / np.sqrt(fraction)), 0.0)
 
 
-def normal_boundaries(fractions, alpha: float, points: int = 801) -> np.ndarray:
+def normal_boundaries(fractions, alpha: float, points: int = 801,
+                      spending: str = "obrien_fleming") -> np.ndarray:
     """|Z| boundaries of the spending function for normal statistics at these fractions.
 
     The recursion of Armitage, McPherson and Rowe on the score scale
@@ -144,7 +158,7 @@ def normal_boundaries(fractions, alpha: float, points: int = 801) -> np.ndarray:
     stricter few seeds make them.
     """
     fractions = np.asarray(fractions, dtype=float)
-    increments = np.diff(spent_alpha(fractions, alpha), prepend=0.0)
+    increments = np.diff(spent_alpha(fractions, alpha, spending), prepend=0.0)
     boundaries = [stats.norm.isf(increments[0] / 2)]
     edge = boundaries[0] * np.sqrt(fractions[0])
     grid = np.linspace(-edge, edge, points)
@@ -392,9 +406,10 @@ class SequentialProcedure:
     """
 
     def __init__(self, interventions: list[str], shape: tuple, max_seeds: int,
-                 alpha: float = 0.05, min_effect: float = 0.0):
+                 alpha: float = 0.05, min_effect: float = 0.0, spending: str = "obrien_fleming"):
         self.interventions = list(interventions)
         self.max_seeds, self.alpha, self.min_effect = max_seeds, alpha, min_effect
+        self.spending = spending
         full = tuple(shape) + (len(self.interventions),)
         self.decision = np.full(full, OPEN)
         self.decided_at = np.zeros(full, dtype=int)
@@ -437,7 +452,8 @@ class SequentialProcedure:
         seeds = [n for _, n in self.history[arm]] + list(future)
         fractions = np.minimum(np.array(seeds, dtype=float) / self.max_seeds, 1.0)
         levels = self.alpha / np.arange(1, len(self.interventions) + 1)
-        increments = np.diff(spent_alpha(fractions[:, None], levels), axis=0, prepend=0.0)
+        increments = np.diff(spent_alpha(fractions[:, None], levels, self.spending), axis=0,
+                             prepend=0.0)
         paired = [look for look, kind in enumerate(kinds) if kind == "paired"]
         if paired:
             chain = paired_t_boundaries([seeds[look] for look in paired], increments[paired])
@@ -528,7 +544,9 @@ def last_look(max_seeds: int, first_seeds: int = 1) -> int:
 
 
 def _check_design(seeds, look: int | None, max_seeds: int, alpha: float, min_effect: float,
-                  first_seeds: int) -> None:
+                  first_seeds: int, spending: str = "obrien_fleming") -> None:
+    if spending not in SPENDING:
+        raise ValueError(f"spending={spending!r}; choose from {', '.join(SPENDING)}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"the seed schedule repeats a seed: {list(seeds)}")
     if not 1 <= first_seeds <= max_seeds:
@@ -577,7 +595,8 @@ class SequentialLook:
     next_seed: int | None
     next_round: list[str]
     missing: list[tuple[str, int]] = field(default_factory=list)
-    method: str = METHOD
+    spending: str = "obrien_fleming"
+    method: str = method_text()
 
     def counts(self) -> dict[str, int]:
         """Decisions by kind, plus the look: metrics for the study's parent run."""
@@ -586,17 +605,18 @@ class SequentialLook:
                  "open": "n_open"}
         return {"look": self.look} | {key: int(decided.get(kind, 0)) for kind, key in names.items()}
 
-    def markdown(self, stop_reason: str | None = None) -> str:
+    def markdown(self, stop_reason: str | None = None, method: bool = True) -> str:
         """The look as Markdown: status, the decisions, what stays open, and the method.
 
-        ``stop_reason`` overrides the study's own (e.g. a spent budget).
+        ``stop_reason`` overrides the study's own (e.g. a spent budget);
+        ``method=False`` leaves the method paragraph out.
         """
         reason = stop_reason or self.stop_reason
         status = (f"stopped after look {self.look}: {reason}" if reason else
                   f"look {self.look}; next round: init seed {self.next_seed} for "
                   f"{', '.join(self.next_round)}")
         lines = [f"**Sequential study** ({status}; max_seeds={self.max_seeds}, "
-                 f"alpha={self.alpha}, min_effect={self.min_effect})", "",
+                 f"alpha={self.alpha}, min_effect={self.min_effect}, spending={self.spending})", "",
                  "| intervention | decision | look | seeds | difference | RCI | level | "
                  "boundary t | dof | method | more seeds |",
                  "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -620,7 +640,7 @@ class SequentialLook:
         if self.missing:
             lines += ["", "Scheduled without a finished run: "
                       + ", ".join(f"{name} seed {seed}" for name, seed in self.missing)]
-        return "\n".join(lines + ["", self.method])
+        return "\n".join(lines + (["", self.method] if method else []))
 
 
 TABLE_COLUMNS = [
@@ -657,6 +677,7 @@ def sequential_decisions(
     min_effect: float = 0.0,
     first_seeds: int = 1,
     interventions: list[str] | None = None,
+    spending: str = "obrien_fleming",
 ) -> SequentialLook:
     """Replay a sequential study's looks 1..``look`` on its runs and decide.
 
@@ -665,15 +686,16 @@ def sequential_decisions(
     seeds outside the first rounds, or of an arm after it was decided, are
     left out.  ``seeds``: the init-seed schedule (at least ``max_seeds``).
     ``interventions``: the study's interventions (the Holm family; default:
-    those in ``runs``).  The result is a deterministic function of these, so
-    a resumed study takes the same decisions again.
+    those in ``runs``).  ``spending``: ``obrien_fleming`` or ``pocock``.
+    The result is a deterministic function of these, so a resumed study
+    takes the same decisions again.
     """
     seeds = [int(seed) for seed in seeds]
-    _check_design(seeds, look, max_seeds, alpha, min_effect, first_seeds)
+    _check_design(seeds, look, max_seeds, alpha, min_effect, first_seeds, spending)
     runs = runs.reset_index(drop=True)
     names = sorted(interventions if interventions is not None
                    else set(runs["intervention"]) - {BASELINE})
-    procedure = SequentialProcedure(names, (), max_seeds, alpha, min_effect)
+    procedure = SequentialProcedure(names, (), max_seeds, alpha, min_effect, spending)
     is_baseline = runs["intervention"] == BASELINE
     scheduled = pd.Series(False, index=runs.index)
     missing = []
@@ -704,7 +726,8 @@ def sequential_decisions(
     next_round = [] if stop_reason else [BASELINE] + table.loc[table["decision"] == "open",
                                                                "intervention"].tolist()
     return SequentialLook(procedure.looks, max_seeds, alpha, min_effect, table, baseline,
-                          stop_reason, next_seed, next_round, missing)
+                          stop_reason, next_seed, next_round, missing, spending,
+                          method_text(spending))
 
 
 def _most(values: pd.Series) -> float:
@@ -816,8 +839,8 @@ class SequentialDesign:
                                          for name in self.interventions]),
                                int((added & (arm == BASELINE)).sum())))
 
-    def simulate(self, losses, alpha: float = 0.05, min_effect: float = 0.0
-                 ) -> SimulatedStudies:
+    def simulate(self, losses, alpha: float = 0.05, min_effect: float = 0.0,
+                 spending: str = "obrien_fleming") -> SimulatedStudies:
         """The sequential design on these studies, through the code of :func:`sequential_decisions`.
 
         An arm decided in one repetition keeps its later runs in the look's
@@ -825,10 +848,11 @@ class SequentialDesign:
         tests are paired and use only their own and the baseline's runs, and
         at look 1 every arm is in.  A round counts only the arms open in it.
         """
-        _check_design(self.seeds, None, self.max_seeds, alpha, min_effect, self.first_seeds)
+        _check_design(self.seeds, None, self.max_seeds, alpha, min_effect, self.first_seeds,
+                      spending)
         losses = np.asarray(losses, dtype=float)
         procedure = SequentialProcedure(self.interventions, losses.shape[:-1], self.max_seeds,
-                                        alpha, min_effect)
+                                        alpha, min_effect, spending)
         trials = np.zeros(losses.shape[:-1])
         ran = np.zeros(procedure.decision.shape, dtype=int)
         for look, (at_look, plan, arm_runs, baseline_runs) in enumerate(self.looks, start=1):

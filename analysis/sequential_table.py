@@ -1,6 +1,7 @@
 """The simulation table of the README's "Sequential studies" section.
 
     python -m analysis.sequential_table [repetitions=4000] [max_seeds=8] [min_effect=0]
+        [spending=obrien_fleming|pocock]
 
 A study shaped like the seeds' (SEEDS.md): the seven interventions, each run
 once per init seed (``qkv_bias`` draws its own initial weights, the others
@@ -29,7 +30,7 @@ from analysis.load import prepare_runs
 from scipy import stats
 
 from analysis.sequential import (
-    SequentialDesign, normal_boundaries, paired_t_boundaries, spent_alpha,
+    SPENDING, SequentialDesign, normal_boundaries, paired_t_boundaries, spent_alpha,
 )
 from analysis.synthetic import SEEDS_NOISE, SyntheticStudy, generate_study, seeds_interventions
 
@@ -78,7 +79,7 @@ def simulated_losses(study: SyntheticStudy, runs: pd.DataFrame, repetitions: int
 
 def compare_designs(design: SequentialDesign, planted: tuple[str, ...] | None, effect_sd: float,
                     repetitions: int, rng_seed: int, alpha: float = 0.05,
-                    min_effect: float = 0.0) -> dict:
+                    min_effect: float = 0.0, spending: str = "obrien_fleming") -> dict:
     """One scenario under both designs, on the same simulated studies.
 
     ``power``: share of planted arms found better; ``false``: share of
@@ -94,7 +95,7 @@ def compare_designs(design: SequentialDesign, planted: tuple[str, ...] | None, e
         raise RuntimeError("the scenario's runs differ from the design's")
     losses = simulated_losses(study, runs, repetitions, rng_seed)
     effective = np.isin(names, list(effects))
-    sequential = design.simulate(losses, alpha, min_effect)
+    sequential = design.simulate(losses, alpha, min_effect, spending)
     result = {
         "power": (sequential.decision[:, effective] == "better").mean() if effective.any()
         else np.nan,
@@ -115,7 +116,8 @@ def compare_designs(design: SequentialDesign, planted: tuple[str, ...] | None, e
 
 
 def simulation_table(repetitions: int = 4000, max_seeds: int = 8, min_effect_sd: float = 0.0,
-                     alpha: float = 0.05, rng_seed: int = 0) -> pd.DataFrame:
+                     alpha: float = 0.05, rng_seed: int = 0, spending: str = "obrien_fleming",
+                     ) -> pd.DataFrame:
     """The README table: each scenario under the sequential and the fixed design.
 
     ``saved``: the fixed design's trials with ``max_seeds`` minus the
@@ -130,7 +132,7 @@ def simulation_table(repetitions: int = 4000, max_seeds: int = 8, min_effect_sd:
     rows = []
     for number, (label, planted, effect_sd) in enumerate(SCENARIOS):
         result = compare_designs(design, planted, effect_sd, repetitions, rng_seed + number,
-                                 alpha, min_effect_sd * TRAIN_SD)
+                                 alpha, min_effect_sd * TRAIN_SD, spending)
         equal = [seeds for seeds, power in result["fixed_power"].items()
                  if power >= result["power"] - EQUAL_POWER_TOLERANCE]
         rows.append({
@@ -169,7 +171,8 @@ def markdown(table: pd.DataFrame, max_seeds: int) -> str:
 
 
 def boundary_table(max_seeds: int = 8, alpha: float = 0.05, interventions: int = 7,
-                   noise_dof: int = 2, baseline_runs: int = 3) -> pd.DataFrame:
+                   noise_dof: int = 2, baseline_runs: int = 3, spending: str = "obrien_fleming",
+                   ) -> pd.DataFrame:
     """What each look can conclude in the seeds-like study, at the first Holm level.
 
     At ``alpha / interventions`` (the level of the first rejection): the
@@ -181,11 +184,11 @@ def boundary_table(max_seeds: int = 8, alpha: float = 0.05, interventions: int =
     """
     level = alpha / interventions
     seeds = np.arange(1, max_seeds + 1)
-    spent = spent_alpha(seeds / max_seeds, level)
+    spent = spent_alpha(seeds / max_seeds, level, spending)
     increments = np.diff(spent, prepend=0.0)
     paired = paired_t_boundaries(seeds[1:], increments[1:])
     first = stats.t.isf(increments[0] / 2, noise_dof)
-    nominal = 2 * stats.norm.sf(normal_boundaries(seeds / max_seeds, level))
+    nominal = 2 * stats.norm.sf(normal_boundaries(seeds / max_seeds, level, spending=spending))
     dof = np.concatenate([[noise_dof], seeds[1:] - 1])
     scale = np.concatenate([[np.sqrt(1 + 1 / baseline_runs)], np.sqrt(2 / seeds[1:])])
     boundary = np.concatenate([[first], paired])
@@ -209,7 +212,8 @@ def boundary_markdown(table: pd.DataFrame) -> str:
 
 
 def nominal_transfer_error(max_seeds: int = 8, alpha: float = 0.05, paths: int = 1_000_000,
-                           rng_seed: int = 0) -> tuple[float, float]:
+                           rng_seed: int = 0, spending: str = "obrien_fleming",
+                           ) -> tuple[float, float]:
     """Null false-positive rates of paired looks at 2..max_seeds seeds: nominal transfer, exact.
 
     Monte Carlo on normal per-seed differences: the share of paths whose t
@@ -218,8 +222,10 @@ def nominal_transfer_error(max_seeds: int = 8, alpha: float = 0.05, paths: int =
     """
     seeds = np.arange(2, max_seeds + 1)
     fractions = seeds / max_seeds
-    exact = paired_t_boundaries(seeds, np.diff(spent_alpha(fractions, alpha), prepend=0.0))
-    nominal = stats.t.isf(stats.norm.sf(normal_boundaries(fractions, alpha)), seeds - 1)
+    exact = paired_t_boundaries(seeds, np.diff(spent_alpha(fractions, alpha, spending),
+                                               prepend=0.0))
+    nominal = stats.t.isf(stats.norm.sf(normal_boundaries(fractions, alpha, spending=spending)),
+                          seeds - 1)
     differences = np.random.default_rng(rng_seed).normal(size=(paths, max_seeds))
     means = differences.cumsum(axis=1)[:, seeds - 1] / seeds
     variances = ((differences**2).cumsum(axis=1)[:, seeds - 1] - seeds * means**2) / (seeds - 1)
@@ -230,21 +236,26 @@ def nominal_transfer_error(max_seeds: int = 8, alpha: float = 0.05, paths: int =
 
 def main(argv: list[str] | None = None) -> int:
     options = dict(argument.split("=", 1) for argument in (argv or []))
-    unknown = set(options) - {"repetitions", "max_seeds", "min_effect"}
+    unknown = set(options) - {"repetitions", "max_seeds", "min_effect", "spending"}
     if unknown:
         print(f"unknown keys: {', '.join(sorted(unknown))}; known: repetitions, max_seeds, "
-              "min_effect (in train-seed SDs)", file=sys.stderr)
+              "min_effect (in train-seed SDs), spending", file=sys.stderr)
         return 2
     repetitions = int(options.get("repetitions", 4000))
     max_seeds = int(options.get("max_seeds", 8))
     min_effect = float(options.get("min_effect", 0.0))
-    table = simulation_table(repetitions, max_seeds, min_effect)
+    spending = options.get("spending", "obrien_fleming")
+    if spending not in SPENDING:
+        print(f"spending={spending}; choose from {', '.join(SPENDING)}", file=sys.stderr)
+        return 2
+    table = simulation_table(repetitions, max_seeds, min_effect, spending=spending)
     print(f"{repetitions} simulated studies per scenario, max_seeds={max_seeds}, alpha=0.05, "
-          f"min_effect={min_effect:g} train SDs; seeds-like study (7 interventions, SEEDS_NOISE)")
+          f"min_effect={min_effect:g} train SDs, spending={spending}; seeds-like study "
+          "(7 interventions, SEEDS_NOISE)")
     print(markdown(table, max_seeds))
     print(f"\nBoundaries at alpha/7 (the first rejection among the seven), max_seeds={max_seeds}:")
-    print(boundary_markdown(boundary_table(max_seeds)))
-    nominal, exact = nominal_transfer_error(max_seeds)
+    print(boundary_markdown(boundary_table(max_seeds, spending=spending)))
+    nominal, exact = nominal_transfer_error(max_seeds, spending=spending)
     print(f"\nPaired looks at 2..{max_seeds} of {max_seeds} seeds, alpha 0.05, 1,000,000 null "
           f"paths: the nominal-level transfer crosses in {nominal:.2%}, the exact t boundaries in "
           f"{exact:.2%}.")

@@ -6,7 +6,7 @@ them is `harness/sweep.py`. It is imported by the Hydra plugin scan, so it stays
 """
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from interventions import REGISTRY
@@ -49,6 +49,15 @@ class StudyConf:
     overrides: list[str] = field(default_factory=list)  # applied to every trial, before the command line's
     max_batch_size: Optional[int] = None  # trials handed to the launcher at once; None = all
     progress_interval: float = 15.0  # seconds between looks at the tracking store for the progress line
+    # A sequential study (harness/sequential_study.py) runs in rounds and decides after each one.
+    sequential: bool = False
+    max_seeds: Optional[int] = None  # the most init seeds an arm runs; None: as many as `seeds` lists
+    first_seeds: int = 1  # init seeds of round 1; every later round adds one
+    alpha: float = 0.05  # study-wide error rate of the better/worse decisions
+    min_effect: float = 0.0  # test-loss difference that matters; 0: no arm is closed as "no meaningful effect"
+    spending: str = "obrien_fleming"  # Lan-DeMets alpha spending: obrien_fleming or pocock
+    budget_trials: Optional[int] = None  # trials the study may run in all (every round, every execution)
+    budget_gpu_hours: Optional[float] = None  # GPU-hours it may spend in all: train_seconds x world_size
 
 
 @dataclass(frozen=True)
@@ -192,17 +201,78 @@ def study_arms(conf: StudyConf) -> list[tuple[str, ...]]:
 
 def study_trials(conf: StudyConf) -> list[Trial]:
     """Every trial, seed-major: each init seed covers all arms before the next, so a study cut short
-    still holds complete paired comparisons."""
+    still holds complete paired comparisons. A sequential study's are those of its first round."""
     for name, values in (("seeds", conf.seeds), ("train_seeds", conf.train_seeds)):
         if not values or len(set(values)) != len(values):
             raise ValueError(f"hydra.sweeper.{name}={list(values)} must be non-empty and without duplicates")
+    check_sequential(conf)
     arms = study_arms(conf)
-    trials = [Trial(arm, seed, train_seed)
-              for seed in conf.seeds for train_seed in conf.train_seeds for arm in arms]
+    seeds = sequential_schedule(conf)[:conf.first_seeds] if conf.sequential else conf.seeds
+    trials = round_trials(conf, arms, seeds)
     for repeat in conf.repeats:
         cell = Trial(parse_arm(repeat.arm), repeat.seed, repeat.train_seed)
         if repeat.runs < 2:
             raise ValueError(f"repeat of {cell.name}: runs={repeat.runs}; exact repeats need at least 2 runs")
+        if conf.sequential and cell.seed not in seeds:
+            raise ValueError(f"repeat of {cell.name}: a sequential study runs exact repeats in its first round, "
+                             f"at init seeds {seeds}")
         already = sum(t == cell for t in trials)
         trials += [Trial(cell.arm, cell.seed, cell.train_seed, r) for r in range(already, repeat.runs)]
+    if conf.sequential and conf.budget_trials is not None and conf.budget_trials < len(trials):
+        raise ValueError(f"hydra.sweeper.budget_trials={conf.budget_trials}: the first round alone has {len(trials)} "
+                         f"trials")
     return trials
+
+
+def round_trials(conf: StudyConf, arms: list[tuple[str, ...]], seeds: list[int]) -> list[Trial]:
+    return [Trial(arm, seed, train_seed) for seed in seeds for train_seed in conf.train_seeds for arm in arms]
+
+
+SEQUENTIAL_KEYS = ("max_seeds", "first_seeds", "alpha", "min_effect", "spending", "budget_trials", "budget_gpu_hours")
+SPENDING = ("obrien_fleming", "pocock")
+
+
+def sequential_schedule(conf: StudyConf) -> list[int]:
+    """The init seeds in the order rounds add them: `seeds`, then the smallest positive integers they do not
+    list, up to `max_seeds` (seeds 42, 22, 67 and max_seeds 6 give 42, 22, 67, 1, 2, 3)."""
+    more = (seed for seed in itertools.count(1) if seed not in conf.seeds)
+    return [*conf.seeds, *itertools.islice(more, sequential_max_seeds(conf))][:sequential_max_seeds(conf)]
+
+
+def sequential_max_seeds(conf: StudyConf) -> int:
+    return len(conf.seeds) if conf.max_seeds is None else conf.max_seeds
+
+
+def check_sequential(conf: StudyConf) -> None:
+    """The sequential settings, each refused with its reason; outside a sequential study they must stay unset."""
+    if not conf.sequential:
+        defaults = {f.name: f.default for f in fields(StudyConf)}
+        changed = [f"hydra.sweeper.{key}={getattr(conf, key)}" for key in SEQUENTIAL_KEYS
+                   if getattr(conf, key) != defaults[key]]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: {'settings' if len(changed) > 1 else 'a setting'} of sequential "
+                             f"studies; add hydra.sweeper.sequential=true")
+        return
+    max_seeds = sequential_max_seeds(conf)
+    problems = []
+    if conf.factorial is not None:
+        problems.append("factorial: a sequential study compares listed arms with the baseline; a factorial "
+                        "estimates effects from all its combinations at once")
+    if [parse_arm(arm) for arm in conf.arms].count(()) != 1 or len(conf.arms) < 2:
+        problems.append(f"arms={list(conf.arms)}: a sequential study needs the baseline and at least one other arm")
+    if max_seeds < 2:
+        problems.append(f"max_seeds={max_seeds}: at least 2 (a decision needs paired init seeds)")
+    if not 1 <= conf.first_seeds <= max_seeds:
+        problems.append(f"first_seeds={conf.first_seeds}: between 1 and max_seeds ({max_seeds})")
+    if not 0 < conf.alpha < 1:
+        problems.append(f"alpha={conf.alpha}: between 0 and 1")
+    if not conf.min_effect >= 0:
+        problems.append(f"min_effect={conf.min_effect}: at least 0")
+    if conf.spending not in SPENDING:
+        problems.append(f"spending={conf.spending}: one of {', '.join(SPENDING)}")
+    if conf.budget_trials is not None and conf.budget_trials < 1:
+        problems.append(f"budget_trials={conf.budget_trials}: at least 1")
+    if conf.budget_gpu_hours is not None and not conf.budget_gpu_hours > 0:
+        problems.append(f"budget_gpu_hours={conf.budget_gpu_hours}: more than 0")
+    if problems:
+        raise ValueError("sequential study: " + "; ".join(f"hydra.sweeper.{p}" for p in problems))

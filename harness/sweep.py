@@ -97,20 +97,7 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
     except ValueError as error:
         raise StudyError(f"study {tag}: {error}") from None
     print(f"[study {tag}] composing {len(trials)} trials", flush=True)
-    planned, world = [], launcher_ranks(config)
-    for trial in trials:
-        overrides = [*study.overrides, *arguments, *trial.overrides()]
-        try:
-            trial_cfg = compose_trial_config(config_loader, config, overrides)
-            check_trial(trial_cfg)
-        except (KeyError, ValueError) as error:  # the config's and the machine's checks; nothing has run yet
-            raise StudyError(f"study {tag}, trial {trial.name}: {error}") from None
-        planned.append(PlannedTrial(trial, overrides, config_hash(trial_cfg, world)))
-    slots = Counter(p.config_hash for p in planned)
-    for p in planned:
-        p.slots = slots[p.config_hash]
-        if p.slots > 1:
-            p.overrides = [*p.overrides, f"tracking.claim_slots={p.slots}"]
+    planned, trial_cfg = plan_trials(trials, study, config, config_loader, arguments)
 
     # Tracking and rerun come from the command line, so every trial has the last one's.
     tracking = trial_cfg.tracking
@@ -136,15 +123,26 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
         if p.rerun_reason:
             print(f"[study {tag}] {p.trial.name} runs again: {p.rerun_reason}", flush=True)
 
+    def plan_round(round_trials: list[Trial]) -> list[PlannedTrial]:  # a sequential study's later rounds
+        new = plan_trials(round_trials, study, config, config_loader, arguments)[0]
+        if not trial_cfg.rerun:
+            skip_finished(new, store.finished_runs(), version, trial_cfg.reuse_other_code_versions)
+        return new
+
     ended_early: dict[int, JobEnd] = {}  # by id(PlannedTrial)
-    status = None
+    status, sequential = None, None
     try:
+        if study.sequential:
+            from harness.sequential_study import SequentialStudy
+
+            sequential = SequentialStudy(study, tag, store, parent_id, plan_round)
         with Progress(tag, pending, ended_early, store, parent_id, study.progress_interval) as progress:
             # The basic launcher runs one trial at a time anyway; one per call lets the progress line count
             # the trials that fail before they have a run as soon as they do.
-            batch_size = study.max_batch_size or (1 if launcher_name == "basic" else len(pending)) or 1
             to_run, launched = pending, 0
-            while to_run:
+            # A sequential study plans its next round when one has ended, until it stops.
+            while to_run or (sequential and (to_run := sequential.next_round(planned, pending, ended_early))):
+                batch_size = study.max_batch_size or (1 if launcher_name == "basic" else len(to_run))
                 for start in range(0, len(to_run), batch_size):
                     batch = store.pass_over_claimed(to_run[start : start + batch_size], ended_early)
                     jobs = [[*p.overrides, f"tracking.parent_run_id={parent_id}"] for p in batch]
@@ -161,6 +159,8 @@ def run_study(study: StudyConf, config: DictConfig, config_loader, launcher: Lau
         raise
     finally:
         store.stop_heartbeat()
+        if sequential is not None:
+            design = sequential.report(design, interrupted=status is not None)
         outcomes = collect_outcomes(planned, ended_early, store.children(parent_id))
         status = status or ("FINISHED" if all(o.status in ("FINISHED", "SKIPPED") for o in outcomes) else "FAILED")
         table = outcome_table(outcomes)
@@ -181,6 +181,26 @@ def check_command_line(arguments: list[str]) -> None:
                              f"list the variants as study arms or seeds")
         if override.key_or_group in PER_TRIAL_KEYS:
             raise ValueError(f"{override.input_line}: {PER_TRIAL_KEYS[override.key_or_group]}")
+
+
+def plan_trials(trials: list[Trial], study: StudyConf, config: DictConfig, config_loader,
+                arguments: list[str]) -> tuple[list[PlannedTrial], TrialConfig]:
+    """Each trial's overrides and config_hash, its config checked; and the last trial's config."""
+    planned, world = [], launcher_ranks(config)
+    for trial in trials:
+        overrides = [*study.overrides, *arguments, *trial.overrides()]
+        try:
+            trial_cfg = compose_trial_config(config_loader, config, overrides)
+            check_trial(trial_cfg)
+        except (KeyError, ValueError) as error:  # the config's and the machine's checks; nothing has run yet
+            raise StudyError(f"study {config.study}, trial {trial.name}: {error}") from None
+        planned.append(PlannedTrial(trial, overrides, config_hash(trial_cfg, world)))
+    slots = Counter(p.config_hash for p in planned)
+    for p in planned:
+        p.slots = slots[p.config_hash]
+        if p.slots > 1:
+            p.overrides = [*p.overrides, f"tracking.claim_slots={p.slots}"]
+    return planned, trial_cfg
 
 
 def compose_trial_config(config_loader, master_config: DictConfig, overrides: list[str]) -> TrialConfig:

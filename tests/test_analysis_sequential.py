@@ -58,19 +58,25 @@ def round_runs(runs: pd.DataFrame, decided_at: dict[str, int], losses) -> pd.Dat
 # --- boundaries --------------------------------------------------------------------------------
 
 
-def test_normal_boundaries_are_the_published_lan_demets_obrien_fleming_ones():
-    """gsDesign's sfLDOF, 5 equal looks, two-sided 0.05; and they spend alpha(t) exactly."""
+@pytest.mark.parametrize("spending", ["obrien_fleming", "pocock"])
+def test_normal_boundaries_are_the_published_lan_demets_ones(spending):
+    """5 equal looks, two-sided 0.05: gsDesign's sfLDOF boundaries; Pocock's nearly flat ones; and both
+    spend alpha(t) exactly."""
     fractions = np.arange(1, 6) / 5
-    boundaries = normal_boundaries(fractions, ALPHA)
-    np.testing.assert_allclose(boundaries, [4.8769, 3.3570, 2.6803, 2.2898, 2.0310], atol=2e-4)
+    boundaries = normal_boundaries(fractions, ALPHA, spending=spending)
+    if spending == "obrien_fleming":
+        np.testing.assert_allclose(boundaries, [4.8769, 3.3570, 2.6803, 2.2898, 2.0310], atol=2e-4)
+    else:
+        assert (np.diff(boundaries) < 0).all() and boundaries[0] - boundaries[-1] < 0.06
+        assert spent_alpha(0.5, ALPHA, spending) == pytest.approx(ALPHA * np.log(1 + (np.e - 1) / 2))
     correlation = np.sqrt(np.minimum.outer(fractions, fractions)
                           / np.maximum.outer(fractions, fractions))
     for look in (2, 3, 5):  # scipy's multivariate normal, independently of the recursion
         inside = multivariate_normal(np.zeros(look), correlation[:look, :look]).cdf(
             boundaries[:look], lower_limit=-boundaries[:look])
-        assert 1 - inside == pytest.approx(spent_alpha(fractions[look - 1], ALPHA), abs=2e-5)
-    assert spent_alpha(1.0, ALPHA) == pytest.approx(ALPHA)
-    assert spent_alpha(0.0, ALPHA) == 0
+        assert 1 - inside == pytest.approx(spent_alpha(fractions[look - 1], ALPHA, spending), abs=2e-5)
+    assert spent_alpha(1.0, ALPHA, spending) == pytest.approx(ALPHA)
+    assert spent_alpha(0.0, ALPHA, spending) == 0
 
 
 def test_closed_form_t_cdf_matches_scipy():
@@ -79,8 +85,9 @@ def test_closed_form_t_cdf_matches_scipy():
         np.testing.assert_allclose(t_cdf(dof, x), special.stdtr(dof, x), rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("level", [ALPHA, ALPHA / 7])
-def test_paired_t_boundaries_spend_exactly_and_the_nominal_transfer_does_not(level):
+@pytest.mark.parametrize("level, spending", [(ALPHA, "obrien_fleming"), (ALPHA / 7, "obrien_fleming"),
+                                             (ALPHA, "pocock")])
+def test_paired_t_boundaries_spend_exactly_and_the_nominal_transfer_does_not(level, spending):
     """Monte Carlo on 400,000 null paths of per-seed differences, paired looks at 2..8 of 8 seeds.
 
     The exact boundaries cross first at each look with the spending function's increment and
@@ -88,9 +95,10 @@ def test_paired_t_boundaries_spend_exactly_and_the_nominal_transfer_does_not(lev
     the normal-theory boundary) crosses more often: the symptom the exact boundaries fix.
     """
     seeds = np.arange(2, MAX_SEEDS + 1)
-    increments = np.diff(spent_alpha(seeds / MAX_SEEDS, level), prepend=0.0)
+    increments = np.diff(spent_alpha(seeds / MAX_SEEDS, level, spending), prepend=0.0)
     exact = paired_t_boundaries(seeds, increments)
-    nominal = stats.t.isf(stats.norm.sf(normal_boundaries(seeds / MAX_SEEDS, level)), seeds - 1)
+    nominal = stats.t.isf(stats.norm.sf(normal_boundaries(seeds / MAX_SEEDS, level,
+                                                          spending=spending)), seeds - 1)
     paths = 400_000
     differences = np.random.default_rng(21).normal(size=(paths, MAX_SEEDS))
     sums, squares = differences.cumsum(axis=1), (differences**2).cumsum(axis=1)
@@ -244,14 +252,16 @@ def test_bad_settings_are_refused_with_the_reason(arguments, message):
 # --- proof by simulation ------------------------------------------------------------------------
 
 
-def test_aa_sequential_studies_keep_the_study_wide_error_at_alpha(design):
+@pytest.mark.parametrize("spending", ["obrien_fleming", "pocock"])
+def test_aa_sequential_studies_keep_the_study_wide_error_at_alpha(design, spending):
     """No effects: 2,000 seeds-like studies looked at after every round.
 
     A better/worse verdict on any of the seven interventions in at most alpha of the studies
-    (Holm over the seven, alpha spent over eight looks); the fixed design on the same studies
-    for comparison.  Every study runs to max_seeds: with min_effect 0 nothing stops a null arm.
+    (Holm over the seven, alpha spent over eight looks), whichever the spending function; the
+    fixed design on the same studies for comparison.  Every study runs to max_seeds: with
+    min_effect 0 nothing stops a null arm.
     """
-    result = compare_designs(design, None, 0.0, 2000, rng_seed=41)
+    result = compare_designs(design, None, 0.0, 2000, rng_seed=41, spending=spending)
     assert_at_most(round(result["false"] * 2000), 2000, ALPHA)
     assert 0 < result["false"]  # verdicts are reachable at all
     assert_at_most(round(result["fixed_false"][MAX_SEEDS] * 2000), 2000, ALPHA)
@@ -279,6 +289,24 @@ def test_planted_effects_power_and_trials_against_the_fixed_design(design, effec
     if effect_sd == 1.0:
         assert power < 0.3  # 8 seeds are far too few for 1 SD: the study runs to the end
         assert result["trials"] > 0.97 * result["fixed_trials"][MAX_SEEDS]
+
+
+def test_pocock_stops_large_effects_sooner_and_finds_small_ones_less_often(design):
+    """The same 1,000 studies per effect under both spending functions.  Pocock spends more alpha
+    early, so at 4 SDs its studies stop sooner than O'Brien-Fleming's (fewer trials, the same
+    power); it leaves less for the last looks, so at 2 SDs it finds fewer effects.  Neither beats
+    the fixed design with max_seeds."""
+    arms = 1000 * len(NAMES)
+    tolerance = 3 * np.sqrt(0.25 / arms)
+    large = {spending: compare_designs(design, None, 4.0, 1000, rng_seed=81, spending=spending)
+             for spending in ("obrien_fleming", "pocock")}
+    assert large["pocock"]["trials"] < large["obrien_fleming"]["trials"] - 2
+    assert large["pocock"]["power"] > 0.99
+    moderate = {spending: compare_designs(design, None, 2.0, 1000, rng_seed=82, spending=spending)
+                for spending in ("obrien_fleming", "pocock")}
+    assert moderate["pocock"]["power"] < moderate["obrien_fleming"]["power"] - 0.1
+    for result in (*large.values(), *moderate.values()):
+        assert result["power"] <= result["fixed_power"][MAX_SEEDS] + tolerance
 
 
 def test_no_meaningful_effect_needs_the_interval_inside_min_effect(design):
