@@ -16,6 +16,7 @@ marked KILLED when a study starts and while it waits.
 
 import csv
 import io
+import json
 import os
 import socket
 import threading
@@ -470,15 +471,18 @@ class StudyStore:
         """The execution's parent run: an earlier one of the same plan (`harness.parents`), else a new one."""
         from harness.tracking import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, git_state
 
-        plan = parents.plan_digest([(p.trial.name, p.config_hash) for p in planned], self.code_version)
+        settings = asdict(study)
+        del settings["_target_"]
+        # The same trials under other study settings (a sequential study's budget, say) are another plan: the
+        # parent's params record the settings, and MLflow never changes a logged param.
+        plan = parents.plan_digest([(p.trial.name, p.config_hash) for p in planned]
+                                   + [("settings", json.dumps(settings, sort_keys=True, default=str))], self.code_version)
         tags = {"launcher": launcher, "sweep_dir": sweep_dir, "host": socket.gethostname(),
                 "code_version": code_version(), HEARTBEAT_TAG: f"{time.time():.3f}",
                 HEARTBEAT_INTERVAL_TAG: f"{self.heartbeat_interval:g}"}
         commit, dirty = git_state()
         if commit:
             tags |= {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
-        settings = asdict(study)
-        del settings["_target_"]
         record = {"study": self.study, "settings": settings, "command_line": arguments, "launcher": launcher,
                   "sweep_dir": sweep_dir, "design": design,
                   "code_version": code_version(),

@@ -100,10 +100,11 @@ def test_the_quick_study_as_the_sweeper_composes_it(capsys):
 
     out = plan(capsys, "+sweep=quick", "gpu=cpu", "tokens_per_sec=1000", "price_per_gpu_hour=3", "gpus=2")
     # 40 steps × 16 × 64 = 40,960 tokens; 1,000 tokens/s for the first trial; no_dropout 8% faster (SEEDS.md).
-    assert row(out, "baseline-s42")[2:] == ["40", "40,960", "8.19e+11", "1,000", "1", "0.0114", "40s", "2 × 79.5 MB",
+    assert row(out, "baseline-s42")[2:] == ["40", "40,960", "8.19e+11", "1,000", "1", "0.0114", "40s", "3 × 79.5 MB",
                                             "$0.03"]
     assert row(out, "no_dropout-s22")[5:8] == ["1,080", "1", "0.0105"]  # 40,960 / 1,080 / 3,600
-    # 4 × 40.96 s + 2 × 37.93 s = 239.7 s on 2 GPUs in parallel: 119.9 s; 2 checkpoints each of 79,489,024 bytes.
+    # 4 × 40.96 s + 2 × 37.93 s = 239.7 s on 2 GPUs in parallel: 119.9 s. Checkpoints of 79,489,024 bytes after steps
+    # 1, 21 and 40: at most 3 on disk while a trial runs, 2 (latest, best) left at its end.
     assert ("total: 6 trials; 245,760 tokens; 4.91e+12 FLOPs; 0.0666 GPU-hours; 1m59s on 2 GPUs; checkpoints: "
             "953.9 MB of disk at most") in out and out.splitlines()[-2].endswith("; $0.20")
 

@@ -114,17 +114,18 @@ def test_sequential_study_uninterrupted_then_again_runs_nothing_and_decides_the_
     assert "sequential study stopped: nothing open" in first.stdout
     assert "Trials: 8 in 3 rounds" in first.stdout and "with max_seeds=3 for every arm runs 9" in first.stdout
     assert set(summary(first.stdout).values()) == {"FINISHED"} and len(summary(first.stdout)) == 8
+    [first_parent] = runs(uri, parents=True)
+    looks_before = [artifact(uri, first_parent.info.run_id, f"sequential/look_{k}.md", tmp_path / "first")
+                    for k in (1, 2, 3)]
     again = run_sweep(*SEQUENTIAL, sweep_dir=tmp_path / "again", uri=uri)
     assert again.returncode == 0, again.stdout + again.stderr
     assert set(summary(again.stdout).values()) == {"SKIPPED"} and len(summary(again.stdout)) == 8
-    parents = sorted(runs(uri, parents=True), key=lambda r: r.info.start_time)
-    for parent in parents:
-        assert parent.data.tags["sequential.decision.lr_schedule"] == "better (look 3)"
-        assert parent.data.tags["sequential.decision.weight_tying"] == "worse (look 2)"
-        assert parent.data.tags["sequential.stop_reason"] == "nothing open"
-    looks = [[artifact(uri, p.info.run_id, f"sequential/look_{k}.md", tmp_path / f"{n}") for k in (1, 2, 3)]
-             for n, p in enumerate(parents)]
-    assert looks[0] == looks[1]
+    [parent] = runs(uri, parents=True)  # the same plan and settings: the first execution's parent, reused
+    assert parent.data.tags["sequential.decision.lr_schedule"] == "better (look 3)"
+    assert parent.data.tags["sequential.decision.weight_tying"] == "worse (look 2)"
+    assert parent.data.tags["sequential.stop_reason"] == "nothing open"
+    assert looks_before == [artifact(uri, parent.info.run_id, f"sequential/look_{k}.md", tmp_path / "again")
+                            for k in (1, 2, 3)]
     assert len(runs(uri)) == 8
 
 
