@@ -17,7 +17,8 @@ def test_proxy_scales_gpt2_small_down_and_stays_single_epoch():
     ours, theirs = flatten(as_dict(proxy)), flatten(as_dict(small))
     assert {key for key in ours if ours[key] != theirs[key]} == {
         "scale", "model.n_layer", "model.n_head", "model.d_model", "data.test_tokens",
-        "trainer.micro_batch_size", "trainer.max_steps", "trainer.checkpoint_interval"}
+        "trainer.micro_batch_size", "trainer.max_steps", "trainer.checkpoint_interval",
+        "tracking.experiment"}  # harness/proxy, harness/gpt2_small: one experiment per scale
     m, t = proxy.model, proxy.trainer
     assert (proxy.scale, m.n_layer, m.n_head, m.d_model, m.context_length) == ("proxy", 6, 6, 384, 1024)
     with torch.device("meta"):
