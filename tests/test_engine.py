@@ -66,7 +66,10 @@ def start_harness(*args, cwd, uri) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-@pytest.mark.parametrize("variant", [[], ["+intervention=[no_dropout,lr_schedule]"]], ids=["dropout", "no_dropout_lr"])
+@pytest.mark.parametrize("variant", [
+    pytest.param([], id="dropout"),
+    pytest.param(["+intervention=[no_dropout,lr_schedule]"], id="no_dropout_lr", marks=pytest.mark.slow),
+])
 def test_resume_after_sigkill_is_bit_identical_to_uninterrupted(tmp_path, variant):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     trial = [*TINY, *variant, "trainer.max_steps=24", "trainer.checkpoint_interval=4", "seed=5", "train_seed=9"]
@@ -94,6 +97,7 @@ def test_resume_after_sigkill_is_bit_identical_to_uninterrupted(tmp_path, varian
     assert runs[0].data.metrics["test_loss"] == runs[1].data.metrics["test_loss"]
 
 
+@pytest.mark.slow
 def test_resume_with_changed_overrides_is_refused(tmp_path, tracking_uri):
     run_harness(*TINY, f"hydra.run.dir={tmp_path}/a", cwd=tmp_path, env_uri=tracking_uri)
     result = run_harness(*TINY, "optim.lr=1e-3", f"resume={tmp_path}/a", cwd=tmp_path, env_uri=tracking_uri, check=False)

@@ -106,7 +106,7 @@ def test_the_quick_study_as_the_sweeper_composes_it(capsys):
     # 4 × 40.96 s + 2 × 37.93 s = 239.7 s on 2 GPUs in parallel: 119.9 s. Checkpoints of 79,489,024 bytes after steps
     # 1, 21 and 40: at most 3 on disk while a trial runs, 2 (latest, best) left at its end.
     assert ("total: 6 trials; 245,760 tokens; 4.91e+12 FLOPs; 0.0666 GPU-hours; 1m59s on 2 GPUs; checkpoints: "
-            "953.9 MB of disk at most") in out and out.splitlines()[-2].endswith("; $0.20")
+            "1.1 GB of disk at most") in out and out.splitlines()[-2].endswith("; $0.20")
 
 
 def harness(*args: str, cwd) -> subprocess.CompletedProcess:
