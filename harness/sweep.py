@@ -54,6 +54,8 @@ PER_TRIAL_KEYS = {
 }
 ENDED = ("FINISHED", "FAILED", "KILLED")
 ELSEWHERE = "ELSEWHERE"  # claimed by another execution of the study: waited for
+SEQUENTIAL_SETTINGS = ("sequential", "max_seeds", "first_seeds", "alpha", "min_effect", "spending", "budget_trials",
+                       "budget_gpu_hours")
 STORE_PATIENCE = 600.0  # seconds a study waits for an unreachable store before it gives up
 JobEnd = tuple[str, str]  # (status, note) of a job whose MLflow run may not tell: FAILED, or LOST with its launcher
 
@@ -473,10 +475,12 @@ class StudyStore:
 
         settings = asdict(study)
         del settings["_target_"]
-        # The same trials under other study settings (a sequential study's budget, say) are another plan: the
-        # parent's params record the settings, and MLflow never changes a logged param.
+        # The same trials under other sequential settings (a budget, say) are another plan: the parent's params
+        # record those settings, and MLflow never changes a logged param.
+        sequential = {key: settings.get(key) for key in SEQUENTIAL_SETTINGS}
         plan = parents.plan_digest([(p.trial.name, p.config_hash) for p in planned]
-                                   + [("settings", json.dumps(settings, sort_keys=True, default=str))], self.code_version)
+                                   + [("sequential", json.dumps(sequential, sort_keys=True, default=str))],
+                                   self.code_version)
         tags = {"launcher": launcher, "sweep_dir": sweep_dir, "host": socket.gethostname(),
                 "code_version": code_version(), HEARTBEAT_TAG: f"{time.time():.3f}",
                 HEARTBEAT_INTERVAL_TAG: f"{self.heartbeat_interval:g}"}
