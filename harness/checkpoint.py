@@ -347,6 +347,14 @@ def _zip_problem(path: Path) -> Optional[str]:
     return None
 
 
+def run_id(found: Path) -> str:
+    """The MLflow run a checkpoint belongs to (from its manifest; from its state for one saved before manifests)."""
+    manifest = read_manifest(found)
+    if manifest is not None:
+        return manifest["run_id"]
+    return torch.load(found / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)["run_id"]
+
+
 def load(checkpoint: Path, model: torch.nn.Module, rank: int = 0) -> dict:
     """Check, then load the weights into `model`; returns the trial state with this rank's RNG state under "rng"."""
     require_intact(checkpoint)

@@ -187,10 +187,9 @@ def own_store(saved_uri: Optional[str], requested_uri: Optional[str], source: st
 def resumed_already_finished(cfg) -> Optional[str]:
     """For a trial to resume (its saved config, `resume` set): a line saying its run already FINISHED, else None."""
     from harness import checkpoint
-    from harness.trainer import resume_run_id
 
     uri = cfg.tracking.uri or default_tracking_uri()
-    return finished_already(uri, resume_run_id(checkpoint.find(Path(cfg.resume))), cfg.tracking.connect_timeout)
+    return finished_already(uri, checkpoint.run_id(checkpoint.find(Path(cfg.resume))), cfg.tracking.connect_timeout)
 
 
 def finished_already(uri: str, run_id: str, timeout: float) -> Optional[str]:

@@ -201,7 +201,7 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
     claims = cfg.study is not None and not cfg.rerun
     claim = (cfg.study, computation, t.claim_slots, None if cfg.reuse_other_code_versions else code_version())
     if cfg.resume:  # the checkpoint was verified while the trial was built: a corrupt one never gets here
-        run_id = resume_run_id(checkpoint.find(Path(cfg.resume)))
+        run_id = checkpoint.run_id(checkpoint.find(Path(cfg.resume)))
         if claims:
             reason = records.claim(tracker.client, tracker.experiment_id, run_id, *claim)
             if reason:
@@ -236,13 +236,6 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
     tracker.watch = records.Watch(tracker.client, tracker.experiment_id, tracker.run_id,
                                   claim if claims else None)
     return tracker
-
-
-def resume_run_id(found: Path) -> str:
-    manifest = checkpoint.read_manifest(found)
-    if manifest is not None:
-        return manifest["run_id"]
-    return torch.load(found / checkpoint.STATE_FILE, map_location="cpu", weights_only=False, mmap=True)["run_id"]
 
 
 def trial_name(cfg: TrialConfig) -> str:

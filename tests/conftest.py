@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from scipy import stats
 from hydra import compose, initialize_config_dir
 
 from harness.config import compose_trial
@@ -110,3 +111,24 @@ class MlflowServer:
         if self.process is not None and self.process.poll() is None:
             self.signal(signal.SIGKILL)
             self.process.wait()
+
+
+def assert_rate(hits: int, trials: int, rate: float, band: float = 0.999) -> None:
+    """`hits` of `trials` is within the central `band` of Binomial(trials, rate)."""
+    low = stats.binom.ppf((1 - band) / 2, trials, rate)
+    high = stats.binom.isf((1 - band) / 2, trials, rate)
+    assert low <= hits <= high, f"{hits}/{trials} outside [{low:.0f}, {high:.0f}] for rate {rate}"
+
+
+def assert_at_most(hits: int, trials: int, rate: float, band: float = 0.999) -> None:
+    high = stats.binom.isf(1 - band, trials, rate)
+    assert hits <= high, f"{hits}/{trials} above {high:.0f} for rate {rate}"
+
+
+def flip_a_byte(path: Path, offset: int = 100) -> None:
+    """A damaged file of the same size: one byte's lowest bit flipped, so only its checksum tells."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))

@@ -25,6 +25,7 @@ from analysis.synthetic import (
     SEEDS_BASELINE_CELLS, SEEDS_BASELINE_LOSS, SEEDS_INTERVENTION_CELLS, SEEDS_NOISE, NoiseModel,
     PlantedIntervention, generate_study, seeds_interventions,
 )
+from tests.conftest import assert_at_most, assert_rate
 
 ALPHA = 0.05
 GRID_3X3 = tuple((seed, train_seed) for seed in (42, 22, 67) for train_seed in ("none", 23, 67))
@@ -48,16 +49,6 @@ weight_tying,42,none,true,3.694580
 no_amp,42,none,false,3.695790
 """
 
-
-def assert_rate(hits: int, trials: int, rate: float, band: float = 0.999) -> None:
-    low = stats.binom.ppf((1 - band) / 2, trials, rate)
-    high = stats.binom.isf((1 - band) / 2, trials, rate)
-    assert low <= hits <= high, f"{hits}/{trials} outside [{low:.0f}, {high:.0f}] for rate {rate}"
-
-
-def assert_at_most(hits: int, trials: int, rate: float, band: float = 0.999) -> None:
-    high = stats.binom.isf(1 - band, trials, rate)
-    assert hits <= high, f"{hits}/{trials} above {high:.0f} for rate {rate}"
 
 
 def seeds_runs() -> pd.DataFrame:

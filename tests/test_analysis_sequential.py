@@ -21,22 +21,13 @@ from analysis.sequential import (
 from analysis.sequential_table import (
     SCHEDULE, TRAIN_SD, compare_designs, planted_effects, seeds_like_study, simulated_losses,
 )
+from tests.conftest import assert_at_most, assert_rate
 
 ALPHA = 0.05
 MAX_SEEDS = 8
 NAMES = ["gradient_clipping", "lr_schedule", "no_amp", "no_dropout", "qkv_bias", "weight_decay",
          "weight_tying"]
 
-
-def assert_rate(hits: int, trials: int, rate: float, band: float = 0.999) -> None:
-    low = stats.binom.ppf((1 - band) / 2, trials, rate)
-    high = stats.binom.isf((1 - band) / 2, trials, rate)
-    assert low <= hits <= high, f"{hits}/{trials} outside [{low:.0f}, {high:.0f}] for rate {rate}"
-
-
-def assert_at_most(hits: int, trials: int, rate: float, band: float = 0.999) -> None:
-    high = stats.binom.isf(1 - band, trials, rate)
-    assert hits <= high, f"{hits}/{trials} above {high:.0f} for rate {rate}"
 
 
 @pytest.fixture(scope="module")

@@ -23,19 +23,9 @@ from analysis.load import prepare_runs
 from analysis.noise import checkpoint_noise, estimate_noise, variance_components
 from analysis.study import Settings, analyse
 from analysis.synthetic import NoiseModel, PlantedIntervention, generate_study
+from tests.conftest import assert_at_most, assert_rate
 
 ALPHA = 0.05
-
-
-def assert_rate(hits: int, trials: int, rate: float, band: float = 0.999) -> None:
-    low = stats.binom.ppf((1 - band) / 2, trials, rate)
-    high = stats.binom.isf((1 - band) / 2, trials, rate)
-    assert low <= hits <= high, f"{hits}/{trials} outside [{low:.0f}, {high:.0f}] for rate {rate}"
-
-
-def assert_at_most(hits: int, trials: int, rate: float, band: float = 0.999) -> None:
-    high = stats.binom.isf(1 - band, trials, rate)
-    assert hits <= high, f"{hits}/{trials} above {high:.0f} for rate {rate}"
 
 
 def study_runs(interventions, **options):

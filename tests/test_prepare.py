@@ -26,7 +26,7 @@ from harness.data.shards import MANIFEST, Manifest, open_split, sha256_file
 from harness.paths import PROJECT_ROOT
 from harness.tokenizer import END_OF_TEXT, gpt2_encoding
 from harness.trainer import Trial
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, flip_a_byte
 
 FILE_DOCUMENTS = (150, 130, 120)  # 400 documents: the last 4 are held out
 TEST_DOCUMENTS = 4
@@ -340,11 +340,7 @@ def test_continuing_re_creates_a_recorded_shard_that_was_damaged(reference, parq
 
 def test_the_advice_for_a_damaged_or_missing_shard_is_the_command_that_repairs_it(reference, tmp_path):
     out = shutil.copytree(reference, tmp_path / "out")
-    with open(out / "train_000003.bin", "r+b") as shard:  # a flipped byte: same size, another checksum
-        shard.seek(100)
-        byte = shard.read(1)
-        shard.seek(100)
-        shard.write(bytes([byte[0] ^ 1]))
+    flip_a_byte(out / "train_000003.bin")  # same size, another checksum
     (out / "test_000000.bin").unlink()
     trial = [*TINY, "data.dataset=fineweb", f"data.path={out}"]
 

@@ -20,7 +20,7 @@ from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open
 from harness.data.prepare import PrepareError, prepare
 from harness.data.shards import MANIFEST, ChecksumError, Manifest, ShardWriter, open_split, sha256_file
 from harness.tokenizer import END_OF_TEXT
-from tests.conftest import compose_config
+from tests.conftest import compose_config, flip_a_byte
 from tests.test_prepare import disk_with_free_bytes, output_files, run_cli, run_python
 
 CONTEXT = 1024
@@ -150,11 +150,7 @@ def test_an_interrupted_conversion_resumes_to_the_same_bytes(crash_at, published
 
 def test_the_advice_for_a_damaged_shard_is_the_command_that_repairs_it(published, converted, tmp_path):
     out = shutil.copytree(converted, tmp_path / "out")
-    with open(out / "train_000001.bin", "r+b") as shard:  # a flipped byte: same size, another checksum
-        shard.seek(100)
-        byte = shard.read(1)
-        shard.seek(100)
-        shard.write(bytes([byte[0] ^ 1]))
+    flip_a_byte(out / "train_000001.bin")  # same size, another checksum
     (out / "test_000000.bin").unlink()
     with pytest.raises(ChecksumError) as refused:
         open_split(out, "train")
