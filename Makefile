@@ -47,7 +47,7 @@ sweep:
 	$(PYTHON) -m harness +sweep=$(STUDY) $(ARGS)
 
 bench:
-	$(PYTHON) -m harness.bench $(ARGS)
+	$(PYTHON) -m harness bench $(ARGS)
 
 bench-tracking:
-	$(PYTHON) -m harness.tracking_bench $(ARGS)
+	$(PYTHON) -m harness bench-tracking $(ARGS)

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from analysis import PROJECT_ROOT
 from analysis.load import (
-    AnalysisInputError, default_tracking_uri, load_csv_study, load_mlflow_study,
+    AnalysisInputError,
+    default_tracking_uri,
+    load_csv_study,
+    load_mlflow_study,
 )
 
 USAGE = """\
@@ -37,8 +40,19 @@ usage: python -m analysis study=NAME [key=value ...]
   log=auto|true|false  log the report as an MLflow run (auto: for MLflow input)
 """
 
-KEYS = ("study", "tracking_uri", "experiment", "csv", "history", "out", "min_effect",
-        "alpha", "final_periods", "resamples", "log")
+KEYS = (
+    "study",
+    "tracking_uri",
+    "experiment",
+    "csv",
+    "history",
+    "out",
+    "min_effect",
+    "alpha",
+    "final_periods",
+    "resamples",
+    "log",
+)
 
 
 def parse_arguments(argv: list[str]) -> dict[str, str]:
@@ -90,25 +104,25 @@ def run(options: dict) -> int:
     if "csv" in options:
         study_runs = load_csv_study(options["csv"], options.get("study"), options.get("history"))
     else:
-        study_runs = load_mlflow_study(options["study"], options.get("tracking_uri"),
-                                       options.get("experiment"))
+        study_runs = load_mlflow_study(options["study"], options.get("tracking_uri"), options.get("experiment"))
     out = Path(options.get("out") or PROJECT_ROOT / "reports" / study_runs.study)
     analysis = analyse(study_runs, settings)
     files = write_report(analysis, out)
-    print(f"study {study_runs.study}: {len(study_runs.runs)} runs analysed, "
-          f"{len(study_runs.excluded)} excluded")
+    print(f"study {study_runs.study}: {len(study_runs.runs)} runs analysed, {len(study_runs.excluded)} excluded")
     for row in study_runs.excluded.itertuples():
         print(f"  excluded {row.run_id} ({row.intervention}, seed {row.seed}): {row.reason}")
     print(ranking_text(analysis.ranking))
     print(f"report: {files.markdown}  {files.html}  {files.csv}")
     if log == "true" or (log == "auto" and "csv" not in options):
-        tracking_uri = (options.get("tracking_uri") or study_runs.tracking_uri
-                        or default_tracking_uri())
+        tracking_uri = options.get("tracking_uri") or study_runs.tracking_uri or default_tracking_uri()
         experiment_id = study_runs.experiment_id or _experiment_id(tracking_uri, options)
         parent = study_parent(tracking_uri, experiment_id, study_runs.study) if experiment_id else None
         run_id = log_analysis_run(analysis, files, tracking_uri, experiment_id, parent)
-        where = f"under the study's parent run {parent} (its description shows the verdicts)" if parent else \
-            "at the top level (the study has no parent run)"
+        where = (
+            f"under the study's parent run {parent} (its description shows the verdicts)"
+            if parent
+            else "at the top level (the study has no parent run)"
+        )
         print(f"logged analysis run {run_id} to {tracking_uri}, {where}")
     return 0
 
@@ -120,7 +134,7 @@ def _experiment_id(tracking_uri: str, options: dict) -> str | None:
         return None
     from mlflow.tracking import MlflowClient
 
-    from harness.tracking import experiment_id
+    from harness.tracking.store import experiment_id
 
     return experiment_id(MlflowClient(tracking_uri), options["experiment"], tracking_uri)
 
@@ -129,7 +143,7 @@ def study_parent(tracking_uri: str, experiment_id: str, study: str) -> str | Non
     """The study's latest parent run in the experiment, where its analysis is logged; None if it has none."""
     from mlflow.tracking import MlflowClient
 
-    from harness.parents import latest_parent
+    from harness.study.parents import latest_parent
 
     parent = latest_parent(MlflowClient(tracking_uri), experiment_id, study)
     return parent.info.run_id if parent else None

@@ -111,12 +111,38 @@ LEVEL_KEY = ["train_seed", "data_seed"]
 MAX_SEEDS = 10_000
 THIN_DOF = 3
 RANKING_COLUMNS = [
-    "rank", "intervention", "verdict", "baseline_loss", "intervention_loss", "difference",
-    "ci_low", "ci_high", "boot_low", "boot_high", "p_value", "p_holm", "dof", "method",
-    "thin_evidence", "warning", "p_better", "p_better_low", "p_better_high",
-    "noise_reference", "noise_sd", "effect_in_sd", "seeds_needed", "design",
-    "n_intervention_seeds", "n_baseline_seeds", "n_intervention_runs", "n_baseline_runs",
-    "intervention_runs", "baseline_runs", "reference_rule", "reference_reason",
+    "rank",
+    "intervention",
+    "verdict",
+    "baseline_loss",
+    "intervention_loss",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "boot_low",
+    "boot_high",
+    "p_value",
+    "p_holm",
+    "dof",
+    "method",
+    "thin_evidence",
+    "warning",
+    "p_better",
+    "p_better_low",
+    "p_better_high",
+    "noise_reference",
+    "noise_sd",
+    "effect_in_sd",
+    "seeds_needed",
+    "design",
+    "n_intervention_seeds",
+    "n_baseline_seeds",
+    "n_intervention_runs",
+    "n_baseline_runs",
+    "intervention_runs",
+    "baseline_runs",
+    "reference_rule",
+    "reference_reason",
 ]
 
 
@@ -141,8 +167,13 @@ def paired_test(differences, alpha: float = 0.05) -> DifferenceTest:
     interval = result.confidence_interval(1 - alpha)
     n = differences.shape[-1]
     return DifferenceTest(
-        differences.mean(axis=-1), interval.low, interval.high, result.pvalue,
-        result.statistic, result.df, np.full_like(result.statistic, np.sqrt(n)),
+        differences.mean(axis=-1),
+        interval.low,
+        interval.high,
+        result.pvalue,
+        result.statistic,
+        result.df,
+        np.full_like(result.statistic, np.sqrt(n)),
     )
 
 
@@ -156,8 +187,13 @@ def welch_test(treated, control, alpha: float = 0.05) -> DifferenceTest:
         standardiser = np.sqrt(var_t + var_c) / standard_error
     interval = result.confidence_interval(1 - alpha)
     return DifferenceTest(
-        treated.mean(axis=-1) - control.mean(axis=-1), interval.low, interval.high,
-        result.pvalue, result.statistic, result.df, standardiser,
+        treated.mean(axis=-1) - control.mean(axis=-1),
+        interval.low,
+        interval.high,
+        result.pvalue,
+        result.statistic,
+        result.df,
+        standardiser,
     )
 
 
@@ -183,12 +219,18 @@ def prediction_test(treated, control, noise_sd, noise_dof, alpha: float = 0.05) 
     with np.errstate(divide="ignore", invalid="ignore"):
         statistic = difference / standard_error
         usable = dof > 0
-        p_value = np.where(usable, 2 * stats.t.sf(np.abs(statistic), np.where(usable, dof, 1)),
-                           np.nan)
+        p_value = np.where(usable, 2 * stats.t.sf(np.abs(statistic), np.where(usable, dof, 1)), np.nan)
         half_width = stats.t.isf(alpha / 2, np.where(usable, dof, np.nan)) * standard_error
     standardiser = np.full(difference.shape, np.sqrt(2) / scale)  # per fresh run-vs-run difference
-    return DifferenceTest(difference, difference - half_width, difference + half_width, p_value,
-                          statistic, np.where(usable, dof, np.nan), standardiser)
+    return DifferenceTest(
+        difference,
+        difference - half_width,
+        difference + half_width,
+        p_value,
+        statistic,
+        np.where(usable, dof, np.nan),
+        standardiser,
+    )
 
 
 def no_test(shape) -> DifferenceTest:
@@ -204,6 +246,7 @@ def bootstrap_interval(
 
     The samples are resampled independently along the last axis.
     """
+
     def mean_difference(*resampled, axis=-1):
         means = [sample.mean(axis=axis) for sample in resampled]
         return means[0] - means[1] if len(means) == 2 else means[0]
@@ -211,8 +254,13 @@ def bootstrap_interval(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)  # all values equal
         result = stats.bootstrap(
-            samples, mean_difference, vectorized=True, axis=-1, method="percentile",
-            confidence_level=1 - alpha, n_resamples=n_resamples,
+            samples,
+            mean_difference,
+            vectorized=True,
+            axis=-1,
+            method="percentile",
+            confidence_level=1 - alpha,
+            n_resamples=n_resamples,
             rng=np.random.default_rng(random_seed),
         )
     return result.confidence_interval.low, result.confidence_interval.high
@@ -227,9 +275,7 @@ def noncentrality_interval(statistic, dof, alpha: float = 0.05) -> tuple[np.ndar
             bracket = elementwise.bracket_root(
                 _nct_cdf_minus, statistic - 1.0, statistic + 1.0, args=(statistic, dof, target)
             )
-            root = elementwise.find_root(
-                _nct_cdf_minus, bracket.bracket, args=(statistic, dof, target)
-            )
+            root = elementwise.find_root(_nct_cdf_minus, bracket.bracket, args=(statistic, dof, target))
         bounds.append(np.where(bracket.success & root.success, root.x, np.nan))
     return bounds[0], bounds[1]
 
@@ -248,8 +294,7 @@ def probability_better(test: DifferenceTest, alpha: float = 0.05):
     """P(intervention run has lower loss), with its CI (see module docstring)."""
     statistic = np.asarray(test.statistic, dtype=float)
     finite = np.isfinite(statistic) & np.isfinite(test.dof)
-    low_nc, high_nc = noncentrality_interval(np.where(finite, statistic, 0.0),
-                                             np.where(finite, test.dof, 1.0), alpha)
+    low_nc, high_nc = noncentrality_interval(np.where(finite, statistic, 0.0), np.where(finite, test.dof, 1.0), alpha)
     with np.errstate(invalid="ignore"):
         estimate = stats.norm.cdf(-statistic / test.standardiser)
         low = np.where(finite, stats.norm.cdf(-high_nc / test.standardiser), estimate)
@@ -284,13 +329,11 @@ def power_at(effect, noise_sd, n_seeds, paired: bool, alpha: float = 0.05):
     n = np.asarray(n_seeds, dtype=float)
     with np.errstate(all="ignore"):
         if paired:
-            return t_test_power(np.abs(effect) / (np.sqrt(2) * noise_sd) * np.sqrt(n), n - 1,
-                                alpha)
+            return t_test_power(np.abs(effect) / (np.sqrt(2) * noise_sd) * np.sqrt(n), n - 1, alpha)
         return t_test_power(np.abs(effect) / noise_sd * np.sqrt(n / 2), 2 * n - 2, alpha)
 
 
-def seeds_needed(effect: float, noise_sd: float, paired: bool,
-                 alpha: float = 0.05, power: float = 0.8) -> float:
+def seeds_needed(effect: float, noise_sd: float, paired: bool, alpha: float = 0.05, power: float = 0.8) -> float:
     """Smallest number of init seeds (>= 2) with at least ``power``; inf beyond MAX_SEEDS.
 
     Power grows with the number of seeds, so the candidates are scanned in
@@ -412,8 +455,7 @@ def _each_cell(cells: pd.Series) -> list[pd.Series]:
     return [cells.iloc[[i]] for i in range(len(cells))]
 
 
-def plan_arm(name: str, arm: pd.DataFrame, baseline: pd.DataFrame, n_runs: int,
-             measurable: set[str]) -> ArmPlan:
+def plan_arm(name: str, arm: pd.DataFrame, baseline: pd.DataFrame, n_runs: int, measurable: set[str]) -> ArmPlan:
     """Choose the design and the runs of one comparison (module docstring)."""
     choice = choose_reference(name, arm, baseline)
     reference, reason = choice.reference, choice.reason
@@ -442,8 +484,9 @@ def plan_arm(name: str, arm: pd.DataFrame, baseline: pd.DataFrame, n_runs: int,
             reason += "; its runs at init seeds the baseline did not run are left out"
         if "train" not in measurable:
             reference = "init"
-            reason += ("; train-seed noise not measured, init-seed noise used "
-                       "(conservative: it includes train-seed noise)")
+            reason += (
+                "; train-seed noise not measured, init-seed noise used (conservative: it includes train-seed noise)"
+            )
     elif len(arm_units) >= 2 and len(base_units) >= 2:
         design = "welch"
         if reference == "train":
@@ -470,8 +513,18 @@ def plan_arm(name: str, arm: pd.DataFrame, baseline: pd.DataFrame, n_runs: int,
         reason += f"; no {reference}-seed noise estimate to test against"
     (arm_text, n_arm), (base_text, n_base) = _listing(used_arm), _listing(used_base)
     return ArmPlan(
-        name, design, reference, choice.rule, reason, treated, control, arm_text, base_text,
-        n_arm, n_base, used_arm.index.get_level_values("seed").nunique(),
+        name,
+        design,
+        reference,
+        choice.rule,
+        reason,
+        treated,
+        control,
+        arm_text,
+        base_text,
+        n_arm,
+        n_base,
+        used_arm.index.get_level_values("seed").nunique(),
         used_base.index.get_level_values("seed").nunique(),
     )
 
@@ -482,12 +535,13 @@ def plan_comparisons(runs: pd.DataFrame, measurable: set[str]) -> list[ArmPlan]:
     ``measurable``: the noise kinds (``train``, ``init``) the study estimates.
     """
     baseline = runs[runs["intervention"] == BASELINE]
-    return [plan_arm(name, arm, baseline, len(runs), measurable)
-            for name, arm in runs[runs["intervention"] != BASELINE].groupby("intervention")]
+    return [
+        plan_arm(name, arm, baseline, len(runs), measurable)
+        for name, arm in runs[runs["intervention"] != BASELINE].groupby("intervention")
+    ]
 
 
-def test_arm(plan: ArmPlan, losses, noise: dict[str, tuple], alpha: float = 0.05
-             ) -> DifferenceTest:
+def test_arm(plan: ArmPlan, losses, noise: dict[str, tuple], alpha: float = 0.05) -> DifferenceTest:
     """The plan's test on ``losses`` (..., runs); ``noise``: ``{kind: (sd, dof)}``."""
     losses = np.asarray(losses, dtype=float)
     if plan.design == "none":
@@ -519,8 +573,9 @@ class Decisions:
         return ~(self.dof >= THIN_DOF)
 
 
-def decide(plans: list[ArmPlan], losses, noise: dict[str, tuple], alpha: float = 0.05,
-           min_effect: float = 0.0) -> Decisions:
+def decide(
+    plans: list[ArmPlan], losses, noise: dict[str, tuple], alpha: float = 0.05, min_effect: float = 0.0
+) -> Decisions:
     """Test every arm, Holm-adjust across all of them, and give the verdicts."""
     tests = [test_arm(plan, losses, noise, alpha) for plan in plans]
     shape = np.shape(losses)[:-1] + (len(plans),)
@@ -528,17 +583,25 @@ def decide(plans: list[ArmPlan], losses, noise: dict[str, tuple], alpha: float =
     def stacked(field: str) -> np.ndarray:
         if not tests:
             return np.zeros(shape)
-        return np.stack([np.broadcast_to(getattr(test, field), shape[:-1]) for test in tests],
-                        axis=-1).astype(float)
+        return np.stack([np.broadcast_to(getattr(test, field), shape[:-1]) for test in tests], axis=-1).astype(float)
 
     difference, p_value = stacked("difference"), stacked("p_value")
     p_holm = holm_adjust(p_value)
-    return Decisions(tests, difference, stacked("ci_low"), stacked("ci_high"), p_value, p_holm,
-                     stacked("dof"), verdicts(difference, p_holm, alpha, min_effect))
+    return Decisions(
+        tests,
+        difference,
+        stacked("ci_low"),
+        stacked("ci_high"),
+        p_value,
+        p_holm,
+        stacked("dof"),
+        verdicts(difference, p_holm, alpha, min_effect),
+    )
 
 
-def decide_studies(runs: pd.DataFrame, losses, alpha: float = 0.05, min_effect: float = 0.0
-                   ) -> tuple[list[ArmPlan], Decisions]:
+def decide_studies(
+    runs: pd.DataFrame, losses, alpha: float = 0.05, min_effect: float = 0.0
+) -> tuple[list[ArmPlan], Decisions]:
     """Verdicts for many studies with the design of ``runs``: ``losses`` is (..., runs).
 
     The analysis path, vectorised: the noise estimates of each study
@@ -553,13 +616,11 @@ def decide_studies(runs: pd.DataFrame, losses, alpha: float = 0.05, min_effect: 
 
 def noise_arrays(noise: dict[str, NoiseEstimate]) -> dict[str, tuple]:
     """``{kind: (sd, dof)}`` of a study's estimates, for :func:`decide`."""
-    return {kind: (np.array(estimate.sd), np.array(float(estimate.dof)))
-            for kind, estimate in noise.items()}
+    return {kind: (np.array(estimate.sd), np.array(float(estimate.dof))) for kind, estimate in noise.items()}
 
 
 def measurable_kinds(noise: dict[str, NoiseEstimate]) -> set[str]:
-    return {kind for kind in ("train", "init")
-            if kind in noise and np.isfinite(noise[kind].sd) and noise[kind].dof > 0}
+    return {kind for kind in ("train", "init") if kind in noise and np.isfinite(noise[kind].sd) and noise[kind].dof > 0}
 
 
 def compare_to_baseline(
@@ -577,14 +638,17 @@ def compare_to_baseline(
         return pd.DataFrame(columns=RANKING_COLUMNS)
     losses = runs["test_loss"].to_numpy(dtype=float)
     decisions = decide(plans, losses, noise_arrays(noise), alpha, min_effect)
-    rows = [_row(plan, test, losses, noise, alpha, n_resamples, random_seed)
-            for plan, test in zip(plans, decisions.tests, strict=True)]
+    rows = [
+        _row(plan, test, losses, noise, alpha, n_resamples, random_seed)
+        for plan, test in zip(plans, decisions.tests, strict=True)
+    ]
     table = pd.DataFrame(rows)
     table["p_holm"] = decisions.p_holm
     table["verdict"] = decisions.verdict
     table["thin_evidence"] = decisions.thin_evidence
-    table["warning"] = [_warning(dof) if thin else ""
-                        for dof, thin in zip(decisions.dof, decisions.thin_evidence, strict=True)]
+    table["warning"] = [
+        _warning(dof) if thin else "" for dof, thin in zip(decisions.dof, decisions.thin_evidence, strict=True)
+    ]
     table = table.sort_values("difference", na_position="last", kind="stable")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table.reset_index(drop=True)[RANKING_COLUMNS]
@@ -596,8 +660,7 @@ def _warning(dof: float) -> str:
     return f"thin evidence: {dof:.1f} dof < {THIN_DOF}"
 
 
-def _row(plan: ArmPlan, test: DifferenceTest, losses, noise, alpha, n_resamples,
-         random_seed) -> dict:
+def _row(plan: ArmPlan, test: DifferenceTest, losses, noise, alpha, n_resamples, random_seed) -> dict:
     treated, control = plan.replicates(losses)
     if plan.design == "paired":
         boot = bootstrap_interval((treated - control,), alpha, n_resamples, random_seed)

@@ -35,9 +35,7 @@ class FactorialResult:
 
 def factorial_factors(interventions) -> list[str]:
     """The factors that appear in at least one combined intervention tag."""
-    return sorted({
-        factor for name in interventions if "+" in name for factor in name.split("+")
-    })
+    return sorted({factor for name in interventions if "+" in name for factor in name.split("+")})
 
 
 def fit_factorial(runs: pd.DataFrame, alpha: float = 0.05) -> FactorialResult | None:
@@ -61,18 +59,17 @@ def fit_factorial(runs: pd.DataFrame, alpha: float = 0.05) -> FactorialResult | 
     if blocked:
         design = pd.concat([design, blocks], axis=1)
     if np.linalg.matrix_rank(design.to_numpy()) < design.shape[1]:
-        raise ValueError(
-            f"factorial design over {', '.join(factors)} is not estimable: "
-            "some combinations are missing"
-        )
+        raise ValueError(f"factorial design over {', '.join(factors)} is not estimable: some combinations are missing")
     fit = sm.OLS(data["test_loss"].to_numpy(dtype=float), design).fit()
     interval = fit.conf_int(alpha)
-    effects = pd.DataFrame({
-        "term": effect_terms,
-        "kind": ["interaction" if ":" in term else "main" for term in effect_terms],
-        "estimate": fit.params[effect_terms].to_numpy(),
-        "ci_low": interval.loc[effect_terms, 0].to_numpy(),
-        "ci_high": interval.loc[effect_terms, 1].to_numpy(),
-        "p_value": fit.pvalues[effect_terms].to_numpy(),
-    })
+    effects = pd.DataFrame(
+        {
+            "term": effect_terms,
+            "kind": ["interaction" if ":" in term else "main" for term in effect_terms],
+            "estimate": fit.params[effect_terms].to_numpy(),
+            "ci_low": interval.loc[effect_terms, 0].to_numpy(),
+            "ci_high": interval.loc[effect_terms, 1].to_numpy(),
+            "p_value": fit.pvalues[effect_terms].to_numpy(),
+        }
+    )
     return FactorialResult(effects, factors, len(data), bool(blocked), int(fit.df_resid))

@@ -31,8 +31,16 @@ REQUIRED_COLUMNS = ("intervention", "seed", "train_seed", "test_loss")
 INIT_COLUMNS = ("init_fingerprint", "changes_init")
 HISTORY_METRICS = ("train_loss_avg", "train_loss")
 RUN_COLUMNS = (
-    "run_id", "intervention", "seed", "train_seed", "data_seed",
-    "init_fingerprint", "changes_init", "status", "test_loss", "order",
+    "run_id",
+    "intervention",
+    "seed",
+    "train_seed",
+    "data_seed",
+    "init_fingerprint",
+    "changes_init",
+    "status",
+    "test_loss",
+    "order",
 )
 EXCLUDED_COLUMNS = ("run_id", "intervention", "seed", "train_seed", "status", "reason")
 HISTORY_COLUMNS = ("run_id", "metric", "step", "value")
@@ -115,9 +123,7 @@ def load_mlflow_study(
     if found.empty:
         known = list_mlflow_studies(tracking_uri, experiment)
         listing = ", ".join(known) if known else "none"
-        raise AnalysisInputError(
-            f"unknown study {study!r} in {tracking_uri}; studies found: {listing}"
-        )
+        raise AnalysisInputError(f"unknown study {study!r} in {tracking_uri}; studies found: {listing}")
     _require_one_experiment_and_scale(found, study, tracking_uri)
     frame = _frame_from_mlflow(found)
     experiment_id = str(found["experiment_id"].iloc[0])
@@ -138,9 +144,7 @@ def list_mlflow_studies(tracking_uri: str, experiment: str | None = None) -> lis
     return sorted(found["tags.study"].dropna().unique())
 
 
-def load_csv_study(
-    path: str | Path, study: str | None = None, history_path: str | Path | None = None
-) -> StudyRuns:
+def load_csv_study(path: str | Path, study: str | None = None, history_path: str | Path | None = None) -> StudyRuns:
     """Load runs from a CSV with the columns of :data:`REQUIRED_COLUMNS`.
 
     Also needs ``init_fingerprint`` or a boolean ``changes_init``; ``status``,
@@ -157,9 +161,7 @@ def load_csv_study(
     if "study" in frame:
         studies = sorted(frame["study"].dropna().astype(str).unique())
         if study not in studies:
-            raise AnalysisInputError(
-                f"unknown study {study!r} in {path}; studies found: {', '.join(studies)}"
-            )
+            raise AnalysisInputError(f"unknown study {study!r} in {path}; studies found: {', '.join(studies)}")
         frame = frame[frame["study"].astype(str) == study]
     histories = _read_history_csv(history_path) if history_path else None
     return prepare_runs(frame, study, source=str(path), histories=histories)
@@ -174,18 +176,20 @@ def prepare_runs(
     """Validate and normalise a run table; split off the runs not to analyse."""
     _check_columns(frame)
     frame = frame.reset_index(drop=True)
-    runs = pd.DataFrame({
-        "run_id": _column_or(frame, "run_id", [f"row{i}" for i in range(len(frame))]).astype(str),
-        "intervention": frame["intervention"].map(_intervention_label),
-        "seed": _init_seeds(frame["seed"]),
-        "train_seed": frame["train_seed"].map(_seed_label),
-        "data_seed": _column_or(frame, "data_seed", "none").map(_seed_label),
-        "init_fingerprint": _column_or(frame, "init_fingerprint", None),
-        "changes_init": _changes_init(frame),
-        "status": _column_or(frame, "status", "FINISHED").astype(str).str.upper(),
-        "test_loss": pd.to_numeric(frame["test_loss"], errors="coerce").astype(float),
-        "order": pd.to_numeric(_column_or(frame, "order", np.arange(len(frame)))),
-    })
+    runs = pd.DataFrame(
+        {
+            "run_id": _column_or(frame, "run_id", [f"row{i}" for i in range(len(frame))]).astype(str),
+            "intervention": frame["intervention"].map(_intervention_label),
+            "seed": _init_seeds(frame["seed"]),
+            "train_seed": frame["train_seed"].map(_seed_label),
+            "data_seed": _column_or(frame, "data_seed", "none").map(_seed_label),
+            "init_fingerprint": _column_or(frame, "init_fingerprint", None),
+            "changes_init": _changes_init(frame),
+            "status": _column_or(frame, "status", "FINISHED").astype(str).str.upper(),
+            "test_loss": pd.to_numeric(frame["test_loss"], errors="coerce").astype(float),
+            "order": pd.to_numeric(_column_or(frame, "order", np.arange(len(frame)))),
+        }
+    )
     runs = runs.sort_values("order", kind="stable").reset_index(drop=True)
     reason = pd.Series("", index=runs.index)
     reason[~np.isfinite(runs["test_loss"])] = "no finite test_loss"
@@ -194,14 +198,12 @@ def prepare_runs(
     analysed = runs[reason == ""].reset_index(drop=True)
     if analysed.empty:
         raise AnalysisInputError(
-            f"study {study!r} has no FINISHED runs with a finite test_loss "
-            f"({len(excluded)} excluded)"
+            f"study {study!r} has no FINISHED runs with a finite test_loss ({len(excluded)} excluded)"
         )
     if not (analysed["intervention"] == BASELINE).any():
         found = ", ".join(sorted(analysed["intervention"].unique()))
         raise AnalysisInputError(
-            f"study {study!r} has no finished baseline runs (intervention={BASELINE!r}); "
-            f"interventions found: {found}"
+            f"study {study!r} has no finished baseline runs (intervention={BASELINE!r}); interventions found: {found}"
         )
     if histories is None:
         histories = pd.DataFrame(columns=list(HISTORY_COLUMNS))
@@ -220,9 +222,7 @@ def _check_columns(frame: pd.DataFrame) -> None:
     if not any(column in frame for column in INIT_COLUMNS):
         missing.append(" or ".join(INIT_COLUMNS))
     if missing:
-        raise AnalysisInputError(
-            f"missing columns: {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})"
-        )
+        raise AnalysisInputError(f"missing columns: {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})")
 
 
 def _column_or(frame: pd.DataFrame, column: str, default) -> pd.Series:
@@ -240,9 +240,7 @@ def _init_seeds(values: pd.Series) -> pd.Series:
     seeds = pd.to_numeric(values, errors="coerce")
     if seeds.isna().any() or (seeds != seeds.round()).any():
         bad = values[seeds.isna() | (seeds != seeds.round())]
-        raise AnalysisInputError(
-            f"column seed must hold integer init seeds; got {sorted(map(str, bad.unique()))}"
-        )
+        raise AnalysisInputError(f"column seed must hold integer init seeds; got {sorted(map(str, bad.unique()))}")
     return seeds.astype(int)
 
 
@@ -266,18 +264,15 @@ def _changes_init(frame: pd.DataFrame) -> pd.Series:
     text = text.str.replace(r"\.0$", "", regex=True)
     parsed = text.map(truth)
     if parsed.isna().any():
-        raise AnalysisInputError(
-            f"column changes_init must be boolean; got {sorted(text[parsed.isna()].unique())}"
-        )
+        raise AnalysisInputError(f"column changes_init must be boolean; got {sorted(text[parsed.isna()].unique())}")
     return parsed.astype(object)
 
 
 def _require_existing_sqlite_store(tracking_uri: str) -> None:
     prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).is_file():
+    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix) :]).is_file():
         raise AnalysisInputError(
-            f"no MLflow store at {tracking_uri}; run a study first, or pass "
-            "tracking_uri=... or csv=..."
+            f"no MLflow store at {tracking_uri}; run a study first, or pass tracking_uri=... or csv=..."
         )
 
 
@@ -287,8 +282,7 @@ def _search_scope(mlflow, experiment: str | None, tracking_uri: str) -> dict:
     if mlflow.get_experiment_by_name(experiment) is None:
         names = sorted(e.name for e in mlflow.search_experiments())
         raise AnalysisInputError(
-            f"unknown experiment {experiment!r} in {tracking_uri}; "
-            f"experiments found: {', '.join(names) or 'none'}"
+            f"unknown experiment {experiment!r} in {tracking_uri}; experiments found: {', '.join(names) or 'none'}"
         )
     return {"experiment_names": [experiment]}
 
@@ -330,13 +324,10 @@ def _frame_from_mlflow(found: pd.DataFrame) -> pd.DataFrame:
         "data_seed": "tags.data_seed",
         "init_fingerprint": "tags.init_fingerprint",
     }
-    missing = [tag for column, tag in tag_columns.items()
-               if tag not in found and column != "data_seed"]
+    missing = [tag for column, tag in tag_columns.items() if tag not in found and column != "data_seed"]
     if missing:
         raise AnalysisInputError(f"missing columns: {', '.join(missing)} (MLflow run tags)")
-    frame = pd.DataFrame(
-        {column: found[tag] for column, tag in tag_columns.items() if tag in found}
-    )
+    frame = pd.DataFrame({column: found[tag] for column, tag in tag_columns.items() if tag in found})
     frame["run_id"] = found["run_id"]
     frame["status"] = found["status"]
     frame["test_loss"] = found["metrics.test_loss"] if "metrics.test_loss" in found else np.nan

@@ -142,8 +142,7 @@ def declared_noise_reference(intervention: str) -> str | None:
     declared = {entry.noise_reference for entry in entries} - {None}
     if "init" in declared:
         return "init"
-    if "train" in declared and all(e.noise_reference == "train" or not e.changes_init
-                                   for e in entries):
+    if "train" in declared and all(e.noise_reference == "train" or not e.changes_init for e in entries):
         return "train"
     return None
 
@@ -155,8 +154,9 @@ def keeps_baseline_init(arm: pd.DataFrame, baseline: pd.DataFrame) -> tuple[bool
     fingerprints uses the ``changes_init`` flag; failing both, assumes the
     initialisation changed.
     """
-    baseline_prints = (baseline.dropna(subset=["init_fingerprint"])
-                       .drop_duplicates("seed").set_index("seed")["init_fingerprint"])
+    baseline_prints = (
+        baseline.dropna(subset=["init_fingerprint"]).drop_duplicates("seed").set_index("seed")["init_fingerprint"]
+    )
     fingerprinted = arm.dropna(subset=["init_fingerprint"])
     expected = fingerprinted["seed"].map(baseline_prints)
     compared = expected.notna()
@@ -168,12 +168,10 @@ def keeps_baseline_init(arm: pd.DataFrame, baseline: pd.DataFrame) -> tuple[bool
     if len(flags):
         changes = bool(flags.astype(bool).any())
         return not changes, "changes_init", f"changes_init={str(changes).lower()}"
-    return (False, "assumed",
-            "init fingerprints not comparable (no shared seeds); init noise assumed")
+    return (False, "assumed", "init fingerprints not comparable (no shared seeds); init noise assumed")
 
 
-def choose_reference(intervention: str, arm: pd.DataFrame,
-                     baseline: pd.DataFrame) -> ReferenceChoice:
+def choose_reference(intervention: str, arm: pd.DataFrame, baseline: pd.DataFrame) -> ReferenceChoice:
     """Train-seed noise for arms that keep the baseline's initial weights, else init.
 
     A reference declared in the intervention registry overrides the
@@ -182,16 +180,18 @@ def choose_reference(intervention: str, arm: pd.DataFrame,
     declared = declared_noise_reference(intervention)
     keeps, rule, reason = keeps_baseline_init(arm, baseline)
     if declared:
-        return ReferenceChoice(declared, "registry",
-                               f"{declared}-seed noise declared in the registry ({reason})")
+        return ReferenceChoice(declared, "registry", f"{declared}-seed noise declared in the registry ({reason})")
     return ReferenceChoice("train" if keeps else "init", rule, reason)
 
 
 def arms_reusing_baseline_init(runs: pd.DataFrame) -> list[str]:
     """Arms judged to share the baseline's initial weights at each seed."""
     baseline = runs[runs["intervention"] == BASELINE]
-    return [name for name, arm in runs.groupby("intervention")
-            if name != BASELINE and choose_reference(name, arm, baseline).reference == "train"]
+    return [
+        name
+        for name, arm in runs.groupby("intervention")
+        if name != BASELINE and choose_reference(name, arm, baseline).reference == "train"
+    ]
 
 
 def init_identity(runs: pd.DataFrame) -> pd.Series:
@@ -284,8 +284,9 @@ def estimate_noise(runs: pd.DataFrame, alpha: float = 0.05) -> dict[str, NoiseEs
     for kind, design in designs.items():
         sd, dof = (float(value) for value in statistics[kind])
         low, high = sd_confidence_interval(sd, dof, alpha) if dof > 0 else (np.nan, np.nan)
-        estimates[kind] = NoiseEstimate(kind, sd, float(low), float(high), len(design.positions),
-                                        design.n_groups, dof, design.nominal_dof)
+        estimates[kind] = NoiseEstimate(
+            kind, sd, float(low), float(high), len(design.positions), design.n_groups, dof, design.nominal_dof
+        )
     return estimates
 
 
@@ -305,18 +306,23 @@ def noise_levels(runs: pd.DataFrame) -> pd.DataFrame:
         grouped = noise_groups(runs, kind)
         for _, group in grouped.groupby("group"):
             first = group.iloc[0]
-            level = (f"train_seed {first.train_seed}" if kind == "init" else f"seed {first.seed}")
+            level = f"train_seed {first.train_seed}" if kind == "init" else f"seed {first.seed}"
             if first.data_seed != "none":
                 level += f", data_seed {first.data_seed}"
             loss = group["test_loss"]
-            rows.append({
-                "noise": kind, "intervention": first.intervention, "level": level,
-                "runs": ", ".join(_cell_label(row) for row in group.itertuples()),
-                "n": len(group), "mean": loss.mean(), "sd": loss.std(ddof=1),
-                "population_sd": loss.std(ddof=0),
-            })
-    return pd.DataFrame(rows, columns=["noise", "intervention", "level", "runs", "n", "mean", "sd",
-                                       "population_sd"])
+            rows.append(
+                {
+                    "noise": kind,
+                    "intervention": first.intervention,
+                    "level": level,
+                    "runs": ", ".join(_cell_label(row) for row in group.itertuples()),
+                    "n": len(group),
+                    "mean": loss.mean(),
+                    "sd": loss.std(ddof=1),
+                    "population_sd": loss.std(ddof=0),
+                }
+            )
+    return pd.DataFrame(rows, columns=["noise", "intervention", "level", "runs", "n", "mean", "sd", "population_sd"])
 
 
 def residuals_by_kind(runs: pd.DataFrame) -> pd.DataFrame:
@@ -329,9 +335,7 @@ def residuals_by_kind(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def checkpoint_noise(
-    histories: pd.DataFrame, final_periods: int = 5, alpha: float = 0.05
-) -> NoiseEstimate:
+def checkpoint_noise(histories: pd.DataFrame, final_periods: int = 5, alpha: float = 0.05) -> NoiseEstimate:
     """SD of ``train_loss_avg`` between the final checkpoints of each run.
 
     Takes the last ``final_periods`` finite values of each run (runs with at
@@ -345,7 +349,8 @@ def checkpoint_noise(
     final = averages.sort_values("step").groupby("run_id").tail(final_periods)
     fits = [
         sm.OLS(run["value"].to_numpy(), sm.add_constant(np.arange(len(run), dtype=float))).fit()
-        for _, run in final.groupby("run_id") if len(run) >= 3
+        for _, run in final.groupby("run_id")
+        if len(run) >= 3
     ]
     dof = int(sum(round(fit.df_resid) for fit in fits))
     if dof == 0:
@@ -353,8 +358,14 @@ def checkpoint_noise(
     sd = float(np.sqrt(sum(fit.ssr for fit in fits) / dof))
     low, high = sd_confidence_interval(sd, dof, alpha)
     return NoiseEstimate(
-        "checkpoint", sd, float(low), float(high), int(sum(fit.nobs for fit in fits)),
-        len(fits), dof, dof,
+        "checkpoint",
+        sd,
+        float(low),
+        float(high),
+        int(sum(fit.nobs for fit in fits)),
+        len(fits),
+        dof,
+        dof,
     )
 
 
@@ -398,8 +409,9 @@ def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     """
     arms = grid_arms(runs)
     if not arms:
-        return None, ("no arm covers a grid of init seeds x train seeds "
-                      "(>= 2 init seeds, >= 2 train seeds at one of them)")
+        return None, (
+            "no arm covers a grid of init seeds x train seeds (>= 2 init seeds, >= 2 train seeds at one of them)"
+        )
     data = runs[runs["intervention"].isin(arms)]
     scale = data["test_loss"].std()
     data = data.assign(
@@ -409,8 +421,10 @@ def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
     )
     has_repeats = data.duplicated(CELL).any()
     model = smf.mixedlm(
-        "loss ~ C(intervention)" if len(arms) > 1 else "loss ~ 1", data,
-        groups=data["init_weights"], re_formula="1",
+        "loss ~ C(intervention)" if len(arms) > 1 else "loss ~ 1",
+        data,
+        groups=data["init_weights"],
+        re_formula="1",
         vc_formula={"train": "0 + C(train_cell)"} if has_repeats else None,
     )
     with warnings.catch_warnings(record=True) as caught:
@@ -421,8 +435,7 @@ def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
         "train": float(fit.vcomp[0]) if has_repeats else float(fit.scale),
         "residual": float(fit.scale) if has_repeats else np.nan,
     }
-    table = pd.DataFrame({"component": list(variances),
-                          "variance": np.array(list(variances.values())) * scale**2})
+    table = pd.DataFrame({"component": list(variances), "variance": np.array(list(variances.values())) * scale**2})
     table["sd"] = np.sqrt(table["variance"].clip(lower=0))
     table["share"] = table["variance"] / table["variance"].sum()
     notes = [f"arms: {', '.join(arms)}; {len(data)} runs"]
@@ -430,6 +443,5 @@ def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
         notes.append("no exact repeats, so the train row includes run-to-run noise")
     if not fit.converged:
         notes.append("MixedLM did not converge; treat the components as rough")
-    notes += sorted({str(w.message).splitlines()[0] for w in caught
-                     if "boundary" in str(w.message)})
+    notes += sorted({str(w.message).splitlines()[0] for w in caught if "boundary" in str(w.message)})
     return table, "; ".join(notes)

@@ -41,24 +41,24 @@ def training_curves(histories: pd.DataFrame, runs: pd.DataFrame, path: Path) -> 
     interventions differ.  Per-step histories are averaged into at most 200
     step bins per run.
     """
-    curves = _finite(histories.merge(runs[["run_id", "intervention"]], on="run_id"),
-                     ["step", "value"])
+    curves = _finite(histories.merge(runs[["run_id", "intervention"]], on="run_id"), ["step", "value"])
     if curves.empty:
         return None
     curves = curves.assign(step=curves["step"].astype(float), value=curves["value"].astype(float))
     if curves["step"].nunique() > MAX_CURVE_POINTS:
         edges = np.linspace(curves["step"].min(), curves["step"].max(), MAX_CURVE_POINTS + 1)
         centres = (edges[:-1] + edges[1:]) / 2
-        bins = np.clip(np.searchsorted(edges, curves["step"], side="right") - 1,
-                       0, MAX_CURVE_POINTS - 1)
-        curves = (curves.assign(step=centres[bins])
-                  .groupby(["intervention", "run_id", "step"], as_index=False)["value"].mean())
+        bins = np.clip(np.searchsorted(edges, curves["step"], side="right") - 1, 0, MAX_CURVE_POINTS - 1)
+        curves = (
+            curves.assign(step=centres[bins])
+            .groupby(["intervention", "run_id", "step"], as_index=False)["value"]
+            .mean()
+        )
     final_start = curves["step"].min() + (1 - FINAL_FRACTION) * np.ptp(curves["step"])
     sns.set_theme(style="whitegrid")
     figure, (whole, final) = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, data in ((whole, curves), (final, curves[curves["step"] >= final_start])):
-        sns.lineplot(data=data, x="step", y="value", hue="intervention", errorbar="sd",
-                     ax=ax, legend=ax is final)
+        sns.lineplot(data=data, x="step", y="value", hue="intervention", errorbar="sd", ax=ax, legend=ax is final)
         ax.set_ylabel("training loss")
     if (curves["value"] > 0).all():
         whole.set_yscale("log")
@@ -78,11 +78,26 @@ def forest_plot(ranking: pd.DataFrame, min_effect: float, path: Path) -> Path | 
     sns.set_theme(style="whitegrid")
     figure, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)))
     band = _finite(rows, ["noise_sd"])
-    ax.barh(band.index, 2 * band["noise_sd"], left=-band["noise_sd"], height=0.6,
-            color="tab:blue", alpha=0.15, label="+-1 noise SD (reference)")
+    ax.barh(
+        band.index,
+        2 * band["noise_sd"],
+        left=-band["noise_sd"],
+        height=0.6,
+        color="tab:blue",
+        alpha=0.15,
+        label="+-1 noise SD (reference)",
+    )
     ax.hlines(drawable.index, drawable["ci_low"], drawable["ci_high"], color="black", lw=1.5)
-    sns.scatterplot(data=drawable.assign(row=drawable.index), x="difference", y="row",
-                    hue="verdict", palette=VERDICT_COLOURS, s=70, zorder=3, ax=ax)
+    sns.scatterplot(
+        data=drawable.assign(row=drawable.index),
+        x="difference",
+        y="row",
+        hue="verdict",
+        palette=VERDICT_COLOURS,
+        s=70,
+        zorder=3,
+        ax=ax,
+    )
     ax.axvline(0, color="black", lw=0.8)
     if min_effect > 0:
         for edge in (-min_effect, min_effect):
@@ -103,8 +118,7 @@ def noise_distributions(residuals: pd.DataFrame, path: Path) -> Path | None:
     sns.set_theme(style="whitegrid")
     figure, ax = plt.subplots(figsize=(7, 4))
     sns.violinplot(data=finite, x="kind", y="deviation", inner=None, cut=0, color="0.92", ax=ax)
-    sns.stripplot(data=finite, x="kind", y="deviation", hue="kind", legend=False,
-                  alpha=0.7, ax=ax)
+    sns.stripplot(data=finite, x="kind", y="deviation", hue="kind", legend=False, alpha=0.7, ax=ax)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlabel("noise source")
     ax.set_ylabel("test loss - group mean")

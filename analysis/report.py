@@ -63,29 +63,36 @@ def _p(value) -> str:
 
 def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
     """The ranking with formatted columns, as shown in the report."""
-    return pd.DataFrame({
-        "rank": ranking["rank"],
-        "intervention": ranking["intervention"],
-        "verdict": ranking["verdict"],
-        "baseline loss": ranking["baseline_loss"].map(_number),
-        "intervention loss": ranking["intervention_loss"].map(_number),
-        "difference": ranking["difference"].map(_number),
-        "CI (t)": _intervals(ranking["ci_low"], ranking["ci_high"]),
-        "CI (bootstrap)": _intervals(ranking["boot_low"], ranking["boot_high"]),
-        "p": ranking["p_value"].map(_p),
-        "p (Holm)": ranking["p_holm"].map(_p),
-        "method": ranking["method"],
-        "dof": ranking["dof"].map(_dof),
-        "P(better)": [f"{_number(p, 2)} {interval}" for p, interval in zip(
-            ranking["p_better"],
-            _intervals(ranking["p_better_low"], ranking["p_better_high"], 2), strict=True)],
-        "noise ref (SD)": [f"{kind} ({_number(sd)})" for kind, sd in zip(
-            ranking["noise_reference"], ranking["noise_sd"], strict=True)],
-        "effect (SDs)": ranking["effect_in_sd"].map(lambda v: _number(v, 2)),
-        "seeds for 80% power": ranking["seeds_needed"].map(_seeds),
-        "baseline runs": ranking["baseline_runs"],
-        "warning": ranking["warning"].fillna("").map(lambda text: f"(!) {text}" if text else ""),
-    })
+    return pd.DataFrame(
+        {
+            "rank": ranking["rank"],
+            "intervention": ranking["intervention"],
+            "verdict": ranking["verdict"],
+            "baseline loss": ranking["baseline_loss"].map(_number),
+            "intervention loss": ranking["intervention_loss"].map(_number),
+            "difference": ranking["difference"].map(_number),
+            "CI (t)": _intervals(ranking["ci_low"], ranking["ci_high"]),
+            "CI (bootstrap)": _intervals(ranking["boot_low"], ranking["boot_high"]),
+            "p": ranking["p_value"].map(_p),
+            "p (Holm)": ranking["p_holm"].map(_p),
+            "method": ranking["method"],
+            "dof": ranking["dof"].map(_dof),
+            "P(better)": [
+                f"{_number(p, 2)} {interval}"
+                for p, interval in zip(
+                    ranking["p_better"], _intervals(ranking["p_better_low"], ranking["p_better_high"], 2), strict=True
+                )
+            ],
+            "noise ref (SD)": [
+                f"{kind} ({_number(sd)})"
+                for kind, sd in zip(ranking["noise_reference"], ranking["noise_sd"], strict=True)
+            ],
+            "effect (SDs)": ranking["effect_in_sd"].map(lambda v: _number(v, 2)),
+            "seeds for 80% power": ranking["seeds_needed"].map(_seeds),
+            "baseline runs": ranking["baseline_runs"],
+            "warning": ranking["warning"].fillna("").map(lambda text: f"(!) {text}" if text else ""),
+        }
+    )
 
 
 def thin_evidence_note(ranking: pd.DataFrame) -> str:
@@ -93,39 +100,47 @@ def thin_evidence_note(ranking: pd.DataFrame) -> str:
     thin = ranking[ranking["thin_evidence"].astype(bool)]
     if thin.empty:
         return ""
-    listed = ", ".join(f"{row.intervention} ({row.warning.removeprefix('thin evidence: ')})"
-                       for row in thin.itertuples())
-    return (f"(!) Thin evidence: {len(thin)} of {len(ranking)} verdicts rest on fewer than "
-            f"{THIN_DOF} degrees of freedom: {listed}. Such a verdict can move with one more run; "
-            "add init seeds (or train seeds, for train-seed noise) before trusting it.")
+    listed = ", ".join(
+        f"{row.intervention} ({row.warning.removeprefix('thin evidence: ')})" for row in thin.itertuples()
+    )
+    return (
+        f"(!) Thin evidence: {len(thin)} of {len(ranking)} verdicts rest on fewer than "
+        f"{THIN_DOF} degrees of freedom: {listed}. Such a verdict can move with one more run; "
+        "add init seeds (or train seeds, for train-seed noise) before trusting it."
+    )
 
 
 def ranking_text(ranking: pd.DataFrame) -> str:
     """Plain-text ranking for the terminal."""
     if ranking.empty:
         return "(no interventions besides the baseline)"
-    shown = ranking_display(ranking).drop(
-        columns=["intervention loss", "CI (bootstrap)", "P(better)"])
+    shown = ranking_display(ranking).drop(columns=["intervention loss", "CI (bootstrap)", "P(better)"])
     note = thin_evidence_note(ranking)
     return shown.to_string(index=False) + (f"\n{note}" if note else "")
 
 
 def noise_display(analysis: StudyAnalysis) -> pd.DataFrame:
-    return pd.DataFrame([{
-        "noise": estimate.kind,
-        "what varies": estimate.description,
-        "SD": _number(estimate.sd),
-        "CI": _interval(estimate.ci_low, estimate.ci_high),
-        "runs": estimate.n_runs,
-        "groups": estimate.n_groups,
-        "dof": _dof(estimate.dof),
-        "nominal dof": estimate.nominal_dof,
-    } for estimate in analysis.noise.values()])
+    return pd.DataFrame(
+        [
+            {
+                "noise": estimate.kind,
+                "what varies": estimate.description,
+                "SD": _number(estimate.sd),
+                "CI": _interval(estimate.ci_low, estimate.ci_high),
+                "runs": estimate.n_runs,
+                "groups": estimate.n_groups,
+                "dof": _dof(estimate.dof),
+                "nominal dof": estimate.nominal_dof,
+            }
+            for estimate in analysis.noise.values()
+        ]
+    )
 
 
 def noise_levels_display(levels: pd.DataFrame) -> pd.DataFrame:
     return levels.assign(
-        mean=levels["mean"].map(_number), sd=levels["sd"].map(_number),
+        mean=levels["mean"].map(_number),
+        sd=levels["sd"].map(_number),
         population_sd=levels["population_sd"].map(_number),
     ).rename(columns={"sd": "SD (ddof=1)", "population_sd": "population SD (ddof=0)"})
 
@@ -179,10 +194,13 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
     ranking = analysis.ranking
     blocks = [
         ("h1", f"Noise analysis: {analysis.study}"),
-        ("p", f"Source: {study_runs.source}. {len(study_runs.runs)} finished runs analysed, "
-              f"{len(study_runs.excluded)} excluded. alpha = {settings.alpha}, minimum "
-              f"meaningful effect = {settings.min_effect}; intervals are {confidence} "
-              "confidence intervals."),
+        (
+            "p",
+            f"Source: {study_runs.source}. {len(study_runs.runs)} finished runs analysed, "
+            f"{len(study_runs.excluded)} excluded. alpha = {settings.alpha}, minimum "
+            f"meaningful effect = {settings.min_effect}; intervals are {confidence} "
+            "confidence intervals.",
+        ),
         ("h2", "Ranking"),
     ]
     note = thin_evidence_note(ranking)
@@ -193,27 +211,45 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
         ("p", METHODS_TEXT),
         ("p", VERDICTS_TEXT),
         ("h3", "Runs and noise reference per intervention"),
-        ("table", ranking[["intervention", "method", "dof", "intervention_runs", "baseline_runs",
-                           "noise_reference", "reference_rule", "reference_reason"]].assign(
-            dof=ranking["dof"].map(_dof)).rename(columns={"reference_rule": "rule"})),
+        (
+            "table",
+            ranking[
+                [
+                    "intervention",
+                    "method",
+                    "dof",
+                    "intervention_runs",
+                    "baseline_runs",
+                    "noise_reference",
+                    "reference_rule",
+                    "reference_reason",
+                ]
+            ]
+            .assign(dof=ranking["dof"].map(_dof))
+            .rename(columns={"reference_rule": "rule"}),
+        ),
         ("h2", "Noise"),
         ("p", _noise_text(analysis, confidence)),
         ("table", noise_display(analysis)),
     ]
     if not analysis.noise_levels.empty:
-        blocks += [("h3", "Levels behind the pooled SDs"),
-                   ("table", noise_levels_display(analysis.noise_levels))]
+        blocks += [("h3", "Levels behind the pooled SDs"), ("table", noise_levels_display(analysis.noise_levels))]
     if analysis.variance_components is not None:
         components = analysis.variance_components.assign(
             variance=lambda t: t["variance"].map(lambda v: _number(v, 8)),
             sd=lambda t: t["sd"].map(_number),
             share=lambda t: t["share"].map(lambda v: _number(v, 3)),
         )
-        blocks += [("h3", "Variance components (grid)"),
-                   ("p", f"{analysis.variance_note}. The init component is the init-seed part "
-                         "alone; the pooled init SD above is a single run's SD across init "
-                         "seeds, train noise included."),
-                   ("table", components)]
+        blocks += [
+            ("h3", "Variance components (grid)"),
+            (
+                "p",
+                f"{analysis.variance_note}. The init component is the init-seed part "
+                "alone; the pooled init SD above is a single run's SD across init "
+                "seeds, train noise included.",
+            ),
+            ("table", components),
+        ]
     if analysis.factorial is not None:
         fit = analysis.factorial
         effects = fit.effects.assign(
@@ -223,9 +259,12 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
         ).drop(columns=["ci_low", "ci_high"])
         blocks += [
             ("h2", "Factorial effects"),
-            ("p", f"OLS over {fit.n_runs} runs, factors {', '.join(fit.factors)} in effect "
-                  f"coding; {'blocked by init seed; ' if fit.blocked_by_seed else ''}"
-                  f"residual dof {fit.residual_dof}. Negative = lowers the loss."),
+            (
+                "p",
+                f"OLS over {fit.n_runs} runs, factors {', '.join(fit.factors)} in effect "
+                f"coding; {'blocked by init seed; ' if fit.blocked_by_seed else ''}"
+                f"residual dof {fit.residual_dof}. Negative = lowers the loss.",
+            ),
             ("table", effects),
         ]
     elif analysis.factorial_note:
@@ -234,8 +273,7 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
         blocks += [("h2", "Excluded runs"), ("table", study_runs.excluded)]
     if figures:
         blocks.append(("h2", "Figures"))
-        blocks += [("image", path.relative_to(directory).as_posix(), caption)
-                   for caption, path in figures.items()]
+        blocks += [("image", path.relative_to(directory).as_posix(), caption) for caption, path in figures.items()]
     return blocks
 
 
@@ -243,10 +281,8 @@ def _markdown_table(table: pd.DataFrame) -> str:
     def cell(value) -> str:
         return str(value).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(cell(c) for c in table.columns) + " |",
-             "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in table.itertuples(index=False)]
+    lines = ["| " + " | ".join(cell(c) for c in table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -279,16 +315,19 @@ def render_html(blocks: list[tuple], title: str) -> str:
             parts.append(content[0].to_html(index=False, escape=True, border=0))
         elif kind == "image":
             source, caption = map(html.escape, content)
-            parts.append(f'<figure><img src="{source}" alt="{caption}">'
-                         f"<figcaption>{caption}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}"
-             "table{border-collapse:collapse;font-size:0.9em}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-             "img{max-width:100%}"
-             ".warning{background:#fff3cd;border-left:4px solid #d39e00;padding:6px 10px}")
+            parts.append(f'<figure><img src="{source}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse;font-size:0.9em}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+        "img{max-width:100%}"
+        ".warning{background:#fff3cd;border-left:4px solid #d39e00;padding:6px 10px}"
+    )
     body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
-            f"</title><style>{style}</style></head>\n<body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}'
+        f"</title><style>{style}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
 
 
 def write_figures(analysis: StudyAnalysis, directory: Path) -> dict[str, Path]:
@@ -296,11 +335,12 @@ def write_figures(analysis: StudyAnalysis, directory: Path) -> dict[str, Path]:
     folder = directory / "figures"
     drawn = {
         "Training loss per intervention": plots.training_curves(
-            analysis.study_runs.histories, analysis.study_runs.runs, folder / "training_loss.png"),
+            analysis.study_runs.histories, analysis.study_runs.runs, folder / "training_loss.png"
+        ),
         "Differences to baseline": plots.forest_plot(
-            analysis.ranking, analysis.settings.min_effect, folder / "forest.png"),
-        "Noise distributions": plots.noise_distributions(
-            analysis.noise_residuals, folder / "noise.png"),
+            analysis.ranking, analysis.settings.min_effect, folder / "forest.png"
+        ),
+        "Noise distributions": plots.noise_distributions(analysis.noise_residuals, folder / "noise.png"),
     }
     return {caption: path for caption, path in drawn.items() if path is not None}
 
@@ -311,8 +351,13 @@ def write_report(analysis: StudyAnalysis, directory: str | Path) -> ReportFiles:
     directory.mkdir(parents=True, exist_ok=True)
     figures = write_figures(analysis, directory)
     blocks = _blocks(analysis, figures, directory)
-    files = ReportFiles(directory, directory / "report.md", directory / "report.html",
-                        directory / "ranking.csv", figures=list(figures.values()))
+    files = ReportFiles(
+        directory,
+        directory / "report.md",
+        directory / "report.html",
+        directory / "ranking.csv",
+        figures=list(figures.values()),
+    )
     files.markdown.write_text(render_markdown(blocks))
     files.html.write_text(render_html(blocks, f"Noise analysis: {analysis.study}"))
     analysis.ranking.to_csv(files.csv, index=False)
@@ -334,47 +379,71 @@ def verdicts_markdown(analysis: StudyAnalysis, run_id: str) -> str:
     """The verdict table for the study parent's description: each verdict with its interval, method and dof."""
     ranking, settings = analysis.ranking, analysis.settings
     confidence = f"{1 - settings.alpha:.0%}"
-    head = (f"{len(analysis.study_runs.runs)} runs analysed ({len(analysis.study_runs.excluded)} excluded), "
-            f"alpha {settings.alpha}, minimum effect {settings.min_effect}; difference = intervention - "
-            f"baseline test loss (negative = better), with its {confidence} CI. Analysis run {run_id} holds the "
-            "report (report.md, report.html, figures).")
+    head = (
+        f"{len(analysis.study_runs.runs)} runs analysed ({len(analysis.study_runs.excluded)} excluded), "
+        f"alpha {settings.alpha}, minimum effect {settings.min_effect}; difference = intervention - "
+        f"baseline test loss (negative = better), with its {confidence} CI. Analysis run {run_id} holds the "
+        "report (report.md, report.html, figures)."
+    )
     if ranking.empty:
         return head + "\n\n(no interventions besides the baseline)"
-    shown = ranking_display(ranking)[["intervention", "verdict", "difference", "CI (t)", "p (Holm)", "method",
-                                      "dof", "warning"]].rename(columns={"CI (t)": f"{confidence} CI"})
+    shown = ranking_display(ranking)[
+        ["intervention", "verdict", "difference", "CI (t)", "p (Holm)", "method", "dof", "warning"]
+    ].rename(columns={"CI (t)": f"{confidence} CI"})
     note = thin_evidence_note(ranking)
     return "\n\n".join(filter(None, [head, _markdown_table(shown), note and f"**{note}**"]))
 
 
-def log_analysis_run(analysis: StudyAnalysis, files: ReportFiles, tracking_uri: str,
-                     experiment_id: str | None, parent_run_id: str | None = None) -> str:
+def log_analysis_run(
+    analysis: StudyAnalysis,
+    files: ReportFiles,
+    tracking_uri: str,
+    experiment_id: str | None,
+    parent_run_id: str | None = None,
+) -> str:
     """Log the report as an MLflow run tagged ``analysis=true``; returns its id. With ``parent_run_id`` (the
     study's parent run) it is nested under the parent, and the parent's description gets its verdicts."""
     ranking = analysis.ranking
-    with mlflow_store(tracking_uri) as mlflow, mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"analysis {analysis.study}",
-        tags={"mlflow.parentRunId": parent_run_id} if parent_run_id else None,
-    ) as run:
+    with (
+        mlflow_store(tracking_uri) as mlflow,
+        mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"analysis {analysis.study}",
+            tags={"mlflow.parentRunId": parent_run_id} if parent_run_id else None,
+        ) as run,
+    ):
         thin = analysis.thin_evidence
-        mlflow.set_tags({"analysis": "true", "study": analysis.study,
-                         "thin_evidence": str(bool(thin)).lower(),
-                         "thin_evidence_interventions": ", ".join(thin) or "none"})
+        mlflow.set_tags(
+            {
+                "analysis": "true",
+                "study": analysis.study,
+                "thin_evidence": str(bool(thin)).lower(),
+                "thin_evidence_interventions": ", ".join(thin) or "none",
+            }
+        )
         mlflow.log_params({**vars(analysis.settings), "source": analysis.study_runs.source})
-        mlflow.log_metrics({
-            "n_runs": len(analysis.study_runs.runs),
-            "n_excluded": len(analysis.study_runs.excluded),
-            **{f"n_{verdict}": int((ranking["verdict"] == verdict).sum())
-               for verdict in ("better", "worse", "inconclusive")},
-            "n_thin_evidence": len(thin),
-            **{f"noise_{stat}_{kind}": value for kind, estimate in analysis.noise.items()
-               if np.isfinite(estimate.sd)
-               for stat, value in (("sd", estimate.sd), ("dof", estimate.dof))},
-        })
+        mlflow.log_metrics(
+            {
+                "n_runs": len(analysis.study_runs.runs),
+                "n_excluded": len(analysis.study_runs.excluded),
+                **{
+                    f"n_{verdict}": int((ranking["verdict"] == verdict).sum())
+                    for verdict in ("better", "worse", "inconclusive")
+                },
+                "n_thin_evidence": len(thin),
+                **{
+                    f"noise_{stat}_{kind}": value
+                    for kind, estimate in analysis.noise.items()
+                    if np.isfinite(estimate.sd)
+                    for stat, value in (("sd", estimate.sd), ("dof", estimate.dof))
+                },
+            }
+        )
         mlflow.log_artifacts(str(files.directory))
     if parent_run_id:
         from mlflow.tracking import MlflowClient
 
-        from harness.parents import write_note
+        from harness.study.parents import write_note
 
         client = MlflowClient(tracking_uri)
         write_note(client, parent_run_id, Verdicts=verdicts_markdown(analysis, run.info.run_id))

@@ -101,7 +101,13 @@ from scipy import optimize, stats
 from scipy.optimize import elementwise
 
 from analysis.compare import (
-    ArmPlan, DifferenceTest, decide, plan_comparisons, seeds_needed, t_test_power, test_arm,
+    ArmPlan,
+    DifferenceTest,
+    decide,
+    plan_comparisons,
+    seeds_needed,
+    t_test_power,
+    test_arm,
 )
 from analysis.load import BASELINE
 from analysis.noise import NoiseDesign, noise_designs, noise_statistics
@@ -142,12 +148,10 @@ def spent_alpha(fraction, alpha: float, spending: str = "obrien_fleming"):
     if spending != "obrien_fleming":
         raise ValueError(f"spending={spending!r}; choose from {', '.join(SPENDING)}")
     with np.errstate(divide="ignore"):
-        return np.where(fraction > 0,
-                        4 * stats.norm.sf(stats.norm.isf(alpha / 4) / np.sqrt(fraction)), 0.0)
+        return np.where(fraction > 0, 4 * stats.norm.sf(stats.norm.isf(alpha / 4) / np.sqrt(fraction)), 0.0)
 
 
-def normal_boundaries(fractions, alpha: float, points: int = 801,
-                      spending: str = "obrien_fleming") -> np.ndarray:
+def normal_boundaries(fractions, alpha: float, points: int = 801, spending: str = "obrien_fleming") -> np.ndarray:
     """|Z| boundaries of the spending function for normal statistics at these fractions.
 
     The recursion of Armitage, McPherson and Rowe on the score scale
@@ -170,11 +174,9 @@ def normal_boundaries(fractions, alpha: float, points: int = 801,
         mass = weights * (grid[1] - grid[0]) / 3 * density
 
         def crossing(edge):
-            return mass @ (stats.norm.sf((edge - grid) / step)
-                           + stats.norm.cdf((-edge - grid) / step))
+            return mass @ (stats.norm.sf((edge - grid) / step) + stats.norm.cdf((-edge - grid) / step))
 
-        edge = optimize.brentq(lambda e: crossing(e) - increment, 1e-9, grid[-1] + 40 * step,
-                               xtol=1e-13)
+        edge = optimize.brentq(lambda e: crossing(e) - increment, 1e-9, grid[-1] + 40 * step, xtol=1e-13)
         boundaries.append(edge / np.sqrt(fraction))
         new_grid = np.linspace(-edge, edge, points)
         density = stats.norm.pdf((new_grid[:, None] - grid) / step) @ mass / step
@@ -234,8 +236,7 @@ def _probability_above(level, sine, n: int) -> np.ndarray:
 
 def _angle_grid(edge) -> np.ndarray:
     """Cell edges on (-edge, edge) per level, finest near the edges where crossing mass sits."""
-    return np.asarray(edge, dtype=float)[..., None] * np.sin(
-        np.linspace(-np.pi / 2, np.pi / 2, GRID_CELLS + 1))
+    return np.asarray(edge, dtype=float)[..., None] * np.sin(np.linspace(-np.pi / 2, np.pi / 2, GRID_CELLS + 1))
 
 
 def _middles(edges: np.ndarray) -> np.ndarray:
@@ -265,14 +266,17 @@ def _chain(seeds: tuple[int, ...], increments: tuple[tuple[float, ...], ...]) ->
         return boundary[:, None], edges, mass
     previous, edges, mass = _chain(seeds[:-1], increments[:-1])
     for count in range(seeds[-2], n - 1):  # seed counts without a look
-        edges, mass = _angle_grid(np.full(len(spend), np.pi / 2)), _step(
-            edges, mass, _angle_grid(np.full(len(spend), np.pi / 2)), count)
+        edges, mass = (
+            _angle_grid(np.full(len(spend), np.pi / 2)),
+            _step(edges, mass, _angle_grid(np.full(len(spend), np.pi / 2)), count),
+        )
     middles = _middles(edges)
 
     def excess(angle, level):
         sine = np.sin(angle)[:, None]
-        crossing = (_probability_above(sine, middles[level], n - 1) + 1
-                    - _probability_above(-sine, middles[level], n - 1))
+        crossing = (
+            _probability_above(sine, middles[level], n - 1) + 1 - _probability_above(-sine, middles[level], n - 1)
+        )
         return (mass[level] * crossing).sum(axis=-1) - spend[level]
 
     marginal = stats.t.isf(spend / 2, n - 1)
@@ -280,16 +284,15 @@ def _chain(seeds: tuple[int, ...], increments: tuple[tuple[float, ...], ...]) ->
     angle = np.arctan(marginal / np.sqrt(n - 1))
     if exact.any():
         levels = np.flatnonzero(exact)
-        root = elementwise.find_root(excess, (np.full(levels.size, 1e-12),
-                                              np.full(levels.size, np.pi / 2 - 1e-12)),
-                                     args=(levels,))
+        root = elementwise.find_root(
+            excess, (np.full(levels.size, 1e-12), np.full(levels.size, np.pi / 2 - 1e-12)), args=(levels,)
+        )
         if not root.success.all():
             raise ArithmeticError(f"no boundary for seeds {seeds}, increments {spend}")
         angle[levels] = root.x
     boundary = np.where(exact, np.sqrt(n - 1) * np.tan(angle), marginal)
     new_edges = _angle_grid(angle)
-    return (np.concatenate([previous, boundary[:, None]], axis=1), new_edges,
-            _step(edges, mass, new_edges, n - 1))
+    return (np.concatenate([previous, boundary[:, None]], axis=1), new_edges, _step(edges, mass, new_edges, n - 1))
 
 
 def paired_t_boundaries(seeds, increments) -> np.ndarray:
@@ -361,8 +364,7 @@ class LookPlan:
                 continue
             other = "init" if plan.reference == "train" else "train"
             reference = noise[plan.reference][0]
-            fields["noise_sd"][..., arm] = np.where(np.isfinite(reference), reference,
-                                                    noise[other][0])
+            fields["noise_sd"][..., arm] = np.where(np.isfinite(reference), reference, noise[other][0])
             if plan.design == "none":
                 continue
             test = test_arm(plan, losses, noise)
@@ -380,9 +382,16 @@ def plan_look(runs: pd.DataFrame, interventions: list[str]) -> LookPlan:
     measurable = {kind for kind in ("train", "init") if designs[kind].dof > 0}
     plans = {plan.intervention: plan for plan in plan_comparisons(runs, measurable)}
     ordered = [plans.get(name) for name in interventions]
-    seeds = np.array([0 if plan is None or plan.design == "none" else
-                      plan.treated.shape[0] if plan.design == "paired" else
-                      plan.n_intervention_seeds for plan in ordered])
+    seeds = np.array(
+        [
+            0
+            if plan is None or plan.design == "none"
+            else plan.treated.shape[0]
+            if plan.design == "paired"
+            else plan.n_intervention_seeds
+            for plan in ordered
+        ]
+    )
     return LookPlan(list(interventions), designs, ordered, seeds)
 
 
@@ -405,8 +414,15 @@ class SequentialProcedure:
     the latest look that tested each arm found.
     """
 
-    def __init__(self, interventions: list[str], shape: tuple, max_seeds: int,
-                 alpha: float = 0.05, min_effect: float = 0.0, spending: str = "obrien_fleming"):
+    def __init__(
+        self,
+        interventions: list[str],
+        shape: tuple,
+        max_seeds: int,
+        alpha: float = 0.05,
+        min_effect: float = 0.0,
+        spending: str = "obrien_fleming",
+    ):
         self.interventions = list(interventions)
         self.max_seeds, self.alpha, self.min_effect = max_seeds, alpha, min_effect
         self.spending = spending
@@ -452,8 +468,7 @@ class SequentialProcedure:
         seeds = [n for _, n in self.history[arm]] + list(future)
         fractions = np.minimum(np.array(seeds, dtype=float) / self.max_seeds, 1.0)
         levels = self.alpha / np.arange(1, len(self.interventions) + 1)
-        increments = np.diff(spent_alpha(fractions[:, None], levels, self.spending), axis=0,
-                             prepend=0.0)
+        increments = np.diff(spent_alpha(fractions[:, None], levels, self.spending), axis=0, prepend=0.0)
         paired = [look for look, kind in enumerate(kinds) if kind == "paired"]
         if paired:
             chain = paired_t_boundaries([seeds[look] for look in paired], increments[paired])
@@ -461,8 +476,7 @@ class SequentialProcedure:
         columns = []
         for look in range(len(kinds) - 1 - len(future), len(kinds)):
             if kinds[look] == "paired":
-                columns.append(np.broadcast_to(chain[:, paired.index(look)],
-                                               dof.shape + levels.shape))
+                columns.append(np.broadcast_to(chain[:, paired.index(look)], dof.shape + levels.shape))
             else:
                 with np.errstate(invalid="ignore"):
                     columns.append(stats.t.isf(increments[look] / 2, dof[..., None]))
@@ -490,10 +504,14 @@ class SequentialProcedure:
         free = count - rejected.sum(axis=-1, keepdims=True)
         level = np.maximum(np.where(rejected, self.rejected_at, free), 1)
         boundary = np.take_along_axis(critical, (level - 1)[..., None], axis=-1)[..., 0]
-        for name, value in (("seeds", plan.seeds),
-                            ("level", self.alpha / level), ("boundary", boundary),
-                            ("dof", tests.dof), ("difference", tests.difference),
-                            ("standard_error", tests.standard_error)):
+        for name, value in (
+            ("seeds", plan.seeds),
+            ("level", self.alpha / level),
+            ("boundary", boundary),
+            ("dof", tests.dof),
+            ("difference", tests.difference),
+            ("standard_error", tests.standard_error),
+        ):
             current = getattr(self, name)
             current[...] = np.where(testing, value, current)
         low, high, difference = self.ci_low, self.ci_high, self.difference
@@ -501,8 +519,9 @@ class SequentialProcedure:
             resolved = testing & rejected & ((low > 0) | (high < 0))
             large = np.abs(difference) >= self.min_effect
             negligible = (self.min_effect > 0) & (low > -self.min_effect) & (high < self.min_effect)
-        decision = np.where(resolved & large, np.where(difference < 0, BETTER, WORSE),
-                            np.where(testing & negligible, NO_EFFECT, OPEN))
+        decision = np.where(
+            resolved & large, np.where(difference < 0, BETTER, WORSE), np.where(testing & negligible, NO_EFFECT, OPEN)
+        )
         newly = self.open & (decision != OPEN)
         self.decision = np.where(newly, decision, self.decision)
         self.decided_at = np.where(newly, self.looks, self.decided_at)
@@ -535,7 +554,7 @@ def round_seeds(seeds, look: int, first_seeds: int = 1) -> list[int]:
     seeds = list(seeds)
     if look == 1:
         return seeds[:first_seeds]
-    return seeds[first_seeds + look - 2:first_seeds + look - 1]
+    return seeds[first_seeds + look - 2 : first_seeds + look - 1]
 
 
 def last_look(max_seeds: int, first_seeds: int = 1) -> int:
@@ -543,8 +562,15 @@ def last_look(max_seeds: int, first_seeds: int = 1) -> int:
     return max_seeds - first_seeds + 1
 
 
-def _check_design(seeds, look: int | None, max_seeds: int, alpha: float, min_effect: float,
-                  first_seeds: int, spending: str = "obrien_fleming") -> None:
+def _check_design(
+    seeds,
+    look: int | None,
+    max_seeds: int,
+    alpha: float,
+    min_effect: float,
+    first_seeds: int,
+    spending: str = "obrien_fleming",
+) -> None:
     if spending not in SPENDING:
         raise ValueError(f"spending={spending!r}; choose from {', '.join(SPENDING)}")
     if len(set(seeds)) != len(seeds):
@@ -552,16 +578,16 @@ def _check_design(seeds, look: int | None, max_seeds: int, alpha: float, min_eff
     if not 1 <= first_seeds <= max_seeds:
         raise ValueError(f"first_seeds={first_seeds} must be between 1 and max_seeds={max_seeds}")
     if len(seeds) < max_seeds:
-        raise ValueError(f"the seed schedule lists {len(seeds)} init seeds; max_seeds={max_seeds} "
-                         "needs that many")
+        raise ValueError(f"the seed schedule lists {len(seeds)} init seeds; max_seeds={max_seeds} needs that many")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha={alpha} must be between 0 and 1")
     if not min_effect >= 0:
         raise ValueError(f"min_effect={min_effect} must be >= 0")
     final = last_look(max_seeds, first_seeds)
     if look is not None and not 1 <= look <= final:
-        raise ValueError(f"look={look}: a study with max_seeds={max_seeds} and "
-                         f"first_seeds={first_seeds} has looks 1 to {final}")
+        raise ValueError(
+            f"look={look}: a study with max_seeds={max_seeds} and first_seeds={first_seeds} has looks 1 to {final}"
+        )
 
 
 @dataclass
@@ -601,8 +627,7 @@ class SequentialLook:
     def counts(self) -> dict[str, int]:
         """Decisions by kind, plus the look: metrics for the study's parent run."""
         decided = self.table["decision"].value_counts()
-        names = {"better": "n_better", "worse": "n_worse", "no meaningful effect": "n_no_effect",
-                 "open": "n_open"}
+        names = {"better": "n_better", "worse": "n_worse", "no meaningful effect": "n_no_effect", "open": "n_open"}
         return {"look": self.look} | {key: int(decided.get(kind, 0)) for kind, key in names.items()}
 
     def markdown(self, stop_reason: str | None = None, method: bool = True) -> str:
@@ -612,41 +637,66 @@ class SequentialLook:
         ``method=False`` leaves the method paragraph out.
         """
         reason = stop_reason or self.stop_reason
-        status = (f"stopped after look {self.look}: {reason}" if reason else
-                  f"look {self.look}; next round: init seed {self.next_seed} for "
-                  f"{', '.join(self.next_round)}")
-        lines = [f"**Sequential study** ({status}; max_seeds={self.max_seeds}, "
-                 f"alpha={self.alpha}, min_effect={self.min_effect}, spending={self.spending})", "",
-                 "| intervention | decision | look | seeds | difference | RCI | level | "
-                 "boundary t | dof | method | more seeds |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        status = (
+            f"stopped after look {self.look}: {reason}"
+            if reason
+            else f"look {self.look}; next round: init seed {self.next_seed} for {', '.join(self.next_round)}"
+        )
+        lines = [
+            f"**Sequential study** ({status}; max_seeds={self.max_seeds}, "
+            f"alpha={self.alpha}, min_effect={self.min_effect}, spending={self.spending})",
+            "",
+            "| intervention | decision | look | seeds | difference | RCI | level | "
+            "boundary t | dof | method | more seeds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in self.table.itertuples():
-            more = (_more(row.more_seeds, row.beyond_max_seeds) if row.decision == "open"
-                    else "-")
+            more = _more(row.more_seeds, row.beyond_max_seeds) if row.decision == "open" else "-"
             lines.append(
                 f"| {row.intervention} | {row.decision} | {_integer(row.decided_at_look)} | "
                 f"{row.seeds} | {_loss(row.difference)} | "
                 f"[{_loss(row.rci_low)}, {_loss(row.rci_high)}] | {_general(row.level)} | "
-                f"{_general(row.boundary)} | {_integer(row.dof)} | {row.method} | {more} |")
+                f"{_general(row.boundary)} | {_integer(row.dof)} | {row.method} | {more} |"
+            )
         open_rows = self.table[self.table["decision"] == "open"]
         if len(open_rows):
-            needs = "; ".join(f"{row.intervention} {_more(row.more_seeds, row.beyond_max_seeds)}"
-                              for row in open_rows.itertuples())
-            lines += ["", "Still open, with the further init seeds each would need for 80% "
-                      f"power at its level: {needs}."]
+            needs = "; ".join(
+                f"{row.intervention} {_more(row.more_seeds, row.beyond_max_seeds)}" for row in open_rows.itertuples()
+            )
+            lines += [
+                "",
+                f"Still open, with the further init seeds each would need for 80% power at its level: {needs}.",
+            ]
             if not reason:
-                lines[-1] += (f" The baseline runs init seed {self.next_seed} with them; from look "
-                              "2 on every test is paired, so its noise study needs nothing more.")
+                lines[-1] += (
+                    f" The baseline runs init seed {self.next_seed} with them; from look "
+                    "2 on every test is paired, so its noise study needs nothing more."
+                )
         if self.missing:
-            lines += ["", "Scheduled without a finished run: "
-                      + ", ".join(f"{name} seed {seed}" for name, seed in self.missing)]
+            lines += [
+                "",
+                "Scheduled without a finished run: " + ", ".join(f"{name} seed {seed}" for name, seed in self.missing),
+            ]
         return "\n".join(lines + (["", self.method] if method else []))
 
 
 TABLE_COLUMNS = [
-    "intervention", "decision", "decided_at_look", "seeds", "method", "difference", "rci_low",
-    "rci_high", "level", "boundary", "dof", "noise_reference", "noise_sd", "effect_in_sd",
-    "more_seeds", "beyond_max_seeds",
+    "intervention",
+    "decision",
+    "decided_at_look",
+    "seeds",
+    "method",
+    "difference",
+    "rci_low",
+    "rci_high",
+    "level",
+    "boundary",
+    "dof",
+    "noise_reference",
+    "noise_sd",
+    "effect_in_sd",
+    "more_seeds",
+    "beyond_max_seeds",
 ]
 
 
@@ -693,8 +743,7 @@ def sequential_decisions(
     seeds = [int(seed) for seed in seeds]
     _check_design(seeds, look, max_seeds, alpha, min_effect, first_seeds, spending)
     runs = runs.reset_index(drop=True)
-    names = sorted(interventions if interventions is not None
-                   else set(runs["intervention"]) - {BASELINE})
+    names = sorted(interventions if interventions is not None else set(runs["intervention"]) - {BASELINE})
     procedure = SequentialProcedure(names, (), max_seeds, alpha, min_effect, spending)
     is_baseline = runs["intervention"] == BASELINE
     scheduled = pd.Series(False, index=runs.index)
@@ -706,28 +755,48 @@ def sequential_decisions(
         added = runs["seed"].isin(round_seeds(seeds, current, first_seeds))
         scheduled |= added & (is_baseline | runs["intervention"].isin(running))
         present = set(zip(runs.loc[scheduled, "intervention"], runs.loc[scheduled, "seed"]))
-        missing += [(name, seed) for name in running
-                    for seed in round_seeds(seeds, current, first_seeds)
-                    if (name, seed) not in present]
+        missing += [
+            (name, seed)
+            for name in running
+            for seed in round_seeds(seeds, current, first_seeds)
+            if (name, seed) not in present
+        ]
         at_look = runs[scheduled]
         plan = plan_look(at_look, names)
         tests = plan.tests(at_look["test_loss"].to_numpy(dtype=float))
         procedure.update(plan, tests)
     table = _decision_table(procedure, plan, tests)
     open_any = bool(procedure.open.any())
-    stop_reason = (None if open_any and procedure.looks < last_look(max_seeds, first_seeds) else
-                   "max_seeds reached" if open_any else "nothing open")
+    stop_reason = (
+        None
+        if open_any and procedure.looks < last_look(max_seeds, first_seeds)
+        else "max_seeds reached"
+        if open_any
+        else "nothing open"
+    )
     next_seed = None if stop_reason else round_seeds(seeds, procedure.looks + 1, first_seeds)[0]
     noise = plan.noise(at_look["test_loss"].to_numpy(dtype=float))
     baseline = BaselineNeeds(
-        int(at_look.loc[at_look["intervention"] == BASELINE, "seed"].nunique()), next_seed,
+        int(at_look.loc[at_look["intervention"] == BASELINE, "seed"].nunique()),
+        next_seed,
         _most(table.loc[table["decision"] == "open", "more_seeds"]),
-        {kind: (float(noise[kind][0]), float(noise[kind][1])) for kind in ("train", "init")})
-    next_round = [] if stop_reason else [BASELINE] + table.loc[table["decision"] == "open",
-                                                               "intervention"].tolist()
-    return SequentialLook(procedure.looks, max_seeds, alpha, min_effect, table, baseline,
-                          stop_reason, next_seed, next_round, missing, spending,
-                          method_text(spending))
+        {kind: (float(noise[kind][0]), float(noise[kind][1])) for kind in ("train", "init")},
+    )
+    next_round = [] if stop_reason else [BASELINE] + table.loc[table["decision"] == "open", "intervention"].tolist()
+    return SequentialLook(
+        procedure.looks,
+        max_seeds,
+        alpha,
+        min_effect,
+        table,
+        baseline,
+        stop_reason,
+        next_seed,
+        next_round,
+        missing,
+        spending,
+        method_text(spending),
+    )
 
 
 def _most(values: pd.Series) -> float:
@@ -737,34 +806,34 @@ def _most(values: pd.Series) -> float:
     return float(np.nanmax(values))
 
 
-def _decision_table(procedure: SequentialProcedure, look: LookPlan, tests: LookTests
-                    ) -> pd.DataFrame:
+def _decision_table(procedure: SequentialProcedure, look: LookPlan, tests: LookTests) -> pd.DataFrame:
     rows = []
     for arm, name in enumerate(procedure.interventions):
         plan = look.plans[arm]
         decision = int(procedure.decision[arm])
         noise_sd = float(tests.noise_sd[arm])
         difference = float(procedure.difference[arm])
-        more, beyond = (_more_seeds(procedure, arm, noise_sd) if decision == OPEN
-                        else (0.0, False))
-        rows.append({
-            "intervention": name,
-            "decision": DECISIONS[decision],
-            "decided_at_look": int(procedure.decided_at[arm]) or np.nan,
-            "seeds": int(procedure.seeds[arm]),
-            "method": plan.method if plan is not None else "no runs",
-            "difference": difference,
-            "rci_low": float(procedure.ci_low[arm]),
-            "rci_high": float(procedure.ci_high[arm]),
-            "level": float(procedure.level[arm]),
-            "boundary": float(procedure.boundary[arm]),
-            "dof": float(procedure.dof[arm]),
-            "noise_reference": plan.reference if plan is not None else "",
-            "noise_sd": noise_sd,
-            "effect_in_sd": difference / noise_sd if noise_sd > 0 else np.nan,
-            "more_seeds": more,
-            "beyond_max_seeds": beyond,
-        })
+        more, beyond = _more_seeds(procedure, arm, noise_sd) if decision == OPEN else (0.0, False)
+        rows.append(
+            {
+                "intervention": name,
+                "decision": DECISIONS[decision],
+                "decided_at_look": int(procedure.decided_at[arm]) or np.nan,
+                "seeds": int(procedure.seeds[arm]),
+                "method": plan.method if plan is not None else "no runs",
+                "difference": difference,
+                "rci_low": float(procedure.ci_low[arm]),
+                "rci_high": float(procedure.ci_high[arm]),
+                "level": float(procedure.level[arm]),
+                "boundary": float(procedure.boundary[arm]),
+                "dof": float(procedure.dof[arm]),
+                "noise_reference": plan.reference if plan is not None else "",
+                "noise_sd": noise_sd,
+                "effect_in_sd": difference / noise_sd if noise_sd > 0 else np.nan,
+                "more_seeds": more,
+                "beyond_max_seeds": beyond,
+            }
+        )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -832,15 +901,20 @@ class SequentialDesign:
         self.looks = []  # (runs of the look: bool mask, its plan, runs each arm adds, baseline's)
         arm = self.runs["intervention"]
         for look in range(1, last_look(max_seeds, first_seeds) + 1):
-            at_look = self.runs["seed"].isin(self.seeds[:first_seeds + look - 1]).to_numpy()
+            at_look = self.runs["seed"].isin(self.seeds[: first_seeds + look - 1]).to_numpy()
             added = self.runs["seed"].isin(round_seeds(self.seeds, look, first_seeds))
-            self.looks.append((at_look, plan_look(self.runs[at_look], self.interventions),
-                               np.array([(added & (arm == name)).sum()
-                                         for name in self.interventions]),
-                               int((added & (arm == BASELINE)).sum())))
+            self.looks.append(
+                (
+                    at_look,
+                    plan_look(self.runs[at_look], self.interventions),
+                    np.array([(added & (arm == name)).sum() for name in self.interventions]),
+                    int((added & (arm == BASELINE)).sum()),
+                )
+            )
 
-    def simulate(self, losses, alpha: float = 0.05, min_effect: float = 0.0,
-                 spending: str = "obrien_fleming") -> SimulatedStudies:
+    def simulate(
+        self, losses, alpha: float = 0.05, min_effect: float = 0.0, spending: str = "obrien_fleming"
+    ) -> SimulatedStudies:
         """The sequential design on these studies, through the code of :func:`sequential_decisions`.
 
         An arm decided in one repetition keeps its later runs in the look's
@@ -848,11 +922,11 @@ class SequentialDesign:
         tests are paired and use only their own and the baseline's runs, and
         at look 1 every arm is in.  A round counts only the arms open in it.
         """
-        _check_design(self.seeds, None, self.max_seeds, alpha, min_effect, self.first_seeds,
-                      spending)
+        _check_design(self.seeds, None, self.max_seeds, alpha, min_effect, self.first_seeds, spending)
         losses = np.asarray(losses, dtype=float)
-        procedure = SequentialProcedure(self.interventions, losses.shape[:-1], self.max_seeds,
-                                        alpha, min_effect, spending)
+        procedure = SequentialProcedure(
+            self.interventions, losses.shape[:-1], self.max_seeds, alpha, min_effect, spending
+        )
         trials = np.zeros(losses.shape[:-1])
         ran = np.zeros(procedure.decision.shape, dtype=int)
         for look, (at_look, plan, arm_runs, baseline_runs) in enumerate(self.looks, start=1):
@@ -862,9 +936,16 @@ class SequentialDesign:
             procedure.update(plan, plan.tests(losses[..., at_look]))
             if not procedure.open.any():
                 break
-        return SimulatedStudies(self.interventions, DECISIONS[procedure.decision],
-                                procedure.decided_at, ran, trials, procedure.difference,
-                                procedure.ci_low, procedure.ci_high)
+        return SimulatedStudies(
+            self.interventions,
+            DECISIONS[procedure.decision],
+            procedure.decided_at,
+            ran,
+            trials,
+            procedure.difference,
+            procedure.ci_low,
+            procedure.ci_high,
+        )
 
     def fixed(self, losses, seeds: int, alpha: float = 0.05, min_effect: float = 0.0):
         """The fixed design with every arm at the first ``seeds`` init seeds, analysed by issue 11.

@@ -10,7 +10,11 @@ from analysis.compare import compare_to_baseline
 from analysis.factorial import FactorialResult, fit_factorial
 from analysis.load import StudyRuns
 from analysis.noise import (
-    NoiseEstimate, checkpoint_noise, estimate_noise, noise_levels, residuals_by_kind,
+    NoiseEstimate,
+    checkpoint_noise,
+    estimate_noise,
+    noise_levels,
+    residuals_by_kind,
     variance_components,
 )
 
@@ -50,12 +54,14 @@ class StudyAnalysis:
 def analyse(study_runs: StudyRuns, settings: Settings = Settings()) -> StudyAnalysis:
     runs = study_runs.runs
     noise = estimate_noise(runs, settings.alpha)
-    noise["checkpoint"] = checkpoint_noise(
-        study_runs.histories, settings.final_periods, settings.alpha
-    )
+    noise["checkpoint"] = checkpoint_noise(study_runs.histories, settings.final_periods, settings.alpha)
     components, variance_note = variance_components(runs)
     ranking = compare_to_baseline(
-        runs, noise, settings.alpha, settings.min_effect, settings.n_resamples,
+        runs,
+        noise,
+        settings.alpha,
+        settings.min_effect,
+        settings.n_resamples,
         settings.random_seed,
     )
     try:
@@ -63,6 +69,14 @@ def analyse(study_runs: StudyRuns, settings: Settings = Settings()) -> StudyAnal
     except ValueError as error:
         factorial, factorial_note = None, str(error)
     return StudyAnalysis(
-        study_runs, settings, noise, components, variance_note, residuals_by_kind(runs),
-        noise_levels(runs), ranking, factorial, factorial_note,
+        study_runs,
+        settings,
+        noise,
+        components,
+        variance_note,
+        residuals_by_kind(runs),
+        noise_levels(runs),
+        ranking,
+        factorial,
+        factorial_note,
     )

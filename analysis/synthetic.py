@@ -45,8 +45,7 @@ class NoiseModel:
 
 
 # The seeds' study (SEEDS.md): a baseline noise study and each intervention once at seed 42.
-SEEDS_BASELINE_CELLS = ((42, "none"), (22, "none"), (67, "none"), (42, 23), (42, 67), (22, 23),
-                        (67, 23))
+SEEDS_BASELINE_CELLS = ((42, "none"), (22, "none"), (67, "none"), (42, 23), (42, 67), (22, 23), (67, 23))
 SEEDS_INTERVENTION_CELLS = ((42, "none"),)
 SEEDS_NOISE = NoiseModel(init_sd=0.012, train_sd=0.004, repeat_sd=0.0, checkpoint_sd=0.01)
 SEEDS_BASELINE_LOSS = 3.69
@@ -63,21 +62,18 @@ class PlantedIntervention:
 
     @property
     def own_init_draw(self) -> bool:
-        shares = (not self.changes_init if self.shares_init_noise is None
-                  else self.shares_init_noise)
+        shares = not self.changes_init if self.shares_init_noise is None else self.shares_init_noise
         return not shares
 
 
 def seeds_interventions(**effects: float) -> list[PlantedIntervention]:
     """The seven interventions of SEEDS.md with the given effects (default 0)."""
     init_changes = {"qkv_bias": (True, False), "weight_tying": (True, True)}
-    names = ("gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_decay",
-             "weight_tying", "no_amp")
+    names = ("gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_decay", "weight_tying", "no_amp")
     unknown = set(effects) - set(names)
     if unknown:
         raise ValueError(f"not a seeds intervention: {', '.join(sorted(unknown))}")
-    return [PlantedIntervention(name, effects.get(name, 0.0), *init_changes.get(name, (False,)))
-            for name in names]
+    return [PlantedIntervention(name, effects.get(name, 0.0), *init_changes.get(name, (False,))) for name in names]
 
 
 @dataclass
@@ -102,10 +98,14 @@ class SyntheticStudy:
         cells = pd.factorize(runs["intervention"] + "|" + seed + "|" + runs["train_seed"])[0]
         effect = runs["intervention"].map(lambda name: arms[name].effect if name in arms else 0.0)
         offset = runs["seed"].map(lambda s: self.init_offsets.get(s, 0.0))
-        losses = (self.baseline_loss + effect.to_numpy() + offset.to_numpy()
-                  + rng.normal(0, noise.init_sd, (repetitions, draws.max() + 1))[:, draws]
-                  + rng.normal(0, noise.train_sd, (repetitions, cells.max() + 1))[:, cells]
-                  + rng.normal(0, noise.repeat_sd, (repetitions, len(runs))))
+        losses = (
+            self.baseline_loss
+            + effect.to_numpy()
+            + offset.to_numpy()
+            + rng.normal(0, noise.init_sd, (repetitions, draws.max() + 1))[:, draws]
+            + rng.normal(0, noise.train_sd, (repetitions, cells.max() + 1))[:, cells]
+            + rng.normal(0, noise.repeat_sd, (repetitions, len(runs)))
+        )
         return np.where((runs["status"] == "FINISHED").to_numpy(), losses, np.nan)
 
 
@@ -151,13 +151,12 @@ def generate_study(
             weights = fingerprint(arm.name, seed, arm.changes_init)
             rows += [(arm.name, seed, str(train_seed), weights, arm.changes_init, "FINISHED")] * repeats
     seed, train_seed = baseline_cells[0]
-    rows += [(BASELINE, seed, str(train_seed), fingerprint(BASELINE, seed, False), False,
-              "FAILED")] * failed_runs
-    runs = pd.DataFrame(rows, columns=["intervention", "seed", "train_seed", "init_fingerprint",
-                                       "changes_init", "status"])
+    rows += [(BASELINE, seed, str(train_seed), fingerprint(BASELINE, seed, False), False, "FAILED")] * failed_runs
+    runs = pd.DataFrame(
+        rows, columns=["intervention", "seed", "train_seed", "init_fingerprint", "changes_init", "status"]
+    )
     runs.insert(0, "run_id", [f"synthetic-{i:04d}" for i in range(len(runs))])
-    study = SyntheticStudy(runs, pd.DataFrame(), noise, list(interventions), baseline_loss,
-                           dict(init_offsets or {}))
+    study = SyntheticStudy(runs, pd.DataFrame(), noise, list(interventions), baseline_loss, dict(init_offsets or {}))
     rng = np.random.default_rng(rng_seed)
     runs["test_loss"] = study.simulate(1, rng)[0]
     study.histories = _histories(runs, noise, periods, steps_per_period, rng)
@@ -170,12 +169,14 @@ def _histories(runs, noise, periods, steps_per_period, rng) -> pd.DataFrame:
     decay = 8.0 * np.exp(-12.0 * steps / steps[-1])
     levels = runs["test_loss"].fillna(3.5).to_numpy()[:, None] - 0.05
     values = levels + decay + rng.normal(0, noise.checkpoint_sd, (len(runs), periods))
-    return pd.DataFrame({
-        "run_id": np.repeat(runs["run_id"].to_numpy(), periods),
-        "metric": "train_loss_avg",
-        "step": np.tile(steps, len(runs)),
-        "value": values.ravel(),
-    })
+    return pd.DataFrame(
+        {
+            "run_id": np.repeat(runs["run_id"].to_numpy(), periods),
+            "metric": "train_loss_avg",
+            "step": np.tile(steps, len(runs)),
+            "value": values.ravel(),
+        }
+    )
 
 
 def log_study_to_mlflow(
@@ -194,31 +195,41 @@ def log_study_to_mlflow(
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from harness.tracking import mark_experiment
+    from harness.tracking.store import mark_experiment
 
     client = MlflowClient(tracking_uri)
     with mlflow_store(tracking_uri) as mlflow:
         found = mlflow.get_experiment_by_name(experiment)
-        experiment_id = (found.experiment_id if found else
-                         mlflow.create_experiment(experiment, artifact_location=artifact_location))
+        experiment_id = (
+            found.experiment_id if found else mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        )
         mark_experiment(client, client.get_experiment(experiment_id))
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"study {study_name}") as parent:
             mlflow.set_tags({"study": study_name, "study_parent": "true"})
         for run in study.runs.itertuples():
-            mlflow.start_run(experiment_id=experiment_id, run_name=f"{run.intervention} s{run.seed}",
-                             tags={"mlflow.parentRunId": parent.info.run_id})
-            mlflow.set_tags({
-                "intervention": run.intervention, "seed": str(run.seed),
-                "train_seed": run.train_seed, "data_seed": "none",
-                "init_fingerprint": run.init_fingerprint,
-                "config_hash": hashlib.sha256(run.intervention.encode()).hexdigest()[:12],
-                "study": study_name, "scale": "synthetic",
-            })
+            mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=f"{run.intervention} s{run.seed}",
+                tags={"mlflow.parentRunId": parent.info.run_id},
+            )
+            mlflow.set_tags(
+                {
+                    "intervention": run.intervention,
+                    "seed": str(run.seed),
+                    "train_seed": run.train_seed,
+                    "data_seed": "none",
+                    "init_fingerprint": run.init_fingerprint,
+                    "config_hash": hashlib.sha256(run.intervention.encode()).hexdigest()[:12],
+                    "study": study_name,
+                    "scale": "synthetic",
+                }
+            )
             if np.isfinite(run.test_loss):
                 mlflow.log_metric("test_loss", run.test_loss)
             history = study.histories[study.histories["run_id"] == run.run_id]
-            client.log_batch(mlflow.active_run().info.run_id, metrics=[
-                Metric(h.metric, float(h.value), 0, int(h.step)) for h in history.itertuples()
-            ])
+            client.log_batch(
+                mlflow.active_run().info.run_id,
+                metrics=[Metric(h.metric, float(h.value), 0, int(h.step)) for h in history.itertuples()],
+            )
             mlflow.end_run(status=run.status)
     return experiment_id

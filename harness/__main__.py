@@ -1,35 +1,49 @@
-"""`python -m harness [overrides]` runs one trial; `python -m harness +sweep=STUDY [overrides]` runs a study
-(conf/sweep/); `python -m harness list` lists the interventions; `python -m harness runs` and
-`python -m harness replay` look after the records in the store (harness/runs.py); `python -m harness plan`
-says what a trial or a study will cost (harness/plan.py); `python -m harness --help` says how.
+"""`python -m harness`: one command table. With no command (or `train`), the arguments are Hydra overrides for
+one trial, or for a study with `+sweep=STUDY`; every other command is a `main(argv)` in its own module.
 
-Bad input is refused before anything runs, one line per problem: the overrides are checked against the
-schema before Hydra composes, the composed trial before Hydra makes its output directory (a callback, see
-harness/preflight.py). Imports stay inside the functions that need them: `list` loads neither Hydra nor
-torch, `--help` and a refused config load the config layer only, and torch and MLflow load once a trial starts.
+Bad input is refused before anything runs (docs/config.md). Imports stay inside the functions that need them:
+`list` and `--help` load neither torch nor MLflow.
 """
 
+import importlib
 import sys
 from pathlib import Path
+
+# name -> (module whose main(argv) runs it, what it does); the trial itself is the default command.
+COMMANDS = {
+    "train": ("", "one trial (the default: `python -m harness [overrides]`), or a study with +sweep=STUDY"),
+    "plan": ("harness.commands.plan", "what a trial or a study will cost, before it runs"),
+    "list": ("", "every intervention, what it sets, the seeds' result"),
+    "runs": ("harness.commands.runs", "the runs in the store: stale, preempted, what resumes them"),
+    "replay": ("harness.commands.runs", "send a run directory's unsent records to the store"),
+    "evaluate": ("harness.commands.evaluate", "re-score a saved trial's checkpoint on the held-out window"),
+    "export": ("harness.commands.export", "a saved trial as a Hugging Face GPT-2 directory"),
+    "reference": ("harness.commands.reference", "a Hugging Face GPT-2 scored as a reference run"),
+    "prepare": ("harness.data.__main__", "download, tokenize and verify a dataset"),
+    "bench": ("harness.commands.bench", "throughput and MFU of configs side by side"),
+    "bench-tracking": ("harness.commands.bench_tracking", "what tracking costs per step"),
+    "analyze": ("analysis.__main__", "a study's seed noise and ranking of interventions"),
+}
+PASS_COMMAND_NAME = {"runs", "replay", "prepare"}  # their main() takes the command word itself
 
 
 def run_trial(cfg) -> float:
     """Hydra's task function: one composed trial, run on its ranks."""
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.config import trial_to_run
+    from harness.config.schema import trial_to_run
 
     trial_cfg = trial_to_run(cfg, list(HydraConfig.get().overrides.task))
     run_dir = Path(trial_cfg.resume or HydraConfig.get().runtime.output_dir)
     if trial_cfg.resume:
-        from harness.records import resumed_already_finished
+        from harness.tracking.records import resumed_already_finished
 
         done = resumed_already_finished(trial_cfg)
         if done:
             print(f"resume={run_dir}: {done}", flush=True)
             return None
-    from harness.launch import launch
-    from harness.sweep import export_submitit_ranks
+    from harness.study.run import export_submitit_ranks
+    from harness.trial.launch import launch
 
     export_submitit_ranks()
     result = launch(trial_cfg, run_dir)
@@ -38,39 +52,56 @@ def run_trial(cfg) -> float:
     return result.get("test_loss")
 
 
-def main() -> None:
-    arguments = sys.argv[1:]
-    if arguments[:1] == ["list"]:
+def command_table() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items())
+    return f"usage: python -m harness [COMMAND] [ARGS]\n\ncommands:\n{rows}\n"
+
+
+def train(arguments: list[str]) -> None:
+    import hydra
+    from hydra._internal.utils import get_args_parser
+
+    from harness.config.schema import CONF, ConfigError, override_problems
+    from harness.trial.preflight import refuse
+
+    flags = get_args_parser().parse_args(arguments)
+    if not (
+        flags.hydra_help
+        or flags.shell_completion
+        or flags.info
+        or flags.config_dir
+        or flags.config_path
+        or flags.config_name
+        or flags.experimental_rerun
+    ):
+        problems = override_problems(flags.overrides)
+        if problems:
+            refuse(ConfigError(problems))
+    sys.argv = [sys.argv[0], *arguments]
+    hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(run_trial)()
+
+
+def main(arguments: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if arguments is None else arguments
+    command = arguments[0] if arguments and arguments[0] in COMMANDS else "train"
+    rest = arguments[1:] if arguments[:1] == [command] else arguments
+    if command == "list":
         from interventions import describe
 
         print(describe())
         return
-    if arguments[:1] == ["plan"]:
-        from harness.plan import main as plan_main
+    if command == "train":
+        if "--help" in rest or "-h" in rest:
+            from harness.config.usage import usage
 
-        sys.exit(plan_main(arguments[1:]))
-    if arguments[:1] in (["runs"], ["replay"]):
-        from harness.runs import main as runs_main
-
-        sys.exit(runs_main(arguments))
-    if "--help" in arguments or "-h" in arguments:
-        from harness.usage import usage
-
-        print(usage())
+            print(command_table() + "\n" + usage())
+            return
+        train(rest)
         return
-    import hydra
-    from hydra._internal.utils import get_args_parser
-
-    from harness.config import CONF, ConfigError, override_problems
-    from harness.preflight import refuse
-
-    flags = get_args_parser().parse_args(arguments)
-    if not (flags.hydra_help or flags.shell_completion or flags.info or flags.config_dir or flags.config_path
-            or flags.config_name or flags.experimental_rerun):
-        problems = override_problems(flags.overrides)
-        if problems:
-            refuse(ConfigError(problems))
-    hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(run_trial)()
+    module = importlib.import_module(COMMANDS[command][0])
+    status = module.main([command, *rest] if command in PASS_COMMAND_NAME else rest)
+    sys.exit(status or 0)
 
 
 if __name__ == "__main__":

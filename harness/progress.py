@@ -12,14 +12,15 @@ import contextlib
 import logging
 import sys
 import warnings
-from typing import Iterable, Iterator, Optional, TextIO
+from collections.abc import Iterable, Iterator
+from typing import TextIO
 
 from tqdm import tqdm
 
 NON_TTY_INTERVAL = 30.0  # seconds between redraws of the training bar in a log file
 
 
-def is_terminal(stream: Optional[TextIO] = None) -> bool:
+def is_terminal(stream: TextIO | None = None) -> bool:
     stream = sys.stderr if stream is None else stream
     return stream is not None and hasattr(stream, "isatty") and stream.isatty()
 
@@ -30,12 +31,20 @@ def training_bar(total: int, initial: int = 0, enabled: bool = True) -> tqdm:
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, **throttle)
 
 
-def short_bar(items: Iterable = None, total: Optional[int] = None, desc: str = "", unit: str = "it",
-              enabled: bool = True) -> tqdm:
+def short_bar(
+    items: Iterable = None, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True
+) -> tqdm:
     """A bar for a few seconds of work (the test evaluation, a checkpoint), drawn below the training bar and
     removed when done; only on a terminal."""
-    return tqdm(items, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
-                disable=not (enabled and is_terminal()))
+    return tqdm(
+        items,
+        total=total,
+        desc=desc,
+        unit=unit,
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (enabled and is_terminal()),
+    )
 
 
 class Stages:
@@ -58,7 +67,7 @@ class Stages:
         self.bar.close()
 
 
-def write_line(text: str, file: Optional[TextIO] = None) -> None:
+def write_line(text: str, file: TextIO | None = None) -> None:
     """Print a line through any bars on the terminal (from any thread); a plain print when none is drawn."""
     file = sys.stdout if file is None else file
     with tqdm.external_write_mode(file=file):
@@ -89,8 +98,9 @@ def through_bars(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(logger, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+    ]
     replaced = []
     for logger in loggers:
         for index, handler in enumerate(logger.handlers):
@@ -100,8 +110,10 @@ def through_bars(enabled: bool = True) -> Iterator[None]:
     show_warning = warnings.showwarning
 
     def warn_through_bars(message, category, filename, lineno, file=None, line=None):
-        write_line(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
-                   file if file is not None else sys.stderr)
+        write_line(
+            warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
+            file if file is not None else sys.stderr,
+        )
 
     warnings.showwarning = warn_through_bars
     try:
@@ -113,14 +125,18 @@ def through_bars(enabled: bool = True) -> Iterator[None]:
                 logger.handlers[index] = handler
 
 
-def study_line(study: str, total: int, done: int, running: int, elsewhere: int, ended: dict[str, int],
-               elapsed: float) -> str:
+def study_line(
+    study: str, total: int, done: int, running: int, elsewhere: int, ended: dict[str, int], elapsed: float
+) -> str:
     """`[study NAME] trial k of N: … | elapsed …, ETA …`; `ended` counts the finished trials by status."""
     eta = format_duration(elapsed / done * (total - done)) if done else "after the first trial"
     statuses = " (" + ", ".join(f"{n} {s}" for s, n in sorted(ended.items())) + ")" if done else ""
-    where = f"all {total} trials done{statuses}" if done == total else \
-        f"trial {done + 1} of {total}: {done} done{statuses}, {running} running" + \
-        (f", {elsewhere} running in another execution" if elsewhere else "")
+    where = (
+        f"all {total} trials done{statuses}"
+        if done == total
+        else f"trial {done + 1} of {total}: {done} done{statuses}, {running} running"
+        + (f", {elsewhere} running in another execution" if elsewhere else "")
+    )
     return f"[study {study}] {where} | elapsed {format_duration(elapsed)}, ETA {eta}"
 
 

@@ -3,7 +3,7 @@ decay stays on the matrices of the attention and MLP linears and on an untied ou
 
 from torch import nn
 
-from harness.plugins import Plugin, register
+from harness.trial.plugins import Plugin, register
 
 
 @register("no_decay_embeddings_norms_biases")

@@ -3,7 +3,7 @@ stays near 1, which keeps output logits from drifting and tends to stabilise low
 
 import torch
 
-from harness.plugins import Plugin, register
+from harness.trial.plugins import Plugin, register
 
 
 @register("z_loss")

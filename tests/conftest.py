@@ -8,18 +8,27 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from scipy import stats
 from hydra import compose, initialize_config_dir
+from scipy import stats
 
-from harness.config import compose_trial
+from harness.config.schema import compose_trial
 from harness.paths import PROJECT_ROOT
 
 # A trial small enough for a few seconds on 2 CPU cores, through every real code path.
 TINY = [
-    "model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.context_length=32",
-    "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.max_steps=4",
-    "trainer.checkpoint_interval=2", "data.test_tokens=256", "data.eval_batch_size=4",
-    "trainer.progress=false", "trainer.sample_tokens=4", "tracking.log_interval=2",
+    "model.d_model=32",
+    "model.n_head=2",
+    "model.n_layer=1",
+    "model.context_length=32",
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+    "trainer.max_steps=4",
+    "trainer.checkpoint_interval=2",
+    "data.test_tokens=256",
+    "data.eval_batch_size=4",
+    "trainer.progress=false",
+    "trainer.sample_tokens=4",
+    "tracking.log_interval=2",
 ]
 
 
@@ -52,20 +61,24 @@ def rewrite_state(checkpoint_dir: Path, **changes) -> None:
 
     import torch
 
-    from harness import checkpoint
+    from harness.trial import checkpoint
 
     state_file = Path(checkpoint_dir) / checkpoint.STATE_FILE
     torch.save({**torch.load(state_file, weights_only=False), **changes}, state_file)
     manifest = checkpoint.read_manifest(checkpoint_dir)
-    manifest["files"][checkpoint.STATE_FILE] = {"sha256": checkpoint.sha256(state_file), "bytes": state_file.stat().st_size}
+    manifest["files"][checkpoint.STATE_FILE] = {
+        "sha256": checkpoint.sha256(state_file),
+        "bytes": state_file.stat().st_size,
+    }
     (Path(checkpoint_dir) / checkpoint.MANIFEST_FILE).write_text(json.dumps(manifest | changes, indent=1))
 
 
 def run_harness(*args: str, cwd: Path, env_uri: str, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m harness ARGS` as a user runs it, in a fresh process."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     if check and result.returncode:
         raise AssertionError(f"harness failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -90,10 +103,29 @@ class MlflowServer:
         log = open(self.directory / "server.log", "a")
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: a faster start
         self.process = subprocess.Popen(
-            ["timeout", "600", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.directory / 'server.db'}",
-             "--artifacts-destination", str(self.directory / "artifacts"), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            [
+                "timeout",
+                "600",
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.directory / 'server.db'}",
+                "--artifacts-destination",
+                str(self.directory / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
         log.close()
         deadline = time.time() + 180
         while True:
@@ -101,7 +133,9 @@ class MlflowServer:
                 urllib.request.urlopen(f"{self.url}/health", timeout=2)
                 return self
             except OSError:
-                assert self.process.poll() is None and time.time() < deadline, (self.directory / "server.log").read_text()
+                assert self.process.poll() is None and time.time() < deadline, (
+                    self.directory / "server.log"
+                ).read_text()
                 time.sleep(0.25)
 
     def signal(self, number: int) -> None:

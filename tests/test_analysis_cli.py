@@ -13,7 +13,11 @@ from mlflow.tracking import MlflowClient
 from analysis.__main__ import main
 from analysis.load import load_mlflow_study
 from analysis.synthetic import (
-    NoiseModel, PlantedIntervention, SyntheticStudy, generate_study, log_study_to_mlflow,
+    NoiseModel,
+    PlantedIntervention,
+    SyntheticStudy,
+    generate_study,
+    log_study_to_mlflow,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +36,16 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        demo = generate_study(DEMO_INTERVENTIONS, init_seeds=(42, 22, 67, 7), failed_runs=1,
-                              noise=NoiseModel(init_sd=0.02, train_sd=0.005))
+        demo = generate_study(
+            DEMO_INTERVENTIONS,
+            init_seeds=(42, 22, 67, 7),
+            failed_runs=1,
+            noise=NoiseModel(init_sd=0.02, train_sd=0.005),
+        )
         log_study_to_mlflow(demo, "demo", "trials", uri, artifact_location=str(root / "artifacts"))
         orphans = generate_study([PlantedIntervention("no_dropout", -0.01)], periods=3)
         arm_only = orphans.runs[orphans.runs["intervention"] != "baseline"]
-        log_study_to_mlflow(SyntheticStudy(arm_only, orphans.histories, orphans.noise),
-                            "orphans", "trials", uri)
+        log_study_to_mlflow(SyntheticStudy(arm_only, orphans.histories, orphans.noise), "orphans", "trials", uri)
     return uri
 
 
@@ -52,12 +59,14 @@ def study_store(store, monkeypatch, tmp_path):
 
 def test_cli_analyses_an_mlflow_study_and_logs_an_analysis_run(study_store, tmp_path):
     out = tmp_path / "report"
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-m", "analysis", "study=demo", f"out={out}", "min_effect=0.005",
-         "resamples=999"],
-        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "analysis", "study=demo", f"out={out}", "min_effect=0.005", "resamples=999"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
 
@@ -87,8 +96,7 @@ def test_cli_analyses_an_mlflow_study_and_logs_an_analysis_run(study_store, tmp_
     for name in ("training_loss", "forest", "noise"):
         assert (out / "figures" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
 
-    analysis_runs = mlflow.search_runs(experiment_names=["trials"],
-                                       filter_string="tags.analysis = 'true'")
+    analysis_runs = mlflow.search_runs(experiment_names=["trials"], filter_string="tags.analysis = 'true'")
     assert len(analysis_runs) == 1
     logged = analysis_runs.iloc[0]
     assert logged["tags.study"] == "demo" and logged["status"] == "FINISHED"
@@ -100,14 +108,14 @@ def test_cli_analyses_an_mlflow_study_and_logs_an_analysis_run(study_store, tmp_
     assert {"report.md", "report.html", "ranking.csv", "figures"} <= artifacts
 
     # It is nested under the study's parent run, whose description shows each verdict with its interval.
-    parent = mlflow.search_runs(experiment_names=["trials"],
-                                filter_string="tags.study_parent = 'true' and tags.study = 'demo'")
+    parent = mlflow.search_runs(
+        experiment_names=["trials"], filter_string="tags.study_parent = 'true' and tags.study = 'demo'"
+    )
     assert logged["tags.mlflow.parentRunId"] == parent["run_id"].iloc[0]
     note = MlflowClient().get_run(parent["run_id"].iloc[0]).data.tags["mlflow.note.content"]
     row = ranking.loc["no_dropout"]
     assert note.startswith("### Verdicts") and f"Analysis run {logged['run_id']}" in note
-    assert (f"| no_dropout | better | {row['difference']:.6f} | [{row['ci_low']:.6f}, {row['ci_high']:.6f}] |"
-            in note)
+    assert f"| no_dropout | better | {row['difference']:.6f} | [{row['ci_low']:.6f}, {row['ci_high']:.6f}] |" in note
 
     # The analysis run carries study=demo but is not a trial of the study.
     reloaded = load_mlflow_study("demo", with_histories=False)
@@ -150,23 +158,29 @@ def test_missing_store_is_reported_without_creating_it(tmp_path, capsys):
     assert not absent.exists()
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["study"], "arguments are key=value"),
-    (["study=demo", "colour=red"], "unknown key 'colour'"),
-    (["study=demo", "alpha=lots"], "alpha must be a float"),
-    (["study=demo", "alpha=0.9"], "alpha=0.9 is outside"),
-    (["study=demo", "log=maybe"], "log must be auto, true or false"),
-    (["min_effect=0.01"], "study=NAME is required"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["study"], "arguments are key=value"),
+        (["study=demo", "colour=red"], "unknown key 'colour'"),
+        (["study=demo", "alpha=lots"], "alpha must be a float"),
+        (["study=demo", "alpha=0.9"], "alpha=0.9 is outside"),
+        (["study=demo", "log=maybe"], "log must be auto, true or false"),
+        (["min_effect=0.01"], "study=NAME is required"),
+    ],
+)
 def test_bad_arguments_are_explained(arguments, message, study_store, capsys):
     assert main(arguments) == 2
     assert message in capsys.readouterr().err
 
 
 def _write_csv_study(directory: Path) -> tuple[Path, Path]:
-    study = generate_study([PlantedIntervention("no_dropout", -0.04),
-                            PlantedIntervention("qkv_bias", 0.0, changes_init=True)],
-                           init_seeds=(1, 2, 3, 4), failed_runs=1, periods=6)
+    study = generate_study(
+        [PlantedIntervention("no_dropout", -0.04), PlantedIntervention("qkv_bias", 0.0, changes_init=True)],
+        init_seeds=(1, 2, 3, 4),
+        failed_runs=1,
+        periods=6,
+    )
     runs_csv, history_csv = directory / "sweep.csv", directory / "sweep_history.csv"
     study.runs.drop(columns="init_fingerprint").to_csv(runs_csv, index=False)
     study.histories.to_csv(history_csv, index=False)
@@ -190,22 +204,38 @@ def test_csv_input_is_analysed_without_mlflow(tmp_path, monkeypatch, capsys):
 
 def test_csv_input_can_be_logged_to_a_named_experiment(study_store, tmp_path):
     runs_csv, _ = _write_csv_study(tmp_path)
-    arguments = [f"csv={runs_csv}", "study=sweep", f"out={tmp_path / 'out'}", "log=true",
-                 f"tracking_uri={study_store}", "experiment=csv-analyses", "resamples=999"]
+    arguments = [
+        f"csv={runs_csv}",
+        "study=sweep",
+        f"out={tmp_path / 'out'}",
+        "log=true",
+        f"tracking_uri={study_store}",
+        "experiment=csv-analyses",
+        "resamples=999",
+    ]
     assert main(arguments) == 0
     logged = mlflow.search_runs(experiment_names=["csv-analyses"])
     assert list(logged["tags.analysis"]) == ["true"] and list(logged["tags.study"]) == ["sweep"]
 
 
 def test_thin_evidence_is_flagged_on_the_mlflow_analysis_run(study_store, tmp_path):
-    table = generate_study([PlantedIntervention("no_dropout", -0.02),
-                            PlantedIntervention("qkv_bias", -0.02, changes_init=True)],
-                           baseline_cells=[(s, t) for s in (42, 22, 67) for t in ("none", 23)],
-                           intervention_cells=[(42, "none")], baseline_repeats=1, periods=3).runs
+    table = generate_study(
+        [PlantedIntervention("no_dropout", -0.02), PlantedIntervention("qkv_bias", -0.02, changes_init=True)],
+        baseline_cells=[(s, t) for s in (42, 22, 67) for t in ("none", 23)],
+        intervention_cells=[(42, "none")],
+        baseline_repeats=1,
+        periods=3,
+    ).runs
     runs_csv = tmp_path / "one_run_each.csv"
     table.to_csv(runs_csv, index=False)
-    arguments = [f"csv={runs_csv}", f"out={tmp_path / 'out'}", "log=true",
-                 f"tracking_uri={study_store}", "experiment=thin", "resamples=999"]
+    arguments = [
+        f"csv={runs_csv}",
+        f"out={tmp_path / 'out'}",
+        "log=true",
+        f"tracking_uri={study_store}",
+        "experiment=thin",
+        "resamples=999",
+    ]
     assert main(arguments) == 0
     logged = mlflow.search_runs(experiment_names=["thin"]).iloc[0]
     assert logged["tags.thin_evidence"] == "true"

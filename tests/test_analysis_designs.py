@@ -15,15 +15,29 @@ from scipy import stats
 
 from analysis.__main__ import main
 from analysis.compare import (
-    THIN_DOF, compare_to_baseline, decide_studies, prediction_test, t_test_power,
+    THIN_DOF,
+    compare_to_baseline,
+    decide_studies,
+    prediction_test,
+    t_test_power,
 )
 from analysis.load import prepare_runs
 from analysis.noise import (
-    declared_noise_reference, estimate_noise, noise_designs, noise_levels, pooled_variance,
+    declared_noise_reference,
+    estimate_noise,
+    noise_designs,
+    noise_levels,
+    pooled_variance,
 )
 from analysis.synthetic import (
-    SEEDS_BASELINE_CELLS, SEEDS_BASELINE_LOSS, SEEDS_INTERVENTION_CELLS, SEEDS_NOISE, NoiseModel,
-    PlantedIntervention, generate_study, seeds_interventions,
+    SEEDS_BASELINE_CELLS,
+    SEEDS_BASELINE_LOSS,
+    SEEDS_INTERVENTION_CELLS,
+    SEEDS_NOISE,
+    NoiseModel,
+    PlantedIntervention,
+    generate_study,
+    seeds_interventions,
 )
 from tests.conftest import assert_at_most, assert_rate
 
@@ -50,15 +64,21 @@ no_amp,42,none,false,3.695790
 """
 
 
-
 def seeds_runs() -> pd.DataFrame:
     return prepare_runs(pd.read_csv(io.StringIO(SEEDS_CSV)), "seeds", "test").runs
 
 
 def seeds_study(interventions, baseline_cells=GRID_3X3, noise=SEEDS_NOISE, **options):
-    return generate_study(interventions, baseline_cells=baseline_cells,
-                          intervention_cells=SEEDS_INTERVENTION_CELLS, baseline_repeats=1,
-                          noise=noise, baseline_loss=SEEDS_BASELINE_LOSS, periods=3, **options)
+    return generate_study(
+        interventions,
+        baseline_cells=baseline_cells,
+        intervention_cells=SEEDS_INTERVENTION_CELLS,
+        baseline_repeats=1,
+        noise=noise,
+        baseline_loss=SEEDS_BASELINE_LOSS,
+        periods=3,
+        **options,
+    )
 
 
 def simulate(study, repetitions: int, rng_seed: int, min_effect: float = 0.0):
@@ -107,16 +127,16 @@ def test_seeds_design_gives_verdicts_with_intervals_against_the_right_baseline()
 def test_prediction_test_is_the_hand_calculation():
     runs = seeds_runs()
     noise = estimate_noise(runs)
-    row = compare_to_baseline(runs, noise, n_resamples=999).set_index("intervention").loc[
-        "no_dropout"]
+    row = compare_to_baseline(runs, noise, n_resamples=999).set_index("intervention").loc["no_dropout"]
     baseline = runs[(runs["intervention"] == "baseline") & (runs["seed"] == 42)]["test_loss"]
     run = runs[runs["intervention"] == "no_dropout"]["test_loss"].iloc[0]
     standard_error = noise["train"].sd * np.sqrt(1 / 1 + 1 / 3)
     t = (run - baseline.mean()) / standard_error
     assert row["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), 4))
     half = stats.t.isf(ALPHA / 2, 4) * standard_error
-    assert (row["ci_low"], row["ci_high"]) == pytest.approx((run - baseline.mean() - half,
-                                                             run - baseline.mean() + half))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(
+        (run - baseline.mean() - half, run - baseline.mean() + half)
+    )
 
 
 def test_prediction_test_is_vectorised_and_broadcasts_the_noise():
@@ -136,22 +156,19 @@ def test_noise_estimates_use_every_run_and_count_init_draws_once():
     noise, levels = estimate_noise(runs), noise_levels(runs)
     train_levels = levels[levels["noise"] == "train"]
     init_levels = levels[levels["noise"] == "init"]
-    assert train_levels["runs"].tolist() == ["s42/none, s42/23, s42/67", "s22/none, s22/23",
-                                             "s67/none, s67/23"]
+    assert train_levels["runs"].tolist() == ["s42/none, s42/23, s42/67", "s22/none, s22/23", "s67/none, s67/23"]
     assert init_levels["level"].tolist() == ["train_seed none", "train_seed 23"]
     for kind, table in (("train", train_levels), ("init", init_levels)):
         pooled = np.sqrt(((table["n"] - 1) * table["sd"] ** 2).sum() / (table["n"] - 1).sum())
         assert noise[kind].sd == pytest.approx(pooled)  # a user can redo it from the levels
         assert noise[kind].nominal_dof == (table["n"] - 1).sum()
-        np.testing.assert_allclose(table["sd"],
-                                   table["population_sd"] * np.sqrt(table["n"] / (table["n"] - 1)))
+        np.testing.assert_allclose(table["sd"], table["population_sd"] * np.sqrt(table["n"] / (table["n"] - 1)))
     assert (noise["train"].n_runs, noise["train"].dof) == (7, 4)
     # Both init levels start from the same three init draws: 2 dof, not 4.
     assert (noise["init"].n_runs, noise["init"].nominal_dof, noise["init"].dof) == (6, 4, 2)
 
 
-@pytest.mark.parametrize("noise", [SEEDS_NOISE, NoiseModel(init_sd=0.006, train_sd=0.006,
-                                                            repeat_sd=0.0)])
+@pytest.mark.parametrize("noise", [SEEDS_NOISE, NoiseModel(init_sd=0.006, train_sd=0.006, repeat_sd=0.0)])
 def test_init_noise_dof_are_conservative_and_tight_when_init_noise_dominates(noise):
     """The dof of the pooled init variance, checked against its simulated spread."""
     study = seeds_study(seeds_interventions(), noise=noise)
@@ -177,17 +194,20 @@ def test_registry_declaration_overrides_the_fingerprint_rule():
 def test_arm_without_a_baseline_run_at_its_init_seed_is_judged_against_init_noise():
     runs = seeds_runs()
     runs.loc[runs["intervention"] == "no_dropout", "seed"] = 7  # a seed the baseline never ran
-    row = compare_to_baseline(runs, estimate_noise(runs), n_resamples=999).set_index(
-        "intervention").loc["no_dropout"]
+    row = compare_to_baseline(runs, estimate_noise(runs), n_resamples=999).set_index("intervention").loc["no_dropout"]
     assert row["method"] == "prediction t vs init-seed noise"
     assert "no baseline run at its init seed" in row["reference_reason"]
     assert row["baseline_runs"] == "3 runs: s42/none, s22/none, s67/none"
 
 
 def test_same_init_arm_pairs_init_seeds_without_a_shared_cell():
-    study = generate_study([PlantedIntervention("no_dropout", -0.01)], init_seeds=(1, 2, 3),
-                           baseline_cells=[(s, t) for s in (1, 2, 3) for t in ("none", 23)],
-                           intervention_cells=[(s, 99) for s in (1, 2, 3)], baseline_repeats=1)
+    study = generate_study(
+        [PlantedIntervention("no_dropout", -0.01)],
+        init_seeds=(1, 2, 3),
+        baseline_cells=[(s, t) for s in (1, 2, 3) for t in ("none", 23)],
+        intervention_cells=[(s, 99) for s in (1, 2, 3)],
+        baseline_repeats=1,
+    )
     runs = prepare_runs(study.runs, "s", "test").runs
     row = compare_to_baseline(runs, estimate_noise(runs), n_resamples=999).iloc[0]
     assert row["design"] == "paired" and row["dof"] == 2 and row["thin_evidence"]
@@ -228,8 +248,7 @@ def test_aa_seeds_design_with_the_seeds_own_baseline_grid():
     repetitions = 4000
     study = seeds_study(seeds_interventions(), baseline_cells=SEEDS_BASELINE_CELLS)
     index, _, decisions, _, _ = simulate(study, repetitions, 12)
-    assert_at_most(int((decisions.verdict != "inconclusive").any(axis=-1).sum()), repetitions,
-                   ALPHA)
+    assert_at_most(int((decisions.verdict != "inconclusive").any(axis=-1).sum()), repetitions, ALPHA)
     rejected = (decisions.p_value < ALPHA).sum(axis=0)
     assert_rate(int(rejected[index["no_dropout"]]), repetitions, ALPHA)
     assert_at_most(int(rejected[index["qkv_bias"]]), repetitions, ALPHA)
@@ -258,9 +277,11 @@ def test_same_init_effect_keeps_its_sign_whatever_the_other_init_seeds_do(offset
     """(c) -1 train-seed SD at seed 42, with the baseline's seeds 22 and 67 far above or below."""
     repetitions, sd = 4000, SEEDS_NOISE.single_run_train_sd
     init_sd = np.hypot(SEEDS_NOISE.init_sd, sd)
-    study = seeds_study([PlantedIntervention("no_dropout", -sd)],
-                        baseline_cells=SEEDS_BASELINE_CELLS,
-                        init_offsets={22: offset * init_sd, 67: offset * init_sd})
+    study = seeds_study(
+        [PlantedIntervention("no_dropout", -sd)],
+        baseline_cells=SEEDS_BASELINE_CELLS,
+        init_offsets={22: offset * init_sd, 67: offset * init_sd},
+    )
     _, _, decisions, runs, losses = simulate(study, repetitions, 14)
     difference = decisions.difference[:, 0]
     # Unbiased: the mean estimate is the planted -1 SD, within 4 standard errors.
@@ -278,12 +299,17 @@ def test_same_init_effect_keeps_its_sign_whatever_the_other_init_seeds_do(offset
 def test_aa_paired_design_still_controls_the_error():
     """Every arm at every cell of 3 init seeds x 2 train seeds: the paired t over init seeds."""
     repetitions = 4000
-    study = generate_study(seeds_interventions(), init_seeds=(42, 22, 67), train_seeds=(23, 67),
-                           baseline_repeats=1, noise=SEEDS_NOISE, periods=3)
+    study = generate_study(
+        seeds_interventions(),
+        init_seeds=(42, 22, 67),
+        train_seeds=(23, 67),
+        baseline_repeats=1,
+        noise=SEEDS_NOISE,
+        periods=3,
+    )
     index, plans, decisions, _, _ = simulate(study, repetitions, 15)
     assert {plan.design for plan in plans} == {"paired"}
-    assert_at_most(int((decisions.verdict != "inconclusive").any(axis=-1).sum()), repetitions,
-                   ALPHA)
+    assert_at_most(int((decisions.verdict != "inconclusive").any(axis=-1).sum()), repetitions, ALPHA)
     rejected = (decisions.p_value < ALPHA).sum(axis=0)
     for column in index.values():
         assert_rate(int(rejected[column]), repetitions, ALPHA)

@@ -8,14 +8,16 @@ from analysis.load import AnalysisInputError, load_csv_study, prepare_runs
 
 
 def run_table(**overrides) -> pd.DataFrame:
-    table = pd.DataFrame({
-        "run_id": ["b1", "b2", "b3", "a1", "a2", "a3"],
-        "intervention": ["baseline"] * 3 + ["qkv_bias+no_dropout"] * 3,
-        "seed": ["42", "22", "67", "42", "22", "67"],
-        "train_seed": ["23", None, "none", 23.0, np.nan, "none"],
-        "test_loss": [3.31, 3.30, 3.32, 3.29, 3.28, 3.30],
-        "init_fingerprint": ["f42", "f22", "f67", "g42", "g22", "g67"],
-    })
+    table = pd.DataFrame(
+        {
+            "run_id": ["b1", "b2", "b3", "a1", "a2", "a3"],
+            "intervention": ["baseline"] * 3 + ["qkv_bias+no_dropout"] * 3,
+            "seed": ["42", "22", "67", "42", "22", "67"],
+            "train_seed": ["23", None, "none", 23.0, np.nan, "none"],
+            "test_loss": [3.31, 3.30, 3.32, 3.29, 3.28, 3.30],
+            "init_fingerprint": ["f42", "f22", "f67", "g42", "g22", "g67"],
+        }
+    )
     for column, values in overrides.items():
         table[column] = values
     return table
@@ -30,20 +32,25 @@ def test_runs_are_normalised():
 
 
 def test_unfinished_and_non_finite_runs_are_excluded_and_listed():
-    table = run_table(status=["FINISHED", "FAILED", "RUNNING", "FINISHED", "FINISHED", "KILLED"],
-                      test_loss=[3.31, 3.30, 3.32, np.inf, np.nan, 3.30])
+    table = run_table(
+        status=["FINISHED", "FAILED", "RUNNING", "FINISHED", "FINISHED", "KILLED"],
+        test_loss=[3.31, 3.30, 3.32, np.inf, np.nan, 3.30],
+    )
     study = prepare_runs(table, "s", "test")
     assert study.runs["run_id"].tolist() == ["b1"]
     reasons = study.excluded.set_index("run_id")["reason"].to_dict()
-    assert reasons == {"b2": "status FAILED", "b3": "status RUNNING",
-                       "a1": "no finite test_loss", "a2": "no finite test_loss",
-                       "a3": "status KILLED"}
+    assert reasons == {
+        "b2": "status FAILED",
+        "b3": "status RUNNING",
+        "a1": "no finite test_loss",
+        "a2": "no finite test_loss",
+        "a3": "status KILLED",
+    }
 
 
 def test_missing_columns_are_named():
     table = run_table().drop(columns=["train_seed", "init_fingerprint"])
-    with pytest.raises(AnalysisInputError, match="missing columns: train_seed, "
-                                                 "init_fingerprint or changes_init"):
+    with pytest.raises(AnalysisInputError, match="missing columns: train_seed, init_fingerprint or changes_init"):
         prepare_runs(table, "s", "test")
 
 

@@ -33,21 +33,33 @@ def test_training_curves_skip_non_finite_values(tmp_path):
 def test_training_curves_bin_long_per_step_histories(tmp_path):
     runs = pd.DataFrame({"run_id": ["a", "b"], "intervention": ["baseline", "x"]})
     steps = np.arange(1, 5001)
-    histories = pd.DataFrame({
-        "run_id": np.repeat(["a", "b"], len(steps)), "metric": "train_loss",
-        "step": np.tile(steps, 2), "value": np.tile(10 / np.sqrt(steps), 2),
-    })
+    histories = pd.DataFrame(
+        {
+            "run_id": np.repeat(["a", "b"], len(steps)),
+            "metric": "train_loss",
+            "step": np.tile(steps, 2),
+            "value": np.tile(10 / np.sqrt(steps), 2),
+        }
+    )
     assert is_png(plots.training_curves(histories, runs, tmp_path / "curves.png"))
 
 
 def test_plots_without_finite_data_are_skipped(tmp_path):
     runs = pd.DataFrame({"run_id": ["a"], "intervention": ["baseline"]})
-    histories = pd.DataFrame({"run_id": ["a", "a"], "metric": "train_loss_avg",
-                              "step": [1, 2], "value": [np.nan, np.inf]})
+    histories = pd.DataFrame(
+        {"run_id": ["a", "a"], "metric": "train_loss_avg", "step": [1, 2], "value": [np.nan, np.inf]}
+    )
     assert plots.training_curves(histories, runs, tmp_path / "c.png") is None
-    ranking = pd.DataFrame({"intervention": ["x"], "verdict": ["inconclusive"],
-                            "difference": [np.nan], "ci_low": [np.nan], "ci_high": [np.inf],
-                            "noise_sd": [np.nan]})
+    ranking = pd.DataFrame(
+        {
+            "intervention": ["x"],
+            "verdict": ["inconclusive"],
+            "difference": [np.nan],
+            "ci_low": [np.nan],
+            "ci_high": [np.inf],
+            "noise_sd": [np.nan],
+        }
+    )
     assert plots.forest_plot(ranking, 0.01, tmp_path / "f.png") is None
     residuals = pd.DataFrame({"kind": ["init"], "deviation": [np.inf]})
     assert plots.noise_distributions(residuals, tmp_path / "n.png") is None
@@ -55,11 +67,16 @@ def test_plots_without_finite_data_are_skipped(tmp_path):
 
 
 def test_forest_plot_draws_rows_with_missing_values(tmp_path):
-    ranking = pd.DataFrame({
-        "intervention": ["a", "b", "c"], "verdict": ["better", "inconclusive", "worse"],
-        "difference": [-0.02, np.nan, 0.01], "ci_low": [-0.03, np.nan, -np.inf],
-        "ci_high": [-0.01, np.nan, 0.02], "noise_sd": [0.005, np.inf, 0.02],
-    })
+    ranking = pd.DataFrame(
+        {
+            "intervention": ["a", "b", "c"],
+            "verdict": ["better", "inconclusive", "worse"],
+            "difference": [-0.02, np.nan, 0.01],
+            "ci_low": [-0.03, np.nan, -np.inf],
+            "ci_high": [-0.01, np.nan, 0.02],
+            "noise_sd": [0.005, np.inf, 0.02],
+        }
+    )
     assert is_png(plots.forest_plot(ranking, 0.005, tmp_path / "forest.png"))
 
 
@@ -73,8 +90,9 @@ def test_report_of_a_baseline_only_study(tmp_path):
 
 
 def test_report_of_a_study_with_diverged_runs_and_a_lone_seed(tmp_path):
-    study = generate_study([PlantedIntervention("no_dropout", -0.02),
-                            PlantedIntervention("lr_schedule", 0.01)], failed_runs=1)
+    study = generate_study(
+        [PlantedIntervention("no_dropout", -0.02), PlantedIntervention("lr_schedule", 0.01)], failed_runs=1
+    )
     runs = study.runs.copy()
     diverged = runs.index[runs["intervention"] == "no_dropout"][0]
     runs.loc[diverged, "test_loss"] = np.inf

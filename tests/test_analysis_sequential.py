@@ -15,19 +15,28 @@ from scipy.stats import multivariate_normal
 
 from analysis.compare import decide_studies
 from analysis.sequential import (
-    SequentialDesign, last_look, normal_boundaries, paired_t_boundaries, round_seeds,
-    sequential_decisions, spent_alpha, t_cdf,
+    SequentialDesign,
+    last_look,
+    normal_boundaries,
+    paired_t_boundaries,
+    round_seeds,
+    sequential_decisions,
+    spent_alpha,
+    t_cdf,
 )
 from analysis.sequential_table import (
-    SCHEDULE, TRAIN_SD, compare_designs, planted_effects, seeds_like_study, simulated_losses,
+    SCHEDULE,
+    TRAIN_SD,
+    compare_designs,
+    planted_effects,
+    seeds_like_study,
+    simulated_losses,
 )
 from tests.conftest import assert_at_most, assert_rate
 
 ALPHA = 0.05
 MAX_SEEDS = 8
-NAMES = ["gradient_clipping", "lr_schedule", "no_amp", "no_dropout", "qkv_bias", "weight_decay",
-         "weight_tying"]
-
+NAMES = ["gradient_clipping", "lr_schedule", "no_amp", "no_dropout", "qkv_bias", "weight_decay", "weight_tying"]
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +69,11 @@ def test_normal_boundaries_are_the_published_lan_demets_ones(spending):
     else:
         assert (np.diff(boundaries) < 0).all() and boundaries[0] - boundaries[-1] < 0.06
         assert spent_alpha(0.5, ALPHA, spending) == pytest.approx(ALPHA * np.log(1 + (np.e - 1) / 2))
-    correlation = np.sqrt(np.minimum.outer(fractions, fractions)
-                          / np.maximum.outer(fractions, fractions))
+    correlation = np.sqrt(np.minimum.outer(fractions, fractions) / np.maximum.outer(fractions, fractions))
     for look in (2, 3, 5):  # scipy's multivariate normal, independently of the recursion
         inside = multivariate_normal(np.zeros(look), correlation[:look, :look]).cdf(
-            boundaries[:look], lower_limit=-boundaries[:look])
+            boundaries[:look], lower_limit=-boundaries[:look]
+        )
         assert 1 - inside == pytest.approx(spent_alpha(fractions[look - 1], ALPHA, spending), abs=2e-5)
     assert spent_alpha(1.0, ALPHA, spending) == pytest.approx(ALPHA)
     assert spent_alpha(0.0, ALPHA, spending) == 0
@@ -76,8 +85,9 @@ def test_closed_form_t_cdf_matches_scipy():
         np.testing.assert_allclose(t_cdf(dof, x), special.stdtr(dof, x), rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("level, spending", [(ALPHA, "obrien_fleming"), (ALPHA / 7, "obrien_fleming"),
-                                             (ALPHA, "pocock")])
+@pytest.mark.parametrize(
+    "level, spending", [(ALPHA, "obrien_fleming"), (ALPHA / 7, "obrien_fleming"), (ALPHA, "pocock")]
+)
 def test_paired_t_boundaries_spend_exactly_and_the_nominal_transfer_does_not(level, spending):
     """Monte Carlo on 400,000 null paths of per-seed differences, paired looks at 2..8 of 8 seeds.
 
@@ -88,8 +98,7 @@ def test_paired_t_boundaries_spend_exactly_and_the_nominal_transfer_does_not(lev
     seeds = np.arange(2, MAX_SEEDS + 1)
     increments = np.diff(spent_alpha(seeds / MAX_SEEDS, level, spending), prepend=0.0)
     exact = paired_t_boundaries(seeds, increments)
-    nominal = stats.t.isf(stats.norm.sf(normal_boundaries(seeds / MAX_SEEDS, level,
-                                                          spending=spending)), seeds - 1)
+    nominal = stats.t.isf(stats.norm.sf(normal_boundaries(seeds / MAX_SEEDS, level, spending=spending)), seeds - 1)
     paths = 400_000
     differences = np.random.default_rng(21).normal(size=(paths, MAX_SEEDS))
     sums, squares = differences.cumsum(axis=1), (differences**2).cumsum(axis=1)
@@ -109,8 +118,7 @@ def test_paired_t_boundaries_spend_exactly_and_the_nominal_transfer_does_not(lev
 def test_paired_t_boundaries_handle_gaps_and_levels_at_once():
     """A missing look (seeds 2, 4, 5) and several levels in one call give the single-call values."""
     levels = ALPHA / np.arange(1, 4)
-    increments = np.diff(spent_alpha(np.array([2, 4, 5])[:, None] / 5, levels), axis=0,
-                         prepend=0.0)
+    increments = np.diff(spent_alpha(np.array([2, 4, 5])[:, None] / 5, levels), axis=0, prepend=0.0)
     together = paired_t_boundaries((2, 4, 5), increments)
     for column in range(3):
         alone = paired_t_boundaries((2, 4, 5), increments[:, column])
@@ -164,8 +172,7 @@ def test_replay_takes_the_simulated_decisions_and_ignores_unscheduled_runs(desig
     study, runs = seeds_like_study(MAX_SEEDS, planted_effects(NAMES[:4], 4.0))
     losses = simulated_losses(study, runs, 40, 31)
     simulated = design.simulate(losses)
-    staggered = [r for r in range(40)
-                 if len(set(simulated.decided_at[r][simulated.decided_at[r] > 0])) >= 2]
+    staggered = [r for r in range(40) if len(set(simulated.decided_at[r][simulated.decided_at[r] > 0])) >= 2]
     assert staggered and (simulated.decision == "better").any()
     rep = staggered[0]
     decided_at = dict(zip(simulated.interventions, simulated.decided_at[rep]))
@@ -190,12 +197,10 @@ def test_replay_takes_the_simulated_decisions_and_ignores_unscheduled_runs(desig
     assert sum(counts[key] for key in ("n_better", "n_worse", "n_no_effect", "n_open")) == 7
 
     # A run the design did not schedule (a decided arm at a later seed) changes nothing.
-    arm, at = min(((name, when) for name, when in decided_at.items() if 0 < when < MAX_SEEDS),
-                  key=lambda item: item[1])
+    arm, at = min(((name, when) for name, when in decided_at.items() if 0 < when < MAX_SEEDS), key=lambda item: item[1])
     extra = runs[(runs["intervention"] == arm) & (runs["seed"] == SCHEDULE[at])]
     extra = extra.assign(test_loss=extra["test_loss"] + 1.0)
-    again = sequential_decisions(pd.concat([ran, extra]), SCHEDULE, last_look(MAX_SEEDS),
-                                 MAX_SEEDS)
+    again = sequential_decisions(pd.concat([ran, extra]), SCHEDULE, last_look(MAX_SEEDS), MAX_SEEDS)
     pd.testing.assert_frame_equal(again.table, look.table)
 
 
@@ -203,8 +208,7 @@ def test_a_missing_run_is_listed_and_holds_the_arms_back():
     """Round 2 without the baseline's seed-22 run: nothing pairs, so no arm is tested again."""
     _, runs = seeds_like_study(MAX_SEEDS)
     two_rounds = runs[runs["seed"].isin(SCHEDULE[:2])]
-    without = two_rounds[~((two_rounds["intervention"] == "baseline")
-                           & (two_rounds["seed"] == SCHEDULE[1]))]
+    without = two_rounds[~((two_rounds["intervention"] == "baseline") & (two_rounds["seed"] == SCHEDULE[1]))]
     look = sequential_decisions(without, SCHEDULE, 2, MAX_SEEDS)
     assert look.missing == [("baseline", SCHEDULE[1])]
     assert "Scheduled without a finished run: baseline seed 22" in look.markdown()
@@ -217,22 +221,24 @@ def test_a_missing_run_is_listed_and_holds_the_arms_back():
 
 def test_first_seeds_two_starts_with_paired_tests():
     _, runs = seeds_like_study(4)
-    look = sequential_decisions(runs[runs["seed"].isin(SCHEDULE[:2])], SCHEDULE, 1, 4,
-                                first_seeds=2)
+    look = sequential_decisions(runs[runs["seed"].isin(SCHEDULE[:2])], SCHEDULE, 1, 4, first_seeds=2)
     assert (look.table["method"] == "paired t over 2 init seeds").all()
     assert look.next_seed == SCHEDULE[2] and last_look(4, first_seeds=2) == 3
     assert round_seeds(SCHEDULE, 1, 2) == [42, 22] and round_seeds(SCHEDULE, 3, 2) == [1]
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (dict(look=9), "has looks 1 to 8"),
-    (dict(look=0), "has looks 1 to 8"),
-    (dict(seeds=SCHEDULE[:5]), "lists 5 init seeds; max_seeds=8"),
-    (dict(seeds=(42, 42) + SCHEDULE[2:]), "repeats a seed"),
-    (dict(alpha=1.5), "alpha=1.5"),
-    (dict(min_effect=-0.1), "min_effect=-0.1"),
-    (dict(first_seeds=9), "first_seeds=9"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(look=9), "has looks 1 to 8"),
+        (dict(look=0), "has looks 1 to 8"),
+        (dict(seeds=SCHEDULE[:5]), "lists 5 init seeds; max_seeds=8"),
+        (dict(seeds=(42, 42) + SCHEDULE[2:]), "repeats a seed"),
+        (dict(alpha=1.5), "alpha=1.5"),
+        (dict(min_effect=-0.1), "min_effect=-0.1"),
+        (dict(first_seeds=9), "first_seeds=9"),
+    ],
+)
 def test_bad_settings_are_refused_with_the_reason(arguments, message):
     _, runs = seeds_like_study(2)
     settings = dict(seeds=SCHEDULE, look=1, max_seeds=MAX_SEEDS) | arguments
@@ -289,12 +295,16 @@ def test_pocock_stops_large_effects_sooner_and_finds_small_ones_less_often(desig
     the fixed design with max_seeds."""
     arms = 1000 * len(NAMES)
     tolerance = 3 * np.sqrt(0.25 / arms)
-    large = {spending: compare_designs(design, None, 4.0, 1000, rng_seed=81, spending=spending)
-             for spending in ("obrien_fleming", "pocock")}
+    large = {
+        spending: compare_designs(design, None, 4.0, 1000, rng_seed=81, spending=spending)
+        for spending in ("obrien_fleming", "pocock")
+    }
     assert large["pocock"]["trials"] < large["obrien_fleming"]["trials"] - 2
     assert large["pocock"]["power"] > 0.99
-    moderate = {spending: compare_designs(design, None, 2.0, 1000, rng_seed=82, spending=spending)
-                for spending in ("obrien_fleming", "pocock")}
+    moderate = {
+        spending: compare_designs(design, None, 2.0, 1000, rng_seed=82, spending=spending)
+        for spending in ("obrien_fleming", "pocock")
+    }
     assert moderate["pocock"]["power"] < moderate["obrien_fleming"]["power"] - 0.1
     for result in (*large.values(), *moderate.values()):
         assert result["power"] <= result["fixed_power"][MAX_SEEDS] + tolerance

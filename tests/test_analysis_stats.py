@@ -15,8 +15,15 @@ from scipy import integrate, stats
 from statsmodels.stats.multitest import multipletests
 
 from analysis.compare import (
-    bootstrap_interval, compare_to_baseline, holm_adjust, paired_test, power_at,
-    probability_better, seeds_needed, verdicts, welch_test,
+    bootstrap_interval,
+    compare_to_baseline,
+    holm_adjust,
+    paired_test,
+    power_at,
+    probability_better,
+    seeds_needed,
+    verdicts,
+    welch_test,
 )
 from analysis.factorial import fit_factorial
 from analysis.load import prepare_runs
@@ -100,8 +107,12 @@ def test_noise_sd_intervals_cover_true_noise():
     for rep in range(reps):
         runs = study_runs(
             [PlantedIntervention("no_dropout", -0.01), PlantedIntervention("qkv_bias", 0.0, True)],
-            init_seeds=(1, 2, 3, 4), train_seeds=(23, 67), baseline_repeats=4, noise=noise,
-            periods=3, rng_seed=rep,
+            init_seeds=(1, 2, 3, 4),
+            train_seeds=(23, 67),
+            baseline_repeats=4,
+            noise=noise,
+            periods=3,
+            rng_seed=rep,
         ).runs
         for kind, estimate in estimate_noise(runs, ALPHA).items():
             covered[kind] += estimate.ci_low <= truth[kind] <= estimate.ci_high
@@ -116,9 +127,14 @@ def test_factorial_intervals_cover_planted_effects():
     truth = {"a": main_a, "b": main_b, "a:b": interaction}
     reps, covered = 100, dict.fromkeys(truth, 0)
     for rep in range(reps):
-        runs = study_runs([PlantedIntervention(name, effect) for name, effect in cells.items()],
-                          init_seeds=(1, 2, 3, 4), train_seeds=("none",), baseline_repeats=1,
-                          periods=3, rng_seed=rep).runs
+        runs = study_runs(
+            [PlantedIntervention(name, effect) for name, effect in cells.items()],
+            init_seeds=(1, 2, 3, 4),
+            train_seeds=("none",),
+            baseline_repeats=1,
+            periods=3,
+            rng_seed=rep,
+        ).runs
         effects = fit_factorial(runs, ALPHA).effects.set_index("term")
         for term, value in truth.items():
             covered[term] += effects.loc[term, "ci_low"] <= value <= effects.loc[term, "ci_high"]
@@ -127,8 +143,9 @@ def test_factorial_intervals_cover_planted_effects():
 
 
 def test_factorial_fit_uses_only_the_arms_of_its_factors():
-    runs = study_runs([PlantedIntervention(name, 0.01) for name in ("a", "b", "a+b", "other")],
-                      init_seeds=(1, 2, 3), periods=3).runs
+    runs = study_runs(
+        [PlantedIntervention(name, 0.01) for name in ("a", "b", "a+b", "other")], init_seeds=(1, 2, 3), periods=3
+    ).runs
     fit = fit_factorial(runs)
     assert fit.factors == ["a", "b"] and fit.blocked_by_seed
     assert fit.n_runs == (runs["intervention"] != "other").sum()
@@ -137,8 +154,7 @@ def test_factorial_fit_uses_only_the_arms_of_its_factors():
 
 
 def test_incomplete_factorial_design_is_reported_not_fitted():
-    study = study_runs([PlantedIntervention("a", -0.01), PlantedIntervention("a+b", 0.0)],
-                       periods=3)
+    study = study_runs([PlantedIntervention("a", -0.01), PlantedIntervention("a+b", 0.0)], periods=3)
     analysis = analyse(study, Settings(n_resamples=999))
     assert analysis.factorial is None and "not estimable" in analysis.factorial_note
     assert fit_factorial(study_runs([PlantedIntervention("a", -0.01)], periods=3).runs) is None
@@ -202,7 +218,12 @@ def test_verdict_needs_resolution_and_the_minimum_effect():
     difference = np.array([-0.02, -0.004, -0.02, 0.03, 0.0])
     p_adjusted = np.array([0.001, 0.001, 0.2, 0.01, 0.0])
     assert list(verdicts(difference, p_adjusted, ALPHA, min_effect=0.005)) == [
-        "better", "inconclusive", "inconclusive", "worse", "inconclusive"]
+        "better",
+        "inconclusive",
+        "inconclusive",
+        "worse",
+        "inconclusive",
+    ]
     assert list(verdicts(difference, p_adjusted, ALPHA, min_effect=0.0))[:2] == ["better", "better"]
 
 
@@ -221,8 +242,7 @@ def direct_power(noncentrality: float, dof: float, alpha: float = ALPHA) -> floa
 
     def given(v):
         scale = critical * np.sqrt(v / dof)
-        return (stats.norm.sf(scale - noncentrality)
-                + stats.norm.cdf(-scale - noncentrality)) * stats.chi2.pdf(v, dof)
+        return (stats.norm.sf(scale - noncentrality) + stats.norm.cdf(-scale - noncentrality)) * stats.chi2.pdf(v, dof)
 
     return integrate.quad(given, 0, np.inf, limit=200)[0]
 
@@ -260,8 +280,7 @@ def test_holm_adjust_is_vectorised_over_leading_axes():
             present = np.isfinite(row)
             np.testing.assert_array_equal(np.isnan(expected), ~present)
             if present.any():
-                np.testing.assert_allclose(expected[present],
-                                           multipletests(row[present], method="holm")[1])
+                np.testing.assert_allclose(expected[present], multipletests(row[present], method="holm")[1])
     finally:
         gc.unfreeze()
 
@@ -279,9 +298,13 @@ def test_seeds_needed_is_the_smallest_count_with_enough_power():
 
 def test_comparison_finds_planted_effects_and_picks_the_noise_reference():
     runs = study_runs(
-        [PlantedIntervention("no_dropout", -0.03), PlantedIntervention("weight_decay", 0.03),
-         PlantedIntervention("qkv_bias", 0.0, changes_init=True)],
-        init_seeds=(42, 22, 67, 7, 8), noise=NoiseModel(init_sd=0.02, train_sd=0.004),
+        [
+            PlantedIntervention("no_dropout", -0.03),
+            PlantedIntervention("weight_decay", 0.03),
+            PlantedIntervention("qkv_bias", 0.0, changes_init=True),
+        ],
+        init_seeds=(42, 22, 67, 7, 8),
+        noise=NoiseModel(init_sd=0.02, train_sd=0.004),
     ).runs
     noise = estimate_noise(runs, ALPHA)
     ranking = compare_to_baseline(runs, noise, ALPHA, min_effect=0.005, n_resamples=999)
@@ -304,8 +327,9 @@ def test_comparison_finds_planted_effects_and_picks_the_noise_reference():
 
 
 def test_paired_differences_average_train_seeds_within_each_init_seed():
-    runs = study_runs([PlantedIntervention("no_dropout", -0.01)], init_seeds=(1, 2, 3),
-                      train_seeds=(23, 67), baseline_repeats=3).runs
+    runs = study_runs(
+        [PlantedIntervention("no_dropout", -0.01)], init_seeds=(1, 2, 3), train_seeds=(23, 67), baseline_repeats=3
+    ).runs
     ranking = compare_to_baseline(runs, estimate_noise(runs), n_resamples=999)
     cells = runs.groupby(["intervention", "seed", "train_seed"])["test_loss"].mean()
     per_seed = (cells["no_dropout"] - cells["baseline"]).groupby(level="seed").mean()
@@ -317,8 +341,7 @@ def test_paired_differences_average_train_seeds_within_each_init_seed():
 
 
 def test_arm_without_shared_seeds_is_compared_with_welch_and_init_noise():
-    study = generate_study([PlantedIntervention("no_dropout", -0.02)], init_seeds=(1, 2, 3, 4),
-                           baseline_repeats=1)
+    study = generate_study([PlantedIntervention("no_dropout", -0.02)], init_seeds=(1, 2, 3, 4), baseline_repeats=1)
     runs = study.runs.drop(columns="changes_init")  # as from MLflow: fingerprints only
     runs.loc[runs["intervention"] == "no_dropout", "seed"] += 100  # no seed in common
     runs = prepare_runs(runs, "s", "test").runs
@@ -346,8 +369,9 @@ def test_arm_with_one_seed_is_tested_against_its_own_seeds_baseline():
 
 
 def test_changes_init_flag_decides_when_there_are_no_fingerprints():
-    study = generate_study([PlantedIntervention("no_dropout", -0.01),
-                            PlantedIntervention("qkv_bias", 0.0, changes_init=True)])
+    study = generate_study(
+        [PlantedIntervention("no_dropout", -0.01), PlantedIntervention("qkv_bias", 0.0, changes_init=True)]
+    )
     runs = prepare_runs(study.runs.drop(columns="init_fingerprint"), "s", "test").runs
     ranking = compare_to_baseline(runs, estimate_noise(runs), n_resamples=999)
     reasons = ranking.set_index("intervention")[["noise_reference", "reference_reason"]]
@@ -356,8 +380,7 @@ def test_changes_init_flag_decides_when_there_are_no_fingerprints():
 
 
 def test_missing_train_noise_falls_back_to_init_noise_and_says_so():
-    runs = study_runs([PlantedIntervention("no_dropout", -0.01)], train_seeds=("none",),
-                      baseline_repeats=1).runs
+    runs = study_runs([PlantedIntervention("no_dropout", -0.01)], train_seeds=("none",), baseline_repeats=1).runs
     noise = estimate_noise(runs)
     assert np.isnan(noise["train"].sd) and np.isfinite(noise["init"].sd)
     row = compare_to_baseline(runs, noise, n_resamples=999).iloc[0]
@@ -370,8 +393,13 @@ def test_missing_train_noise_falls_back_to_init_noise_and_says_so():
 
 def test_noise_estimates_separate_the_sources():
     noise = NoiseModel(init_sd=0.03, train_sd=0.008, repeat_sd=0.002)
-    runs = study_runs([PlantedIntervention("no_dropout", -0.01)], init_seeds=tuple(range(12)),
-                      train_seeds=(1, 2, 3, 4), baseline_repeats=8, noise=noise).runs
+    runs = study_runs(
+        [PlantedIntervention("no_dropout", -0.01)],
+        init_seeds=tuple(range(12)),
+        train_seeds=(1, 2, 3, 4),
+        baseline_repeats=8,
+        noise=noise,
+    ).runs
     estimates = estimate_noise(runs)
     assert estimates["init"].sd > 2 * estimates["train"].sd > 4 * estimates["repeat"].sd
     # Every run enters (2 arms x 4 train seeds x 12 init seeds), but the 8 levels re-use the
@@ -385,9 +413,14 @@ def test_noise_estimates_separate_the_sources():
 
 def test_variance_components_recover_planted_noise():
     noise = NoiseModel(init_sd=0.02, train_sd=0.006, repeat_sd=0.002)
-    runs = study_runs([PlantedIntervention("qkv_bias", 0.0, changes_init=True)],
-                      init_seeds=tuple(range(10)), train_seeds=(1, 2, 3, 4),
-                      baseline_repeats=10, noise=noise, rng_seed=3).runs
+    runs = study_runs(
+        [PlantedIntervention("qkv_bias", 0.0, changes_init=True)],
+        init_seeds=tuple(range(10)),
+        train_seeds=(1, 2, 3, 4),
+        baseline_repeats=10,
+        noise=noise,
+        rng_seed=3,
+    ).runs
     table, note = variance_components(runs)
     sd = table.set_index("component")["sd"]
     assert sd["init"] == pytest.approx(noise.init_sd, rel=0.5)
@@ -404,18 +437,21 @@ def test_variance_components_need_a_grid():
 
 def test_checkpoint_noise_recovers_planted_sd():
     noise = NoiseModel(checkpoint_sd=0.01)
-    histories = study_runs([PlantedIntervention("no_dropout", -0.01)], noise=noise,
-                           periods=12).histories
+    histories = study_runs([PlantedIntervention("no_dropout", -0.01)], noise=noise, periods=12).histories
     estimate = checkpoint_noise(histories, final_periods=5)
     assert estimate.ci_low <= noise.checkpoint_sd <= estimate.ci_high
     assert estimate.n_groups == 14 and estimate.dof == 14 * 3
 
 
 def test_checkpoint_noise_ignores_non_finite_values():
-    histories = pd.DataFrame({
-        "run_id": ["r"] * 6, "metric": "train_loss_avg", "step": range(6),
-        "value": [4.0, np.inf, 3.9, np.nan, 3.8, 3.81],
-    })
+    histories = pd.DataFrame(
+        {
+            "run_id": ["r"] * 6,
+            "metric": "train_loss_avg",
+            "step": range(6),
+            "value": [4.0, np.inf, 3.9, np.nan, 3.8, 3.81],
+        }
+    )
     estimate = checkpoint_noise(histories, final_periods=5)
     assert estimate.n_runs == 4 and estimate.dof == 2 and np.isfinite(estimate.sd)
 
@@ -427,9 +463,12 @@ def test_checkpoint_noise_ignores_non_finite_values():
 def test_pipeline_aa_studies_rarely_give_verdicts():
     studies, decided_studies, decided_arms = 200, 0, 0
     for rep in range(studies):
-        runs = study_runs([PlantedIntervention("no_dropout", 0.0),
-                           PlantedIntervention("qkv_bias", 0.0, changes_init=True)],
-                          init_seeds=(1, 2, 3, 4), periods=3, rng_seed=1000 + rep).runs
+        runs = study_runs(
+            [PlantedIntervention("no_dropout", 0.0), PlantedIntervention("qkv_bias", 0.0, changes_init=True)],
+            init_seeds=(1, 2, 3, 4),
+            periods=3,
+            rng_seed=1000 + rep,
+        ).runs
         ranking = compare_to_baseline(runs, estimate_noise(runs), ALPHA, n_resamples=200)
         decided = int((ranking["verdict"] != "inconclusive").sum())
         decided_arms += decided
@@ -447,9 +486,15 @@ def test_pipeline_finds_a_planted_effect_at_the_stated_power():
     stated = float(power_at(effect, single_run_sd, n_seeds, paired=True))
     found = 0
     for rep in range(studies):
-        runs = study_runs([PlantedIntervention("no_dropout", effect)], noise=noise,
-                          init_seeds=tuple(range(n_seeds)), train_seeds=("none",),
-                          baseline_repeats=1, periods=3, rng_seed=2000 + rep).runs
+        runs = study_runs(
+            [PlantedIntervention("no_dropout", effect)],
+            noise=noise,
+            init_seeds=tuple(range(n_seeds)),
+            train_seeds=("none",),
+            baseline_repeats=1,
+            periods=3,
+            rng_seed=2000 + rep,
+        ).runs
         ranking = compare_to_baseline(runs, estimate_noise(runs), ALPHA, n_resamples=200)
         found += ranking["verdict"].iloc[0] == "better"
     assert_rate(found, studies, stated)

@@ -14,18 +14,23 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
-
 from omegaconf import OmegaConf
 
-from harness.config import ConfigError, compose, overlay_conflicts, override_problems
+from harness.config.schema import ConfigError, compose, overlay_conflicts, override_problems
 from harness.paths import PROJECT_ROOT
-from harness.preflight import checked_trial, refuse
-from harness.study import StudyConf, study_trials
+from harness.study.design import StudyConf, study_trials
+from harness.trial.preflight import checked_trial, refuse
 from tests.conftest import TINY
 
 # The issue's smoke scale: a trial that would train in seconds if the input were accepted.
-SMOKE = ["trainer.global_batch_size=4", "trainer.micro_batch_size=4", "data.test_tokens=2048", "trainer.max_steps=4",
-         "trainer.checkpoint_interval=2", "trainer.progress=false"]
+SMOKE = [
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=4",
+    "data.test_tokens=2048",
+    "trainer.max_steps=4",
+    "trainer.checkpoint_interval=2",
+    "trainer.progress=false",
+]
 
 
 def problems_of(*overrides: str) -> list[str]:
@@ -93,12 +98,18 @@ BAD = [
     (["data.seed=-1"], "data.seed", "≥ 0, or null"),
     (["data.max_epochs=0"], "data.max_epochs", "> 0"),
     (["data.path={root}/empty"], "data.path", "the bundled corpus takes no path"),
-    (["data.dataset=fineweb", "data.path={root}/empty"], "data.path",
-     "holds no prepared dataset (no manifest.json); prepare it once with `python -m harness.data prepare dataset=fineweb"),
+    (
+        ["data.dataset=fineweb", "data.path={root}/empty"],
+        "data.path",
+        "holds no prepared dataset (no manifest.json); prepare it once with `python -m harness.data prepare dataset=fineweb",
+    ),
     (["data.dataset=fineweb", "data.path={root}/missing"], "data.path", "does not exist; prepare it once"),
     (["data.dataset=fineweb", "data.path={root}/a_file"], "data.path", "is a file"),
-    (["data.dataset=fineweb", "data.path={root}/bad_manifest"], "bad_manifest/manifest.json",
-     "is not a valid manifest (Expecting property name"),
+    (
+        ["data.dataset=fineweb", "data.path={root}/bad_manifest"],
+        "bad_manifest/manifest.json",
+        "is not a valid manifest (Expecting property name",
+    ),
     (["data.test_offset=100000000"], "data.test_tokens", "does not fit|needs 100,002,049 tokens"),
     (["trainer.max_steps=100000"], "data.max_epochs", "epochs > data.max_epochs=1.0"),
     # optim
@@ -158,7 +169,11 @@ BAD = [
     (["+intervention=[no_amp,bf16]"], "trainer.precision", "no_amp to fp32 and bf16 to bf16_amp"),
     (["+intervention=[weight_decay,weight_decay_cerebras]"], "optim.weight_decay", "weight_decay to 0.01"),
     (["+intervention=[lr_schedule,lr_wsd]"], "optim.schedule", "lr_schedule to warmup_cosine and lr_wsd to wsd"),
-    (["+intervention=z_loss", "plugins.z_loss.coef=1"], "plugins.z_loss.coef", "did you mean plugins.z_loss.coefficient?"),
+    (
+        ["+intervention=z_loss", "plugins.z_loss.coef=1"],
+        "plugins.z_loss.coef",
+        "did you mean plugins.z_loss.coefficient?",
+    ),
     (["+intervention=z_loss", "+plugins.z_loss.coef=1"], "plugins.z_loss", "unexpected keyword argument 'coef'"),
     (["plugins.z_loss.coefficient=1"], "plugins.z_loss.coefficient", "plugin z_loss is not enabled"),
     (["+plugins.no_such_plugin={}"], "plugins.no_such_plugin", "no plugin named 'no_such_plugin'"),
@@ -186,10 +201,22 @@ def test_bad_input_is_refused_naming_the_key_and_what_is_allowed(overrides, key,
 
 
 def test_every_problem_is_reported_at_once():
-    problems = problems_of("optim.weight_decay=-1", "model.n_head=0", "data.eval_batch_size=0", "optim.lr=nan",
-                           "trainer.sample_top_k=-1", "tracking.uri=garbage")
-    keys = ["model.n_head", "data.eval_batch_size", "optim.lr", "optim.weight_decay", "trainer.sample_top_k",
-            "tracking.uri"]
+    problems = problems_of(
+        "optim.weight_decay=-1",
+        "model.n_head=0",
+        "data.eval_batch_size=0",
+        "optim.lr=nan",
+        "trainer.sample_top_k=-1",
+        "tracking.uri=garbage",
+    )
+    keys = [
+        "model.n_head",
+        "data.eval_batch_size",
+        "optim.lr",
+        "optim.weight_decay",
+        "trainer.sample_top_k",
+        "tracking.uri",
+    ]
     assert [p.split("=")[0] for p in problems] == keys
 
 
@@ -200,7 +227,8 @@ def test_a_trial_that_cannot_start_here_is_told_about_its_data_too(paths):
         "slower on CPUs without bf16 matmul units); fp16 emulated on the CPU, several times slower than fp32, runs "
         "when asked for with trainer.device=cpu",
         f"data.path={paths}/missing: {paths}/missing does not exist; prepare it once with `python -m harness.data "
-        f"prepare dataset=fineweb_gpt2_tokens out={paths}/missing`, or point data.path at a prepared directory"]
+        f"prepare dataset=fineweb_gpt2_tokens out={paths}/missing`, or point data.path at a prepared directory",
+    ]
 
 
 def test_an_unset_tracking_uri_checks_the_environments(monkeypatch):
@@ -208,16 +236,20 @@ def test_an_unset_tracking_uri_checks_the_environments(monkeypatch):
     assert problems_of() == [
         "MLFLOW_TRACKING_URI=garbage (the store, as tracking.uri is not set): must be an MLflow tracking URI: "
         "sqlite:///PATH/mlflow.db (a file), http(s)://HOST:PORT, or a database (postgresql://, mysql://, mssql://) "
-        "or databricks URI"]
+        "or databricks URI"
+    ]
 
 
 def test_every_field_of_every_section_has_its_range_or_is_free_text_or_a_switch():
     import dataclasses
 
-    from harness.config import TrialConfig
+    from harness.config.schema import TrialConfig
 
     unchecked = []
-    for section in [TrialConfig, *(f.type for f in dataclasses.fields(TrialConfig) if dataclasses.is_dataclass(f.type))]:
+    for section in [
+        TrialConfig,
+        *(f.type for f in dataclasses.fields(TrialConfig) if dataclasses.is_dataclass(f.type)),
+    ]:
         for f in dataclasses.fields(section):
             if not dataclasses.is_dataclass(f.type) and f.name not in section.allowed and f.type is not bool:
                 unchecked.append(f"{section.section}.{f.name}")
@@ -238,16 +270,24 @@ def test_overlays_that_agree_stack_without_conflict():
 def test_every_arm_of_every_shipped_study_is_free_of_overlay_conflicts():
     studies = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "sweep").glob("*.yaml"))
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        settings = [hydra_compose("config", overrides=[f"+sweep={s}"], return_hydra_config=True).hydra.sweeper
-                    for s in studies]
+        settings = [
+            hydra_compose("config", overrides=[f"+sweep={s}"], return_hydra_config=True).hydra.sweeper for s in studies
+        ]
     arms = set()
     for study in settings:
         conf = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudyConf), study))
         arms |= {tuple(trial.overrides()[:-2]) for trial in study_trials(conf)}  # without the seeds
     assert len(arms) >= 20 and ("+intervention=stacked_best",) in arms
     assert [arm for arm in arms if overlay_conflicts(list(arm))] == []
-    assert compose(["+intervention=[gradient_clipping,lr_schedule,no_dropout,qkv_bias,weight_decay]"]).interventions == [
-        "gradient_clipping", "lr_schedule", "no_dropout", "qkv_bias", "weight_decay"]  # the factorial's largest arm
+    assert compose(
+        ["+intervention=[gradient_clipping,lr_schedule,no_dropout,qkv_bias,weight_decay]"]
+    ).interventions == [
+        "gradient_clipping",
+        "lr_schedule",
+        "no_dropout",
+        "qkv_bias",
+        "weight_decay",
+    ]  # the factorial's largest arm
 
 
 # --- the real command --------------------------------------------------------------------------------------
@@ -255,30 +295,52 @@ def harness(*args: str, cwd, extra_env=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **(extra_env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "harness", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "harness", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def imported(result: subprocess.CompletedProcess) -> set[str]:
     """The top-level packages the process imported (from `-X importtime`)."""
-    return {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
-            if line.startswith("import time:")}
+    return {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
 
 
 def messages(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["optim.weight_decay=-1"], ["error: optim.weight_decay=-1.0: must be a finite number ≥ 0 (0 = no decay)"]),
-    (["+optim.lrr=1"], ["error: optim.lrr=1: no such config key; did you mean optim.lr? (optim has: lr, weight_decay, "
-                        "beta1, beta2, eps, grad_clip, schedule, warmup_fraction, warmup_start_factor, final_lr_ratio, "
-                        "decay_fraction)"]),
-    (["trainer.device=cuda", "data.test_offset=-1000"],
-     ["error: data.test_offset=-1000: must be a whole number ≥ 0",
-      "error: trainer.device=cuda: must be a device this machine has, and it has no CUDA device (torch "]),
-    (["data.test_offset=100000000"], ["error: data.test_tokens=2048: the test window, tokens 100,000,000 … "]),
-], ids=["range", "misspelt key with +", "device and range", "data size"])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["optim.weight_decay=-1"], ["error: optim.weight_decay=-1.0: must be a finite number ≥ 0 (0 = no decay)"]),
+        (
+            ["+optim.lrr=1"],
+            [
+                "error: optim.lrr=1: no such config key; did you mean optim.lr? (optim has: lr, weight_decay, "
+                "beta1, beta2, eps, grad_clip, schedule, warmup_fraction, warmup_start_factor, final_lr_ratio, "
+                "decay_fraction)"
+            ],
+        ),
+        (
+            ["trainer.device=cuda", "data.test_offset=-1000"],
+            [
+                "error: data.test_offset=-1000: must be a whole number ≥ 0",
+                "error: trainer.device=cuda: must be a device this machine has, and it has no CUDA device (torch ",
+            ],
+        ),
+        (["data.test_offset=100000000"], ["error: data.test_tokens=2048: the test window, tokens 100,000,000 … "]),
+    ],
+    ids=["range", "misspelt key with +", "device and range", "data size"],
+)
 def test_the_command_refuses_in_one_line_each_leaving_nothing_and_never_loading_torch(overrides, expected, tmp_path):
     result = harness(*SMOKE, *overrides, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -292,8 +354,10 @@ def test_the_command_refuses_in_one_line_each_leaving_nothing_and_never_loading_
 def test_a_config_error_under_two_ranks_is_reported_by_the_parent_before_spawning(tmp_path):
     result = harness(*TINY, "trainer.nproc_per_node=2", "data.test_offset=100000000", cwd=tmp_path)
     assert result.returncode == 2
-    assert messages(result) == ["error: data.test_tokens=256: the test window, tokens 100,000,000 … 100,000,256 "
-                                "(data.test_offset=100000000), needs 100,000,257 tokens but the held-out split holds 45,120"]
+    assert messages(result) == [
+        "error: data.test_tokens=256: the test window, tokens 100,000,000 … 100,000,256 "
+        "(data.test_offset=100000000), needs 100,000,257 tokens but the held-out split holds 45,120"
+    ]
     assert "torch" not in imported(result)  # no rank was ever spawned
     assert list(tmp_path.iterdir()) == []
 
@@ -301,7 +365,7 @@ def test_a_config_error_under_two_ranks_is_reported_by_the_parent_before_spawnin
 def test_hydra_full_error_shows_the_traceback_for_debugging(tmp_path):
     result = harness("optim.lr=-1", cwd=tmp_path, extra_env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode == 1
-    assert "Traceback" in result.stderr and "harness.config.ConfigError: optim.lr=-1.0: must be" in result.stderr
+    assert "Traceback" in result.stderr and "harness.config.schema.ConfigError: optim.lr=-1.0: must be" in result.stderr
 
 
 @pytest.mark.parametrize("command", [["list"], ["--help"]])
@@ -324,7 +388,8 @@ def test_a_value_sweep_checks_every_job_before_running_any(tmp_path):
         "error: job 2 (optim.lr=-1 trainer.sample_top_k=5): optim.lr=-1.0: must be a finite number > 0",
         "error: job 3 (optim.lr=-1 trainer.sample_top_k=-5): optim.lr=-1.0: must be a finite number > 0",
         "error: job 3 (optim.lr=-1 trainer.sample_top_k=-5): trainer.sample_top_k=-5: must be a whole number ≥ 0 "
-        "(0 = sample from every token)"]
+        "(0 = sample from every token)",
+    ]
     assert list(tmp_path.iterdir()) == [] and "torch" not in imported(result)
 
 

@@ -5,21 +5,30 @@ import sys
 
 import pytest
 
-from harness.trainer import Trial
+from harness.trial.trainer import Trial
 from tests.conftest import TINY, compose_config
 
 
 def bench(*args: str, env: dict) -> str:
-    result = subprocess.run([sys.executable, "-m", "harness.bench", *args], capture_output=True, text=True, timeout=600,
-                            env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "harness", "bench", *args], capture_output=True, text=True, timeout=600, env=env
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def test_bench_reports_throughput_breakdown_comparison_and_repeatability_and_the_plan_uses_it(tmp_path):
     env = {**os.environ, "HARNESS_BENCH_RECORDS": str(tmp_path / "throughput.jsonl")}
-    out = bench(*TINY, "steps=3", "warmup=1", "compare=model.dropout=0.0", "repeat=true", "repeat_steps=4",
-                "peak_flops=1e12", env=env)
+    out = bench(
+        *TINY,
+        "steps=3",
+        "warmup=1",
+        "compare=model.dropout=0.0",
+        "repeat=true",
+        "repeat_steps=4",
+        "peak_flops=1e12",
+        env=env,
+    )
     assert out.count("tokens/s") == 2 and out.count("MFU ") == 2 and "peak memory" in out
     assert "aten::" in out  # the profiler's breakdown
     assert out.count("same-seed rerun, 4 steps: bit-identical") == 2
@@ -27,8 +36,13 @@ def test_bench_reports_throughput_breakdown_comparison_and_repeatability_and_the
     # The base config's throughput is recorded, and the planner plans this machine's trials with it.
     [record] = [json.loads(line) for line in (tmp_path / "throughput.jsonl").read_text().splitlines()]
     assert record["gpu"] == "cpu" and f"| {record['tokens_per_sec']:,.0f} tokens/s |" in out
-    plan = subprocess.run([sys.executable, "-m", "harness", "plan", *TINY, "gpu=cpu"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    plan = subprocess.run(
+        [sys.executable, "-m", "harness", "plan", *TINY, "gpu=cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert plan.returncode == 0, plan.stderr
     assert f"throughput: {record['tokens_per_sec']:,.0f} tokens/s per GPU on baseline-s42" in plan.stdout
     assert "from: measured by `make bench` on cpu (" in plan.stdout
@@ -38,6 +52,8 @@ def test_bench_reports_throughput_breakdown_comparison_and_repeatability_and_the
 def test_compiled_step_matches_eager_on_cpu(tmp_path):
     losses = {}
     for compiled in (False, True):
-        trial = Trial(compose_config(*TINY, "model.dropout=0.0", f"trainer.compile={compiled}"), tmp_path / str(compiled))
+        trial = Trial(
+            compose_config(*TINY, "model.dropout=0.0", f"trainer.compile={compiled}"), tmp_path / str(compiled)
+        )
         losses[compiled] = [trial.train_step(step)[0].item() for step in range(4)]
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from harness.config import ConfigError, as_dict, config_hash, flatten
+from harness.config.schema import ConfigError, as_dict, config_hash, flatten
 from harness.paths import PROJECT_ROOT
 from interventions import REGISTRY
 from tests.conftest import compose_config, run_harness
@@ -44,7 +44,12 @@ def test_seed_interventions_match_the_seeds():
     assert changed_keys("+intervention=no_amp") == {"trainer.precision": "fp32"}
     lr = compose_config("+intervention=lr_schedule").optim
     assert (lr.lr, lr.schedule, lr.warmup_fraction, lr.warmup_start_factor, lr.final_lr_ratio) == (
-        1.4e-3, "warmup_cosine", 0.05, 1e-5, 0.1)
+        1.4e-3,
+        "warmup_cosine",
+        0.05,
+        1e-5,
+        0.1,
+    )
 
 
 def test_stacked_overlays_compose_and_stacked_best_equals_its_four_parts():
@@ -63,7 +68,14 @@ def test_baseline_matches_the_seeds_at_gpt2_small():
     assert (m.vocab_size, m.context_length, m.n_layer, m.n_head, m.d_model) == (50257, 1024, 12, 12, 768)
     assert (m.dropout, m.qkv_bias, m.tie_weights, m.ln_eps) == (0.1, False, False, 1e-5)
     assert (o.lr, o.weight_decay, o.schedule, o.grad_clip, o.beta1, o.beta2, o.eps) == (
-        4e-4, 0.1, "constant", None, 0.9, 0.999, 1e-8)
+        4e-4,
+        0.1,
+        "constant",
+        None,
+        0.9,
+        0.999,
+        1e-8,
+    )
     assert (t.precision, t.global_batch_size, t.micro_batch_size, t.grad_accum_steps(1)) == ("fp16_amp", 96, 6, 16)
     assert t.checkpoint_interval == 617
     tokens_per_step = t.global_batch_size * m.context_length
@@ -71,7 +83,11 @@ def test_baseline_matches_the_seeds_at_gpt2_small():
     assert t.max_steps == math.ceil(20 * 163_009_536 / tokens_per_step) == 33_165
     assert t.max_steps * tokens_per_step == 3_260_252_160
     assert (cfg.data.dataset, cfg.data.test_offset, cfg.data.test_tokens, cfg.data.eval_batch_size) == (
-        "fineweb_gpt2_tokens", 50_000_000, 19_660_800, 6)
+        "fineweb_gpt2_tokens",
+        50_000_000,
+        19_660_800,
+        6,
+    )
     assert cfg.seed == 42 and cfg.train_seed is None
 
 
@@ -87,16 +103,33 @@ def test_config_hash_covers_only_what_changes_the_computation():
     cfg = compose_config()
     base = config_hash(cfg)
     assert config_hash(compose_config("study=abc", "trainer.progress=false")) == base  # through Hydra too
-    for key, value in [("study", "abc"), ("tracking.experiment", "other"), ("tracking.log_interval", 3),
-                       ("rerun", True), ("reuse_other_code_versions", True), ("resume", "x"),
-                       ("trainer.progress", False), ("trainer.sample_prompt", "Hello"), ("trainer.sample_tokens", 5),
-                       ("trainer.sample_top_k", 3), ("trainer.sample_temperature", 1.3),
-                       ("data.verify_checksums", False)]:
+    for key, value in [
+        ("study", "abc"),
+        ("tracking.experiment", "other"),
+        ("tracking.log_interval", 3),
+        ("rerun", True),
+        ("reuse_other_code_versions", True),
+        ("resume", "x"),
+        ("trainer.progress", False),
+        ("trainer.sample_prompt", "Hello"),
+        ("trainer.sample_tokens", 5),
+        ("trainer.sample_top_k", 3),
+        ("trainer.sample_temperature", 1.3),
+        ("data.verify_checksums", False),
+    ]:
         assert config_hash(changed(cfg, key, value)) == base, key
-    for key, value in [("seed", 67), ("train_seed", 1), ("interventions", ["no_dropout"]), ("optim.lr", 1e-3),
-                       ("model.dropout", 0.0), ("data.seed", 3), ("trainer.max_steps", 50),
-                       ("trainer.checkpoint_interval", 10), ("trainer.exploding_grad_norm", 5.0),
-                       ("trainer.precision", "fp32")]:
+    for key, value in [
+        ("seed", 67),
+        ("train_seed", 1),
+        ("interventions", ["no_dropout"]),
+        ("optim.lr", 1e-3),
+        ("model.dropout", 0.0),
+        ("data.seed", 3),
+        ("trainer.max_steps", 50),
+        ("trainer.checkpoint_interval", 10),
+        ("trainer.exploding_grad_norm", 5.0),
+        ("trainer.precision", "fp32"),
+    ]:
         assert config_hash(changed(cfg, key, value)) != base, key
 
 
@@ -114,15 +147,24 @@ def test_misspelt_and_invalid_values_fail_with_the_key_name():
 def test_cli_rejects_unknown_intervention_listing_the_available_ones(tmp_path):
     result = run_harness("+intervention=no_droput", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
     assert result.returncode == 2
-    assert "intervention=no_droput: no such intervention in conf/intervention/; did you mean no_dropout?" in result.stderr
+    assert (
+        "intervention=no_droput: no such intervention in conf/intervention/; did you mean no_dropout?" in result.stderr
+    )
     for name in OVERLAYS:
         assert name in result.stderr
     assert not (tmp_path / "m.db").exists()  # failed before anything ran
 
 
 def test_gpt2_small_without_the_prepared_study_tokens_says_how_to_prepare(tmp_path):
-    result = run_harness("scale=gpt2_small", "trainer.device=cpu", "trainer.precision=fp32",
-                         f"data.path={tmp_path}/none", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
+    result = run_harness(
+        "scale=gpt2_small",
+        "trainer.device=cpu",
+        "trainer.precision=fp32",
+        f"data.path={tmp_path}/none",
+        cwd=tmp_path,
+        env_uri=f"sqlite:///{tmp_path}/m.db",
+        check=False,
+    )
     assert result.returncode != 0
     assert "python -m harness.data prepare dataset=fineweb_gpt2_tokens" in result.stderr
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from harness.data.corpus import CORPUS_FILE, prepare_bundled, read_documents
-from harness.data.loader import DataConfig, TrainBatches, open_dataset, held_out_batches
+from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
 from harness.data.shards import Manifest
+from harness.data.tokenizer import END_OF_TEXT, gpt2_encoding
 from harness.paths import PROJECT_ROOT
-from harness.tokenizer import END_OF_TEXT, gpt2_encoding
 
 
 def test_bundled_corpus_is_real_prose_of_the_promised_size():
@@ -94,8 +94,10 @@ def test_a_damaged_bundled_cache_is_built_again(tmp_path, caplog):
     def break_the_manifest():
         (directory / "manifest.json").write_text('{"dataset": "bundled",')
 
-    for damage, seen in ((flip_a_byte_and_lose_the_test_shard, "does not match its manifest checksum"),
-                         (break_the_manifest, "is not a valid manifest")):
+    for damage, seen in (
+        (flip_a_byte_and_lose_the_test_shard, "does not match its manifest checksum"),
+        (break_the_manifest, "is not a valid manifest"),
+    ):
         damage()
         caplog.clear()
         assert prepare_bundled(tmp_path, 0.05) == directory

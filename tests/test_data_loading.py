@@ -11,8 +11,8 @@ import pytest
 
 from harness.data.loader import DataConfig, open_dataset
 from harness.data.shards import ChecksumError, ConcatenatedTokens, DataError, Manifest, ShardWriter
-from harness.tokenizer import END_OF_TEXT
-from harness.trainer import Trial
+from harness.data.tokenizer import END_OF_TEXT
+from harness.trial.trainer import Trial
 from tests.conftest import TINY, compose_config, run_harness
 
 # Three training documents of 150, 200 and 160 tokens, one per shard: with their end-of-text tokens the split
@@ -101,11 +101,20 @@ def test_data_seed_shuffles_the_sequence_order_reproducibly(prepared):
 
 def test_too_few_training_tokens_fail_before_training_naming_the_numbers(prepared, tmp_path):
     store = tmp_path / "mlflow.db"
-    result = run_harness(*TINY, "data.dataset=fineweb", f"data.path={prepared}", "trainer.max_steps=5",
-                         cwd=tmp_path, env_uri=f"sqlite:///{store}", check=False)
+    result = run_harness(
+        *TINY,
+        "data.dataset=fineweb",
+        f"data.path={prepared}",
+        "trainer.max_steps=5",
+        cwd=tmp_path,
+        env_uri=f"sqlite:///{store}",
+        check=False,
+    )
     assert result.returncode != 0
-    assert ("the trial needs 20 sequences of 33 tokens (640 tokens) but the training split holds 16 (513 tokens): "
-            "1.25 epochs > data.max_epochs=1.0") in result.stderr
+    assert (
+        "the trial needs 20 sequences of 33 tokens (640 tokens) but the training split holds 16 (513 tokens): "
+        "1.25 epochs > data.max_epochs=1.0"
+    ) in result.stderr
     assert not store.exists()  # refused before any run was recorded
 
 
@@ -123,8 +132,11 @@ def test_a_shard_that_does_not_match_its_checksum_fails_naming_it(prepared, tmp_
     with open(damaged / "train_000001.bin", "r+b") as shard:
         shard.seek(10)
         shard.write(b"\x00\x00")
-    with pytest.raises(ChecksumError, match=r"shard .*damaged/train_000001.bin does not match its manifest checksum; "
-                                            r"re-create it with `python -m harness.data prepare dataset=fineweb out="):
+    with pytest.raises(
+        ChecksumError,
+        match=r"shard .*damaged/train_000001.bin does not match its manifest checksum; "
+        r"re-create it with `python -m harness.data prepare dataset=fineweb out=",
+    ):
         Trial(fineweb(damaged), tmp_path / "run")
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import checkpoint
-from harness.charts import write_charts
-from harness.trainer import DivergenceError, PeriodStats, Trial
+from harness.trial import checkpoint
+from harness.trial.charts import write_charts
+from harness.trial.trainer import DivergenceError, PeriodStats, Trial
 from tests.conftest import TINY, compose_config, run_harness
 
 NO_DROPOUT = [*TINY, "model.dropout=0.0", "trainer.max_steps=6", "trainer.checkpoint_interval=3"]
@@ -55,21 +55,35 @@ def test_ranks_accumulation_and_micro_batch_give_the_same_training(tmp_path):
 
 
 def test_batch_that_does_not_divide_fails_up_front(tmp_path):
-    result = run_harness(*TINY, "trainer.nproc_per_node=3", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
+    result = run_harness(
+        *TINY, "trainer.nproc_per_node=3", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False
+    )
     assert result.returncode != 0
-    assert "trainer.global_batch_size=4: must be divisible by trainer.micro_batch_size × trainer.nproc_per_node = 2 × 3" in result.stderr
+    assert (
+        "trainer.global_batch_size=4: must be divisible by trainer.micro_batch_size × trainer.nproc_per_node = 2 × 3"
+        in result.stderr
+    )
 
 
 def start_harness(*args, cwd, uri) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
-@pytest.mark.parametrize("variant", [
-    pytest.param([], id="dropout"),
-    pytest.param(["+intervention=[no_dropout,lr_schedule]"], id="no_dropout_lr", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param([], id="dropout"),
+        pytest.param(["+intervention=[no_dropout,lr_schedule]"], id="no_dropout_lr", marks=pytest.mark.slow),
+    ],
+)
 def test_resume_after_sigkill_is_bit_identical_to_uninterrupted(tmp_path, variant):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     trial = [*TINY, *variant, "trainer.max_steps=24", "trainer.checkpoint_interval=4", "seed=5", "train_seed=9"]
@@ -100,11 +114,15 @@ def test_resume_after_sigkill_is_bit_identical_to_uninterrupted(tmp_path, varian
 @pytest.mark.slow
 def test_resume_with_changed_overrides_is_refused(tmp_path, tracking_uri):
     run_harness(*TINY, f"hydra.run.dir={tmp_path}/a", cwd=tmp_path, env_uri=tracking_uri)
-    result = run_harness(*TINY, "optim.lr=1e-3", f"resume={tmp_path}/a", cwd=tmp_path, env_uri=tracking_uri, check=False)
+    result = run_harness(
+        *TINY, "optim.lr=1e-3", f"resume={tmp_path}/a", cwd=tmp_path, env_uri=tracking_uri, check=False
+    )
     assert result.returncode != 0 and "optim.lr: 0.0004 → 0.001" in result.stderr
 
 
-def test_planted_huge_learning_rate_stops_the_trial_and_keeps_the_last_good_checkpoint(tmp_path, tracking_uri, monkeypatch):
+def test_planted_huge_learning_rate_stops_the_trial_and_keeps_the_last_good_checkpoint(
+    tmp_path, tracking_uri, monkeypatch
+):
     real_step = Trial.train_step
 
     def plant_after_first_checkpoint(self, step):
@@ -114,11 +132,18 @@ def test_planted_huge_learning_rate_stops_the_trial_and_keeps_the_last_good_chec
         return real_step(self, step)
 
     monkeypatch.setattr(Trial, "train_step", plant_after_first_checkpoint)
-    cfg = compose_config(*TINY, "trainer.max_steps=30", "trainer.checkpoint_interval=4", "trainer.divergence_patience=3",
-                         "tracking.log_interval=1")
+    cfg = compose_config(
+        *TINY,
+        "trainer.max_steps=30",
+        "trainer.checkpoint_interval=4",
+        "trainer.divergence_patience=3",
+        "tracking.log_interval=1",
+    )
     with pytest.raises(DivergenceError, match="non-finite for the last 3 steps"):
         Trial(cfg, tmp_path / "run").run()
-    run = mlflow.MlflowClient(tracking_uri).search_runs([e.experiment_id for e in mlflow.MlflowClient(tracking_uri).search_experiments()])[0]
+    run = mlflow.MlflowClient(tracking_uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri).search_experiments()]
+    )[0]
     assert run.info.status == "FAILED" and "DivergenceError" in run.data.tags["failure_reason"]
     good = checkpoint.find(tmp_path / "run")
     assert good.name == "step_000005"
@@ -142,8 +167,14 @@ def test_non_finite_gradients_skip_the_update_in_fp32(tmp_path, tracking_uri):
 
 def test_non_finite_kinds_are_counted_separately():
     stats = PeriodStats(exploding_threshold=10.0, grad_clip=3.5)
-    for loss, norm, max_abs in [(2.0, 1.0, 0.1), (2.0, 5.0, 0.5), (2.0, 50.0, 5.0), (2.1, math.inf, 1e30),
-                                (math.nan, math.nan, math.nan), (2.0, math.inf, math.inf)]:
+    for loss, norm, max_abs in [
+        (2.0, 1.0, 0.1),
+        (2.0, 5.0, 0.5),
+        (2.0, 50.0, 5.0),
+        (2.1, math.inf, 1e30),
+        (math.nan, math.nan, math.nan),
+        (2.0, math.inf, math.inf),
+    ]:
         stats.add(loss, norm, max_abs)
     s = stats.summary(step=6, tokens=600, flops_per_token=1.0, peak=None)
     assert (s["nonfinite_exploding"], s["nonfinite_overflow"], s["nonfinite_element"]) == (1, 1, 2)
@@ -152,17 +183,23 @@ def test_non_finite_kinds_are_counted_separately():
 
 
 def test_charts_survive_infinite_and_nan_values(tmp_path):
-    history = {"step": [1, 2, 3, 4], "loss": [3.0, math.inf, math.nan, 2.5], "grad_norm": [1.0, math.inf, math.nan, 2.0],
-               "lr": [1e-3] * 4}
+    history = {
+        "step": [1, 2, 3, 4],
+        "loss": [3.0, math.inf, math.nan, 2.5],
+        "grad_norm": [1.0, math.inf, math.nan, 2.0],
+        "lr": [1e-3] * 4,
+    }
     periods = [{"step": 4, "train_loss_avg": 2.75, "train_loss_min": 2.5, "train_loss_max": 3.0}]
     paths = write_charts(history, periods, tmp_path, grad_clip=3.5)
-    assert [p.name for p in paths] == ["loss.png", "grad_norm.png", "lr.png"] and all(p.stat().st_size > 1000 for p in paths)
+    assert [p.name for p in paths] == ["loss.png", "grad_norm.png", "lr.png"] and all(
+        p.stat().st_size > 1000 for p in paths
+    )
 
 
 def test_deterministic_mode_runs_and_matches_on_cpu(tmp_path, tracking_uri):
     plain = Trial(compose_config(*TINY), tmp_path / "plain").run()
     strict = Trial(compose_config(*TINY, "trainer.deterministic=true"), tmp_path / "strict")
-    from harness.launch import set_determinism
+    from harness.trial.launch import set_determinism
 
     set_determinism(True)
     try:

@@ -1,4 +1,4 @@
-"""`python -m harness.evaluate`: a saved checkpoint's held-out test loss, logged into its trial's MLflow run
+"""`python -m harness evaluate`: a saved checkpoint's held-out test loss, logged into its trial's MLflow run
 without touching the run's status."""
 
 import os
@@ -10,12 +10,12 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
-from harness import checkpoint
-from harness.config import ConfigError, compose
-from harness.evaluate import main
+from harness.commands.evaluate import main
+from harness.config.schema import ConfigError, compose
 from harness.paths import PROJECT_ROOT
-from harness.preflight import check_trial
-from harness.trainer import Trial
+from harness.trial import checkpoint
+from harness.trial.preflight import check_trial
+from harness.trial.trainer import Trial
 from tests.conftest import TINY, compose_config, rewrite_state
 
 
@@ -35,11 +35,19 @@ def test_command_reproduces_the_trials_test_loss_and_logs_it_at_the_checkpoint_s
     run_dir, result = trained
     before = mlflow.MlflowClient(store).get_run(result["run_id"]).info
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    out = subprocess.run([sys.executable, "-m", "harness.evaluate", str(run_dir)], cwd=PROJECT_ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", "evaluate", str(run_dir)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"checkpoint_test_loss {result['test_loss']:.6f}  checkpoint_test_loss_amp "
-                                 f"{result['test_loss_amp']:.6f}  step 4  run {result['run_id']}")
+    assert out.stdout.startswith(
+        f"checkpoint_test_loss {result['test_loss']:.6f}  checkpoint_test_loss_amp "
+        f"{result['test_loss_amp']:.6f}  step 4  run {result['run_id']}"
+    )
     assert checkpoint_losses(store, result["run_id"])[-1] == (4, result["test_loss"])  # the same fp32 evaluation
     assert checkpoint_losses(store, result["run_id"], "checkpoint_test_loss_amp")[-1] == (4, result["test_loss_amp"])
     after = mlflow.MlflowClient(store).get_run(result["run_id"]).info
@@ -64,11 +72,14 @@ def test_best_pointer_and_step_directories_are_evaluated_and_status_is_kept(trai
     assert f"checkpoint_test_loss {losses[best_step]:.6f}  checkpoint_test_loss_amp" in printed
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["{tmp}/nothing"], "no `latest` checkpoint in {tmp}/nothing"),
-    (["{run}", "newest"], "after PATH give at most one of: best, latest"),
-    (["{run}/checkpoints/step_000004", "best"], "is one checkpoint; `best` picks a checkpoint of a run directory"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["{tmp}/nothing"], "no `latest` checkpoint in {tmp}/nothing"),
+        (["{run}", "newest"], "after PATH give at most one of: best, latest"),
+        (["{run}/checkpoints/step_000004", "best"], "is one checkpoint; `best` picks a checkpoint of a run directory"),
+    ],
+)
 def test_bad_arguments_are_explained(arguments, message, trained, tmp_path, capsys):
     run_dir, _ = trained
     fill = {"tmp": tmp_path, "run": run_dir}
@@ -124,5 +135,7 @@ def test_truncated_checkpoint_files_are_named_by_evaluate_and_by_resume(trained,
         check_trial(compose([f"resume={damaged}"]))
     model_line, state_line = refused.value.problems
     assert model_line.startswith(f"resume={damaged}: {latest / checkpoint.MODEL_FILE} is truncated or damaged")
-    assert model_line.endswith(f"to resume from an earlier checkpoint, write one of step_000001, step_000003 into "
-                               f"{damaged / 'checkpoints' / 'latest'}")
+    assert model_line.endswith(
+        f"to resume from an earlier checkpoint, write one of step_000001, step_000003 into "
+        f"{damaged / 'checkpoints' / 'latest'}"
+    )

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import checkpoint
 from harness.data.loader import held_out_batches
-from harness.plugins import Plugin
-from harness.trainer import PeriodStats, Trial, is_best_period, mfu
-from harness.version import code_version
+from harness.tracking.version import code_version
+from harness.trial import checkpoint
+from harness.trial.plugins import Plugin
+from harness.trial.trainer import PeriodStats, Trial, is_best_period, mfu
 from tests.conftest import TINY, compose_config
 
 LinearLR, CosineAnnealingLR = torch.optim.lr_scheduler.LinearLR, torch.optim.lr_scheduler.CosineAnnealingLR
@@ -33,8 +33,9 @@ def reference_is_best(averages: list[float]) -> list[bool]:
     return flags
 
 
-def test_a_fp16_trial_records_periods_is_best_lr_and_test_losses_as_the_reference_code(tmp_path, tracking_uri,
-                                                                                         monkeypatch):
+def test_a_fp16_trial_records_periods_is_best_lr_and_test_losses_as_the_reference_code(
+    tmp_path, tracking_uri, monkeypatch
+):
     """A whole fp16_amp trial on the CPU. 7 steps, interval 3: the reference checkpoints after 0-based steps 0, 3
     and 6 (`step % 3 == 0`, and the last), so its periods are {0}, {1, 2, 3}, {4, 5, 6}; a non-finite loss keeps
     a period from being best. test_loss_amp is its test_loss.py: inference_mode, fp16 autocast, the mean of
@@ -46,9 +47,16 @@ def test_a_fp16_trial_records_periods_is_best_lr_and_test_losses_as_the_referenc
         return torch.cat([torch.full((1,), math.nan), values[1:]]) if step == 4 else values
 
     monkeypatch.setattr(Trial, "train_step", nan_loss_at_step_4)
-    cfg = compose_config(*TINY, "+intervention=lr_schedule", "optim.warmup_fraction=0.3", "trainer.max_steps=7",
-                         "trainer.checkpoint_interval=3", "trainer.device=cpu", "trainer.precision=fp16_amp",
-                         "trainer.keep_checkpoints=null")
+    cfg = compose_config(
+        *TINY,
+        "+intervention=lr_schedule",
+        "optim.warmup_fraction=0.3",
+        "trainer.max_steps=7",
+        "trainer.checkpoint_interval=3",
+        "trainer.device=cpu",
+        "trainer.precision=fp16_amp",
+        "trainer.keep_checkpoints=null",
+    )
     trial = Trial(cfg, tmp_path / "run")
     result = trial.run()
     client = mlflow.MlflowClient(tracking_uri)
@@ -58,7 +66,10 @@ def test_a_fp16_trial_records_periods_is_best_lr_and_test_losses_as_the_referenc
     averages = history(client, run_id, "train_loss_avg")
     assert sorted(averages) == sorted(covered)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == [
-        "step_000001", "step_000004", "step_000007"]
+        "step_000001",
+        "step_000004",
+        "step_000007",
+    ]
     for end, steps in covered.items():
         finite = [loss[s] for s in steps if math.isfinite(loss[s])]
         assert averages[end] == pytest.approx(sum(finite) / len(finite), rel=1e-12)
@@ -76,9 +87,14 @@ def test_a_fp16_trial_records_periods_is_best_lr_and_test_losses_as_the_referenc
     # the LR logged at step n is the one 0-based step n − 1 used: torch's SequentialLR, as the reference built it
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
     warmup = 7 * 30 // 100
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
-        LinearLR(optimizer, start_factor=1e-5, total_iters=warmup),
-        CosineAnnealingLR(optimizer, T_max=7 - warmup, eta_min=cfg.optim.lr / 10)], milestones=[warmup])
+    scheduler = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            LinearLR(optimizer, start_factor=1e-5, total_iters=warmup),
+            CosineAnnealingLR(optimizer, T_max=7 - warmup, eta_min=cfg.optim.lr / 10),
+        ],
+        milestones=[warmup],
+    )
     expected_lr = []
     for _ in range(7):
         expected_lr.append(optimizer.param_groups[0]["lr"])
@@ -89,12 +105,16 @@ def test_a_fp16_trial_records_periods_is_best_lr_and_test_losses_as_the_referenc
 
     model = trial.model.eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
-        losses = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
-                  for x, y in held_out_batches(trial.test_tokens, cfg.data, cfg.model.context_length)]
+        losses = [
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+            for x, y in held_out_batches(trial.test_tokens, cfg.data, cfg.model.context_length)
+        ]
     assert result["test_loss_amp"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
     with torch.no_grad():
-        total = sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").double().item()
-                    for x, y in held_out_batches(trial.test_tokens, cfg.data, cfg.model.context_length))
+        total = sum(
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").double().item()
+            for x, y in held_out_batches(trial.test_tokens, cfg.data, cfg.model.context_length)
+        )
     assert result["test_loss"] == pytest.approx(total / cfg.data.test_tokens, rel=1e-6)
     assert result["test_loss_amp"] != result["test_loss"] and abs(result["test_loss_amp"] - result["test_loss"]) < 0.01
     run = client.get_run(run_id)
@@ -111,8 +131,15 @@ def test_is_best_is_the_lowest_average_so_far_and_never_a_period_with_a_non_fini
         return stats.summary(step=0, tokens=1, flops_per_token=1.0, peak=None)
 
     earlier = []
-    for losses, best in [((5.0,), True), ((4.0, math.nan), False), ((math.nan,), False), ((4.5,), True),
-                         ((4.5,), False), ((4.6,), False), ((4.4, 4.3), True)]:
+    for losses, best in [
+        ((5.0,), True),
+        ((4.0, math.nan), False),
+        ((math.nan,), False),
+        ((4.5,), True),
+        ((4.5,), False),
+        ((4.6,), False),
+        ((4.4, 4.3), True),
+    ]:
         stats = period(*losses)
         stats["is_best"] = is_best_period(stats, earlier)
         assert stats["is_best"] is best, losses

@@ -8,20 +8,20 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from harness import checkpoint, hf
-from harness.config import config_hash, to_trial_config
+from harness.commands.evaluate import load_saved_trial
+from harness.commands.export import main as export_main
+from harness.commands.reference import main as reference_main
+from harness.config.schema import config_hash, to_trial_config
 from harness.data.loader import held_out_batches, open_dataset
-from harness.evaluate import load_saved_trial
-from harness.export import main as export_main
-from harness.model import cross_entropy
-from harness.plugins import Plugin, register
-from harness.reference import main as reference_main
-from harness.trainer import Trial
+from harness.trial import checkpoint, hf
+from harness.trial.model import cross_entropy
+from harness.trial.plugins import Plugin, register
+from harness.trial.trainer import Trial
 from tests.conftest import TINY, compose_config, rewrite_state
 
 TINY_GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "vocab_size": 50257}
@@ -85,11 +85,28 @@ def test_exported_trial_reads_back_identically_and_in_transformers(name, trained
     saved = load_saved_trial(trained[name])
     cfg = saved.model.cfg
     config = json.loads((out / hf.CONFIG_FILE).read_text())
-    assert {k: config[k] for k in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "layer_norm_epsilon",
-                                   "activation_function", "tie_word_embeddings")} == {
-        "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.context_length,
-        "vocab_size": 50257, "layer_norm_epsilon": cfg.ln_eps, "activation_function": "gelu_new",
-        "tie_word_embeddings": cfg.tie_weights}
+    assert {
+        k: config[k]
+        for k in (
+            "n_embd",
+            "n_layer",
+            "n_head",
+            "n_positions",
+            "vocab_size",
+            "layer_norm_epsilon",
+            "activation_function",
+            "tie_word_embeddings",
+        )
+    } == {
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_positions": cfg.context_length,
+        "vocab_size": 50257,
+        "layer_norm_epsilon": cfg.ln_eps,
+        "activation_function": "gelu_new",
+        "tie_word_embeddings": cfg.tie_weights,
+    }
     with safe_open(str(out / hf.WEIGHTS_FILE), framework="pt") as f:
         assert f.metadata()["harness_run_id"] == saved.run_id and f.metadata()["format"] == "pt"
         assert ("lm_head.weight" in f.keys()) != cfg.tie_weights
@@ -147,18 +164,23 @@ def test_reference_run_scores_the_test_window_as_transformers_does(store, tmp_pa
     np.testing.assert_allclose(run.data.metrics["test_loss"], total / count, rtol=1e-6)
     np.testing.assert_allclose(run.data.metrics["test_loss_amp"], total / count, rtol=1e-6)  # smoke: no autocast
     assert run.data.tags["test_loss_amp_autocast"] == "none"
-    assert (f"test_loss {run.data.metrics['test_loss']:.6f}  test_loss_amp {run.data.metrics['test_loss_amp']:.6f}  "
-            f"run {run.info.run_id}") in capsys.readouterr().out
+    assert (
+        f"test_loss {run.data.metrics['test_loss']:.6f}  test_loss_amp {run.data.metrics['test_loss_amp']:.6f}  "
+        f"run {run.info.run_id}"
+    ) in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("no config", "config.json is missing; a Hugging Face GPT-2 directory holds config.json and model.safetensors"),
-    ("wrong shape", "tensor h.1.attn.c_attn.weight has shape (32, 48); config.json implies (32, 96)"),
-    ("missing tensor", "missing ['h.1.mlp.c_fc.bias'], unexpected none"),
-    ("relu", "activation_function='relu', but the harness's GPT-2 needs the tanh GELU"),
-    ("short context", "has 64 positions (n_positions); evaluating at context 128 needs at least that many"),
-    ("intervention", "a reference run evaluates fixed weights"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("no config", "config.json is missing; a Hugging Face GPT-2 directory holds config.json and model.safetensors"),
+        ("wrong shape", "tensor h.1.attn.c_attn.weight has shape (32, 48); config.json implies (32, 96)"),
+        ("missing tensor", "missing ['h.1.mlp.c_fc.bias'], unexpected none"),
+        ("relu", "activation_function='relu', but the harness's GPT-2 needs the tanh GELU"),
+        ("short context", "has 64 positions (n_positions); evaluating at context 128 needs at least that many"),
+        ("intervention", "a reference run evaluates fixed weights"),
+    ],
+)
 def test_unusable_reference_directories_are_explained(problem, message, tmp_path, capsys):
     directory = tmp_path / "gpt2"
     transformers_gpt2(directory, activation_function="relu" if problem == "relu" else "gelu_new")
@@ -170,7 +192,9 @@ def test_unusable_reference_directories_are_explained(problem, message, tmp_path
     if problem == "missing tensor":
         del tensors["transformer.h.1.mlp.c_fc.bias"]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / hf.WEIGHTS_FILE))
-    overrides = {"short context": ["model.context_length=128", "data.test_tokens=512"],
-                 "intervention": ["+intervention=no_dropout"]}.get(problem, [])
+    overrides = {
+        "short context": ["model.context_length=128", "data.test_tokens=512"],
+        "intervention": ["+intervention=no_dropout"],
+    }.get(problem, [])
     assert reference_main([f"path={directory}", *TINY, *overrides]) == 2
     assert message in capsys.readouterr().err

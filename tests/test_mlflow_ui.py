@@ -15,11 +15,12 @@ import pytest
 
 from analysis.__main__ import main as analysis_main
 from analysis.synthetic import PlantedIntervention, generate_study, log_study_to_mlflow
-from harness import checkpoint, parents
-from harness.study import StudyConf, Trial
-from harness.sweep import PlannedTrial, StudyStore
-from harness.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SYSTEM_PREFIX, VIEW_TAG_PREFIX, VIEWS, Tracker
-from harness.trainer import Trial as TrainingTrial
+from harness.study import parents
+from harness.study.design import StudyConf, Trial
+from harness.study.run import PlannedTrial, StudyStore
+from harness.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SYSTEM_PREFIX, VIEW_TAG_PREFIX, VIEWS, Tracker
+from harness.trial import checkpoint
+from harness.trial.trainer import Trial as TrainingTrial
 from tests.conftest import TINY, MlflowServer, compose_config
 from tests.test_sweep_run import SWEEP_TINY, sweep_env
 
@@ -63,8 +64,10 @@ def test_a_trial_reads_in_the_ui_and_its_system_metrics_change_nothing(tracking_
     assert SYSTEM_PREFIX + "system_memory_usage_megabytes" in on.data.metrics
     assert not [key for key in off.data.metrics if key.startswith(SYSTEM_PREFIX)]
     assert on.data.metrics["test_loss"] == off.data.metrics["test_loss"]
-    weights = [checkpoint.read_manifest(checkpoint.find(tmp_path / name))["files"]["model.safetensors"]["sha256"]
-               for name in ("on", "off")]
+    weights = [
+        checkpoint.read_manifest(checkpoint.find(tmp_path / name))["files"]["model.safetensors"]["sha256"]
+        for name in ("on", "off")
+    ]
     assert weights[0] == weights[1]
 
 
@@ -79,7 +82,12 @@ def test_system_metrics_go_through_the_queue_and_continue_after_a_resume(trackin
     time.sleep(0.5)
     resumed.end("FINISHED")
     steps = [m.step for m in resumed.client.get_metric_history(run_id, CPU)]
-    assert len(first) >= 3 and steps[:len(first)] == first and steps == list(range(len(steps))) and len(steps) > len(first)
+    assert (
+        len(first) >= 3
+        and steps[: len(first)] == first
+        and steps == list(range(len(steps)))
+        and len(steps) > len(first)
+    )
     time.sleep(0.3)  # nothing is sampled once a run has ended
     assert len(resumed.client.get_metric_history(run_id, CPU)) == len(steps)
 
@@ -146,8 +154,9 @@ def test_the_analysis_refuses_a_study_tag_found_at_two_scales(tracking_uri, tmp_
     assert analysis_main(["study=twice", f"out={tmp_path}", "resamples=999"]) == 2
     error = capsys.readouterr().err
     assert "study 'twice' has runs in 2 experiments: harness/smoke (10 runs), harness/proxy (10 runs)" in error
-    assert analysis_main(["study=twice", "experiment=harness/proxy", f"out={tmp_path}", "resamples=999",
-                          "log=false"]) == 0
+    assert (
+        analysis_main(["study=twice", "experiment=harness/proxy", f"out={tmp_path}", "resamples=999", "log=false"]) == 0
+    )
 
 
 @pytest.fixture
@@ -160,15 +169,35 @@ def mlflow_server(tmp_path):
 def test_a_study_in_a_real_mlflow_server_reads_as_one_tree_with_its_verdicts(tmp_path, mlflow_server, monkeypatch):
     """`make sweep`, `make analyze`, `make sweep` again, against a real tracking server, read back through
     MlflowClient: kinds, nesting and names."""
-    command = [sys.executable, "-m", "harness", "+sweep=quick", *SWEEP_TINY, "hydra.sweeper.arms=[baseline,no_dropout]",
-               "hydra.sweeper.seeds=[1,2]", "tracking.system_metrics_interval=0.05"]
-    first = subprocess.run([*command, f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=tmp_path,
-                           env=sweep_env(mlflow_server), capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "harness",
+        "+sweep=quick",
+        *SWEEP_TINY,
+        "hydra.sweeper.arms=[baseline,no_dropout]",
+        "hydra.sweeper.seeds=[1,2]",
+        "tracking.system_metrics_interval=0.05",
+    ]
+    first = subprocess.run(
+        [*command, f"hydra.sweep.dir={tmp_path / 'first'}"],
+        cwd=tmp_path,
+        env=sweep_env(mlflow_server),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     assert analysis_main(["study=quick", f"out={tmp_path / 'report'}", "resamples=999"]) == 0
-    again = subprocess.run([*command, f"hydra.sweep.dir={tmp_path / 'again'}"], cwd=tmp_path,
-                           env=sweep_env(mlflow_server), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [*command, f"hydra.sweep.dir={tmp_path / 'again'}"],
+        cwd=tmp_path,
+        env=sweep_env(mlflow_server),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stdout + again.stderr
 
     client = mlflow.MlflowClient(mlflow_server)
@@ -181,13 +210,21 @@ def test_a_study_in_a_real_mlflow_server_reads_as_one_tree_with_its_verdicts(tmp
     assert "4 trials: 4 already FINISHED (skipped)" in again.stdout
     ui = f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning"
     assert f"in mlflow ui: {ui}" in first.stdout
-    assert (parent.info.run_name, parent.info.status, parent.data.tags["executions"]) == ("study quick", "FINISHED", "2")
+    assert (parent.info.run_name, parent.info.status, parent.data.tags["executions"]) == (
+        "study quick",
+        "FINISHED",
+        "2",
+    )
 
     children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == len(found) - 1  # everything else is nested under the parent
     trials = [r for r in children if "config_hash" in r.data.tags]
-    assert sorted(r.info.run_name for r in trials) == ["baseline s1 smoke", "baseline s2 smoke",
-                                                      "no_dropout s1 smoke", "no_dropout s2 smoke"]
+    assert sorted(r.info.run_name for r in trials) == [
+        "baseline s1 smoke",
+        "baseline s2 smoke",
+        "no_dropout s1 smoke",
+        "no_dropout s2 smoke",
+    ]
     for run in trials:
         assert run.data.params["interventions"] == run.data.tags["intervention"] == run.info.run_name.split()[0]
         assert run.data.metrics["test_loss"] > 0 and CPU in run.data.metrics

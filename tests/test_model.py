@@ -1,7 +1,7 @@
 import torch
 
-from harness.model import GPTModel, ModelConfig
-from harness.trainer import build_model, fingerprint
+from harness.trial.model import GPTModel, ModelConfig
+from harness.trial.trainer import build_model, fingerprint
 from tests.conftest import TINY, compose_config
 
 
@@ -70,4 +70,7 @@ def test_flops_per_token_counts_matmuls_only_untied_embedding_as_a_lookup_and_a_
     assert flops_per_token(tie_weights=True) == 854_438_400  # tied: the shared matrix multiplies once, as the head
     assert flops_per_token(tie_weights=True, tied_init="head") == 854_438_400
     assert flops_per_token(qkv_bias=True) == 854_438_400  # biases are additions, not matmuls
-    assert flops_per_token(n_layer=6, n_head=6, d_model=384) == 6 * (12 * 6 * 384 * 384 + 50257 * 384) + 12 * 6 * 384 * 1024
+    assert (
+        flops_per_token(n_layer=6, n_head=6, d_model=384)
+        == 6 * (12 * 6 * 384 * 384 + 50257 * 384) + 12 * 6 * 384 * 1024
+    )

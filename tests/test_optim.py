@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from harness.optim import OptimConfig, build_scheduler, lr_factor, warmup_steps
-from harness.plugins import Plugins
+from harness.trial.optim import OptimConfig, build_scheduler, lr_factor, warmup_steps
+from harness.trial.plugins import Plugins
 from tests.conftest import compose_config
 
 LinearLR, CosineAnnealingLR = torch.optim.lr_scheduler.LinearLR, torch.optim.lr_scheduler.CosineAnnealingLR
@@ -44,9 +44,14 @@ def test_lr_schedule_is_torchs_sequential_linear_then_cosine_at_every_step_of_gp
     assert (total, warmup, peak) == (33_165, 1_658, 1.4e-3) and warmup_steps(total, cfg.optim) == warmup
 
     def reference(optimizer):
-        return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=0.00001, end_factor=1.0, total_iters=warmup),
-                                        CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=peak / 10)],
-                            milestones=[warmup])
+        return SequentialLR(
+            optimizer,
+            [
+                LinearLR(optimizer, start_factor=0.00001, end_factor=1.0, total_iters=warmup),
+                CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=peak / 10),
+            ],
+            milestones=[warmup],
+        )
 
     theirs, ours = torch_lrs(peak, total, reference), harness_lrs(cfg.optim, total)
     assert max_relative_difference(ours, theirs) < 1e-11
@@ -68,10 +73,14 @@ def test_warmup_linear_is_torchs_sequential_linear_then_linear(final):
     warmup = total * 5 // 100
 
     def reference(optimizer):
-        return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=1e-5, total_iters=warmup),
-                                        LinearLR(optimizer, start_factor=1.0, end_factor=final,
-                                                 total_iters=total - warmup)],
-                            milestones=[warmup])
+        return SequentialLR(
+            optimizer,
+            [
+                LinearLR(optimizer, start_factor=1e-5, total_iters=warmup),
+                LinearLR(optimizer, start_factor=1.0, end_factor=final, total_iters=total - warmup),
+            ],
+            milestones=[warmup],
+        )
 
     ours = harness_lrs(cfg, total)
     assert max_relative_difference(ours, torch_lrs(cfg.lr, total, reference)) < 1e-11
@@ -84,11 +93,15 @@ def test_warmup_stable_decay_is_torchs_warmup_constant_then_linear():
     warmup, decay = total * 5 // 100, total * 20 // 100
 
     def reference(optimizer):
-        return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=1e-5, total_iters=warmup),
-                                        ConstantLR(optimizer, factor=1.0, total_iters=0),
-                                        LinearLR(optimizer, start_factor=1.0, end_factor=cfg.final_lr_ratio,
-                                                 total_iters=decay)],
-                            milestones=[warmup, total - decay])
+        return SequentialLR(
+            optimizer,
+            [
+                LinearLR(optimizer, start_factor=1e-5, total_iters=warmup),
+                ConstantLR(optimizer, factor=1.0, total_iters=0),
+                LinearLR(optimizer, start_factor=1.0, end_factor=cfg.final_lr_ratio, total_iters=decay),
+            ],
+            milestones=[warmup, total - decay],
+        )
 
     ours = harness_lrs(cfg, total)
     assert max_relative_difference(ours, torch_lrs(cfg.lr, total, reference)) < 1e-11

@@ -6,9 +6,9 @@ import mlflow
 import pytest
 import torch
 
-from harness.model import cross_entropy
-from harness.plugins import Plugin, register
-from harness.trainer import Trial, build_model
+from harness.trial.model import cross_entropy
+from harness.trial.plugins import Plugin, register
+from harness.trial.trainer import Trial, build_model
 from interventions.z_loss import ZLoss
 from tests.conftest import TINY, compose_config
 
@@ -88,8 +88,11 @@ def test_no_decay_groups_exempt_embeddings_norms_and_biases():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = sorted(names[id(p)] for g in trial_groups if g["weight_decay"] == 0.1 for p in g["params"])
     exempt = sorted(names[id(p)] for g in trial_groups if g["weight_decay"] == 0.0 for p in g["params"])
-    assert decayed == sorted(n for n in names.values() if n.endswith(".weight") and (
-        ".att.W_" in n or "out_proj" in n or ".ff.layers" in n or n == "out_head.weight"))
+    assert decayed == sorted(
+        n
+        for n in names.values()
+        if n.endswith(".weight") and (".att.W_" in n or "out_proj" in n or ".ff.layers" in n or n == "out_head.weight")
+    )
     assert "tok_emb.weight" in exempt and "pos_emb.weight" in exempt and "final_norm.bias" in exempt
     assert len(decayed) + len(exempt) == len(names)
 

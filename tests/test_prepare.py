@@ -23,9 +23,9 @@ from harness.data.__main__ import main
 from harness.data.loader import DataConfig, open_dataset
 from harness.data.prepare import ENCODING, SPLIT_RULE, PrepareError, prepare, read_texts, reference_test_start
 from harness.data.shards import MANIFEST, Manifest, open_split, sha256_file
+from harness.data.tokenizer import END_OF_TEXT, gpt2_encoding
 from harness.paths import PROJECT_ROOT
-from harness.tokenizer import END_OF_TEXT, gpt2_encoding
-from harness.trainer import Trial
+from harness.trial.trainer import Trial
 from tests.conftest import TINY, compose_config, flip_a_byte
 
 FILE_DOCUMENTS = (150, 130, 120)  # 400 documents: the last 4 are held out
@@ -86,8 +86,9 @@ def make_documents() -> list[str]:
     return documents
 
 
-def write_parquet_files(directory: Path, documents: list[str], column: str = "text",
-                        counts: tuple[int, ...] = FILE_DOCUMENTS) -> None:
+def write_parquet_files(
+    directory: Path, documents: list[str], column: str = "text", counts: tuple[int, ...] = FILE_DOCUMENTS
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     start = 0
     for number, count in enumerate(counts):
@@ -187,7 +188,7 @@ def test_every_document_is_encoded_as_the_reference_and_ends_with_end_of_text(re
 
 
 def test_a_literal_end_of_text_in_a_document_is_token_50256_as_the_reference_encodes_it(reference, documents):
-    """"A page that mentions <|endoftext|> literally…" (document 42): the reference's encode call allows the
+    """ "A page that mentions <|endoftext|> literally…" (document 42): the reference's encode call allows the
     special token, so the text becomes 50256 inside the document, not the tokens of "<|", "endoftext", "|>"."""
     encoding = gpt2_encoding()
     ordinary = encoding.encode_ordinary(documents[42])
@@ -202,8 +203,7 @@ def test_a_literal_end_of_text_in_a_document_is_token_50256_as_the_reference_enc
 
 # `datasets`' percent slices (arrow_reader._pct_to_abs_closest): boundary = int(round(99 * n / 100.0)), Python's
 # round-half-to-even; train[:99%] is documents [0, boundary), train[99%:] (the reference's validation) the rest.
-DATASETS_SPLIT = {101: 100, 150: 148, 199: 197, 250: 248, 350: 346, 400: 396, 1_050: 1_040,
-                  14_868_862: 14_720_173}
+DATASETS_SPLIT = {101: 100, 150: 148, 199: 197, 250: 248, 350: 346, 400: 396, 1_050: 1_040, 14_868_862: 14_720_173}
 
 
 @pytest.mark.parametrize("documents, boundary", sorted(DATASETS_SPLIT.items()))
@@ -221,16 +221,18 @@ def test_crafted_document_counts_split_where_the_reference_splits_them(tmp_path)
     """250 documents: datasets' train[:99%] ends at round(247.5) = 248, so 2 are held out, not ceil(2.5) = 3."""
     texts = [f"Document number {i} says hello." for i in range(250)]
     write_parquet_files(tmp_path / "parquet", texts, counts=(130, 120))
-    out = prepare("fineweb", out=tmp_path / "out", workers=1, shard_tokens=SHARD_TOKENS,
-                  parquet_dir=tmp_path / "parquet")
+    out = prepare(
+        "fineweb", out=tmp_path / "out", workers=1, shard_tokens=SHARD_TOKENS, parquet_dir=tmp_path / "parquet"
+    )
     manifest = Manifest.load(out)
     assert (manifest.splits["train"].documents, manifest.splits["test"].documents) == (248, 2)
     np.testing.assert_array_equal(open_split(out, "test")[:], reference_tokens(texts[248:]))
     assert manifest.source["encoding"] == ENCODING and manifest.source["split"] == SPLIT_RULE
 
 
-def test_a_preparation_made_the_old_way_is_not_resumed_and_a_trial_on_it_is_warned(reference, parquet_dir, tmp_path,
-                                                                                    caplog):
+def test_a_preparation_made_the_old_way_is_not_resumed_and_a_trial_on_it_is_warned(
+    reference, parquet_dir, tmp_path, caplog
+):
     out = shutil.copytree(reference, tmp_path / "out")
     manifest = Manifest.load(out)
     for key in ("encoding", "split"):
@@ -349,8 +351,10 @@ def test_the_advice_for_a_damaged_or_missing_shard_is_the_command_that_repairs_i
     [line] = refused.stderr.splitlines()
     assert f"shard {out}/train_000003.bin does not match its manifest checksum; re-create it with `" in line
     command = re.search(r"`(python -m harness\.data prepare [^`]*)`", line).group(1)
-    assert command == f"python -m harness.data prepare dataset=fineweb out={out} shard_tokens={SHARD_TOKENS} " \
-                      f"parquet_dir={Manifest.load(reference).source['parquet_dir']}"
+    assert (
+        command == f"python -m harness.data prepare dataset=fineweb out={out} shard_tokens={SHARD_TOKENS} "
+        f"parquet_dir={Manifest.load(reference).source['parquet_dir']}"
+    )
     assert not (tmp_path / "run").exists()
 
     repaired = run_python(*shlex.split(command)[1:])  # as printed, with this interpreter
@@ -431,7 +435,9 @@ def test_refuses_to_download_without_room_for_the_files_and_shards(parquet_dir, 
 
 
 def test_clear_errors_for_bad_input(documents, tmp_path, capsys):
-    with pytest.raises(PrepareError, match="unknown dataset 'c4'; known datasets: fineweb, fineweb_edu, fineweb_gpt2_tokens"):
+    with pytest.raises(
+        PrepareError, match="unknown dataset 'c4'; known datasets: fineweb, fineweb_edu, fineweb_gpt2_tokens"
+    ):
         prepare("c4", parquet_dir=tmp_path)
     with pytest.raises(PrepareError, match="holds no \\*.parquet files"):
         prepare("fineweb", out=tmp_path / "out", parquet_dir=tmp_path)
@@ -442,7 +448,9 @@ def test_clear_errors_for_bad_input(documents, tmp_path, capsys):
 
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / MANIFEST).write_text("{not json")
-    with pytest.raises(PrepareError, match=f"{tmp_path}/damaged/manifest.json is not a valid manifest .*; move it away"):
+    with pytest.raises(
+        PrepareError, match=f"{tmp_path}/damaged/manifest.json is not a valid manifest .*; move it away"
+    ):
         prepare("fineweb", out=tmp_path / "damaged", parquet_dir=tmp_path)
 
     assert main(["prepare", "dataset=fineweb", "shard_tokens=many"]) == 2

@@ -1,6 +1,7 @@
 """Records under faults, for real: divergence at the end, checkpoints verified and bounded, a full disk
 (a size-limited tmpfs), resumes that would change a record, SIGKILLed trials, a dead store, racing claims."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import contextlib
 import time
 from pathlib import Path
 
@@ -18,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import checkpoint, records
-from harness.evaluate import main as evaluate_main
-from harness.export import main as export_main
-from harness.trainer import DivergenceError, Trial, build_model
+from harness.commands.evaluate import main as evaluate_main
+from harness.commands.export import main as export_main
+from harness.tracking import records
+from harness.trial import checkpoint
+from harness.trial.trainer import DivergenceError, Trial, build_model
 from tests.conftest import TINY, compose_config, run_harness
 
 FAST_BEAT = ["tracking.heartbeat_interval=1"]  # a dead trial is stale after 4 s
@@ -38,17 +39,36 @@ def step_dirs(run_dir: Path) -> list[str]:
 
 # --- 1. no false success ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("lr, steps, message, latest", [
-    ("30", 20, "diverged at step 20: non-finite training loss at the end of the last period, so no final "
-               "checkpoint was saved; `latest` names the last finite checkpoint", "step_000011"),
-    ("1e6", 20, "diverged at step 11: the training loss was non-finite for the last 10 steps (2–11); `latest` "
-                "names the last finite checkpoint", "step_000001"),  # whose sample stops at non-finite logits
-])
+
+@pytest.mark.parametrize(
+    "lr, steps, message, latest",
+    [
+        (
+            "30",
+            20,
+            "diverged at step 20: non-finite training loss at the end of the last period, so no final "
+            "checkpoint was saved; `latest` names the last finite checkpoint",
+            "step_000011",
+        ),
+        (
+            "1e6",
+            20,
+            "diverged at step 11: the training loss was non-finite for the last 10 steps (2–11); `latest` "
+            "names the last finite checkpoint",
+            "step_000001",
+        ),  # whose sample stops at non-finite logits
+    ],
+)
 def test_a_trial_that_ends_non_finite_is_failed_with_a_true_message(tmp_path, tracking_uri, lr, steps, message, latest):
     """The issue's lr=30 run ended FINISHED (test_loss 3.2e12); lr=1e6 claimed a checkpoint that did not exist.
     (lr=inf, which ended FINISHED with a NaN test loss, is now refused before anything runs.)"""
-    cfg = compose_config(*TINY, f"optim.lr={lr}", f"trainer.max_steps={steps}", "trainer.checkpoint_interval=5",
-                         "tracking.log_interval=1")
+    cfg = compose_config(
+        *TINY,
+        f"optim.lr={lr}",
+        f"trainer.max_steps={steps}",
+        "trainer.checkpoint_interval=5",
+        "tracking.log_interval=1",
+    )
     with pytest.raises(DivergenceError) as error:
         Trial(cfg, tmp_path / "run").run()
     assert message in str(error.value)
@@ -74,6 +94,7 @@ def test_a_non_finite_test_loss_is_failed_with_the_final_checkpoint_kept(tmp_pat
 
 
 # --- 5. checkpoints: verified, bounded, fsynced, cleaned, a full disk -----------------------------------------
+
 
 @pytest.fixture(scope="module")
 def finished(store, tmp_path_factory):
@@ -118,8 +139,9 @@ def test_a_flipped_bit_is_refused_by_resume_evaluate_and_export_naming_the_file(
     flip_a_bit(rng)
     (copy / "checkpoints" / "latest").write_text("step_000004\n")
     with interrupted(store, finished[1]["run_id"]):
-        resumed = run_harness(f"resume={copy}", f"hydra.run.dir={tmp_path / 'log'}", cwd=tmp_path, env_uri=store,
-                              check=False)
+        resumed = run_harness(
+            f"resume={copy}", f"hydra.run.dir={tmp_path / 'log'}", cwd=tmp_path, env_uri=store, check=False
+        )
         status = mlflow.MlflowClient(store).get_run(finished[1]["run_id"]).info.status
     assert resumed.returncode != 0 and f"{rng} does not match the sha256" in resumed.stderr
     assert status == "KILLED"  # refused before the run was touched
@@ -157,11 +179,19 @@ def test_best_survives_when_latest_moves_on(tmp_path):
 
 
 def test_a_trial_whose_checkpoints_cannot_fit_is_refused_before_its_first_step(tmp_path, tracking_uri, caplog):
-    cfg = compose_config(*TINY, "trainer.max_steps=1000000", "trainer.checkpoint_interval=1",
-                         "trainer.keep_checkpoints=null", "data.max_epochs=1e9")  # a million 40 MB checkpoints
+    cfg = compose_config(
+        *TINY,
+        "trainer.max_steps=1000000",
+        "trainer.checkpoint_interval=1",
+        "trainer.keep_checkpoints=null",
+        "data.max_epochs=1e9",
+    )  # a million 40 MB checkpoints
     trial = Trial(cfg, tmp_path / "run")
-    with pytest.raises(checkpoint.CheckpointError, match="not enough disk for this trial's checkpoints: checkpoints: "
-                       r"~39.8 MB each; keeping every checkpoint \(trainer.keep_checkpoints\), up to 1000000 on disk"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match="not enough disk for this trial's checkpoints: checkpoints: "
+        r"~39.8 MB each; keeping every checkpoint \(trainer.keep_checkpoints\), up to 1000000 on disk",
+    ):
         trial.run()
     assert trial.history["step"] == []
     assert all_runs(tracking_uri)[0].info.status == "FAILED"
@@ -182,7 +212,7 @@ def test_staging_left_by_a_killed_writer_is_removed_on_resume(finished, store, t
 FILL_THE_DISK = """
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
-from harness import checkpoint
+from harness.trial import checkpoint
 
 run_dir, size, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 checkpoints = run_dir / "checkpoints"
@@ -208,8 +238,7 @@ print(json.dumps({"returncode": trial.wait(), "stderr": stderr[-3000:], "latest"
 def private_mount_namespace() -> list[str]:
     """The command prefix that runs a process in its own mount namespace, where it may mount a tmpfs."""
     for prefix in (["unshare", "-m"], ["unshare", "-Urm"]):
-        probe = subprocess.run([*prefix, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/mnt"],
-                               capture_output=True)
+        probe = subprocess.run([*prefix, "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", "/mnt"], capture_output=True)
         if probe.returncode == 0:
             return prefix
     pytest.skip("needs root or unprivileged user namespaces to mount a size-limited tmpfs")
@@ -220,32 +249,48 @@ def test_a_full_disk_at_a_checkpoint_fails_the_trial_with_latest_intact_and_no_s
     filled by another writer after the first checkpoint."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     trial = [*TINY, "trainer.max_steps=20", "trainer.checkpoint_interval=10"]
-    result = subprocess.run([*private_mount_namespace(), sys.executable, "-c", FILL_THE_DISK, str(tmp_path / "run"),
-                             "130m", *trial], env={**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"},
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*private_mount_namespace(), sys.executable, "-c", FILL_THE_DISK, str(tmp_path / "run"), "130m", *trial],
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     outcome = json.loads(result.stdout.splitlines()[-1])
     assert outcome["returncode"] != 0
-    assert ("no space left on the device writing" in outcome["stderr"] and "of checkpoint step 11" in outcome["stderr"]
-            and "`latest` still names step_000001; the partial checkpoint is removed" in outcome["stderr"])
+    assert (
+        "no space left on the device writing" in outcome["stderr"]
+        and "of checkpoint step 11" in outcome["stderr"]
+        and "`latest` still names step_000001; the partial checkpoint is removed" in outcome["stderr"]
+    )
     assert outcome["latest"] == "step_000001"  # and it verified against its manifest
     assert outcome["entries"] == ["best", "filler", "latest", "step_000001"]  # no .step_000011.tmp
     [run] = all_runs(uri)
-    assert run.info.status == "FAILED" and "CheckpointError: no space left on the device" in run.data.tags["failure_reason"]
+    assert (
+        run.info.status == "FAILED"
+        and "CheckpointError: no space left on the device" in run.data.tags["failure_reason"]
+    )
 
 
 # --- 6. resume ----------------------------------------------------------------------------------------------
+
 
 def test_resuming_a_finished_trial_changes_nothing_and_says_so(finished, store, tmp_path):
     run_dir, result = finished
     before = mlflow.MlflowClient(store).get_run(result["run_id"])
     files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     out = run_harness(f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'log'}", cwd=tmp_path, env_uri=store)
-    assert (f"resume={run_dir}: the trial's run {result['run_id']} in {store} already FINISHED (test_loss "
-            f"{result['test_loss']:.6f}): nothing to resume; nothing was changed") in out.stdout
+    assert (
+        f"resume={run_dir}: the trial's run {result['run_id']} in {store} already FINISHED (test_loss "
+        f"{result['test_loss']:.6f}): nothing to resume; nothing was changed"
+    ) in out.stdout
     after = mlflow.MlflowClient(store).get_run(result["run_id"])
-    assert (after.info.status, after.info.end_time, after.data.metrics) == \
-        (before.info.status, before.info.end_time, before.data.metrics)
+    assert (after.info.status, after.info.end_time, after.data.metrics) == (
+        before.info.status,
+        before.info.end_time,
+        before.data.metrics,
+    )
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == files
 
 
@@ -267,15 +312,28 @@ def test_resuming_into_another_store_is_refused_naming_both(finished, store, tmp
 
 # --- 3. orphans -----------------------------------------------------------------------------------------------
 
+
 def start_trial(*args: str, cwd: Path, uri: str) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def harness_command(*args: str, uri: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
 
 
 def test_a_sigkilled_trial_is_listed_stale_and_marked_killed_with_the_reason(tmp_path):
@@ -301,13 +359,16 @@ def test_a_sigkilled_trial_is_listed_stale_and_marked_killed_with_the_reason(tmp
     marked = harness_command("runs", "--mark-stale", uri=uri, cwd=tmp_path)
     assert marked.returncode == 0 and f"marked {run.info.run_id} (baseline s42 smoke) KILLED" in marked.stdout
     [run] = all_runs(uri)
-    assert run.info.status == "KILLED" and "its process died or lost the store: no heartbeat since" in \
-        run.data.tags["failure_reason"]
+    assert (
+        run.info.status == "KILLED"
+        and "its process died or lost the store: no heartbeat since" in run.data.tags["failure_reason"]
+    )
     assert run.info.end_time <= int(float(run.data.tags["heartbeat"]) * 1000) + 1
     assert not leftover.exists() and checkpoint.find(run_dir).is_dir()
 
 
 # --- 4. a dead store at the start ---------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -318,8 +379,9 @@ def free_port() -> int:
 def test_a_dead_tracking_uri_fails_the_trial_in_seconds_before_anything_is_built(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = run_harness(*TINY, f"tracking.uri={dead}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                         env_uri=dead, check=False)
+    result = run_harness(
+        *TINY, f"tracking.uri={dead}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env_uri=dead, check=False
+    )
     elapsed = time.monotonic() - started
     assert result.returncode != 0 and f"the tracking store {dead} did not answer" in result.stderr
     assert "tracking.connect_timeout=10" in result.stderr and "parameters" not in result.stderr  # nothing built
@@ -332,8 +394,8 @@ def test_a_dead_tracking_uri_fails_the_trial_in_seconds_before_anything_is_built
 CLAIMANT = """
 import sys, time
 from pathlib import Path
-from harness import records
-from harness.tracking import Tracker
+from harness.tracking import records
+from harness.tracking.store import Tracker
 
 uri, name, folder, rounds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 tracker = Tracker(uri, "harness", heartbeat_interval=1)
@@ -357,8 +419,15 @@ def test_racing_claims_of_one_trial_leave_exactly_one_run(tmp_path):
     """Two processes claim the same computation at the same moment, three times over, on one sqlite store."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "ready").mkdir()
-    claimants = [subprocess.Popen([sys.executable, "-c", CLAIMANT, uri, name, str(tmp_path / "ready"), "3"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    claimants = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMANT, uri, name, str(tmp_path / "ready"), "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     outputs = [c.communicate(timeout=300) for c in claimants]
     assert all(c.returncode == 0 for c in claimants), outputs
     results = [line.split(" ", 2) for out, _ in outputs for line in out.splitlines()]
@@ -374,18 +443,29 @@ def test_racing_claims_of_one_trial_leave_exactly_one_run(tmp_path):
 def test_a_trial_that_finds_an_earlier_claim_of_its_computation_withdraws_mid_run(tmp_path, tracking_uri):
     """Two claimants that raced past the settle time (here the rival's clock is a minute behind and it shows up
     after the first checkpoint): the later one stops at its next heartbeat, KILLED and tagged withdrawn."""
-    cfg = compose_config(*TINY, "study=race", "trainer.max_steps=1000", "tracking.heartbeat_interval=0.5",
-                         "tracking.log_interval=1")
+    cfg = compose_config(
+        *TINY, "study=race", "trainer.max_steps=1000", "tracking.heartbeat_interval=0.5", "tracking.log_interval=1"
+    )
     client, rival = mlflow.MlflowClient(tracking_uri), []
 
     def claim_from_a_slow_clock():
         while not (tmp_path / "run" / "checkpoints" / "latest").exists():
             time.sleep(0.02)
         [mine] = all_runs(tracking_uri)
-        rival.append(client.create_run(mine.info.experiment_id, start_time=mine.info.start_time - 60_000, tags={
-            "study": "race", "config_hash": mine.data.tags["config_hash"], "claim_slots": "1",
-            "code_version": mine.data.tags["code_version"],
-            "heartbeat": f"{time.time() + 3600:.3f}", "heartbeat_interval": "1"}).info.run_id)
+        rival.append(
+            client.create_run(
+                mine.info.experiment_id,
+                start_time=mine.info.start_time - 60_000,
+                tags={
+                    "study": "race",
+                    "config_hash": mine.data.tags["config_hash"],
+                    "claim_slots": "1",
+                    "code_version": mine.data.tags["code_version"],
+                    "heartbeat": f"{time.time() + 3600:.3f}",
+                    "heartbeat_interval": "1",
+                },
+            ).info.run_id
+        )
 
     thread = threading.Thread(target=claim_from_a_slow_clock, daemon=True)
     thread.start()
@@ -416,18 +496,25 @@ def test_a_run_directory_holding_a_trial_is_never_reused(finished, store):
 
 
 def test_new_keys_are_validated_and_kept_out_of_the_config_hash():
-    from harness.config import config_hash
+    from harness.config.schema import config_hash
 
     base = config_hash(compose_config(*TINY))
-    for key in ("trainer.keep_checkpoints=3", "tracking.heartbeat_interval=5", "tracking.flush_timeout=0",
-                "tracking.connect_timeout=2", "tracking.claim_slots=3"):
+    for key in (
+        "trainer.keep_checkpoints=3",
+        "tracking.heartbeat_interval=5",
+        "tracking.flush_timeout=0",
+        "tracking.connect_timeout=2",
+        "tracking.claim_slots=3",
+    ):
         assert config_hash(compose_config(*TINY, key)) == base, key
     assert config_hash(compose_config(*TINY), world_size=2) != base
-    assert config_hash(compose_config(*TINY, "trainer.nproc_per_node=2")) == \
-        config_hash(compose_config(*TINY), world_size=2)  # spawned or torchrun: the same ranks, the same hash
-    for bad, message in (("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1: must be a whole number ≥ 0"),
-                         ("tracking.heartbeat_interval=0", "tracking.heartbeat_interval=0.0: must be a finite number > 0"),
-                         ("tracking.claim_slots=0", "tracking.claim_slots=0: must be a whole number ≥ 1")):
+    assert config_hash(compose_config(*TINY, "trainer.nproc_per_node=2")) == config_hash(
+        compose_config(*TINY), world_size=2
+    )  # spawned or torchrun: the same ranks, the same hash
+    for bad, message in (
+        ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints=-1: must be a whole number ≥ 0"),
+        ("tracking.heartbeat_interval=0", "tracking.heartbeat_interval=0.0: must be a finite number > 0"),
+        ("tracking.claim_slots=0", "tracking.claim_slots=0: must be a whole number ≥ 1"),
+    ):
         with pytest.raises(Exception, match=message):
             compose_config(*TINY, bad)
-

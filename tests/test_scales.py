@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from harness.config import as_dict, flatten
-from harness.model import GPTModel
+from harness.config.schema import as_dict, flatten
+from harness.trial.model import GPTModel
 from tests.conftest import compose_config
 
 STUDY_TRAIN_TOKENS = 10_248_871_837  # one epoch of the study's training tokens (gpjt/fineweb-gpt2-tokens)
@@ -16,9 +16,16 @@ def test_proxy_scales_gpt2_small_down_and_stays_single_epoch():
     proxy, small = compose_config("scale=proxy"), compose_config("scale=gpt2_small")
     ours, theirs = flatten(as_dict(proxy)), flatten(as_dict(small))
     assert {key for key in ours if ours[key] != theirs[key]} == {
-        "scale", "model.n_layer", "model.n_head", "model.d_model", "data.test_tokens",
-        "trainer.micro_batch_size", "trainer.max_steps", "trainer.checkpoint_interval",
-        "tracking.experiment"}  # harness/proxy, harness/gpt2_small: one experiment per scale
+        "scale",
+        "model.n_layer",
+        "model.n_head",
+        "model.d_model",
+        "data.test_tokens",
+        "trainer.micro_batch_size",
+        "trainer.max_steps",
+        "trainer.checkpoint_interval",
+        "tracking.experiment",
+    }  # harness/proxy, harness/gpt2_small: one experiment per scale
     m, t = proxy.model, proxy.trainer
     assert (proxy.scale, m.n_layer, m.n_head, m.d_model, m.context_length) == ("proxy", 6, 6, 384, 1024)
     with torch.device("meta"):
@@ -35,5 +42,8 @@ def test_proxy_scales_gpt2_small_down_and_stays_single_epoch():
     # the test window is the first fifth of gpt2_small's: same offset, same sequences
     d = proxy.data
     assert (d.dataset, d.test_offset, d.eval_batch_size) == (
-        "fineweb_gpt2_tokens", small.data.test_offset, small.data.eval_batch_size)
+        "fineweb_gpt2_tokens",
+        small.data.test_offset,
+        small.data.eval_batch_size,
+    )
     assert d.test_tokens * 5 == small.data.test_tokens == 19_660_800

@@ -19,7 +19,7 @@ from harness.data import tokens as study_tokens
 from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
 from harness.data.prepare import PrepareError, prepare
 from harness.data.shards import MANIFEST, ChecksumError, Manifest, ShardWriter, open_split, sha256_file
-from harness.tokenizer import END_OF_TEXT
+from harness.data.tokenizer import END_OF_TEXT
 from tests.conftest import compose_config, flip_a_byte
 from tests.test_prepare import disk_with_free_bytes, output_files, run_cli, run_python
 
@@ -56,8 +56,9 @@ def published(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
 def converted(published, tmp_path_factory) -> Path:
     directory, _, _ = published
     out = tmp_path_factory.mktemp("converted") / "fineweb_gpt2_tokens"
-    result = run_cli("dataset=fineweb_gpt2_tokens", f"safetensors_dir={directory}", f"out={out}",
-                     f"shard_tokens={SHARD_TOKENS}")
+    result = run_cli(
+        "dataset=fineweb_gpt2_tokens", f"safetensors_dir={directory}", f"out={out}", f"shard_tokens={SHARD_TOKENS}"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out) and "tokens" in result.stderr  # the progress bar
     return out
@@ -72,7 +73,8 @@ def test_shards_hold_exactly_the_published_tensors(published, converted):
     directory, _, _ = published
     assert manifest.source["files"] == {
         name: {"tokens": tokens, "bytes": (directory / name).stat().st_size}
-        for name, tokens in (("train.safetensors", TRAIN_TOKENS), ("validation.safetensors", VALIDATION_TOKENS))}
+        for name, tokens in (("train.safetensors", TRAIN_TOKENS), ("validation.safetensors", VALIDATION_TOKENS))
+    }
     assert manifest.splits["train"].tokens == TRAIN_TOKENS and len(manifest.splits["train"].shards) > 2
     for split, stream in (("train", train), ("test", validation)):
         assert manifest.splits[split].documents == np.count_nonzero(stream == END_OF_TEXT)
@@ -92,15 +94,17 @@ def test_shards_are_cut_where_shard_writer_cuts_documents(published, converted):
         writer.add(document[:-1])
     writer.close()
     assert [(s.documents, s.tokens, s.sha256) for s in written.splits["train"].shards] == [
-        (s.documents, s.tokens, s.sha256) for s in Manifest.load(converted).splits["train"].shards]
+        (s.documents, s.tokens, s.sha256) for s in Manifest.load(converted).splits["train"].shards
+    ]
 
 
 def test_gpt2_small_reads_the_reference_codes_sequences_and_test_window(published, converted):
     """ddp_train.py: sequence j = tokens[j·1024 : j·1024 + 1025] from token 0 of train; test_loss.py: batches of
     6 × 1,024 from `start_token` of validation (here 5,000 instead of 50,000,000: the file is small)."""
     _, train, validation = published
-    cfg = compose_config("scale=gpt2_small", f"data.path={converted}", "data.test_offset=5000",
-                         "data.test_tokens=24576")
+    cfg = compose_config(
+        "scale=gpt2_small", f"data.path={converted}", "data.test_offset=5000", "data.test_tokens=24576"
+    )
     assert cfg.data.dataset == "fineweb_gpt2_tokens" and cfg.model.context_length == CONTEXT
     t = cfg.trainer
     for world, micro in ((1, t.micro_batch_size), (8, 12)):  # 1 GPU × 6 × 16 accumulation, and 8 × 12 × 1
@@ -130,7 +134,8 @@ def test_an_interrupted_conversion_resumes_to_the_same_bytes(crash_at, published
     directory, _, _ = published
     out = tmp_path / "out"
     crash_at_save = {"first shard": 1, "first test shard": len(Manifest.load(converted).splits["train"].shards) + 1}[
-        crash_at]
+        crash_at
+    ]
     saves, save = itertools.count(1), Manifest.save
 
     def save_or_crash(self, target):
@@ -156,8 +161,10 @@ def test_the_advice_for_a_damaged_shard_is_the_command_that_repairs_it(published
         open_split(out, "train")
     command = re.search(r"`(python -m harness\.data prepare [^`]*)`", str(refused.value)).group(1)
     directory, _, _ = published
-    assert command == (f"python -m harness.data prepare dataset=fineweb_gpt2_tokens out={out} "
-                       f"shard_tokens={SHARD_TOKENS} safetensors_dir={directory}")
+    assert command == (
+        f"python -m harness.data prepare dataset=fineweb_gpt2_tokens out={out} "
+        f"shard_tokens={SHARD_TOKENS} safetensors_dir={directory}"
+    )
 
     repaired = run_python(*shlex.split(command)[1:])  # as printed, with this interpreter
     assert repaired.returncode == 0, repaired.stderr
@@ -180,7 +187,8 @@ def fake_hub(directory: Path, calls: list) -> types.SimpleNamespace:
         def list_repo_tree(self, repo_id, path_in_repo=None, *, repo_type=None):
             calls.append(("list_repo_tree", repo_id, repo_type))
             return [types.SimpleNamespace(path=".gitattributes", size=10)] + [
-                types.SimpleNamespace(path=p.name, size=p.stat().st_size) for p in directory.glob("*.safetensors")]
+                types.SimpleNamespace(path=p.name, size=p.stat().st_size) for p in directory.glob("*.safetensors")
+            ]
 
     def snapshot_download(*, repo_id, repo_type, allow_patterns, local_dir):
         calls.append(("snapshot_download", repo_id, repo_type, sorted(allow_patterns)))
@@ -197,22 +205,31 @@ def test_downloads_the_two_token_files_from_the_hub(published, converted, tmp_pa
     calls = []
     monkeypatch.setitem(sys.modules, "huggingface_hub", fake_hub(directory, calls))
     out = prepare("fineweb_gpt2_tokens", out=tmp_path / "out", shard_tokens=SHARD_TOKENS)
-    assert calls == [("list_repo_tree", "gpjt/fineweb-gpt2-tokens", "dataset"),
-                     ("snapshot_download", "gpjt/fineweb-gpt2-tokens", "dataset",
-                      ["train.safetensors", "validation.safetensors"])]
+    assert calls == [
+        ("list_repo_tree", "gpjt/fineweb-gpt2-tokens", "dataset"),
+        ("snapshot_download", "gpjt/fineweb-gpt2-tokens", "dataset", ["train.safetensors", "validation.safetensors"]),
+    ]
     shards = {name: data for name, data in output_files(out).items() if name != MANIFEST}
     assert shards == {name: data for name, data in output_files(converted).items() if name != MANIFEST}
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # finished: nothing to download to say so
     prepare("fineweb_gpt2_tokens", out=out, shard_tokens=SHARD_TOKENS)
 
 
-@pytest.mark.parametrize("tensors, message", [
-    ({"tokens": np.zeros(10, dtype=np.int32)}, r"is I32 of shape \[10\]; expected a 1-D U16"),
-    ({"tokens": np.zeros(10, dtype=np.uint16), "extra": np.zeros(1, dtype=np.uint16)}, "expected exactly one named"),
-    ({"tokens": np.array([1, 2, 50257, END_OF_TEXT], dtype=np.uint16)},
-     "token 2 is 50,257, outside GPT-2's vocabulary"),
-    (None, "is not a safetensors file"),
-])
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"tokens": np.zeros(10, dtype=np.int32)}, r"is I32 of shape \[10\]; expected a 1-D U16"),
+        (
+            {"tokens": np.zeros(10, dtype=np.uint16), "extra": np.zeros(1, dtype=np.uint16)},
+            "expected exactly one named",
+        ),
+        (
+            {"tokens": np.array([1, 2, 50257, END_OF_TEXT], dtype=np.uint16)},
+            "token 2 is 50,257, outside GPT-2's vocabulary",
+        ),
+        (None, "is not a safetensors file"),
+    ],
+)
 def test_files_that_are_not_the_published_layout_are_refused(tensors, message, published, tmp_path):
     directory, _, _ = published
     bad = tmp_path / "bad"

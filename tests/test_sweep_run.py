@@ -14,19 +14,24 @@ import mlflow
 import pytest
 import yaml
 
-from harness import checkpoint
-from harness.tracking import ensure_store
-from harness.version import code_version
+from harness.tracking.store import ensure_store
+from harness.tracking.version import code_version
+from harness.trial import checkpoint
 from tests.conftest import TINY, MlflowServer
 
-SWEEP_TINY = [*TINY, "trainer.max_steps=2", "trainer.checkpoint_interval=2", "hydra.sweeper.progress_interval=0.5",
-              "tracking.heartbeat_interval=1"]
+SWEEP_TINY = [
+    *TINY,
+    "trainer.max_steps=2",
+    "trainer.checkpoint_interval=2",
+    "hydra.sweeper.progress_interval=0.5",
+    "tracking.heartbeat_interval=1",
+]
 FAILS_AT_START = "3"  # the seed whose trial fails as it builds its model (a negative seed is refused up front)
 # `python -m harness`, with a runtime failure planted in the trial of seed FAILS_AT_START (the basic launcher runs
 # every trial in this process).
 HARNESS_FAILING_ONE_SEED = f"""
 import sys
-from harness import trainer
+from harness.trial import trainer
 from harness.__main__ import main
 
 build_model = trainer.build_model
@@ -50,10 +55,17 @@ def sweep_env(uri: str) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"}
 
 
-def run_sweep(*args: str, sweep_dir: Path, uri: str, timeout: int = 300,
-              harness: tuple = ("-m", "harness")) -> subprocess.CompletedProcess:
-    return subprocess.run(sweep_command(*args, sweep_dir=sweep_dir, harness=harness), cwd=sweep_dir.parent,
-                          env=sweep_env(uri), capture_output=True, text=True, timeout=timeout)
+def run_sweep(
+    *args: str, sweep_dir: Path, uri: str, timeout: int = 300, harness: tuple = ("-m", "harness")
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        sweep_command(*args, sweep_dir=sweep_dir, harness=harness),
+        cwd=sweep_dir.parent,
+        env=sweep_env(uri),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def table(stdout: str) -> dict[str, str]:
@@ -79,9 +91,14 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
     uri = f"sqlite:///{db}"
     study = ["hydra.sweeper.arms=[baseline]", f"hydra.sweeper.seeds=[1,2,{FAILS_AT_START}]"]
     failing = ("-c", HARNESS_FAILING_ONE_SEED)
-    first = subprocess.Popen(sweep_command(*study, sweep_dir=tmp_path / "first", harness=failing), cwd=tmp_path,
-                             env=sweep_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        sweep_command(*study, sweep_dir=tmp_path / "first", harness=failing),
+        cwd=tmp_path,
+        env=sweep_env(uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not (db.exists() and any(r.info.status == "FINISHED" for r in runs(uri))):
         assert first.poll() is None and time.time() < deadline, "the study ended before its first trial finished"
@@ -91,12 +108,20 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
     # baseline-s2 also FINISHED once, long ago, by other code: that run must not be reused
     client = mlflow.MlflowClient(uri)
     killed_parent = runs(uri, parents=True)[0]
-    record = yaml.safe_load(Path(client.download_artifacts(killed_parent.info.run_id, "study.yaml", str(tmp_path)))
-                            .read_text())
+    record = yaml.safe_load(
+        Path(client.download_artifacts(killed_parent.info.run_id, "study.yaml", str(tmp_path))).read_text()
+    )
     s2_hash = next(trial["config_hash"] for trial in record["trials"] if trial["name"] == "baseline-s2")
-    older = client.create_run(killed_parent.info.experiment_id, tags={
-        "study": "quick", "config_hash": s2_hash, "code_version": "0ld", "seed": "2",
-        "mlflow.parentRunId": killed_parent.info.run_id}).info.run_id
+    older = client.create_run(
+        killed_parent.info.experiment_id,
+        tags={
+            "study": "quick",
+            "config_hash": s2_hash,
+            "code_version": "0ld",
+            "seed": "2",
+            "mlflow.parentRunId": killed_parent.info.run_id,
+        },
+    ).info.run_id
     client.set_terminated(older, "FINISHED")
     time.sleep(4.5)  # 4 heartbeat intervals: the killed execution's runs are stale
 
@@ -104,8 +129,10 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
     assert result.returncode == 1, result.stdout + result.stderr
     assert "3 trials: 1 already FINISHED (skipped), 2 to run with the basic launcher" in result.stdout
     assert f"code version {code_version()}" in result.stdout  # the skipped run was made by this very code
-    assert (f"baseline-s2 runs again: its FINISHED run {older} was made by code version 0ld, not by this one "
-            f"({code_version()}); reuse_other_code_versions=true would reuse it") in result.stdout
+    assert (
+        f"baseline-s2 runs again: its FINISHED run {older} was made by code version 0ld, not by this one "
+        f"({code_version()}); reuse_other_code_versions=true would reuse it"
+    ) in result.stdout
     assert table(result.stdout) == {"baseline-s1": "SKIPPED", "baseline-s2": "FINISHED", "baseline-s3": "FAILED"}
     assert "RuntimeError: planted failure" in result.stdout
     assert "trial 2 of 2: 1 done (1 FINISHED), 0 running | elapsed" in result.stdout
@@ -138,8 +165,12 @@ def test_two_executions_of_a_study_started_together_run_each_trial_once(tmp_path
     checkpoint belongs to its own run. (Before: one shared directory, 11 FINISHED runs for 6 trials.)"""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = [sys.executable, "-m", "harness", "+sweep=quick", *SWEEP_TINY]
-    executions = [subprocess.Popen(command, cwd=tmp_path, env=sweep_env(uri), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    executions = [
+        subprocess.Popen(
+            command, cwd=tmp_path, env=sweep_env(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [e.communicate(timeout=900) for e in executions]
     for execution, (out, err) in zip(executions, outputs):
         assert execution.returncode == 0, out + err
@@ -163,7 +194,7 @@ WRITER = """
 import sys, time
 from pathlib import Path
 import mlflow
-from harness.tracking import Tracker
+from harness.tracking.store import Tracker
 
 uri, name, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 (folder / name).touch()
@@ -185,8 +216,15 @@ def test_two_processes_write_one_sqlite_store_at_once_without_losing_a_run(tmp_p
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     (tmp_path / "ready").mkdir()
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, uri, name, str(tmp_path / "ready")],
-                                env=sweep_env(uri), stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, uri, name, str(tmp_path / "ready")],
+            env=sweep_env(uri),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     for writer in writers:
         assert writer.wait(timeout=240) == 0, writer.stderr.read()
     client = mlflow.MlflowClient(uri)
@@ -208,8 +246,13 @@ def mlflow_server(tmp_path):
 def test_submitit_local_jobs_record_a_study_in_a_real_mlflow_server(tmp_path, mlflow_server):
     """Real submitit local executor, one process per trial, both writing to a real tracking server."""
     sweep_dir = tmp_path / "sweep"
-    result = run_sweep("hydra.sweeper.arms=[baseline,no_dropout]", "hydra.sweeper.seeds=[1]",
-                       "hydra/launcher=submitit_local", sweep_dir=sweep_dir, uri=mlflow_server)
+    result = run_sweep(
+        "hydra.sweeper.arms=[baseline,no_dropout]",
+        "hydra.sweeper.seeds=[1]",
+        "hydra/launcher=submitit_local",
+        sweep_dir=sweep_dir,
+        uri=mlflow_server,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "to run with the submitit_local launcher; parent run" in result.stdout and mlflow_server in result.stdout
     assert table(result.stdout) == {"baseline-s1": "FINISHED", "no_dropout-s1": "FINISHED"}
@@ -217,8 +260,10 @@ def test_submitit_local_jobs_record_a_study_in_a_real_mlflow_server(tmp_path, ml
     [parent] = runs(mlflow_server, parents=True)
     trials = runs(mlflow_server)
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
-    assert {r.data.tags["intervention"]: r.info.status for r in trials} == {"baseline": "FINISHED",
-                                                                             "no_dropout": "FINISHED"}
+    assert {r.data.tags["intervention"]: r.info.status for r in trials} == {
+        "baseline": "FINISHED",
+        "no_dropout": "FINISHED",
+    }
     assert parent.info.status == "FINISHED" and all(r.data.metrics["test_loss"] > 0 for r in trials)
     summary = mlflow.MlflowClient(mlflow_server).download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))
     assert "no_dropout-s1" in Path(summary).read_text()  # artifacts travel through the server too
@@ -228,8 +273,14 @@ def test_submitit_local_jobs_record_a_study_in_a_real_mlflow_server(tmp_path, ml
 def test_submitit_task_per_rank_trains_one_trial_on_two_ranks(tmp_path):
     """`tasks_per_node` = GPUs on SLURM: here 2 CPU tasks with gloo, each task one rank of the trial."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_sweep("hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]", "hydra/launcher=submitit_local",
-                       "hydra.launcher.tasks_per_node=2", sweep_dir=tmp_path / "sweep", uri=uri)
+    result = run_sweep(
+        "hydra.sweeper.arms=[baseline]",
+        "hydra.sweeper.seeds=[1]",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        sweep_dir=tmp_path / "sweep",
+        uri=uri,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     [trial] = runs(uri)
     assert trial.data.tags["world_size"] == "2" and trial.info.status == "FINISHED"

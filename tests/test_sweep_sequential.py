@@ -22,13 +22,17 @@ import pytest
 
 from analysis.load import load_mlflow_study
 from analysis.sequential import sequential_decisions
-from harness.sequential_study import SequentialStudy
-from harness.study import StudyConf, sequential_schedule, study_trials
-from harness.sweep import PlannedTrial, StudyStore
+from harness.study.design import StudyConf, sequential_schedule, study_trials
+from harness.study.run import PlannedTrial, StudyStore
+from harness.study.sequential import SequentialStudy
 from tests.test_sweep_run import integrity, run_sweep, runs, sweep_command, sweep_env, table
 
-SEQUENTIAL = ["hydra.sweeper.arms=[baseline,lr_schedule,weight_tying]", "hydra.sweeper.seeds=[1,2,3]",
-              "hydra.sweeper.sequential=true", "hydra.sweeper.spending=pocock"]
+SEQUENTIAL = [
+    "hydra.sweeper.arms=[baseline,lr_schedule,weight_tying]",
+    "hydra.sweeper.seeds=[1,2,3]",
+    "hydra.sweeper.sequential=true",
+    "hydra.sweeper.spending=pocock",
+]
 
 
 def artifact(uri: str, run_id: str, path: str, folder: Path) -> str:
@@ -38,9 +42,14 @@ def artifact(uri: str, run_id: str, path: str, folder: Path) -> str:
 def test_sequential_study_runs_rounds_stops_and_resumes_after_sigkill(tmp_path):
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
-    killed = subprocess.Popen(sweep_command(*SEQUENTIAL, sweep_dir=tmp_path / "killed"), cwd=tmp_path,
-                              env=sweep_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    killed = subprocess.Popen(
+        sweep_command(*SEQUENTIAL, sweep_dir=tmp_path / "killed"),
+        cwd=tmp_path,
+        env=sweep_env(uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 400
     while not (db.exists() and sum(r.info.status == "FINISHED" for r in runs(uri)) >= 4):
         assert killed.poll() is None and time.time() < deadline, "the study ended before round 2 began"
@@ -55,8 +64,10 @@ def test_sequential_study_runs_rounds_stops_and_resumes_after_sigkill(tmp_path):
     assert budget.returncode == 0, budget.stdout + budget.stderr
     out = budget.stdout
     assert "3 trials: 3 already FINISHED (skipped), 0 to run" in out  # round 1
-    assert (f"sequential: round 2, init seed 2 for baseline, lr_schedule, weight_tying: 3 trials, "
-            f"{len(finished_before) - 3} already FINISHED (skipped), {6 - len(finished_before)} to run") in out
+    assert (
+        f"sequential: round 2, init seed 2 for baseline, lr_schedule, weight_tying: 3 trials, "
+        f"{len(finished_before) - 3} already FINISHED (skipped), {6 - len(finished_before)} to run"
+    ) in out
     reason = "budget spent: budget_trials=6, the study has run 6 trials and round 3 needs 2 more"
     assert f"sequential study stopped: {reason}" in out
     assert f"**Sequential study** (stopped after look 2: {reason};" in out
@@ -82,9 +93,14 @@ def test_sequential_study_runs_rounds_stops_and_resumes_after_sigkill(tmp_path):
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "sequential.n_open")] == [1, 2]
     assert [m.value for m in client.get_metric_history(parent.info.run_id, "sequential.n_worse")] == [0, 1]
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "sequential")] == [
-        "sequential/look_1.csv", "sequential/look_1.md", "sequential/look_2.csv", "sequential/look_2.md"]
-    assert (artifact(uri, parents["killed"].info.run_id, "sequential/look_1.md", tmp_path / "killed")
-            == artifact(uri, parent.info.run_id, "sequential/look_1.md", tmp_path / "budget"))
+        "sequential/look_1.csv",
+        "sequential/look_1.md",
+        "sequential/look_2.csv",
+        "sequential/look_2.md",
+    ]
+    assert artifact(uri, parents["killed"].info.run_id, "sequential/look_1.md", tmp_path / "killed") == artifact(
+        uri, parent.info.run_id, "sequential/look_1.md", tmp_path / "budget"
+    )
     assert f"stopped after look 2: {reason}" in tags["mlflow.note.content"]
     metrics = parent.data.metrics
     assert metrics["sequential.trials_spent"] == 6 and metrics["sequential.n_open"] == 1
@@ -100,7 +116,7 @@ def test_sequential_study_runs_rounds_stops_and_resumes_after_sigkill(tmp_path):
 
 def summary(stdout: str) -> dict[str, str]:
     """trial -> status from the summary table at the end (the looks print tables too)."""
-    return table(stdout[stdout.rindex("[study quick] FINISHED ("):])
+    return table(stdout[stdout.rindex("[study quick] FINISHED (") :])
 
 
 @pytest.mark.slow
@@ -115,8 +131,9 @@ def test_sequential_study_uninterrupted_then_again_runs_nothing_and_decides_the_
     assert "Trials: 8 in 3 rounds" in first.stdout and "with max_seeds=3 for every arm runs 9" in first.stdout
     assert set(summary(first.stdout).values()) == {"FINISHED"} and len(summary(first.stdout)) == 8
     [first_parent] = runs(uri, parents=True)
-    looks_before = [artifact(uri, first_parent.info.run_id, f"sequential/look_{k}.md", tmp_path / "first")
-                    for k in (1, 2, 3)]
+    looks_before = [
+        artifact(uri, first_parent.info.run_id, f"sequential/look_{k}.md", tmp_path / "first") for k in (1, 2, 3)
+    ]
     again = run_sweep(*SEQUENTIAL, sweep_dir=tmp_path / "again", uri=uri)
     assert again.returncode == 0, again.stdout + again.stderr
     assert set(summary(again.stdout).values()) == {"SKIPPED"} and len(summary(again.stdout)) == 8
@@ -124,29 +141,38 @@ def test_sequential_study_uninterrupted_then_again_runs_nothing_and_decides_the_
     assert parent.data.tags["sequential.decision.lr_schedule"] == "better (look 3)"
     assert parent.data.tags["sequential.decision.weight_tying"] == "worse (look 2)"
     assert parent.data.tags["sequential.stop_reason"] == "nothing open"
-    assert looks_before == [artifact(uri, parent.info.run_id, f"sequential/look_{k}.md", tmp_path / "again")
-                            for k in (1, 2, 3)]
+    assert looks_before == [
+        artifact(uri, parent.info.run_id, f"sequential/look_{k}.md", tmp_path / "again") for k in (1, 2, 3)
+    ]
     assert len(runs(uri)) == 8
 
 
 # --- the settings and the budget, in-process ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(max_seeds=5), "hydra.sweeper.max_seeds=5: a setting of sequential studies; add hydra.sweeper.sequential"),
-    (dict(sequential=True, arms=["no_dropout", "qkv_bias"]), "needs the baseline and at least one other arm"),
-    (dict(sequential=True, seeds=[1]), "max_seeds=1: at least 2"),
-    (dict(sequential=True, first_seeds=4, max_seeds=3), "first_seeds=4: between 1 and max_seeds (3)"),
-    (dict(sequential=True, spending="haybittle"), "spending=haybittle: one of obrien_fleming, pocock"),
-    (dict(sequential=True, alpha=0.0), "alpha=0.0: between 0 and 1"),
-    (dict(sequential=True, budget_trials=0, budget_gpu_hours=-1.0),
-     "budget_trials=0: at least 1; hydra.sweeper.budget_gpu_hours=-1.0: more than 0"),
-    (dict(sequential=True, budget_trials=3, train_seeds=[None, 23]), "budget_trials=3: the first round alone has 4"),
-    (dict(sequential=True, arms=[], factorial={"factors": ["no_dropout", "qkv_bias"]}), "factorial"),
-    (dict(sequential=True, repeats=[{"seed": 2, "runs": 2}]), "runs exact repeats in its first round"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(max_seeds=5), "hydra.sweeper.max_seeds=5: a setting of sequential studies; add hydra.sweeper.sequential"),
+        (dict(sequential=True, arms=["no_dropout", "qkv_bias"]), "needs the baseline and at least one other arm"),
+        (dict(sequential=True, seeds=[1]), "max_seeds=1: at least 2"),
+        (dict(sequential=True, first_seeds=4, max_seeds=3), "first_seeds=4: between 1 and max_seeds (3)"),
+        (dict(sequential=True, spending="haybittle"), "spending=haybittle: one of obrien_fleming, pocock"),
+        (dict(sequential=True, alpha=0.0), "alpha=0.0: between 0 and 1"),
+        (
+            dict(sequential=True, budget_trials=0, budget_gpu_hours=-1.0),
+            "budget_trials=0: at least 1; hydra.sweeper.budget_gpu_hours=-1.0: more than 0",
+        ),
+        (
+            dict(sequential=True, budget_trials=3, train_seeds=[None, 23]),
+            "budget_trials=3: the first round alone has 4",
+        ),
+        (dict(sequential=True, arms=[], factorial={"factors": ["no_dropout", "qkv_bias"]}), "factorial"),
+        (dict(sequential=True, repeats=[{"seed": 2, "runs": 2}]), "runs exact repeats in its first round"),
+    ],
+)
 def test_bad_sequential_settings_fail_before_anything_runs(settings, message):
-    from harness.study import FactorialConf, RepeatConf
+    from harness.study.design import FactorialConf, RepeatConf
 
     settings = {"arms": ["baseline", "no_dropout"], "seeds": [1, 2]} | settings
     if "factorial" in settings:
@@ -166,12 +192,25 @@ def test_the_interventions_study_runs_sequentially_from_the_command_line():
 
 
 def test_round_one_is_the_first_seeds_of_a_schedule_that_goes_on_past_the_listed_seeds():
-    conf = StudyConf(arms=["baseline", "qkv_bias"], seeds=[42, 22, 67], train_seeds=[None, 23], sequential=True,
-                     max_seeds=6, first_seeds=2)
+    conf = StudyConf(
+        arms=["baseline", "qkv_bias"],
+        seeds=[42, 22, 67],
+        train_seeds=[None, 23],
+        sequential=True,
+        max_seeds=6,
+        first_seeds=2,
+    )
     assert sequential_schedule(conf) == [42, 22, 67, 1, 2, 3]
     assert [t.name for t in study_trials(conf)] == [
-        "baseline-s42", "qkv_bias-s42", "baseline-s42-t23", "qkv_bias-s42-t23",
-        "baseline-s22", "qkv_bias-s22", "baseline-s22-t23", "qkv_bias-s22-t23"]
+        "baseline-s42",
+        "qkv_bias-s42",
+        "baseline-s42-t23",
+        "qkv_bias-s42-t23",
+        "baseline-s22",
+        "qkv_bias-s22",
+        "baseline-s22-t23",
+        "qkv_bias-s22-t23",
+    ]
     assert sequential_schedule(StudyConf(seeds=[3, 1], sequential=True)) == [3, 1]  # max_seeds: the listed seeds
 
 
@@ -181,12 +220,21 @@ def store(tracking_uri):
     mlflow.set_tracking_uri(None)  # the Tracker inside set it for the whole process
 
 
-def finished_run(store: StudyStore, intervention: str, seed: int, loss: float, seconds: float, world: int,
-                 config: str):
+def finished_run(store: StudyStore, intervention: str, seed: int, loss: float, seconds: float, world: int, config: str):
     client = store.client
-    run = client.create_run(store.experiment_id, tags={
-        "study": "seq", "intervention": intervention, "seed": str(seed), "train_seed": "none",
-        "init_fingerprint": f"init{seed}", "config_hash": config, "world_size": str(world), "code_version": "v"})
+    run = client.create_run(
+        store.experiment_id,
+        tags={
+            "study": "seq",
+            "intervention": intervention,
+            "seed": str(seed),
+            "train_seed": "none",
+            "init_fingerprint": f"init{seed}",
+            "config_hash": config,
+            "world_size": str(world),
+            "code_version": "v",
+        },
+    )
     client.log_metric(run.info.run_id, "test_loss", loss)
     client.log_metric(run.info.run_id, "train_seconds", seconds)
     client.set_terminated(run.info.run_id, "FINISHED")
@@ -197,17 +245,24 @@ def test_gpu_hour_budget_counts_what_ran_and_estimates_the_next_round_from_it(st
     """Round 1 (3 trials, 8 GPUs x 0.5 h each: 12 GPU-hours) ran; round 2 has 3 trials, one FINISHED earlier at
     2 GPU-hours: it would cost 2 + 2 x 4 = 10 GPU-hours. A budget of 21 refuses it, 22 lets it run. The stop
     is logged on the parent run with what remains open."""
-    from harness.study import Trial
+    from harness.study.design import Trial
 
     arms = {"baseline": (), "no_dropout": ("no_dropout",), "qkv_bias": ("qkv_bias",)}
-    planned = [PlannedTrial(Trial(arm, 1, None), [], f"{name}1",
-                            earlier_run=finished_run(store, name, 1, 3.0 + 0.1 * i, 1800, 8, f"{name}1"))
-               for i, (name, arm) in enumerate(arms.items())]
+    planned = [
+        PlannedTrial(
+            Trial(arm, 1, None),
+            [],
+            f"{name}1",
+            earlier_run=finished_run(store, name, 1, 3.0 + 0.1 * i, 1800, 8, f"{name}1"),
+        )
+        for i, (name, arm) in enumerate(arms.items())
+    ]
     early = finished_run(store, "baseline", 2, 3.0, 900, 8, "baseline2")
 
     def plan(trials):  # round 2's trials, the baseline's FINISHED earlier
-        return [PlannedTrial(t, [], f"{t.intervention}{t.seed}", earlier_run=early if not t.arm else None)
-                for t in trials]
+        return [
+            PlannedTrial(t, [], f"{t.intervention}{t.seed}", earlier_run=early if not t.arm else None) for t in trials
+        ]
 
     def study(budget: float):
         parent = store.client.create_run(store.experiment_id, tags={"study": "seq", "study_parent": "true"})
@@ -216,13 +271,17 @@ def test_gpu_hour_budget_counts_what_ran_and_estimates_the_next_round_from_it(st
 
     refused, parent_id = study(21.0)
     assert refused.next_round(list(planned), [], {}) == []
-    assert refused.stop_reason == ("budget spent: budget_gpu_hours=21, the study has spent 12 GPU-hours and round 2 "
-                                   "(3 trials) would need about 10 more at the 4 GPU-hours per trial observed so far")
+    assert refused.stop_reason == (
+        "budget spent: budget_gpu_hours=21, the study has spent 12 GPU-hours and round 2 "
+        "(3 trials) would need about 10 more at the 4 GPU-hours per trial observed so far"
+    )
     description = refused.report("", interrupted=False)
     assert "Still open, with the further init seeds" in description
     logged = store.client.get_run(parent_id).data
     assert logged.tags["sequential.stop_reason"] == refused.stop_reason
-    assert logged.metrics["sequential.gpu_hours_spent"] == 12.0 and logged.params["sequential.budget_gpu_hours"] == "21.0"
+    assert (
+        logged.metrics["sequential.gpu_hours_spent"] == 12.0 and logged.params["sequential.budget_gpu_hours"] == "21.0"
+    )
 
     allowed, _ = study(22.0)
     pending = []

@@ -10,8 +10,8 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from harness.paths import PROJECT_ROOT
-from harness.study import FactorialConf, RepeatConf, StudyConf, Trial, factorial_design, study_arms, study_trials
-from harness.sweep import PlannedTrial, StudyStore, check_command_line, skip_finished
+from harness.study.design import FactorialConf, RepeatConf, StudyConf, Trial, factorial_design, study_arms, study_trials
+from harness.study.run import PlannedTrial, StudyStore, check_command_line, skip_finished
 from interventions import REGISTRY
 
 SEVEN = ["gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_decay", "weight_tying", "no_amp"]
@@ -67,9 +67,20 @@ def test_every_shipped_study_composes_and_names_its_trials_uniquely():
         assert len(names) == len(set(names))
 
 
-@pytest.mark.parametrize("k, resolution, runs", [
-    (5, None, 32), (5, 5, 16), (5, 4, 16), (5, 3, 8), (6, 4, 16), (7, 4, 16), (7, 3, 8), (8, 5, 64), (4, 9, 16),
-])
+@pytest.mark.parametrize(
+    "k, resolution, runs",
+    [
+        (5, None, 32),
+        (5, 5, 16),
+        (5, 4, 16),
+        (5, 3, 8),
+        (6, 4, 16),
+        (7, 4, 16),
+        (7, 3, 8),
+        (8, 5, 64),
+        (4, 9, 16),
+    ],
+)
 def test_factorial_design_is_the_smallest_fraction_with_the_stated_resolution(k, resolution, runs):
     """Resolution R means every R−1 factors see each level combination equally often, and some R do not."""
     design = factorial_design([f"f{i}" for i in range(k)], resolution)
@@ -77,9 +88,11 @@ def test_factorial_design_is_the_smallest_fraction_with_the_stated_resolution(k,
     assert len(applied) == runs == len(set(applied))
 
     def balanced(size: int) -> bool:
-        return all(len(set(Counter(tuple(f in arm for f in subset) for arm in applied).values())) == 1
-                   and len(Counter(tuple(f in arm for f in subset) for arm in applied)) == 2**size
-                   for subset in itertools.combinations([f"f{i}" for i in range(k)], size))
+        return all(
+            len(set(Counter(tuple(f in arm for f in subset) for arm in applied).values())) == 1
+            and len(Counter(tuple(f in arm for f in subset) for arm in applied)) == 2**size
+            for subset in itertools.combinations([f"f{i}" for i in range(k)], size)
+        )
 
     stated = design.resolution
     if stated is None:
@@ -88,16 +101,21 @@ def test_factorial_design_is_the_smallest_fraction_with_the_stated_resolution(k,
         assert stated >= resolution and balanced(stated - 1) and not balanced(stated)
 
 
-@pytest.mark.parametrize("conf, message", [
-    (StudyConf(arms=["baseline", "no_dropot"]), "unknown intervention 'no_dropot'"),
-    (StudyConf(arms=["stacked_best", "gradient_clipping+lr_schedule+no_dropout+weight_decay"]),
-     "apply the same interventions"),
-    (StudyConf(factorial=FactorialConf(["stacked_best", "no_dropout"])), "share components"),
-    (StudyConf(factorial=FactorialConf(["no_dropout", "qkv_bias"], resolution=2)), "below III"),
-    (StudyConf(arms=["baseline"], seeds=[42, 42]), "without duplicates"),
-    (StudyConf(arms=["baseline"], repeats=[RepeatConf(runs=1)]), "at least 2 runs"),
-    (StudyConf(), "no arms"),
-])
+@pytest.mark.parametrize(
+    "conf, message",
+    [
+        (StudyConf(arms=["baseline", "no_dropot"]), "unknown intervention 'no_dropot'"),
+        (
+            StudyConf(arms=["stacked_best", "gradient_clipping+lr_schedule+no_dropout+weight_decay"]),
+            "apply the same interventions",
+        ),
+        (StudyConf(factorial=FactorialConf(["stacked_best", "no_dropout"])), "share components"),
+        (StudyConf(factorial=FactorialConf(["no_dropout", "qkv_bias"], resolution=2)), "below III"),
+        (StudyConf(arms=["baseline"], seeds=[42, 42]), "without duplicates"),
+        (StudyConf(arms=["baseline"], repeats=[RepeatConf(runs=1)]), "at least 2 runs"),
+        (StudyConf(), "no arms"),
+    ],
+)
 def test_bad_studies_fail_before_anything_runs(conf, message):
     with pytest.raises(ValueError, match=message):
         study_trials(conf)
@@ -111,12 +129,15 @@ def test_unknown_study_lists_the_studies():
         assert f"\t{name}\n" in str(error.value) + "\n"
 
 
-@pytest.mark.parametrize("argument, message", [
-    ("seed=1", "change hydra.sweeper.seeds"),
-    ("+intervention=no_dropout", "change hydra.sweeper.arms"),
-    ("resume=outputs/x", "run the same command again"),
-    ("optim.lr=1e-3,2e-3", "value sweeps do not combine"),
-])
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ("seed=1", "change hydra.sweeper.seeds"),
+        ("+intervention=no_dropout", "change hydra.sweeper.arms"),
+        ("resume=outputs/x", "run the same command again"),
+        ("optim.lr=1e-3,2e-3", "value sweeps do not combine"),
+    ],
+)
 def test_command_line_cannot_override_what_the_study_sets_per_trial(argument, message):
     with pytest.raises(ValueError, match=message):
         check_command_line(["+sweep=quick", argument])
@@ -127,7 +148,10 @@ def test_trial_names_and_overrides():
     assert trial.name == "gradient_clipping+lr_schedule+no_dropout+weight_decay-s42-t23#1"
     assert trial.overrides() == ["+intervention=stacked_best", "seed=42", "train_seed=23"]
     assert Trial(("qkv_bias", "no_dropout"), 1, None).overrides() == [
-        "+intervention=[qkv_bias,no_dropout]", "seed=1", "train_seed=null"]
+        "+intervention=[qkv_bias,no_dropout]",
+        "seed=1",
+        "train_seed=null",
+    ]
     assert Trial((), 67, None).overrides() == ["seed=67", "train_seed=null"]
 
 
@@ -140,10 +164,16 @@ def store(tracking_uri):
 def test_only_finished_runs_of_the_same_study_are_skipped_one_per_requested_run(store):
     """Real sqlite store: FINISHED runs are reused, FAILED and KILLED ones are not, other studies never, and a
     computation asked for three times (exact repeats) with one FINISHED run still runs twice."""
-    for study, config, status in [("mine", "a", "FINISHED"), ("mine", "b", "FAILED"), ("mine", "c", "KILLED"),
-                                  ("other", "d", "FINISHED"), ("mine", "r", "FINISHED")]:
-        run = store.client.create_run(store.experiment_id, tags={"study": study, "config_hash": config,
-                                                                  "code_version": "v1"})
+    for study, config, status in [
+        ("mine", "a", "FINISHED"),
+        ("mine", "b", "FAILED"),
+        ("mine", "c", "KILLED"),
+        ("other", "d", "FINISHED"),
+        ("mine", "r", "FINISHED"),
+    ]:
+        run = store.client.create_run(
+            store.experiment_id, tags={"study": study, "config_hash": config, "code_version": "v1"}
+        )
         store.client.set_terminated(run.info.run_id, status)
     cells = [(1, "a", 0), (2, "b", 0), (3, "c", 0), (4, "d", 0), (5, "r", 0), (5, "r", 1), (5, "r", 2)]
     trials = [PlannedTrial(Trial((), seed, None, repeat), [], config) for seed, config, repeat in cells]
@@ -168,9 +198,15 @@ def test_a_finished_run_is_reused_only_by_the_same_code_version_unless_asked(sto
 
     trials = plan()
     assert [t.earlier_run.info.run_id if t.earlier_run else None for t in trials] == [
-        made["a", "v1"], None, None, made["d", "v1"]]
-    assert trials[1].rerun_reason == (f"its FINISHED run {made['b', 'v0']} was made by code version v0, not by this "
-                                      "one (v1); reuse_other_code_versions=true would reuse it")
+        made["a", "v1"],
+        None,
+        None,
+        made["d", "v1"],
+    ]
+    assert trials[1].rerun_reason == (
+        f"its FINISHED run {made['b', 'v0']} was made by code version v0, not by this "
+        "one (v1); reuse_other_code_versions=true would reuse it"
+    )
     assert "code version (not recorded)" in trials[2].rerun_reason
     assert trials[0].rerun_reason == trials[3].rerun_reason == ""
     reused = plan(reuse_other_code_versions=True)

@@ -67,7 +67,7 @@ def screen(stream: str) -> list[str]:
             lines += [""] * (row + 1 - len(lines))
         else:
             line = lines[row].ljust(col)
-            lines[row] = line[:col] + char + line[col + 1:]
+            lines[row] = line[:col] + char + line[col + 1 :]
             col += 1
         i += 1
     return [line.rstrip() for line in lines if line.strip()]
@@ -75,17 +75,38 @@ def screen(stream: str) -> list[str]:
 
 def terminal_env(tmp_path) -> dict:
     # Every update drawn (tqdm's own variables): the test sees each count the bar reaches, not a sample.
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "TQDM_MININTERVAL": "0",
-            "TQDM_MINITERS": "1", "HYDRA_FULL_ERROR": "0", "TERM": "xterm"}
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "TQDM_MININTERVAL": "0",
+        "TQDM_MINITERS": "1",
+        "HYDRA_FULL_ERROR": "0",
+        "TERM": "xterm",
+    }
 
 
 def test_a_trial_on_a_terminal_counts_every_step_and_prints_each_line_once_and_whole(tmp_path):
     steps = 7
-    overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.progress", "tracking.log_interval",
-                                                      "trainer.checkpoint_interval"))]
+    overrides = [
+        o
+        for o in TINY
+        if not o.startswith(
+            ("trainer.max_steps", "trainer.progress", "tracking.log_interval", "trainer.checkpoint_interval")
+        )
+    ]
     stream, status = run_on_terminal(
-        [sys.executable, "-m", "harness", *overrides, f"trainer.max_steps={steps}", "trainer.checkpoint_interval=3",
-         "tracking.log_interval=5"], tmp_path, terminal_env(tmp_path))
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            *overrides,
+            f"trainer.max_steps={steps}",
+            "trainer.checkpoint_interval=3",
+            "tracking.log_interval=5",
+        ],
+        tmp_path,
+        terminal_env(tmp_path),
+    )
     assert status == 0, stream[-3000:]
     # The bar counts every step, though values come back from the device only at each read-back (here at the
     # ends of the checkpoint periods, after steps 1, 4 and 7): the count does not wait for them.
@@ -124,7 +145,7 @@ def test_a_study_line_a_log_record_and_a_warning_print_through_a_drawn_bar(tmp_p
                     thread.start()
                     thread.join()
                 if step == 10:
-                    logging.getLogger("harness.trainer").info("saved checkpoint step_000011 (38.8 MB) in 0.1 s")
+                    logging.getLogger("harness.trial.trainer").info("saved checkpoint step_000011 (38.8 MB) in 0.1 s")
                 if step == 15:
                     warnings.warn("a warning in the step loop")
                 time.sleep(0.01)
@@ -135,15 +156,23 @@ def test_a_study_line_a_log_record_and_a_warning_print_through_a_drawn_bar(tmp_p
     assert screen(stream)[:3] == [
         "[study quick] trial 2 of 6: 1 done (1 FINISHED), 1 running | elapsed 1m15s, ETA 6m15s",
         "[log] saved checkpoint step_000011 (38.8 MB) in 0.1 s",
-        "<string>:17: UserWarning: a warning in the step loop"], stream
+        "<string>:17: UserWarning: a warning in the step loop",
+    ], stream
     assert re.fullmatch(r"100%\|█+\| 20/20 \[.*loss=8\.1000\]", screen(stream)[3]) and screen(stream)[4:] == ["after"]
 
 
 def test_progress_off_draws_no_bar_on_a_terminal(tmp_path):
     stream, status = run_on_terminal(
-        [sys.executable, "-c", "from harness import progress\n"
-                               "with progress.training_bar(5, enabled=False) as bar:\n"
-                               "    [bar.update(1) for _ in range(5)]\n"
-                               "list(progress.short_bar(range(3), 3, 'test loss (fp32)', enabled=False))\n"
-                               "print('done')"], tmp_path, terminal_env(tmp_path))
+        [
+            sys.executable,
+            "-c",
+            "from harness import progress\n"
+            "with progress.training_bar(5, enabled=False) as bar:\n"
+            "    [bar.update(1) for _ in range(5)]\n"
+            "list(progress.short_bar(range(3), 3, 'test loss (fp32)', enabled=False))\n"
+            "print('done')",
+        ],
+        tmp_path,
+        terminal_env(tmp_path),
+    )
     assert status == 0 and screen(stream) == ["done"], stream

@@ -1,8 +1,8 @@
-import hashlib
 import gzip
+import hashlib
 from importlib import resources
 
-from harness.tokenizer import END_OF_TEXT, RANKS_FILE, gpt2_encoding
+from harness.data.tokenizer import END_OF_TEXT, RANKS_FILE, gpt2_encoding
 
 
 def test_token_ids_from_the_seeds():

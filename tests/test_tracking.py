@@ -11,21 +11,31 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from harness import checkpoint
-from harness.tracking import UNSENT_FILE
+from harness.tracking.store import UNSENT_FILE
+from harness.trial import checkpoint
 from tests.conftest import TINY, MlflowServer, run_harness
 
 STEPS = 40
-OUTAGE_TRIAL = [*TINY, f"trainer.max_steps={STEPS}", "trainer.checkpoint_interval=5", "tracking.log_interval=1",
-                "tracking.heartbeat_interval=1"]
+OUTAGE_TRIAL = [
+    *TINY,
+    f"trainer.max_steps={STEPS}",
+    "trainer.checkpoint_interval=5",
+    "tracking.log_interval=1",
+    "tracking.heartbeat_interval=1",
+]
 
 
 def start_trial(directory: Path, uri: str, *args: str) -> tuple[subprocess.Popen, Path]:
     directory.mkdir(exist_ok=True)
     run_dir = directory / "run"
-    process = subprocess.Popen([sys.executable, "-m", "harness", *OUTAGE_TRIAL, *args, f"hydra.run.dir={run_dir}"],
-                               cwd=directory, env=environment(uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness", *OUTAGE_TRIAL, *args, f"hydra.run.dir={run_dir}"],
+        cwd=directory,
+        env=environment(uri),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return process, run_dir
 
 
@@ -103,8 +113,13 @@ def test_a_killed_server_restarted_mid_trial_gets_every_record_and_one_still_dow
         assert refused.returncode != 0 and "send them first: python -m harness replay" in refused.stderr
 
         server.start()
-        replayed = subprocess.run([sys.executable, "-m", "harness", "replay", str(run_dir)], capture_output=True,
-                                  text=True, timeout=300, env=environment(server.url))
+        replayed = subprocess.run(
+            [sys.executable, "-m", "harness", "replay", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment(server.url),
+        )
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
         assert "the run is FINISHED" in replayed.stdout and not (run_dir / UNSENT_FILE).exists()
         assert_every_record_arrived(server.url, run_dir)

@@ -3,14 +3,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import checkpoint
-from harness.config import config_hash
-from harness.trainer import Trial, build_model, fingerprint
+from harness.config.schema import config_hash
+from harness.trial import checkpoint
+from harness.trial.trainer import Trial, build_model, fingerprint
 from interventions import REGISTRY
 from tests.conftest import TINY, compose_config, run_harness
 
-CONTRACT_TAGS = ["intervention", "seed", "train_seed", "data_seed", "init_fingerprint", "config_hash", "scale",
-                 "mlflow.source.git.commit", "code_version"]
+CONTRACT_TAGS = [
+    "intervention",
+    "seed",
+    "train_seed",
+    "data_seed",
+    "init_fingerprint",
+    "config_hash",
+    "scale",
+    "mlflow.source.git.commit",
+    "code_version",
+]
 
 
 def only_run(uri: str):
@@ -22,21 +31,50 @@ def only_run(uri: str):
 
 def test_cli_trial_lands_in_mlflow_with_the_whole_contract(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = run_harness(*TINY, "+intervention=[no_dropout,gradient_clipping]", "seed=67", "train_seed=23",
-                      "study=demo", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env_uri=uri).stdout
+    out = run_harness(
+        *TINY,
+        "+intervention=[no_dropout,gradient_clipping]",
+        "seed=67",
+        "train_seed=23",
+        "study=demo",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+        env_uri=uri,
+    ).stdout
     run = only_run(uri)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
     for tag in CONTRACT_TAGS + ["study"]:
         assert tags.get(tag), tag
-    assert (tags["intervention"], tags["seed"], tags["train_seed"], tags["data_seed"], tags["study"], tags["scale"]) == (
-        "gradient_clipping+no_dropout", "67", "23", "none", "demo", "smoke")
+    assert (
+        tags["intervention"],
+        tags["seed"],
+        tags["train_seed"],
+        tags["data_seed"],
+        tags["study"],
+        tags["scale"],
+    ) == ("gradient_clipping+no_dropout", "67", "23", "none", "demo", "smoke")
     assert run.data.params["model.dropout"] == "0.0" and run.data.params["optim.grad_clip"] == "3.5"
     assert run.data.params["trainer.max_steps"] == "4"
     metrics = run.data.metrics
-    for metric in ["test_loss", "test_loss_amp", "train_seconds", "train_loss", "train_loss_avg", "train_loss_min", "train_loss_max",
-                   "grad_norm_max", "grad_norm_avg", "clip_fraction", "nonfinite_element", "nonfinite_overflow",
-                   "nonfinite_exploding", "nonfinite_scaler_skips", "lr", "tokens_per_sec"]:
+    for metric in [
+        "test_loss",
+        "test_loss_amp",
+        "train_seconds",
+        "train_loss",
+        "train_loss_avg",
+        "train_loss_min",
+        "train_loss_max",
+        "grad_norm_max",
+        "grad_norm_avg",
+        "clip_fraction",
+        "nonfinite_element",
+        "nonfinite_overflow",
+        "nonfinite_exploding",
+        "nonfinite_scaler_skips",
+        "lr",
+        "tokens_per_sec",
+    ]:
         assert metric in metrics, metric
     assert 5 < metrics["test_loss"] < 12
     assert f"{metrics['test_loss']:.6f}" in out
@@ -49,7 +87,10 @@ def test_cli_trial_lands_in_mlflow_with_the_whole_contract(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "charts", "samples", "checkpoints.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "charts")} == {
-        "charts/loss.png", "charts/grad_norm.png", "charts/lr.png"}
+        "charts/loss.png",
+        "charts/grad_norm.png",
+        "charts/lr.png",
+    }
     sample = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/samples/step_000004.txt")
     assert sample.startswith("Every effort moves you") and len(sample) > len("Every effort moves you")
     assert (tmp_path / "run" / "checkpoints" / "step_000004" / "model.safetensors").exists()
@@ -67,10 +108,17 @@ def final_weights(tmp_path, name: str) -> dict:
 def test_same_config_and_seeds_give_bit_identical_weights(tmp_path, tracking_uri):
     first = run_tiny(tmp_path, "a", "seed=3", "train_seed=5")
     # what config_hash leaves out (samples, progress, checksums) must not change the computation
-    unhashed = ["trainer.sample_prompt=Hello", "trainer.sample_tokens=7", "trainer.sample_top_k=3",
-                "trainer.sample_temperature=1.4", "trainer.progress=true", "data.verify_checksums=false"]
+    unhashed = [
+        "trainer.sample_prompt=Hello",
+        "trainer.sample_tokens=7",
+        "trainer.sample_top_k=3",
+        "trainer.sample_temperature=1.4",
+        "trainer.progress=true",
+        "data.verify_checksums=false",
+    ]
     assert config_hash(compose_config(*TINY, "seed=3", "train_seed=5", *unhashed)) == config_hash(
-        compose_config(*TINY, "seed=3", "train_seed=5"))
+        compose_config(*TINY, "seed=3", "train_seed=5")
+    )
     second = run_tiny(tmp_path, "b", "seed=3", "train_seed=5", *unhashed)
     a, b = final_weights(tmp_path, "a"), final_weights(tmp_path, "b")
     assert a.keys() == b.keys()
@@ -131,4 +179,6 @@ def test_fp16_without_cuda_is_refused_clearly_unless_the_cpu_is_asked_for(tmp_pa
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16_amp but no CUDA device was found.*trainer.device=cpu"):
             Trial(compose_config(*TINY, "trainer.precision=fp16_amp"), tmp_path / "auto")
-    assert Trial(compose_config(*TINY, "trainer.precision=fp16_amp", "trainer.device=cpu"), tmp_path / "cpu").scaler.is_enabled()
+    assert Trial(
+        compose_config(*TINY, "trainer.precision=fp16_amp", "trainer.device=cpu"), tmp_path / "cpu"
+    ).scaler.is_enabled()

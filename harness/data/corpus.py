@@ -11,11 +11,10 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 from harness.data.shards import MANIFEST, DataError, Manifest, ShardWriter, holdout_start, sha256_file, shard_problem
+from harness.data.tokenizer import gpt2_encoding
 from harness.paths import PROJECT_ROOT
-from harness.tokenizer import gpt2_encoding
 
 CORPUS_FILE = resources.files("harness.assets").joinpath("corpus", "corpus.jsonl.xz")
 BUNDLED_CACHE = PROJECT_ROOT / ".cache" / "data"
@@ -27,7 +26,7 @@ def read_documents(path: Path = CORPUS_FILE) -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
-def cache_problem(directory: Path, verify: bool = True) -> Optional[str]:
+def cache_problem(directory: Path, verify: bool = True) -> str | None:
     """Why the cache directory cannot be used as it is, or None."""
     if not (directory / MANIFEST).exists():
         return f"{directory / MANIFEST} is missing"
@@ -64,7 +63,11 @@ def prepare_bundled(cache_root: Path, holdout_fraction: float, verify: bool = Tr
     try:
         documents = read_documents()
         first_test = holdout_start(len(documents), holdout_fraction)
-        manifest = Manifest(dataset="bundled", source={"file": str(CORPUS_FILE), "sha256": corpus_hash}, holdout_fraction=holdout_fraction)
+        manifest = Manifest(
+            dataset="bundled",
+            source={"file": str(CORPUS_FILE), "sha256": corpus_hash},
+            holdout_fraction=holdout_fraction,
+        )
         encoding = gpt2_encoding()
         for split, docs in (("train", documents[:first_test]), ("test", documents[first_test:])):
             writer = ShardWriter(build, manifest, split, shard_tokens=1 << 62)

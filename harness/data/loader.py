@@ -7,12 +7,11 @@ global batch into ranks × micro-batch × accumulation reads the same sequences 
 
 import functools
 import logging
-from typing import Optional
 
 import numpy as np
 import torch
 
-from harness.config import DataConfig
+from harness.config.schema import DataConfig
 from harness.data.corpus import BUNDLED_CACHE, prepare_bundled
 from harness.data.shards import MANIFEST, Manifest, open_split
 
@@ -32,15 +31,29 @@ def open_dataset(cfg: DataConfig, split: str, verify: bool = True):
                 f"or point data.path at a prepared directory."
             )
     if cfg.dataset in ("fineweb", "fineweb_edu") and "encoding" not in Manifest.load(directory).source:
-        log.warning("%s was prepared by an earlier harness (encode_ordinary, ceil(1%%) held out), not as the study's "
-                    "prepare_datasets.py did it: its split and test window differ from the study's. Prepare it again "
-                    "to match (python -m harness.data prepare dataset=%s out=NEW_DIR).", directory, cfg.dataset)
+        log.warning(
+            "%s was prepared by an earlier harness (encode_ordinary, ceil(1%%) held out), not as the study's "
+            "prepare_datasets.py did it: its split and test window differ from the study's. Prepare it again "
+            "to match (python -m harness.data prepare dataset=%s out=NEW_DIR).",
+            directory,
+            cfg.dataset,
+        )
     return open_split(directory, split, verify=cfg.verify_checksums and verify)
 
 
 class TrainBatches:
-    def __init__(self, tokens, context: int, micro_batch: int, accum: int, world: int, rank: int,
-                 total_steps: int, max_epochs: float, seed: Optional[int] = None):
+    def __init__(
+        self,
+        tokens,
+        context: int,
+        micro_batch: int,
+        accum: int,
+        world: int,
+        rank: int,
+        total_steps: int,
+        max_epochs: float,
+        seed: int | None = None,
+    ):
         self.tokens, self.context, self.micro_batch = tokens, context, micro_batch
         self.accum, self.world, self.rank = accum, world, rank
         self.available = (len(tokens) - 1) // context
@@ -53,16 +66,18 @@ class TrainBatches:
                 f"data.max_epochs={max_epochs}. Use fewer steps or more data, or raise data.max_epochs."
             )
         if self.epochs > 1:
-            log.warning("!" * 80 + "\nThis trial reads the training data %.2f times: training loss is no longer "
-                        "measured on unseen data, and dropout behaves differently on repeated data.\n" + "!" * 80,
-                        self.epochs)
+            log.warning(
+                "!" * 80 + "\nThis trial reads the training data %.2f times: training loss is no longer "
+                "measured on unseen data, and dropout behaves differently on repeated data.\n" + "!" * 80,
+                self.epochs,
+            )
         self.seed = seed
 
     def _sequence_index(self, j: int) -> int:
         epoch, position = divmod(j, self.available)
         return position if self.seed is None else int(self._permutation(epoch)[position])
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (two epochs of one long-lived dataset)
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.available)
 
@@ -81,11 +96,15 @@ def held_out_batches(tokens, cfg: DataConfig, context: int):
     """The fixed held-out window: `test_tokens` input tokens from `test_offset`, in eval batches."""
     per_batch = cfg.eval_batch_size * context
     if cfg.test_tokens % per_batch:
-        raise ValueError(f"data.test_tokens={cfg.test_tokens:,} is not a whole number of eval batches "
-                         f"(data.eval_batch_size × context = {per_batch:,})")
+        raise ValueError(
+            f"data.test_tokens={cfg.test_tokens:,} is not a whole number of eval batches "
+            f"(data.eval_batch_size × context = {per_batch:,})"
+        )
     if cfg.test_offset + cfg.test_tokens + 1 > len(tokens):
-        raise ValueError(f"the test window (tokens {cfg.test_offset:,} … {cfg.test_offset + cfg.test_tokens:,}) does "
-                         f"not fit in the held-out split of {len(tokens):,} tokens")
+        raise ValueError(
+            f"the test window (tokens {cfg.test_offset:,} … {cfg.test_offset + cfg.test_tokens:,}) does "
+            f"not fit in the held-out split of {len(tokens):,} tokens"
+        )
     for first in range(cfg.test_offset, cfg.test_offset + cfg.test_tokens, per_batch):
         window = np.asarray(tokens[first : first + per_batch + 1]).astype(np.int64)
         inputs = torch.from_numpy(window[:-1].reshape(cfg.eval_batch_size, context))

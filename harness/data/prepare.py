@@ -25,10 +25,18 @@ import pyarrow
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from harness.data.shards import (MANIFEST, SPLITS, TOKEN_DTYPE, Manifest, ManifestError, ShardWriter, sha256_file,
-                                 shard_problem)
+from harness.data.shards import (
+    MANIFEST,
+    SPLITS,
+    TOKEN_DTYPE,
+    Manifest,
+    ManifestError,
+    ShardWriter,
+    sha256_file,
+    shard_problem,
+)
+from harness.data.tokenizer import END_OF_TEXT, gpt2_encoding
 from harness.paths import PROJECT_ROOT
-from harness.tokenizer import END_OF_TEXT, gpt2_encoding
 
 PARQUET_DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb_edu": "HuggingFaceFW/fineweb-edu"}
 TOKEN_DATASETS = ("fineweb_gpt2_tokens",)  # already tokenized: harness.data.tokens
@@ -83,8 +91,14 @@ def prepare(
     out = Path(out) if out is not None else PROJECT_ROOT / "data" / dataset
     workers = workers if workers is not None else default_workers()
     require_positive(workers=workers, shard_tokens=shard_tokens, max_files=max_files)
-    settings = {"repo": repo, "sample": SAMPLE, "max_files": max_files, "shard_tokens": shard_tokens,
-                "encoding": ENCODING, "split": SPLIT_RULE}
+    settings = {
+        "repo": repo,
+        "sample": SAMPLE,
+        "max_files": max_files,
+        "shard_tokens": shard_tokens,
+        "encoding": ENCODING,
+        "split": SPLIT_RULE,
+    }
 
     manifest = load_matching_manifest(out, dataset, settings)
     damaged = damaged_shards(out, manifest)
@@ -136,8 +150,10 @@ def reference_test_start(documents: int) -> int:
     rounding: `int(round(99 * n / 100.0))`, Python's round-half-to-even) for the reference's split."""
     start = int(round(TRAIN_PERCENT * documents / 100.0))
     if not 0 < start < documents:
-        raise PrepareError(f"{documents} documents are too few to hold out {HOLDOUT_FRACTION:.0%} for testing "
-                           f"(the split would leave {documents - start} test documents)")
+        raise PrepareError(
+            f"{documents} documents are too few to hold out {HOLDOUT_FRACTION:.0%} for testing "
+            f"(the split would leave {documents - start} test documents)"
+        )
     return start
 
 
@@ -301,10 +317,12 @@ def damaged_shards(out: Path, manifest: Manifest | None) -> list[tuple[str, int]
     if manifest is None:
         return []
     damaged = []
-    shards = [(name, index, shard) for name, split in manifest.splits.items()
-              for index, shard in enumerate(split.shards)]
-    for name, index, shard in tqdm(shards, desc="verifying shards", unit="shard", file=sys.stderr,
-                                   disable=len(shards) < 10):
+    shards = [
+        (name, index, shard) for name, split in manifest.splits.items() for index, shard in enumerate(split.shards)
+    ]
+    for name, index, shard in tqdm(
+        shards, desc="verifying shards", unit="shard", file=sys.stderr, disable=len(shards) < 10
+    ):
         problem = shard_problem(out, shard, verify=True)
         if problem:
             log(f"{problem}: it will be re-created")
@@ -312,8 +330,9 @@ def damaged_shards(out: Path, manifest: Manifest | None) -> list[tuple[str, int]
     return damaged
 
 
-def recreate_shards(out: Path, manifest: Manifest, damaged: list[tuple[str, int]], files: list[Path],
-                    test_start: int, workers: int) -> None:
+def recreate_shards(
+    out: Path, manifest: Manifest, damaged: list[tuple[str, int]], files: list[Path], test_start: int, workers: int
+) -> None:
     """Tokenizes the documents of each damaged shard again; the new file must have the recorded checksum."""
     if not damaged:
         return
@@ -330,8 +349,10 @@ def recreate_shards(out: Path, manifest: Manifest, damaged: list[tuple[str, int]
                         np.append(document, END_OF_TEXT).astype(TOKEN_DTYPE).tofile(f)
             if sha256_file(tmp) != shard.sha256:
                 tmp.unlink()
-                raise PrepareError(f"re-created {out / shard.file} does not match its recorded checksum: the parquet "
-                                   f"files are not those it was prepared from; delete {out} to start over")
+                raise PrepareError(
+                    f"re-created {out / shard.file} does not match its recorded checksum: the parquet "
+                    f"files are not those it was prepared from; delete {out} to start over"
+                )
             os.replace(tmp, out / shard.file)
             log(f"re-created {out / shard.file} ({shard.documents:,} documents, checksum as recorded)")
 
@@ -347,8 +368,9 @@ def first_documents(chunks: Iterable[pyarrow.Array], count: int) -> Iterator[pya
 def tokenizer_pool(workers: int) -> Pool:
     # spawn, not fork: the main process has pyarrow and tqdm threads running, which fork does not copy safely.
     # Workers ignore Ctrl-C; the main process gets it and terminates them.
-    return multiprocessing.get_context("spawn").Pool(workers, initializer=signal.signal,
-                                                     initargs=(signal.SIGINT, signal.SIG_IGN))
+    return multiprocessing.get_context("spawn").Pool(
+        workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
+    )
 
 
 def write_shards(out: Path, manifest: Manifest, files: list[Path], test_start: int, workers: int) -> None:

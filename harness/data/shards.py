@@ -12,11 +12,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from harness.tokenizer import END_OF_TEXT
+from harness.data.tokenizer import END_OF_TEXT
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -63,8 +62,10 @@ class Manifest:
             return cls(**raw, splits=splits)
         except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or not a manifest
             reason = f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
-            raise ManifestError(f"{path} is not a valid manifest ({reason}); it was changed or damaged after "
-                                f"preparation, so the shards beside it cannot be trusted") from None
+            raise ManifestError(
+                f"{path} is not a valid manifest ({reason}); it was changed or damaged after "
+                f"preparation, so the shards beside it cannot be trusted"
+            ) from None
 
     def save(self, directory: Path) -> None:
         path = Path(directory) / MANIFEST
@@ -150,7 +151,7 @@ def prepare_command(directory: Path, manifest: Manifest) -> str:
     return "python -m harness.data prepare " + " ".join(options)
 
 
-def shard_problem(directory: Path, shard: Shard, verify: bool) -> Optional[str]:
+def shard_problem(directory: Path, shard: Shard, verify: bool) -> str | None:
     """Why the shard file does not hold what its manifest records (missing, wrong size, wrong checksum), or None."""
     path = Path(directory) / shard.file
     if not path.is_file():
@@ -182,7 +183,9 @@ def open_split(directory: Path, split: str, verify: bool = True) -> np.ndarray:
     directory = Path(directory)
     manifest = Manifest.load(directory)
     if not manifest.complete:
-        raise DataError(f"{directory} holds an unfinished preparation; finish it with `{prepare_command(directory, manifest)}`")
+        raise DataError(
+            f"{directory} holds an unfinished preparation; finish it with `{prepare_command(directory, manifest)}`"
+        )
     arrays = []
     for shard in manifest.splits[split].shards:
         problem = shard_problem(directory, shard, verify)

@@ -20,12 +20,24 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from harness.data.prepare import (HOLDOUT_FRACTION, TOKEN_BYTES, PrepareError, damaged_shards, describe, gigabytes,
-                                  import_huggingface_hub, is_downloaded, load_matching_manifest, log,
-                                  remove_unfinished_shards, require_disk_space, written_bytes)
+from harness.data.prepare import (
+    HOLDOUT_FRACTION,
+    TOKEN_BYTES,
+    PrepareError,
+    damaged_shards,
+    describe,
+    gigabytes,
+    import_huggingface_hub,
+    is_downloaded,
+    load_matching_manifest,
+    log,
+    remove_unfinished_shards,
+    require_disk_space,
+    written_bytes,
+)
 from harness.data.shards import SPLITS, TOKEN_DTYPE, Manifest, Shard
+from harness.data.tokenizer import END_OF_TEXT
 from harness.paths import PROJECT_ROOT
-from harness.tokenizer import END_OF_TEXT
 
 REPO = "gpjt/fineweb-gpt2-tokens"
 FILES = {"train": "train.safetensors", "test": "validation.safetensors"}  # split -> file
@@ -48,8 +60,9 @@ class TokenFile:
         """tokens[start:stop] (clipped to the file), copied out of a memory map of that range alone, which is
         unmapped again at once: memory stays one block, whatever the file's size."""
         stop = min(stop, self.tokens)
-        view = np.memmap(self.path, dtype="<u2", mode="r", offset=self.data_offset + TOKEN_BYTES * start,
-                         shape=(stop - start,))
+        view = np.memmap(
+            self.path, dtype="<u2", mode="r", offset=self.data_offset + TOKEN_BYTES * start, shape=(stop - start,)
+        )
         block = np.array(view, dtype=TOKEN_DTYPE)
         del view
         return block
@@ -74,19 +87,24 @@ def read_header(path: Path) -> TokenFile:
         raise PrepareError(f"{path} holds the tensors {sorted(tensors)}; expected exactly one named {TENSOR!r}")
     spec = tensors[TENSOR]
     if spec.get("dtype") != DTYPE or len(spec.get("shape", ())) != 1:
-        raise PrepareError(f"{path}: tensor {TENSOR!r} is {spec.get('dtype')} of shape {spec.get('shape')}; "
-                           f"expected a 1-D {DTYPE} (uint16) tensor of GPT-2 token ids")
+        raise PrepareError(
+            f"{path}: tensor {TENSOR!r} is {spec.get('dtype')} of shape {spec.get('shape')}; "
+            f"expected a 1-D {DTYPE} (uint16) tensor of GPT-2 token ids"
+        )
     tokens = spec["shape"][0]
     begin, end = spec["data_offsets"]
     data_start = 8 + header_bytes
     if end - begin != tokens * 2 or data_start + end > size:
-        raise PrepareError(f"{path} is truncated or inconsistent: {tokens:,} tokens need bytes {data_start + begin:,}"
-                           f"…{data_start + begin + 2 * tokens:,} of a {size:,}-byte file")
+        raise PrepareError(
+            f"{path} is truncated or inconsistent: {tokens:,} tokens need bytes {data_start + begin:,}"
+            f"…{data_start + begin + 2 * tokens:,} of a {size:,}-byte file"
+        )
     return TokenFile(path, data_start + begin, tokens)
 
 
-def prepare_tokens(dataset: str, out: Path | str | None, shard_tokens: int,
-                   safetensors_dir: Path | str | None = None) -> Path:
+def prepare_tokens(
+    dataset: str, out: Path | str | None, shard_tokens: int, safetensors_dir: Path | str | None = None
+) -> Path:
     """Converts (or finishes converting) the study's token files into `out` and returns `out`.
 
     Downloads them from the Hub unless `safetensors_dir` already holds train.safetensors and
@@ -103,8 +121,12 @@ def prepare_tokens(dataset: str, out: Path | str | None, shard_tokens: int,
     if safetensors_dir is None:
         safetensors_dir = download(out / "download", out, written)
     files = {split: read_header(Path(safetensors_dir) / name) for split, name in FILES.items()}
-    source = {**settings, "files": {FILES[split]: {"tokens": file.tokens, "bytes": file.path.stat().st_size}
-                                    for split, file in files.items()}}
+    source = {
+        **settings,
+        "files": {
+            FILES[split]: {"tokens": file.tokens, "bytes": file.path.stat().st_size} for split, file in files.items()
+        },
+    }
     if manifest is None:
         manifest = Manifest(dataset, source, HOLDOUT_FRACTION)
     elif without_safetensors_dir(manifest.source) != source:
@@ -114,8 +136,10 @@ def prepare_tokens(dataset: str, out: Path | str | None, shard_tokens: int,
     manifest.source["safetensors_dir"] = None if downloaded else str(Path(safetensors_dir).resolve())
     for split, file in files.items():
         if file.tokens != PUBLISHED_TOKENS[split]:
-            log(f"warning: {file.path} holds {file.tokens:,} tokens, the published {FILES[split]} "
-                f"{PUBLISHED_TOKENS[split]:,}: these are not the study's tokens")
+            log(
+                f"warning: {file.path} holds {file.tokens:,} tokens, the published {FILES[split]} "
+                f"{PUBLISHED_TOKENS[split]:,}: these are not the study's tokens"
+            )
     total = sum(file.tokens for file in files.values())
     require_disk_space(out, TOKEN_BYTES * total - written, "the token shards")
 
@@ -124,8 +148,9 @@ def prepare_tokens(dataset: str, out: Path | str | None, shard_tokens: int,
     for split, index in damaged:
         recreate_shard(files[split], out, manifest, split, index)
     if not manifest.complete:
-        with tqdm(desc="tokens", total=total, initial=written // TOKEN_BYTES, unit="tok", unit_scale=True,
-                  file=sys.stderr) as bar:
+        with tqdm(
+            desc="tokens", total=total, initial=written // TOKEN_BYTES, unit="tok", unit_scale=True, file=sys.stderr
+        ) as bar:
             for split in SPLITS:
                 convert_split(files[split], out, manifest, split, shard_tokens, bar)
         manifest.complete = True
@@ -192,8 +217,10 @@ def copy_tokens(source: TokenFile, start: int, end: int, path: Path) -> tuple[in
             block = source.read(first, min(end, first + BLOCK_TOKENS))
             if int(block.max()) >= VOCAB_SIZE:
                 bad = int(np.argmax(block >= VOCAB_SIZE))
-                raise PrepareError(f"{source.path}: token {first + bad:,} is {int(block[bad]):,}, outside GPT-2's "
-                                   f"vocabulary of {VOCAB_SIZE:,}; these are not GPT-2 tokens")
+                raise PrepareError(
+                    f"{source.path}: token {first + bad:,} is {int(block[bad]):,}, outside GPT-2's "
+                    f"vocabulary of {VOCAB_SIZE:,}; these are not GPT-2 tokens"
+                )
             documents += int(np.count_nonzero(block == END_OF_TEXT))
             digest.update(block)
             block.tofile(f)
@@ -208,8 +235,10 @@ def recreate_shard(source: TokenFile, out: Path, manifest: Manifest, split: str,
     _, sha256 = copy_tokens(source, start, start + shard.tokens, tmp)
     if sha256 != shard.sha256:
         tmp.unlink()
-        raise PrepareError(f"re-created {out / shard.file} does not match its recorded checksum: {source.path} is not "
-                           f"the file it was prepared from; delete {out} to start over")
+        raise PrepareError(
+            f"re-created {out / shard.file} does not match its recorded checksum: {source.path} is not "
+            f"the file it was prepared from; delete {out} to start over"
+        )
     os.replace(tmp, out / shard.file)
     log(f"re-created {out / shard.file} ({shard.tokens:,} tokens, checksum as recorded)")
 

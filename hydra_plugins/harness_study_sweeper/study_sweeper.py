@@ -1,7 +1,7 @@
 """`hydra/sweeper=study`: runs a study from `conf/sweep/` through whichever Hydra launcher is configured.
 
 Hydra finds this module by scanning the `hydra_plugins` namespace package at every start, so the work
-lives in `harness/sweep.py` and is imported only when a study runs.
+lives in `harness/study/run.py` and is imported only when a study runs.
 """
 
 from hydra.core.config_store import ConfigStore
@@ -10,7 +10,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from harness.study import StudyConf
+from harness.study.design import StudyConf
 
 ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudyConf, provider="harness")
 
@@ -23,9 +23,10 @@ class StudySweeper(Sweeper):
         self.config, self.hydra_context = config, hydra_context
         self.study = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudyConf), config.hydra.sweeper))
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> list:
-        from harness.sweep import run_study
+        from harness.study.run import run_study
 
         return run_study(self.study, self.config, self.hydra_context.config_loader, self.launcher, arguments)

@@ -1,0 +1,174 @@
+"""Throughput benchmark: `python -m harness bench [steps=N] [warmup=N] [compare="OVERRIDES"] [repeat=true]
+[deterministic=true] [TRIAL OVERRIDES…]` (also `make bench`).
+
+Runs `steps` optimizer steps after `warmup` steps of the composed trial (no MLflow) and prints tokens/s,
+MFU (against the GPU's dense bf16 peak, or `peak_flops=`), peak memory and where the step time goes
+(profiler, top ops by self time). `compare=` runs a second config (the same overrides plus these) in the
+same process, side by side. `repeat=true` trains the config twice from the same seeds for `repeat_steps` (50) steps and
+says whether the losses are bit-identical; `deterministic=true` also measures `trainer.deterministic=true`.
+The base config's tokens/s is appended to the bench records (`harness.study.cost.BENCH_RECORDS`), where
+`python -m harness plan gpu=KIND` finds it.
+"""
+
+import resource
+import tempfile
+import time
+from datetime import datetime
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from harness.config.schema import TrialConfig, compose_trial
+from harness.paths import PROJECT_ROOT
+from harness.study.cost import gpu_kind, record_bench
+from harness.trial.launch import set_determinism
+from harness.trial.trainer import Trial, mfu
+
+BENCH_KEYS = {
+    "steps": 20,
+    "warmup": 5,
+    "compare": None,
+    "repeat": False,
+    "repeat_steps": 50,
+    "deterministic": False,
+    "peak_flops": None,
+}
+
+
+def compose_overrides(overrides: list[str], steps: int) -> TrialConfig:
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"trainer.max_steps={steps}", "trainer.progress=false"])
+    return compose_trial(cfg, overrides)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(cfg: TrialConfig, steps: int, warmup: int, peak_flops) -> dict:
+    with tempfile.TemporaryDirectory() as run_dir:
+        trial = Trial(cfg, run_dir)
+        device = trial.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for step in range(warmup):
+            trial.train_step(step)
+        synchronize(device)
+        started = time.perf_counter()
+        for step in range(warmup, warmup + steps):
+            last = trial.train_step(step)
+        last.tolist()
+        seconds = (time.perf_counter() - started) / steps
+        data_started = time.perf_counter()
+        for micro_step in range(trial.accum):
+            trial.batches.get(warmup, micro_step)
+        data_seconds = time.perf_counter() - data_started
+        top_ops = profile(trial, warmup + steps)
+    tokens_per_sec = trial.tokens_per_step / seconds
+    peak = peak_flops or (trial.peak_flops if device.type == "cuda" else None)
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "step_ms": 1000 * seconds,
+        "data_ms": 1000 * data_seconds,
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": mfu(tokens_per_sec, trial.model.flops_per_token(), peak, trial.ranks.world) if peak else None,
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated(device)
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        / 2**30,
+        "top_ops": top_ops,
+    }
+
+
+def profile(trial: Trial, first_step: int, steps: int = 2) -> list[tuple[str, float]]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if trial.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for step in range(first_step, first_step + steps):
+            trial.train_step(step)
+        synchronize(trial.device)
+    attr = "self_device_time_total" if trial.device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    return [(e.key, getattr(e, attr) / total) for e in events[:8]]
+
+
+def losses_of_two_runs(cfg: TrialConfig, steps: int) -> tuple[list[float], list[float]]:
+    runs = []
+    for _ in range(2):
+        with tempfile.TemporaryDirectory() as run_dir:
+            trial = Trial(cfg, run_dir)
+            runs.append(torch.stack([trial.train_step(step)[0] for step in range(steps)]).tolist())
+    return runs[0], runs[1]
+
+
+def report(name: str, result: dict) -> str:
+    utilisation = (
+        f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak; pass peak_flops=)"
+    )
+    lines = [
+        f"== {name} on {result['device']}",
+        f"   step {result['step_ms']:.1f} ms (data {result['data_ms']:.1f} ms) | {result['tokens_per_sec']:,.0f} tokens/s"
+        f" | MFU {utilisation} | peak memory {result['peak_memory_gib']:.2f} GiB",
+        "   step time by op (self time share):",
+    ]
+    lines += [f"     {share:6.1%}  {op}" for op, share in result["top_ops"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    options, overrides = dict(BENCH_KEYS), []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in BENCH_KEYS:
+            options[key] = (
+                value
+                if key == "compare"
+                else (
+                    value.lower() == "true"
+                    if key in ("repeat", "deterministic")
+                    else float(value)
+                    if key == "peak_flops"
+                    else int(value)
+                )
+            )
+        else:
+            overrides.append(arg)
+    steps, warmup = options["steps"], options["warmup"]
+    configs = {"base": overrides}
+    if options["compare"]:
+        configs["compare"] = [*overrides, *options["compare"].split()]
+    if options["deterministic"]:
+        configs["deterministic"] = [*overrides, "trainer.deterministic=true"]
+    results = {}
+    for name, config_overrides in configs.items():
+        cfg = compose_overrides(config_overrides, max(steps + warmup + 2, options["repeat_steps"]))
+        set_determinism(cfg.trainer.deterministic)
+        results[name] = measure(cfg, steps, warmup, options["peak_flops"])
+        print(report(f"{name}: {' '.join(config_overrides) or 'defaults'}", results[name]), flush=True)
+        if name == "base":
+            path = record_bench(
+                results[name]["device"],
+                results[name]["tokens_per_sec"],
+                cfg,
+                config_overrides,
+                datetime.now().isoformat(timespec="seconds"),
+            )
+            print(f"   recorded in {path} for `python -m harness plan gpu={gpu_kind(results[name]['device'])}`")
+        if options["repeat"]:
+            first, second = losses_of_two_runs(cfg, options["repeat_steps"])
+            drift = max(abs(a - b) for a, b in zip(first, second))
+            verdict = "bit-identical" if first == second else f"differs (max |Δloss| {drift:.3g})"
+            print(f"   same-seed rerun, {options['repeat_steps']} steps: {verdict}")
+    if "compare" in results:
+        ratio = results["compare"]["tokens_per_sec"] / results["base"]["tokens_per_sec"]
+        print(f"compare / base throughput: {ratio:.3f}×")
+    if "deterministic" in results:
+        cost = 1 - results["deterministic"]["tokens_per_sec"] / results["base"]["tokens_per_sec"]
+        print(f"trainer.deterministic=true costs {cost:.1%} of throughput")

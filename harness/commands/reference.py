@@ -1,0 +1,93 @@
+"""`python -m harness reference path=DIR [trial overrides]`: a Hugging Face GPT-2 as a study's `reference` run.
+
+The overrides compose a trial exactly as `python -m harness` would (e.g. `scale=gpt2_small`); only its
+test window (data.*) and context length are used: the reference model is evaluated on the same held-out
+tokens, cut into the same sequences, as that scale's trials. The MLflow run is tagged
+`intervention=reference`, `scale`, `reference_source` (the directory) and records `test_loss` (full fp32) and
+`test_loss_amp` (the study's evaluation: fp16 autocast, mean of per-batch means; see
+`harness.trial.trainer.held_out_losses`). OpenAI's GPT-2 small scores 3.499677 on the gpt2_small window (SEEDS.md):
+that is the `test_loss_amp` number.
+"""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from harness.commands.evaluate import INPUT_ERRORS, error_message, evaluation_device
+from harness.config.schema import TrialConfig, as_dict, compose_trial, flatten
+from harness.data.loader import open_dataset
+from harness.paths import PROJECT_ROOT
+from harness.tracking.store import Tracker
+from harness.trial import hf
+from harness.trial.trainer import held_out_losses, study_test_autocast
+
+USAGE = """\
+usage: python -m harness reference path=DIR [trial overrides, e.g. scale=gpt2_small]
+
+Evaluates a Hugging Face GPT-2 directory (config.json + model.safetensors) on the held-out test window of
+the trial the overrides compose, and records it as an MLflow run tagged intervention=reference.
+"""
+
+
+def compose_reference_trial(overrides: list[str]) -> TrialConfig:
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose_trial(compose("config", overrides=overrides), overrides)
+    if cfg.interventions:
+        raise ValueError(f"interventions {cfg.interventions} change training; a reference run evaluates fixed weights")
+    return cfg
+
+
+def evaluate_reference(source: Path, cfg: TrialConfig) -> dict:
+    """Evaluate the Hugging Face GPT-2 in `source` on `cfg`'s test window; returns test_loss and run_id."""
+    source = Path(source).resolve()
+    model = hf.load_gpt2(source, context_length=cfg.model.context_length)
+    tokens = open_dataset(cfg.data, "test")
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    device = evaluation_device()
+    autocast = study_test_autocast(cfg.trainer.precision, device)
+    tags = {
+        "intervention": "reference",
+        "scale": cfg.scale,
+        "reference_source": str(source),
+        "device": str(device),
+        "test_loss_amp_autocast": str(autocast or "none"),
+    }
+    params = {
+        "scale": cfg.scale,
+        "study": cfg.study,
+        **flatten({"data": as_dict(cfg)["data"]}),
+        **flatten({"model": dataclasses.asdict(model.cfg)}),
+    }
+    tracker.start(f"reference-{source.name}", tags, params)
+    try:
+        losses = held_out_losses(model.to(device), tokens, cfg.data, autocast, show_progress=True)
+        tracker.log_metrics({**losses, "parameters": model.num_parameters()}, step=0)
+    except BaseException as error:
+        tracker.set_tags({"failure_reason": f"{type(error).__name__}: {error}"[:5000]})
+        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end("FINISHED")
+    return {**losses, "run_id": tracker.run_id}
+
+
+def main(arguments: list[str]) -> int:
+    if not arguments or arguments[0] in ("-h", "--help", "help"):
+        print(USAGE, end="", file=sys.stdout if arguments else sys.stderr)
+        return 0 if arguments else 2
+    paths = [a.removeprefix("path=") for a in arguments if a.startswith("path=")]
+    overrides = [a for a in arguments if not a.startswith("path=")]
+    if len(paths) != 1 or not paths[0]:
+        print("error: give the Hugging Face GPT-2 directory once, as path=DIR", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_reference(Path(paths[0]), compose_reference_trial(overrides))
+    except INPUT_ERRORS as error:
+        print(f"error: {error_message(error)}", file=sys.stderr)
+        return 2
+    print(
+        f"test_loss {result['test_loss']:.6f}  test_loss_amp {result['test_loss_amp']:.6f}  run {result['run_id']}  "
+        f"reference {paths[0]}"
+    )
+    return 0

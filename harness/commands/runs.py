@@ -1,0 +1,105 @@
+"""`python -m harness runs` and `python -m harness replay`: the runs' records in the store, kept true.
+
+    python -m harness runs [study=NAME] [experiment=NAME] [tracking.uri=URI] [--mark-stale] [stale_after=SECONDS]
+    python -m harness replay RUN_DIR [tracking.uri=URI]
+
+`runs` lists the RUNNING runs with their heartbeat (live, stale, or none: a run of an older harness).
+`--mark-stale` ends the stale ones KILLED with the reason (a SIGKILLed trial or sweep, a lost node), so
+`mlflow ui` and the analysis show the truth; a stale run is one silent for 4 heartbeat intervals, or for
+`stale_after` seconds if given. `replay` sends the records a trial saved in RUN_DIR/unsent_records.jsonl
+when its store was unreachable at its end.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from harness.tracking import records
+from harness.tracking.store import TrackingUnavailable, connect, default_tracking_uri, normalize_uri
+
+USAGE = "usage:\n" + __doc__.split("\n\n")[1] + "\n"
+
+
+def parse(arguments: list[str], allowed: set[str], flags: set[str]) -> tuple[dict[str, str], set[str], list[str]]:
+    options, switches, positional = {}, set(), []
+    for argument in arguments:
+        if argument.startswith("--"):
+            if argument not in flags:
+                raise ValueError(f"unknown option {argument}; allowed: {', '.join(sorted(flags)) or 'none'}")
+            switches.add(argument)
+        elif "=" in argument:
+            key, value = argument.split("=", 1)
+            if key not in allowed:
+                raise ValueError(f"unknown setting {key}=; allowed: {', '.join(sorted(allowed))}")
+            options[key] = value
+        else:
+            positional.append(argument)
+    return options, switches, positional
+
+
+def list_runs(options: dict[str, str], mark: bool) -> int:
+    uri = normalize_uri(options.get("tracking.uri") or default_tracking_uri())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(f"no MLflow store at {uri}; pass tracking.uri= or set MLFLOW_TRACKING_URI")
+    client = connect(uri, timeout=10)
+    names = [options["experiment"]] if "experiment" in options else None
+    experiments = [e for e in client.search_experiments() if names is None or e.name in names]
+    if not experiments:
+        print(f"no experiment {names[0]!r} in {uri}")
+        return 1
+    stale_after: float | None = float(options["stale_after"]) if "stale_after" in options else None
+    query = "attributes.status = 'RUNNING'" + (f" and tags.study = '{options['study']}'" if "study" in options else "")
+    running = records.search(client, [e.experiment_id for e in experiments], query)
+    now = time.time()
+    rows = [["run", "name", "study", "heartbeat", "host", "run directory"]]
+    for run in sorted(running, key=lambda r: r.info.start_time):
+        tags, beat = run.data.tags, records.heartbeat(run)
+        if beat is None:
+            state = "none (older harness)"
+        else:
+            state = f"{now - beat:.0f} s ago" + (" STALE" if records.is_stale(run, now, stale_after) else "")
+        rows.append(
+            [
+                run.info.run_id,
+                run.info.run_name or "",
+                tags.get("study", ""),
+                state,
+                tags.get("host", ""),
+                tags.get("run_dir", tags.get("sweep_dir", "")),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"{len(running)} RUNNING runs in {uri}")
+    if running:
+        print("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows))
+    stale = [r for r in running if records.is_stale(r, now, stale_after)]
+    if not mark:
+        if stale:
+            print(f"{len(stale)} of them are stale; mark them KILLED with: python -m harness runs --mark-stale")
+        return 0
+    for run, reason in records.mark_stale(client, running, stale_after):
+        print(f"marked {run.info.run_id} ({run.info.run_name}) KILLED: {reason}")
+    return 0
+
+
+def main(arguments: list[str]) -> int:
+    command, *rest = arguments
+    if any(a in ("-h", "--help", "help") for a in rest):
+        print(USAGE, end="")
+        return 0
+    try:
+        if command == "runs":
+            options, switches, positional = parse(
+                rest, {"study", "experiment", "tracking.uri", "stale_after"}, {"--mark-stale"}
+            )
+            if positional:
+                raise ValueError(f"unexpected arguments {positional}")
+            return list_runs(options, "--mark-stale" in switches)
+        options, _, positional = parse(rest, {"tracking.uri"}, set())
+        if len(positional) != 1:
+            raise ValueError("give the trial's run directory: python -m harness replay RUN_DIR")
+        print(records.replay(positional[0], options.get("tracking.uri")))
+        return 0
+    except (ValueError, FileNotFoundError, TrackingUnavailable, RuntimeError) as error:
+        print(f"error: {error}\n\n{USAGE}" if isinstance(error, ValueError) else f"error: {error}", file=sys.stderr)
+        return 2

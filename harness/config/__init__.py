@@ -1,0 +1,1 @@
+"""The trial's structured config: schema, checks, composition and the command-line overrides."""

@@ -1,0 +1,285 @@
+"""Runs as other processes judge them: alive or dead (heartbeats), who runs a study's trial (claims), runs
+whose process died (marked KILLED), resumes that would change a record, and unsent records sent later.
+
+Heartbeats. A trial's tracker refreshes the `heartbeat` tag every `heartbeat_interval` seconds (both are tags
+of the run). A RUNNING run silent for STALE_BEATS intervals is stale: its process died (SIGKILL, a lost node)
+or cannot reach the store. Studies and `python -m harness runs --mark-stale` end stale runs KILLED with the
+reason; a trial that was only cut off from the store marks itself RUNNING again when it gets through.
+
+Claims. MLflow has no compare-and-set. A study trial creates its run (RUNNING, fresh heartbeat), waits
+CLAIM_SETTLE seconds so that every run created before it is visible, then reads the study's runs of its
+config_hash. The holders are the FINISHED ones (oldest first), then the live RUNNING ones (by start time,
+then run id); the trial runs if its run is among the first `tracking.claim_slots` holders, else it deletes
+its run and raises ClaimedElsewhere. Every heartbeat repeats the check, so claimants that raced past the
+settle time (clocks further apart than it, a store slower than it) still end with one holder: the later one
+withdraws, its run KILLED and tagged `withdrawn`, never counted as a result.
+"""
+
+import json
+import logging
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from harness.tracking.store import (
+    HEARTBEAT_INTERVAL_TAG,
+    HEARTBEAT_TAG,
+    UNSENT_FILE,
+    connect,
+    default_tracking_uri,
+    normalize_uri,
+    send,
+    transient,
+)
+
+log = logging.getLogger(__name__)
+
+STALE_BEATS = 4
+CLAIM_SETTLE = 1.0
+WITHDRAWN_TAG = "withdrawn"
+REASON_TAG = "failure_reason"
+
+
+class ClaimedElsewhere(RuntimeError):
+    """Another run of the study holds this trial's computation (FINISHED, or running with a fresh heartbeat)."""
+
+
+# --- heartbeats -------------------------------------------------------------------------------------------
+
+
+def heartbeat(run) -> float | None:
+    value = run.data.tags.get(HEARTBEAT_TAG)
+    return float(value) if value else None
+
+
+def stale_after(run, override: float | None = None) -> float | None:
+    """Seconds of silence after which the run counts as dead; None for runs without heartbeats."""
+    if override is not None:
+        return override
+    interval = run.data.tags.get(HEARTBEAT_INTERVAL_TAG)
+    return STALE_BEATS * float(interval) if interval else None
+
+
+def is_stale(run, now: float, override: float | None = None) -> bool:
+    beat, limit = heartbeat(run), stale_after(run, override)
+    return run.info.status == "RUNNING" and beat is not None and limit is not None and now - beat > limit
+
+
+def is_live(run, now: float) -> bool:
+    if run.data.tags.get(WITHDRAWN_TAG):
+        return False
+    if run.info.status == "FINISHED":
+        return True
+    return run.info.status == "RUNNING" and heartbeat(run) is not None and not is_stale(run, now)
+
+
+def when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def mark_stale(client, runs: list, override: float | None = None) -> list[tuple[object, str]]:
+    """End every stale run KILLED with the reason (and remove its checkpoint staging directories when its
+    run directory is on this host). Returns (run, reason) for each."""
+    marked, now = [], time.time()
+    for run in runs:
+        if not is_stale(run, now, override):
+            continue
+        beat = heartbeat(run)
+        reason = (
+            f"its process died or lost the store: no heartbeat since {when(beat)} ({now - beat:.0f} s; "
+            f"heartbeat every {run.data.tags.get(HEARTBEAT_INTERVAL_TAG)} s); marked KILLED by "
+            f"{socket.gethostname()} pid {os.getpid()}"
+        )
+        client.set_tag(run.info.run_id, REASON_TAG, reason)
+        client.set_terminated(run.info.run_id, "KILLED", int(beat * 1000))
+        marked.append((run, reason))
+        run_dir = run.data.tags.get("run_dir")
+        if run_dir and run.data.tags.get("host") == socket.gethostname():
+            from harness.trial.checkpoint import clean_staging
+
+            clean_staging(Path(run_dir) / "checkpoints")
+    return marked
+
+
+def search(client, experiment_ids: list[str], filter_string: str = "") -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+# --- claims -----------------------------------------------------------------------------------------------
+
+
+def holders(runs: list, now: float, alive: str | None = None) -> list:
+    """The live runs in claim order: FINISHED first, then RUNNING, each by start time and run id. `alive`
+    names a run counted as live RUNNING whatever the store says (the caller's own)."""
+    live = [r for r in runs if r.info.run_id == alive or is_live(r, now)]
+
+    def order(run):
+        finished = run.info.status == "FINISHED" and run.info.run_id != alive
+        return (not finished, run.info.start_time, run.info.run_id)
+
+    return sorted(live, key=order)
+
+
+def trial_runs(client, experiment_id: str, study: str, config_hash: str, code_version: str | None = None) -> list:
+    """The study's runs of the computation; with `code_version`, only those made by that code (a sweep that
+    does not reuse other code versions' runs does not let them hold its trials either)."""
+    found = f"tags.study = '{study}' and tags.config_hash = '{config_hash}'"
+    return search(
+        client, [experiment_id], found + (f" and tags.code_version = '{code_version}'" if code_version else "")
+    )
+
+
+def describe(run, now: float) -> str:
+    if run.info.status == "FINISHED":
+        loss = run.data.metrics.get("test_loss")
+        return f"run {run.info.run_id} FINISHED" + ("" if loss is None else f" (test_loss {loss:.6f})")
+    return (
+        f"run {run.info.run_id} RUNNING on {run.data.tags.get('host', '?')} (heartbeat "
+        f"{now - heartbeat(run):.0f} s ago)"
+    )
+
+
+def claim(
+    client, experiment_id: str, run_id: str, study: str, config_hash: str, slots: int, code_version: str | None = None
+) -> str | None:
+    """None when `run_id` holds one of the computation's `slots` in the study; else who holds them."""
+    now = time.time()
+    ranked = holders(trial_runs(client, experiment_id, study, config_hash, code_version), now, alive=run_id)
+    ids = [r.info.run_id for r in ranked]
+    if (ids.index(run_id) if run_id in ids else len(ids)) < slots:
+        return None
+    others = [describe(r, now) for r in ranked if r.info.run_id != run_id][:slots]
+    return f"study {study} already has this trial (config_hash {config_hash}): {'; '.join(others)}"
+
+
+def claim_new_run(
+    client, experiment_id: str, run_id: str, study: str, config_hash: str, slots: int, code_version: str | None = None
+) -> str | None:
+    time.sleep(CLAIM_SETTLE)  # every run created before ours is visible by now
+    return claim(client, experiment_id, run_id, study, config_hash, slots, code_version)
+
+
+class Watch:
+    """Called by the tracker after each heartbeat: keeps a live run RUNNING if it was marked KILLED while the
+    store could not hear it, and (for a study trial) returns why the trial must stop when another run holds
+    its claim."""
+
+    def __init__(self, client, experiment_id: str, run_id: str, claim: tuple[str, str, int, str | None] | None = None):
+        self.client, self.experiment_id, self.run_id, self.claim = client, experiment_id, run_id, claim
+
+    def __call__(self) -> str | None:
+        if self.claim is not None:
+            reason = claim(self.client, self.experiment_id, self.run_id, *self.claim)
+            if reason:
+                return reason
+        run = self.client.get_run(self.run_id)
+        if run.info.status == "KILLED":
+            log.warning(
+                "run %s was marked %s (%s) while the store could not hear it; it is alive: RUNNING again",
+                self.run_id,
+                run.info.status,
+                run.data.tags.get(REASON_TAG, ""),
+            )
+            self.client.update_run(self.run_id, "RUNNING")
+            self.client.delete_tag(self.run_id, REASON_TAG)
+        return None
+
+
+# --- resume -----------------------------------------------------------------------------------------------
+
+
+def own_store(saved_uri: str | None, requested_uri: str | None, source: str, command: str) -> str | None:
+    """The store a command about an existing trial (resume, evaluate) writes to: the trial's own. A different one
+    asked for (`source` says where: `tracking.uri` or `MLFLOW_TRACKING_URI`) is refused, naming both."""
+    if requested_uri and saved_uri and normalize_uri(requested_uri) != normalize_uri(saved_uri):
+        raise ValueError(
+            f"{command}: the trial is recorded in {normalize_uri(saved_uri)}, but {source} names "
+            f"{normalize_uri(requested_uri)}; its records stay in its own run, so use its store "
+            f"(drop {source} or set it to {normalize_uri(saved_uri)})"
+        )
+    return saved_uri or requested_uri
+
+
+def resumed_already_finished(cfg) -> str | None:
+    """For a trial to resume (its saved config, `resume` set): a line saying its run already FINISHED, else None."""
+    from harness.trial import checkpoint
+
+    uri = cfg.tracking.uri or default_tracking_uri()
+    return finished_already(uri, checkpoint.run_id(checkpoint.find(Path(cfg.resume))), cfg.tracking.connect_timeout)
+
+
+def finished_already(uri: str, run_id: str, timeout: float) -> str | None:
+    """A line saying the trial's run FINISHED (so resuming has nothing to do), else None."""
+    client = connect(uri, timeout)
+    run = client.get_run(run_id)
+    if run.info.status != "FINISHED":
+        return None
+    loss = run.data.metrics.get("test_loss")
+    return (
+        f"the trial's run {run_id} in {uri} already FINISHED"
+        + ("" if loss is None else f" (test_loss {loss:.6f})")
+        + ": nothing to resume; nothing was changed"
+    )
+
+
+# --- replaying unsent records -----------------------------------------------------------------------------
+
+
+def replay(run_dir: Path, uri: str | None = None, timeout: float = 10.0) -> str:
+    """Send `<run_dir>/unsent_records.jsonl` to the store, in order. A study trial whose computation another
+    run FINISHED meanwhile (this one was marked KILLED while silent) ends withdrawn instead of FINISHED."""
+    path = Path(run_dir) / UNSENT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: nothing to replay")
+    header, *records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    uri = normalize_uri(uri or header["uri"])
+    client = connect(uri, timeout)
+    run_id = header["run_id"]
+    run = client.get_run(run_id)
+    sent = 0
+    try:
+        for record in records:
+            kind, payload = record["kind"], record["payload"]
+            if kind == "end" and payload["status"] == "FINISHED":
+                superseded = _superseded(client, run)
+                if superseded:
+                    send(client, run_id, "tags", {REASON_TAG: f"withdrawn: {superseded}", WITHDRAWN_TAG: "true"})
+                    payload = {**payload, "status": "KILLED"}
+            send(client, run_id, kind, payload)
+            sent += 1
+    except Exception as error:
+        with open(path, "w") as f:  # keep what is left, for the next attempt
+            for line in [header, *records[sent:]]:
+                f.write(json.dumps(line) + "\n")
+        still = "unreachable" if transient(error) else "refusing them"
+        raise RuntimeError(
+            f"sent {sent} of {len(records)} records of run {run_id} to {uri}; the store is {still} "
+            f"({str(error).splitlines()[0][:300]}); the rest stay in {path}"
+        ) from None
+    done = path.with_name(f"replayed_records-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    path.rename(done)
+    status = client.get_run(run_id).info.status
+    return f"sent {sent} records of run {run_id} to {uri}; the run is {status}; the file is kept as {done}"
+
+
+def _superseded(client, run) -> str | None:
+    tags = run.data.tags
+    if "study" not in tags or "claim_slots" not in tags:
+        return None
+    now = time.time()
+    others = [
+        r
+        for r in trial_runs(client, run.info.experiment_id, tags["study"], tags["config_hash"])
+        if r.info.run_id != run.info.run_id and r.info.status == "FINISHED" and is_live(r, now)
+    ]
+    if len(others) < int(tags["claim_slots"]):
+        return None
+    return "superseded while its records were unsent: " + "; ".join(describe(r, now) for r in others)

@@ -1,0 +1,411 @@
+"""Checkpoints: `step_NNNNNN/` directories, each with a sha256 manifest, plus `latest` and `best` pointer files.
+
+A checkpoint is written into a staging directory `.step_NNNNNN.tmp/`: every file and then the directory are
+fsynced, the directory is renamed into place and its parent fsynced, and only then are the pointers replaced
+(each fsynced the same way). A crash or a full disk at any moment leaves every pointer naming a whole,
+verifiable checkpoint. `manifest.json` records the sha256 and size of every file; `verify` checks them before
+anything is loaded, so a flipped bit is an error naming the file, never a silently different trial.
+"""
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from harness.trial.disk import checkpoint_size, format_bytes, kept_at_most, retention  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+STEP_DIR = re.compile(r"step_(\d+)")
+STAGING_DIR = re.compile(r"\.step_\d+\.tmp")
+POINTERS = ("latest", "best")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that could not be written, or cannot be read as saved; the message names the file."""
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def staging_dir(directory: Path, step: int) -> Path:
+    return Path(directory) / f".step_{step:06d}.tmp"
+
+
+def step_dir(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:06d}"
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+def begin(directory: Path, step: int) -> Path:
+    """Rank 0: an empty staging directory that every rank then writes its RNG state into."""
+    tmp = staging_dir(directory, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _writing(directory, step, tmp):
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_rank_rng(directory: Path, step: int, rank: int) -> None:
+    _save_torch(rng_state(), staging_dir(directory, step) / f"rng_rank{rank}.pt", directory, step)
+
+
+COMMIT_PARTS = 4  # what `commit` reports through `starting`: weights, state, manifest, pointers
+
+
+def commit(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict,
+    is_best: bool,
+    starting: Callable[[str], None] = lambda part: None,
+) -> Path:
+    """Rank 0: add weights, state and manifest, rename into `step_NNNNNN/`, then point `latest` (and `best`)
+    at it; `starting(part)` is called as each of the COMMIT_PARTS begins (for a progress bar). On any failure
+    (a full disk included) the staging directory is removed and the pointers are as they were."""
+    directory, tmp, final = Path(directory), staging_dir(directory, step), step_dir(directory, step)
+    try:
+        starting(MODEL_FILE)
+        with _writing(directory, step, tmp / MODEL_FILE):
+            save_model(model, str(tmp / MODEL_FILE))  # stores a tied matrix once
+            _fsync_file(tmp / MODEL_FILE)
+        starting(STATE_FILE)
+        _save_torch(state, tmp / STATE_FILE, directory, step)
+        starting(f"{MANIFEST_FILE} (sha256)")
+        files = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "step": step,
+            "run_id": state.get("run_id"),
+            "config_hash": state.get("config_hash"),
+            "world_size": state.get("world_size"),
+            "files": files,
+        }
+        with _writing(directory, step, tmp / MANIFEST_FILE):
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+            _fsync_file(tmp / MANIFEST_FILE)
+            _fsync_dir(tmp)
+        starting("pointers")
+        shutil.rmtree(final, ignore_errors=True)  # a copy the pointers never reached (killed before them)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+        for pointer in ("latest", "best") if is_best else ("latest",):
+            with _writing(directory, step, directory / pointer):
+                _point(directory / pointer, final.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists() and resolve(directory, "latest") != final:  # renamed, but no pointer reached it
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    return final
+
+
+class _KeepsOSError:
+    """A file wrapper that remembers the OSError behind a failed write: torch.save reports a full disk as
+    an opaque 'unexpected pos' RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        return self._call(self.file.write, data)
+
+    def flush(self) -> None:
+        self._call(self.file.flush)
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except OSError as error:
+            self.error = error
+            raise
+
+
+def _save_torch(obj, path: Path, directory: Path, step: int) -> None:
+    with _writing(directory, step, path), open(path, "wb") as raw:
+        file = _KeepsOSError(raw)
+        try:
+            torch.save(obj, file)
+            file.flush()
+        except Exception as error:
+            if file.error is None or file.error is error:
+                raise
+            raise file.error from error
+        os.fsync(raw.fileno())
+
+
+@contextlib.contextmanager
+def _writing(directory: Path, step: int, path: Path):
+    """Turns a full disk into a CheckpointError that says so and what is still intact."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(directory, step, path) from error
+    except Exception as error:  # safetensors reports the OS error in its message
+        if "os error 28" not in str(error) and "No space left on device" not in str(error):
+            raise
+        raise _disk_full(directory, step, path) from error
+
+
+def _disk_full(directory: Path, step: int, path: Path) -> CheckpointError:
+    latest = resolve(directory, "latest")
+    kept = f"`latest` still names {latest.name}" if latest else "no earlier checkpoint exists"
+    free = shutil.disk_usage(existing_parent(directory)).free
+    return CheckpointError(
+        f"no space left on the device writing {path.name} of checkpoint step {step} in "
+        f"{directory} ({format_bytes(free)} free): {kept}; the partial checkpoint is removed"
+    )
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _point(pointer: Path, target: str) -> None:
+    tmp = pointer.with_name(pointer.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(target + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, pointer)
+    _fsync_dir(pointer.parent)
+
+
+# --- retention and cleaning ---------------------------------------------------------------------------
+
+
+def prune(directory: Path, keep_every: int | None, interval: int) -> list[Path]:
+    """Delete the checkpoints no pointer names, except every `keep_every`-th: checkpoints are written after steps
+    1, interval+1, 2·interval+1, … (and the last), and the K-th kept ones are those after steps 1,
+    K·interval+1, 2K·interval+1, …. `keep_every=None` keeps everything."""
+    if keep_every is None:
+        return []
+    keep = {p.name for p in (resolve(directory, which) for which in POINTERS) if p is not None}
+    removed = []
+    for path in sorted(Path(directory).iterdir()):
+        match = STEP_DIR.fullmatch(path.name)
+        if not match or path.name in keep or (keep_every and (int(match[1]) - 1) % (keep_every * interval) == 0):
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    if removed:
+        _fsync_dir(directory)
+    return removed
+
+
+def clean_staging(directory: Path) -> list[Path]:
+    """Remove staging directories left by a trial that died while writing a checkpoint."""
+    directory = Path(directory)
+    stale = [p for p in directory.iterdir() if STAGING_DIR.fullmatch(p.name)] if directory.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    for pointer in POINTERS:
+        Path(directory, pointer + ".tmp").unlink(missing_ok=True)
+    return stale
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About what one checkpoint takes: the weights (a tied matrix once) and AdamW's two moments of each."""
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return checkpoint_size(sum(unique.values()))
+
+
+def disk_plan(
+    directory: Path, per_checkpoint: int, max_steps: int, interval: int, keep_every: int | None
+) -> tuple[str, bool]:
+    """A line saying how much disk the trial's checkpoints need and have, and whether they fit."""
+    directory = Path(directory)
+    existing = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) if directory.is_dir() else 0
+    count = kept_at_most(max_steps, interval, keep_every)
+    needed = max(0, count * per_checkpoint - existing)
+    probe = existing_parent(directory)
+    free = shutil.disk_usage(probe).free
+    line = (
+        f"checkpoints: ~{format_bytes(per_checkpoint)} each; keeping {retention(keep_every)} "
+        f"(trainer.keep_checkpoints), up to {count} on disk at once: {format_bytes(needed)} more needed, "
+        f"{format_bytes(free)} free in {probe}"
+    )
+    return line, free >= needed
+
+
+def existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    return path if path.exists() else next(p for p in path.parents if p.exists())
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(checkpoint: Path) -> dict | None:
+    path = Path(checkpoint) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["files"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path} is not a readable checkpoint manifest ({error})") from None
+    return manifest
+
+
+def verify(checkpoint: Path) -> dict | None:
+    """Check every file against the manifest; returns the manifest (None for a checkpoint saved before
+    manifests existed, with a warning)."""
+    checkpoint = Path(checkpoint)
+    manifest = read_manifest(checkpoint)
+    if manifest is None:
+        log.warning("%s has no %s (saved by an older harness): its files cannot be verified", checkpoint, MANIFEST_FILE)
+        return None
+    for name, expected in manifest["files"].items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+        if path.stat().st_size != expected["bytes"] or sha256(path) != expected["sha256"]:
+            raise CheckpointError(
+                f"{path} does not match the sha256 in {checkpoint / MANIFEST_FILE}: the file is "
+                f"corrupt (changed on disk or copied partially); use another checkpoint"
+            )
+    return manifest
+
+
+def resolve(directory: Path, which: str = "latest") -> Path | None:
+    pointer = Path(directory) / which
+    return Path(directory) / pointer.read_text().strip() if pointer.exists() else None
+
+
+def damaged_files(checkpoint: Path) -> list[str]:
+    """What is wrong with each file of the checkpoint (missing, truncated, not its format), read without loading it."""
+    checkpoint = Path(checkpoint)
+    problems = [_safetensors_problem(checkpoint / MODEL_FILE)]
+    problems += [_zip_problem(path) for path in [checkpoint / STATE_FILE, *sorted(checkpoint.glob("rng_rank*.pt"))]]
+    return [problem for problem in problems if problem]
+
+
+def require_intact(checkpoint: Path) -> None:
+    problems = damaged_files(checkpoint)
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors it lists, up to the last byte."""
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_bytes)) if 8 + header_bytes <= size else None
+    except (OSError, ValueError):
+        header = None
+    tensors = [entry for name, entry in header.items() if name != "__metadata__"] if isinstance(header, dict) else None
+    if tensors is None or not all(
+        isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2 for entry in tensors
+    ):
+        return f"{path} is not a readable safetensors file (its header is cut off or damaged)"
+    end = max((entry["data_offsets"][1] for entry in tensors), default=0)
+    if size != 8 + header_bytes + end:
+        return f"{path} is truncated or damaged: {size:,} bytes where its header needs {8 + header_bytes + end:,}"
+    return None
+
+
+def _zip_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive, whose directory is at its end: a cut-off file has none."""
+    if not path.is_file():
+        return f"{path} is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"{path} is truncated or damaged ({error})"
+    return None
+
+
+def run_id(found: Path) -> str:
+    """The MLflow run a checkpoint belongs to (from its manifest; from its state for one saved before manifests)."""
+    manifest = read_manifest(found)
+    if manifest is not None:
+        return manifest["run_id"]
+    return torch.load(found / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)["run_id"]
+
+
+def load(checkpoint: Path, model: torch.nn.Module, rank: int = 0) -> dict:
+    """Check, then load the weights into `model`; returns the trial state with this rank's RNG state under "rng"."""
+    require_intact(checkpoint)
+    verify(checkpoint)
+    load_model(model, str(checkpoint / MODEL_FILE))
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")
+    rng_file = checkpoint / f"rng_rank{rank}.pt"
+    if not rng_file.exists():
+        raise FileNotFoundError(f"{checkpoint} has no RNG state for rank {rank}: was it saved with fewer ranks?")
+    state["rng"] = torch.load(rng_file, weights_only=False, map_location="cpu")
+    return state
+
+
+def find(path: Path, which: str | None = None) -> Path:
+    """`path` itself if it is a checkpoint, else the `which` (default latest) checkpoint of a run directory
+    or of its `checkpoints/` directory."""
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        if which:
+            raise ValueError(f"{path} is one checkpoint; `{which}` picks a checkpoint of a run directory")
+        return path
+    which = which or "latest"
+    for directory in (path / "checkpoints", path):
+        if (directory / which).is_file():
+            found = resolve(directory, which)
+            if not (found / MODEL_FILE).is_file():
+                raise FileNotFoundError(f"{directory / which} points at {found}, which holds no {MODEL_FILE}")
+            return found
+    raise FileNotFoundError(
+        f"no `{which}` checkpoint in {path}: expected a run directory with "
+        f"checkpoints/{which}, or a step_NNNNNN checkpoint directory"
+    )

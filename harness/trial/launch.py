@@ -1,0 +1,99 @@
+"""Ranks: run a composed trial in this process, under an external torchrun, or spawn N ranks here.
+
+The config is composed once by `python -m harness`; spawned ranks receive it resolved, never re-compose.
+"""
+
+import logging
+import os
+import signal
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from harness.config.schema import TrialConfig
+from harness.trial.preflight import check_trial
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        )
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def launch(cfg: TrialConfig, run_dir: Path) -> dict:
+    """Run the trial on `trainer.nproc_per_node` local ranks (or the ranks torchrun already started), once
+    this process has checked it on this machine: a bad trial is refused here, never inside a rank."""
+    check_trial(cfg)
+    n = cfg.trainer.nproc_per_node
+    if n == 1 or under_torchrun():
+        return run_rank(cfg, str(run_dir))
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=n,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
+    log.info("spawning %d ranks", n)
+    return elastic_launch(config, run_rank)(cfg, str(run_dir))[0]
+
+
+def run_rank(cfg: TrialConfig, run_dir: str) -> dict:
+    from harness.trial.trainer import run_trial
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)  # a terminated trial ends KILLED, not silently RUNNING
+    set_determinism(cfg.trainer.deterministic)  # both ways: trials may share a process (Hydra's basic launcher)
+    ranks = Ranks.from_env()
+    if ranks.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "gloo")
+    try:
+        if ranks.world > 1:  # under an external torchrun every rank composed its own output dir: use rank 0's
+            shared = [run_dir]
+            dist.broadcast_object_list(shared, src=0)
+            run_dir = shared[0]
+        return run_trial(cfg, Path(run_dir), ranks)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def set_determinism(enabled: bool) -> None:
+    """Deterministic kernels everywhere (errors on ops without one); cuBLAS needs a fixed workspace."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -1,0 +1,695 @@
+"""One trial: build the seeded model, train it on 1…N ranks, evaluate it on the held-out window, record it."""
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+
+from harness import progress
+from harness.config.schema import TrialConfig, as_dict, config_hash, flatten, intervention_tag
+from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
+from harness.study.cost import PEAK_FLOPS  # by substring of the CUDA device name, for MFU
+from harness.tracking import records
+from harness.tracking.records import ClaimedElsewhere
+from harness.tracking.store import NullTracker, Tracker, default_tracking_uri, probe, ui_url
+from harness.tracking.version import code_version
+from harness.trial import charts, checkpoint
+from harness.trial.launch import Ranks
+from harness.trial.model import GPTModel, cross_entropy
+from harness.trial.optim import build_optimizer, build_scheduler
+from harness.trial.plugins import Plugins
+from harness.trial.precision import Precision
+from harness.trial.sampling import continue_text
+
+log = logging.getLogger(__name__)
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops_per_device: float, devices: int) -> float:
+    """Model FLOPs utilisation: the model's matmul FLOP/s (`GPTModel.flops_per_token`) over the peak of all
+    the devices that produced `tokens_per_sec` together."""
+    return tokens_per_sec * flops_per_token / (peak_flops_per_device * devices)
+
+
+def ends_period(step: int, interval: int, total_steps: int) -> bool:
+    """Whether the 0-based `step` closes a checkpoint period. The reference code checkpoints after
+    `global_step % interval == 0` (step 0 included) and after the last step, so its periods are step 0, steps
+    1…interval, interval+1…2·interval, …; the harness labels each by the steps done (1, interval+1, …)."""
+    return step % interval == 0 or step == total_steps - 1
+
+
+def is_best_period(stats: dict, earlier: list[dict]) -> bool:
+    """The reference's rule: best = lowest period-average train loss so far (strictly lower than the last best).
+    There a non-finite loss makes the average inf or NaN, so a period with one is never best."""
+    if stats["nonfinite_loss"] or not math.isfinite(stats["train_loss_avg"]):
+        return False
+    return stats["train_loss_avg"] < min((p["train_loss_avg"] for p in earlier if p.get("is_best")), default=math.inf)
+
+
+class DivergenceError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_model(cfg: TrialConfig, plugins: Plugins | None = None) -> GPTModel:
+    """Seed, then build on the CPU so the initial weights do not depend on the device."""
+    seed_everything(cfg.seed)
+    return (plugins or Plugins(cfg.plugins)).build_model(GPTModel(cfg.model))
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every named tensor of the state dict (a tied matrix appears under both names)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_device(name: str, ranks: Ranks) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(ranks.local_rank)
+        return torch.device("cuda", ranks.local_rank)
+    return torch.device(name)
+
+
+@dataclass
+class PeriodStats:
+    """What the seeds recorded per checkpoint period, plus the non-finite steps by kind."""
+
+    exploding_threshold: float
+    grad_clip: float | None
+    devices: int = 1  # ranks whose tokens the period's throughput counts (MFU is per device)
+    losses: list = field(default_factory=list)
+    norms: list = field(default_factory=list)
+    clipped: int = 0
+    exploding: int = 0  # (a) finite norm above the threshold: counted, still applied (clipped if clipping)
+    overflow: int = 0  # (b) finite elements whose norm overflows to inf: step skipped
+    nonfinite_element: int = 0  # (c) at least one inf/NaN gradient element: step skipped
+    scaler_skips: int = 0  # steps after which the GradScaler's scale was lower than before (fp16: kind c)
+    nonfinite_loss: int = 0  # steps whose training loss was inf or NaN (left out of train_loss_avg/min/max)
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, norm: float, max_abs: float, scale_lowered: float = 0.0) -> None:
+        self.losses.append(loss)
+        self.nonfinite_loss += not math.isfinite(loss)
+        finite_elements, finite_norm = math.isfinite(max_abs), math.isfinite(norm)
+        if finite_norm:
+            self.norms.append(norm)
+            self.exploding += norm > self.exploding_threshold
+            self.clipped += self.grad_clip is not None and norm > self.grad_clip
+        self.overflow += finite_elements and not finite_norm
+        self.nonfinite_element += not finite_elements
+        self.scaler_skips += scale_lowered > 0
+
+    def summary(self, step: int, tokens: int, flops_per_token: float, peak: float | None) -> dict:
+        finite = [x for x in self.losses if math.isfinite(x)] or [float("nan")]
+        stats = {
+            "step": step,
+            "train_loss_avg": float(np.mean(finite)),
+            "train_loss_min": min(finite),
+            "train_loss_max": max(finite),
+            "grad_norm_max": max(self.norms, default=float("nan")),
+            "grad_norm_avg": float(np.mean(self.norms)) if self.norms else float("nan"),
+            "clip_fraction": self.clipped / len(self.losses),
+            "nonfinite_exploding": self.exploding,
+            "nonfinite_overflow": self.overflow,
+            "nonfinite_element": self.nonfinite_element,
+            "nonfinite_scaler_skips": self.scaler_skips,
+            "nonfinite_loss": self.nonfinite_loss,
+            "tokens_per_sec": tokens / (time.perf_counter() - self.started),
+        }
+        if peak:
+            stats["mfu"] = mfu(stats["tokens_per_sec"], flops_per_token, peak, self.devices)
+        return stats
+
+
+def on_main_rank(ranks: Ranks, work: Callable, share: bool = True):
+    """Run `work` on rank 0 only; every rank returns its result (rank 0's, if `share`) or raises its error, so
+    no rank waits forever at a collective for a rank 0 that failed."""
+    result, error = None, None
+    if ranks.is_main:
+        try:
+            result = work()
+        except BaseException as caught:
+            error = caught
+    if ranks.world > 1:
+        shared = [(result if share else None, None if error is None else f"{type(error).__name__}: {error}")]
+        dist.broadcast_object_list(shared, src=0)
+        if share:
+            result = shared[0][0]
+        message = shared[0][1]
+        if message is not None and error is None:
+            raise RuntimeError(f"rank 0 failed: {message}")
+    if error is not None:
+        raise error
+    return result
+
+
+def on_every_rank(ranks: Ranks, work: Callable) -> None:
+    """Run `work` on every rank; if it fails on any, every rank raises."""
+    error = None
+    try:
+        work()
+    except Exception as caught:
+        error = caught
+    if ranks.world > 1:
+        messages = [None] * ranks.world
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+        if failed and error is None:
+            raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    if error is not None:
+        raise error
+
+
+def run_trial(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()) -> dict:
+    """A dead tracking server fails the trial in seconds, before anything is built; a trial whose config or
+    data is refused while it is built leaves no run; then `Trial.run` opens its record and trains."""
+    on_main_rank(ranks, lambda: probe(cfg.tracking.uri or default_tracking_uri(), cfg.tracking.connect_timeout))
+    return Trial(cfg, run_dir, ranks).run()
+
+
+def open_record(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
+    """Rank 0 opens the trial's MLflow run before the first step: the store must answer within
+    `tracking.connect_timeout`, a new trial's run directory must be unused, and a study trial must hold its
+    claim (`harness.tracking.records`). Every rank learns the outcome; ranks other than 0 get a NullTracker."""
+    opened = on_main_rank(ranks, lambda: _open_main_record(cfg, Path(run_dir), ranks.world), share=False)
+    return opened if ranks.is_main else NullTracker()
+
+
+def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
+    t = cfg.tracking
+    tracker = Tracker(
+        t.uri,
+        t.experiment,
+        connect_timeout=t.connect_timeout,
+        heartbeat_interval=t.heartbeat_interval,
+        flush_timeout=t.flush_timeout,
+        unsent_dir=run_dir,
+        system_metrics_interval=t.system_metrics_interval if t.system_metrics else None,
+    )
+    cfg.tracking.uri = tracker.uri  # the saved config names the store actually used
+    computation = config_hash(cfg, world)
+    claims = cfg.study is not None and not cfg.rerun
+    claim = (cfg.study, computation, t.claim_slots, None if cfg.reuse_other_code_versions else code_version())
+    if cfg.resume:  # the checkpoint was verified while the trial was built: a corrupt one never gets here
+        run_id = checkpoint.run_id(checkpoint.find(Path(cfg.resume)))
+        if claims:
+            reason = records.claim(tracker.client, tracker.experiment_id, run_id, *claim)
+            if reason:
+                raise ClaimedElsewhere(f"resuming would record this trial twice: {reason} (rerun=true resumes anyway)")
+        tracker.resume(run_id)
+    else:
+        config_file = run_dir / "config.yaml"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(config_file, "x") as f:  # the directory is this trial's: no other trial writes here
+                f.write(OmegaConf.to_yaml(as_dict(cfg)))
+        except FileExistsError:
+            raise FileExistsError(
+                f"{run_dir} already holds a trial ({config_file} exists); each trial needs its own "
+                f"directory: choose another hydra.run.dir (or hydra.sweep.dir)"
+            ) from None
+        try:
+            tags = record_tags(cfg, computation, world) | {"run_dir": str(run_dir.resolve())}
+            if claims:
+                tags["claim_slots"] = str(t.claim_slots)
+            tracker.start(trial_name(cfg), tags, record_params(cfg))
+            if claims:
+                reason = records.claim_new_run(tracker.client, tracker.experiment_id, tracker.run_id, *claim)
+                if reason:
+                    tracker.discard()
+                    raise ClaimedElsewhere(f"{reason}; rerun=true runs it anyway")
+        except BaseException as error:
+            config_file.unlink(missing_ok=True)
+            if tracker.run_id is not None and not isinstance(error, ClaimedElsewhere):
+                with contextlib.suppress(Exception):  # the original error is the one to report
+                    tracker.end("FAILED", {records.REASON_TAG: f"could not start: {type(error).__name__}: {error}"})
+            raise
+        tracker.log_artifact(config_file)
+    tracker.watch = records.Watch(tracker.client, tracker.experiment_id, tracker.run_id, claim if claims else None)
+    return tracker
+
+
+def trial_name(cfg: TrialConfig) -> str:
+    """The run's name in `mlflow ui`: what the trial tests, its seeds and its scale, e.g. `no_dropout s42 t23 smoke`."""
+    seeds = [
+        f"s{cfg.seed}",
+        *([] if cfg.train_seed is None else [f"t{cfg.train_seed}"]),
+        *([] if cfg.data.seed is None else [f"d{cfg.data.seed}"]),
+    ]
+    return " ".join([intervention_tag(cfg.interventions), *seeds, cfg.scale])
+
+
+def record_params(cfg: TrialConfig) -> dict:
+    """The flattened resolved config; `interventions` written as the `intervention` tag is (`a+b`, `baseline`)."""
+    return flatten(as_dict(cfg)) | {"interventions": intervention_tag(cfg.interventions)}
+
+
+def record_tags(cfg: TrialConfig, computation: str, world: int) -> dict[str, str]:
+    tags = {
+        "intervention": intervention_tag(cfg.interventions),
+        "seed": str(cfg.seed),
+        "train_seed": "none" if cfg.train_seed is None else str(cfg.train_seed),
+        "data_seed": "none" if cfg.data.seed is None else str(cfg.data.seed),
+        "config_hash": computation,
+        "scale": cfg.scale,
+        "world_size": str(world),
+        "host": socket.gethostname(),
+        "code_version": code_version(),
+    }
+    if cfg.study:
+        tags["study"] = cfg.study
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    return tags
+
+
+class Trial:
+    def __init__(self, cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
+        self.cfg, self.run_dir, self.ranks = cfg, Path(run_dir), ranks
+        t = cfg.trainer
+        self.device = resolve_device(t.device, ranks)
+        self.precision = Precision(t.precision, self.device, device_requested=t.device != "auto")
+        self.accum = t.grad_accum_steps(ranks.world)
+        verify = ranks.local_rank == 0  # one sha256 pass per node is enough
+        self.batches = TrainBatches(
+            open_dataset(cfg.data, "train", verify),
+            cfg.model.context_length,
+            t.micro_batch_size,
+            self.accum,
+            ranks.world,
+            ranks.rank,
+            t.max_steps,
+            cfg.data.max_epochs,
+            cfg.data.seed,
+        )
+        self.test_tokens = open_dataset(cfg.data, "test", verify)
+        list(held_out_batches(self.test_tokens, cfg.data, cfg.model.context_length))  # validate the window now
+
+        self.plugins = Plugins(cfg.plugins)
+        self.model = build_model(cfg, self.plugins)
+        self.init_fingerprint = fingerprint(self.model)
+        if cfg.train_seed is not None:
+            seed_everything(cfg.train_seed)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.plugins)
+        self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim, self.plugins)
+        self.scaler = self.precision.grad_scaler()
+        self.start_step, self.run_id, self.last_checkpoint = 0, None, None
+        self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
+        self.periods: list[dict] = []
+        if cfg.resume:
+            self._restore(checkpoint.find(Path(cfg.resume)))
+        self.train_model = self.model
+        if ranks.world > 1:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.tokens_per_step = t.global_batch_size * cfg.model.context_length
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
+        self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+    # --- the step -------------------------------------------------------------------------------
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step. Returns (loss averaged over ranks, pre-clip norm, max |grad|, 1 if the GradScaler
+        lowered its scale else 0) on the device: nothing here waits for the device, and a non-finite norm skips
+        the update on the device."""
+        self.train_model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step in range(self.accum):
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.batches.get(step, micro_step))
+            syncing = micro_step == self.accum - 1 or self.ranks.world == 1
+            with contextlib.nullcontext() if syncing else self.train_model.no_sync():
+                with self.precision.autocast():
+                    logits = self.train_model(inputs)
+                    loss = self.plugins.loss(cross_entropy(logits, targets), logits, targets) / self.accum
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        self.plugins.after_backward(self.model, step)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        max_abs = torch.nn.utils.get_total_norm(grads, math.inf)
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.optim.grad_clip, norm)
+        # The fused AdamW skips the whole update on the device when found_inf is 1 (GradScaler's protocol).
+        self.optimizer.grad_scale, self.optimizer.found_inf = None, (~torch.isfinite(norm)).float()
+        self.optimizer.step()
+        # GradScaler keeps its scale on the device (`_scale`); comparing it there costs no host sync.
+        scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
+        self.scaler.update()
+        scale_lowered = torch.zeros_like(norm) if scale_before is None else (self.scaler._scale < scale_before).float()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ranks.world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.ranks.world
+        return torch.stack([loss_sum, norm.float(), max_abs.float(), scale_lowered.float()])
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Open the trial's record, train, evaluate. FINISHED only with finite final weights saved as the last
+        checkpoint and a finite test loss."""
+        tracker = open_record(self.cfg, self.run_dir, self.ranks)
+        self.run_id = tracker.run_id
+        if self.ranks.is_main:
+            log.info(
+                "MLflow run %s in experiment %s: %s",
+                tracker.run_id,
+                self.cfg.tracking.experiment,
+                ui_url(tracker.uri, tracker.experiment_id, tracker.run_id),
+            )
+        try:
+            tracker.set_tags(
+                {
+                    "init_fingerprint": self.init_fingerprint,
+                    "device": str(self.device),
+                    "test_loss_amp_autocast": str(self.test_autocast or "none"),
+                }
+            )
+            result = self._train(tracker)
+        except ClaimedElsewhere as error:
+            tracker.end("KILLED", {records.REASON_TAG: f"withdrawn: {error}", records.WITHDRAWN_TAG: "true"})
+            raise
+        except KeyboardInterrupt as error:
+            tracker.end("KILLED", {records.REASON_TAG: f"interrupted ({error or 'Ctrl-C'})"})
+            raise
+        except BaseException as error:
+            tracker.end("FAILED", {records.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
+            raise
+        tracker.end("FINISHED")
+        return result
+
+    def _train(self, tracker) -> dict:
+        t = self.cfg.trainer
+        params = self.model.num_parameters()
+        log.info(
+            "%s parameters; steps %d→%d × %d tokens; %d ranks × %d micro-steps × %d sequences; %s, %s",
+            f"{params:,}",
+            self.start_step,
+            t.max_steps,
+            self.tokens_per_step,
+            self.ranks.world,
+            self.accum,
+            t.micro_batch_size,
+            self.device,
+            t.precision,
+        )
+        if self.start_step == 0:
+            tracker.log_metrics({"parameters": params, "epochs": self.batches.epochs}, step=0)
+        on_main_rank(self.ranks, self._check_disk)
+        with progress.through_bars(self.show_progress):
+            train_seconds = self._train_steps(tracker)
+            result = {
+                "run_id": tracker.run_id,
+                "init_fingerprint": self.init_fingerprint,
+                "train_seconds": train_seconds,
+            }
+            losses = on_main_rank(self.ranks, self.test_losses)
+        if self.ranks.is_main:
+            result |= losses
+            tracker.log_metrics(
+                {
+                    "test_loss": losses["test_loss"],
+                    "test_loss_amp": losses["test_loss_amp"],
+                    "train_seconds": train_seconds,
+                },
+                step=t.max_steps,
+            )
+            log.info(
+                "test loss %.6f (the study's evaluation: %.6f) after %.1f s of training",
+                losses["test_loss"],
+                losses["test_loss_amp"],
+                train_seconds,
+            )
+        unfinished = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
+        if unfinished:
+            raise DivergenceError(
+                f"the final weights score non-finite: {', '.join(unfinished)}; {self._kept_checkpoint()}"
+            )
+        return result
+
+    def _train_steps(self, tracker) -> float:
+        """The step loop; returns its seconds. The bar counts every step as it is queued on the device; loss and
+        tokens/s, which need the values back on the host, are refreshed at each read-back."""
+        cfg, t = self.cfg, self.cfg.trainer
+        started = time.perf_counter()
+        period = self._new_period()
+        pending: list[tuple[int, float, torch.Tensor]] = []
+        with progress.training_bar(t.max_steps, self.start_step, self.show_progress) as bar:
+            for step in range(self.start_step, t.max_steps):
+                pending.append((step + 1, self.scheduler.get_last_lr()[0], self.train_step(step)))
+                bar.update(1)
+                period_end = ends_period(step, t.checkpoint_interval, t.max_steps)
+                if period_end or len(pending) == cfg.tracking.log_interval:
+                    self._read_back(pending, period, tracker)
+                    pending = []
+                    tokens = self.tokens_per_step * (step + 1 - self.start_step)
+                    bar.set_postfix(
+                        loss=f"{self.history['loss'][-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}"
+                    )
+                if period_end:
+                    self._end_period(period, step + 1, tracker)
+                    period = self._new_period()
+        return time.perf_counter() - started
+
+    @property
+    def show_progress(self) -> bool:
+        return self.cfg.trainer.progress and self.ranks.is_main
+
+    def _new_period(self) -> PeriodStats:
+        return PeriodStats(self.cfg.trainer.exploding_grad_norm, self.cfg.optim.grad_clip, devices=self.ranks.world)
+
+    def _read_back(self, pending, period: PeriodStats, tracker) -> None:
+        """The one host synchronisation: per-step values since the last read-back."""
+        values = torch.stack([v for _, _, v in pending]).tolist()
+        for (step, lr, _), (loss, norm, max_abs, scale_lowered) in zip(pending, values):
+            period.add(loss, norm, max_abs, scale_lowered)
+            for key, value in (("step", step), ("loss", loss), ("grad_norm", norm), ("lr", lr)):
+                self.history[key].append(value)
+            tracker.log_metrics({"train_loss": loss, "grad_norm": norm, "lr": lr}, step=step)
+        stop_reason = on_main_rank(self.ranks, lambda: tracker.stop_reason)
+        if stop_reason:
+            raise ClaimedElsewhere(stop_reason)
+        streak = next(
+            (i for i, loss in enumerate(reversed(self.history["loss"])) if math.isfinite(loss)),
+            len(self.history["loss"]),
+        )
+        if streak >= self.cfg.trainer.divergence_patience:
+            last = self.history["step"][-1]
+            raise DivergenceError(
+                f"diverged at step {last}: the training loss was non-finite for the last {streak} "
+                f"steps ({last - streak + 1}–{last}); {self._kept_checkpoint()}"
+            )
+
+    def _end_period(self, period: PeriodStats, step: int, tracker) -> None:
+        stats = period.summary(
+            step, self.tokens_per_step * len(period.losses), self.model.flops_per_token(), self.peak_flops
+        )
+        stats["is_best"] = is_best = is_best_period(stats, self.periods)
+        self.periods.append(stats)
+        tracker.log_metrics({k: v for k, v in stats.items() if k != "step"}, step=step)
+        weights_finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all().item()
+        loss_finite = math.isfinite(self.history["loss"][-1])
+        if not (loss_finite and weights_finite):
+            what = "training loss" if weights_finite else "training loss and weights" if not loss_finite else "weights"
+            if step == self.cfg.trainer.max_steps:
+                raise DivergenceError(
+                    f"diverged at step {step}: non-finite {what} at the end of the last period, so "
+                    f"no final checkpoint was saved; {self._kept_checkpoint()}"
+                )
+            log.warning("step %d: %s non-finite; no checkpoint from them (%s)", step, what, self._kept_checkpoint())
+            return
+        self._save_checkpoint(step, is_best, tracker)
+        on_main_rank(self.ranks, lambda: self._sample_and_chart(step, stats, is_best, tracker))
+
+    def _sample_and_chart(self, step: int, stats: dict, is_best: bool, tracker) -> None:
+        t = self.cfg.trainer
+        sample = continue_text(
+            self.model, t.sample_prompt, t.sample_tokens, t.sample_top_k, t.sample_temperature, seed=self.cfg.seed
+        )
+        log.info(
+            "step %d: period loss %.4f (min %.4f, max %.4f)%s | %s",
+            step,
+            stats["train_loss_avg"],
+            stats["train_loss_min"],
+            stats["train_loss_max"],
+            " [best]" if is_best else "",
+            sample,
+        )
+        tracker.log_text(sample, f"samples/step_{step:06d}.txt")
+        for path in charts.write_charts(self.history, self.periods, self.run_dir / "charts", self.cfg.optim.grad_clip):
+            tracker.log_artifact(path, "charts")
+
+    def _kept_checkpoint(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was saved"
+        return f"`latest` names the last finite checkpoint, {self.last_checkpoint}"
+
+    def _check_disk(self) -> None:
+        """Rank 0, before the first step: remove staging left by a killed run, print the disk the
+        checkpoints need, and refuse a trial whose checkpoints cannot fit."""
+        t, directory = self.cfg.trainer, self.run_dir / "checkpoints"
+        for stale in checkpoint.clean_staging(directory):
+            log.warning("removed %s, a checkpoint a killed run did not finish writing", stale)
+        line, fits = checkpoint.disk_plan(
+            directory, checkpoint.checkpoint_bytes(self.model), t.max_steps, t.checkpoint_interval, t.keep_checkpoints
+        )
+        log.info("%s", line)
+        if not fits:
+            raise checkpoint.CheckpointError(
+                f"not enough disk for this trial's checkpoints: {line}. Free space, "
+                f"or keep fewer checkpoints (trainer.keep_checkpoints)"
+            )
+
+    def _save_checkpoint(self, step: int, is_best: bool, tracker) -> None:
+        directory, t = self.run_dir / "checkpoints", self.cfg.trainer
+        on_main_rank(self.ranks, lambda: checkpoint.begin(directory, step))
+        try:
+            on_every_rank(self.ranks, lambda: checkpoint.save_rank_rng(directory, step, self.ranks.rank))
+        except BaseException:
+            if self.ranks.is_main:
+                shutil.rmtree(checkpoint.staging_dir(directory, step), ignore_errors=True)
+            raise
+
+        def commit() -> Path:
+            state = {
+                "step": step,
+                "run_id": tracker.run_id,
+                "config_hash": config_hash(self.cfg, self.ranks.world),
+                "world_size": self.ranks.world,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "periods": self.periods,
+                "history": self.history,
+            }
+            started = time.perf_counter()
+            with progress.Stages(f"checkpoint step_{step:06d}", checkpoint.COMMIT_PARTS, self.show_progress) as parts:
+                saved = checkpoint.commit(directory, step, self.model, state, is_best, parts)
+            size = sum(f.stat().st_size for f in saved.iterdir())
+            log.info(
+                "saved checkpoint %s (%s) in %.1f s",
+                saved.name,
+                checkpoint.format_bytes(size),
+                time.perf_counter() - started,
+            )
+            for path in checkpoint.prune(directory, t.keep_checkpoints, t.checkpoint_interval):
+                log.info("removed %s (trainer.keep_checkpoints=%s)", path.name, t.keep_checkpoints)
+            pointers = {
+                "host": socket.gethostname(),
+                "latest": str(saved.resolve()),
+                "best": str(checkpoint.resolve(directory, "best").resolve()),
+            }
+            tracker.log_text(json.dumps(pointers, indent=1), "checkpoints.json")
+            return saved
+
+        self.last_checkpoint = on_main_rank(self.ranks, commit)
+
+    def _restore(self, path: Path) -> None:
+        state = checkpoint.load(path, self.model, self.ranks.rank)
+        if state["config_hash"] != config_hash(self.cfg, self.ranks.world):
+            raise ValueError(
+                f"{path} was saved by a trial with another config or another number of ranks "
+                f"(config_hash {state['config_hash']}, world size {state.get('world_size', '?')})"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.start_step, self.run_id = state["step"], state["run_id"]
+        self.periods, self.history = state["periods"], state["history"]
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d", path, self.start_step)
+
+    # --- evaluation and records -----------------------------------------------------------------
+    def test_losses(self) -> dict[str, float]:
+        return held_out_losses(self.model, self.test_tokens, self.cfg.data, self.test_autocast, self.show_progress)
+
+    @property
+    def test_autocast(self) -> torch.dtype | None:
+        return study_test_autocast(self.cfg.trainer.precision, self.device)
+
+
+def study_test_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast of `test_loss_amp`: the study scored every model (its no_amp one too) under fp16 autocast
+    (the reference's test_loss.py). On a CPU, where fp16 is emulated and several times slower than fp32, only
+    fp16_amp trials pay for it; the others score without autocast there."""
+    return torch.float16 if device.type == "cuda" or precision == "fp16_amp" else None
+
+
+def held_out_losses(
+    model: GPTModel, tokens, data_cfg: DataConfig, autocast: torch.dtype | None, show_progress: bool = False
+) -> dict[str, float]:
+    """The fixed held-out window's mean cross-entropy, dropout off, computed two ways:
+
+    - `test_loss`: in full fp32 (highest matmul precision);
+    - `test_loss_amp`: as the study computed its published losses (its test_loss.py): `inference_mode` under
+      `autocast` (see `study_test_autocast`), the mean of the per-batch mean losses. Without autocast it is
+      the same forward pass as `test_loss`, so it is not run twice.
+
+    `show_progress`: a short bar over the eval batches of each pass, on a terminal.
+    """
+    full = batch_losses(model, tokens, data_cfg, None, show_progress)
+    amp = batch_losses(model, tokens, data_cfg, autocast, show_progress) if autocast is not None else full
+    return {"test_loss": math.fsum(full) / len(full), "test_loss_amp": sum(amp) / len(amp)}
+
+
+@torch.inference_mode()
+def batch_losses(
+    model: GPTModel, tokens, data_cfg: DataConfig, autocast: torch.dtype | None, show_progress: bool = False
+) -> list[float]:
+    """Each eval batch's mean cross-entropy over the held-out window (all batches hold the same token count)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = []
+    amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    context = model.cfg.context_length
+    what = "fp32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast"
+    batches = progress.short_bar(
+        held_out_batches(tokens, data_cfg, context),
+        data_cfg.test_tokens // (data_cfg.eval_batch_size * context),
+        f"test loss ({what})",
+        "batch",
+        show_progress,
+    )
+    with full_precision(), amp, batches:
+        for inputs, targets in batches:
+            losses.append(cross_entropy(model(inputs.to(device)), targets.to(device)).item())
+    model.train(was_training)
+    return losses
+
+
+@contextlib.contextmanager
+def full_precision():
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
