@@ -226,7 +226,7 @@ class NoiseDesign:
     positions: np.ndarray  # rows of the run table used
     centring: np.ndarray  # (n, n): losses[..., positions] @ centring = deviations from group means
     n_groups: int
-    dof: float  # effective degrees of freedom (module docstring)
+    dof: float  # effective degrees of freedom (docs/noise.md)
 
     @property
     def nominal_dof(self) -> int:

@@ -14,13 +14,7 @@ import pytest
 from scipy import stats
 
 from analysis.__main__ import main
-from analysis.compare import (
-    THIN_DOF,
-    compare_to_baseline,
-    decide_studies,
-    prediction_test,
-    t_test_power,
-)
+from analysis.compare import compare_to_baseline, decide_studies
 from analysis.load import prepare_runs
 from analysis.noise import (
     declared_noise_reference,
@@ -29,6 +23,7 @@ from analysis.noise import (
     noise_levels,
     pooled_variance,
 )
+from analysis.stats import THIN_DOF, prediction_test, t_test_power
 from analysis.synthetic import (
     SEEDS_BASELINE_CELLS,
     SEEDS_BASELINE_LOSS,

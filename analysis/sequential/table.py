@@ -28,13 +28,8 @@ import pandas as pd
 from scipy import stats
 
 from analysis.load import prepare_runs
-from analysis.sequential import (
-    SPENDING,
-    SequentialDesign,
-    normal_boundaries,
-    paired_t_boundaries,
-    spent_alpha,
-)
+from analysis.sequential.boundaries import SPENDING, normal_boundaries, paired_t_boundaries, spent_alpha
+from analysis.sequential.simulate import SequentialDesign
 from analysis.synthetic import SEEDS_NOISE, SyntheticStudy, generate_study, seeds_interventions
 
 SCHEDULE = (42, 22, 67) + tuple(seed for seed in range(1, 40) if seed not in (22, 67))[:29]
