@@ -1,6 +1,6 @@
 """The designs users can afford: one run per intervention at one init seed, plus a noise study.
 
-Deterministic checks on the seeds' own design (SEEDS.md), then simulations of thousands of
+Deterministic checks on the reproduced study's own design (docs/study.md), then simulations of thousands of
 studies through the real verdict path (``decide_studies``: noise estimates, plans, tests, Holm,
 verdicts), vectorised so that they run in seconds.  Rates are checked against binomial bands
 that a correct method leaves with probability 0.999; every RNG is seeded.
