@@ -1,15 +1,7 @@
-"""Main effects and two-way interactions of factorial studies.
+"""Main effects and two-way interactions of factorial studies (an intervention tag ``a+b``: both applied).
 
-An intervention tag ``a+b`` means factors ``a`` and ``b`` were both applied.
-The factors of the study are the names that appear in some combined tag; the
-runs whose factors all belong to that set (the baseline included) enter an
-OLS fit (statsmodels) of test loss on the factors in effect coding (+1/2 when
-applied, -1/2 when not), plus the product of each pair of factors that was
-applied together in some run.  With that coding a main effect is the average
-change in loss from applying the factor (over the levels of the others) and
-an interaction is the difference of the two conditional effects; negative is
-better.  When init seeds recur across combinations they enter as blocks
-(fixed effects), which removes shared init-seed noise as pairing does.
+An OLS fit of test loss on the factors in effect coding (+1/2 applied, -1/2 not) plus the pairwise products that
+occur, with recurring init seeds as blocks; negative is better. Details in docs/analysis.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""Load the trial runs of a study from MLflow or from a CSV file.
+"""Load the trial runs of a study from MLflow or from a CSV file into one normalised table (one row per run).
 
-Both sources end up in the same normalised table (one row per run):
-
-``run_id, intervention, seed, train_seed, data_seed, init_fingerprint,
-changes_init, status, test_loss, order``
-
-``seed`` is the init seed (int); ``train_seed`` and ``data_seed`` are strings
-(``"none"`` when not re-seeded) so that ``none`` is a level like any other;
-``changes_init`` is a boolean, or missing when the init fingerprint decides;
-``order`` is the start order, used to pick the first of exact repeats.  Runs
-that are not FINISHED, or have no finite ``test_loss``, are moved to a separate
-``excluded`` table with the reason, so that the report can list them.
+Columns: ``run_id, intervention, seed, train_seed, data_seed, init_fingerprint, changes_init, status, test_loss,
+order``; runs not FINISHED or without a finite ``test_loss`` go to an ``excluded`` table with the reason. The
+columns are described in docs/analysis.md.
 """
 
 from __future__ import annotations

@@ -1,57 +1,8 @@
-"""How much test loss moves when nothing but randomness changes.
+"""How much test loss moves when nothing but randomness changes: init-seed, train-seed, repeat and checkpoint noise.
 
-Noise kinds (SDs of a single run's test loss, ddof=1, pooled over groups):
-
-``init``
-    SD across init seeds with the train seed fixed: groups are
-    (intervention, train_seed, data_seed), varying ``seed``.  Pooled over
-    every train-seed level (and arm) with at least two init seeds.
-``train``
-    SD across train seeds with the init seed fixed: groups are
-    (intervention, seed, data_seed), varying ``train_seed``; pooled over
-    init seeds.  ``train_seed=none`` (no re-seed: the loop continues the RNG
-    stream left by the initialisation) is one train-seed level like a re-seed.
-``repeat``
-    SD across exact repeats (identical intervention and seeds): the run-to-run
-    noise of non-deterministic kernels.
-``checkpoint``
-    Checkpoint-to-checkpoint SD of ``train_loss_avg`` over the final periods
-    of each run, around a per-run linear trend.
-
-``init`` and ``train`` use one run per seed cell (the first of any exact
-repeats), so each value is a single run's outcome.  The pooled variance is
-``sum over groups of sum((loss - group mean)^2) / sum(n_group - 1)`` (the
-residual variance of a one-way model on the group); pooling over arms and
-levels assumes that neither changes the noise level.
-
-Degrees of freedom.  ``train`` and ``repeat`` groups each lie within one set
-of initial weights (one cell for ``repeat``), so subtracting the group mean
-removes everything the groups share and the nominal ``sum(n_group - 1)`` is
-right.  ``init`` groups are not independent: the levels of one study re-use
-the same init draws (seed 42 at ``train_seed=none`` and at ``23`` start from
-the same weights, and so do arms that keep the baseline's initialisation),
-so two levels say little more about init noise than one, and counting their
-residuals as independent would overstate the evidence.  The pooled variance
-is the quadratic form ``y' M y / D`` (``M`` the within-group centring), whose
-Satterthwaite dof are ``tr(M S)^2 / tr(M S M S)`` for run covariance ``S``.
-With ``S`` built from the study's own variance estimates (the plug-in), a
-single run tested against this noise with three init seeds gave 6.5% false
-positives at alpha = 5% in simulation: the plug-in dof are biased upward,
-most when the SD is small.  So ``init`` takes
-the dof at the conservative end, runs of one init draw fully correlated
-(``S`` = 1 where two runs share an init draw, else 0): the evidence of the
-distinct init draws, which does not depend on the data.  It equals the
-nominal dof when every init draw appears once, and the number of init seeds
-minus one for a balanced grid of seeds x train-seed levels.  Where init noise
-dominates, as in the seeds' study, the true effective dof are barely higher
-(2.2-2.3 against 2 for 3 seeds); the pooled SD itself still uses every run.
-A re-seed value shared by several init seeds (23 at seeds 22 and 67) is
-assumed to carry no common effect: the same dropout masks on different
-weights give unrelated trajectories.
-
-Every function that takes ``losses`` is vectorised: the last axis is the runs
-of the study (in the order of its run table), leading axes are repetitions,
-so simulations run the same code as the analysis of one study.
+Pooled SDs of a single run's test loss with their degrees of freedom (conservative for init-seed noise), and the
+noise reference each intervention is judged against. Functions taking ``losses`` are vectorised (last axis: the
+study's runs, leading axes: repetitions). The noise model is described in docs/noise.md.
 """
 
 from __future__ import annotations
@@ -226,7 +177,7 @@ class NoiseDesign:
     positions: np.ndarray  # rows of the run table used
     centring: np.ndarray  # (n, n): losses[..., positions] @ centring = deviations from group means
     n_groups: int
-    dof: float  # effective degrees of freedom (module docstring)
+    dof: float  # effective degrees of freedom (docs/noise.md)
 
     @property
     def nominal_dof(self) -> int:

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.compare import THIN_DOF
 from analysis.load import mlflow_store
 from analysis.noise import noise_table
+from analysis.stats import THIN_DOF
 from analysis.study import StudyAnalysis
 
 LOSS_DECIMALS = 6

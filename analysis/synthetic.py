@@ -1,23 +1,8 @@
-"""Realistic synthetic studies with known effects and noise.
+"""Realistic synthetic studies with known effects and noise, for the tests, the notebook and the simulations.
 
-Used by the tests and the notebook.  The test loss of a run is
-
-    baseline_loss + effect + init_noise + train_noise + repeat_noise
-
-``init_noise`` is drawn once per set of initial weights: arms that keep the
-baseline's initialisation share its draw seed by seed, arms with
-``changes_init`` get their own (unless ``shares_init_noise``: weight tying
-has its own fingerprint but keeps every weight it has from the baseline's
-draw).  ``init_offsets`` adds a fixed amount to every draw at a seed (to put
-one seed's baseline far from the others).  ``train_noise`` is drawn per
-(arm, init seed, train seed) cell: the same dropout masks do not give the
-same trajectory under a different intervention.  ``repeat_noise`` is drawn
-per run (exact repeats differ only by it).  So the SD across train seeds is
-``sqrt(train_sd**2 + repeat_sd**2)`` and the SD across init seeds is
-``sqrt(init_sd**2 + train_sd**2 + repeat_sd**2)``.
-
-:meth:`SyntheticStudy.simulate` draws any number of fresh studies of the same
-design at once (a repetitions x runs array), for vectorised simulations.
+A run's test loss is ``baseline_loss + effect + init_noise + train_noise + repeat_noise``, each drawn at its own level
+(init weights, (arm, init seed, train seed) cell, run); :meth:`SyntheticStudy.simulate` draws many studies of one
+design at once. The model is described in docs/noise.md.
 """
 
 from __future__ import annotations
@@ -44,7 +29,7 @@ class NoiseModel:
         return float(np.hypot(self.train_sd, self.repeat_sd))
 
 
-# The seeds' study (SEEDS.md): a baseline noise study and each intervention once at seed 42.
+# The reproduced study (docs/study.md): a baseline noise study and each intervention once at seed 42.
 SEEDS_BASELINE_CELLS = ((42, "none"), (22, "none"), (67, "none"), (42, 23), (42, 67), (22, 23), (67, 23))
 SEEDS_INTERVENTION_CELLS = ((42, "none"),)
 SEEDS_NOISE = NoiseModel(init_sd=0.012, train_sd=0.004, repeat_sd=0.0, checkpoint_sd=0.01)
@@ -67,7 +52,7 @@ class PlantedIntervention:
 
 
 def seeds_interventions(**effects: float) -> list[PlantedIntervention]:
-    """The seven interventions of SEEDS.md with the given effects (default 0)."""
+    """The seven interventions of the reproduced study (docs/study.md) with the given effects (default 0)."""
     init_changes = {"qkv_bias": (True, False), "weight_tying": (True, True)}
     names = ("gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_decay", "weight_tying", "no_amp")
     unknown = set(effects) - set(names)

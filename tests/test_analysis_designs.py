@@ -1,6 +1,6 @@
 """The designs users can afford: one run per intervention at one init seed, plus a noise study.
 
-Deterministic checks on the seeds' own design (SEEDS.md), then simulations of thousands of
+Deterministic checks on the reproduced study's own design (docs/study.md), then simulations of thousands of
 studies through the real verdict path (``decide_studies``: noise estimates, plans, tests, Holm,
 verdicts), vectorised so that they run in seconds.  Rates are checked against binomial bands
 that a correct method leaves with probability 0.999; every RNG is seeded.
@@ -14,13 +14,7 @@ import pytest
 from scipy import stats
 
 from analysis.__main__ import main
-from analysis.compare import (
-    THIN_DOF,
-    compare_to_baseline,
-    decide_studies,
-    prediction_test,
-    t_test_power,
-)
+from analysis.compare import compare_to_baseline, decide_studies
 from analysis.load import prepare_runs
 from analysis.noise import (
     declared_noise_reference,
@@ -29,6 +23,7 @@ from analysis.noise import (
     noise_levels,
     pooled_variance,
 )
+from analysis.stats import THIN_DOF, prediction_test, t_test_power
 from analysis.synthetic import (
     SEEDS_BASELINE_CELLS,
     SEEDS_BASELINE_LOSS,

@@ -1,7 +1,7 @@
 """Sequential studies: boundaries, the decisions after each round, and the proof by simulation.
 
-The simulations drive thousands of studies through the real decision path (issue 11's plans and
-tests at every look, then the group-sequential Holm procedure), vectorised; the replay test shows
+The simulations drive thousands of studies through the real decision path (the fixed analysis's plans
+and tests at every look, then the group-sequential Holm procedure), vectorised; the replay test shows
 that :func:`sequential_decisions` on one study's run table takes the same decisions.  Rates are
 checked against binomial bands that a correct method leaves with probability 0.999; every RNG is
 seeded.
@@ -14,17 +14,10 @@ from scipy import special, stats
 from scipy.stats import multivariate_normal
 
 from analysis.compare import decide_studies
-from analysis.sequential import (
-    SequentialDesign,
-    last_look,
-    normal_boundaries,
-    paired_t_boundaries,
-    round_seeds,
-    sequential_decisions,
-    spent_alpha,
-    t_cdf,
-)
-from analysis.sequential_table import (
+from analysis.sequential.boundaries import normal_boundaries, paired_t_boundaries, spent_alpha, t_cdf
+from analysis.sequential.procedure import last_look, round_seeds, sequential_decisions
+from analysis.sequential.simulate import SequentialDesign
+from analysis.sequential.table import (
     SCHEDULE,
     TRAIN_SD,
     compare_designs,
@@ -331,7 +324,7 @@ def test_no_meaningful_effect_needs_the_interval_inside_min_effect(design):
     assert_at_most(int(wrong.sum()), 2000, ALPHA)
 
 
-def test_fixed_design_is_issue_11s_verdict_path(design):
+def test_fixed_design_is_the_fixed_analysis_verdict_path(design):
     """SequentialDesign.fixed gives decide_studies' verdicts on the same runs."""
     study, runs = seeds_like_study(MAX_SEEDS, planted_effects(NAMES[:2], 3.0))
     losses = simulated_losses(study, runs, 50, 71)

@@ -14,9 +14,12 @@ import pytest
 from scipy import integrate, stats
 from statsmodels.stats.multitest import multipletests
 
-from analysis.compare import (
+from analysis.compare import compare_to_baseline
+from analysis.factorial import fit_factorial
+from analysis.load import prepare_runs
+from analysis.noise import checkpoint_noise, estimate_noise, variance_components
+from analysis.stats import (
     bootstrap_interval,
-    compare_to_baseline,
     holm_adjust,
     paired_test,
     power_at,
@@ -25,9 +28,6 @@ from analysis.compare import (
     verdicts,
     welch_test,
 )
-from analysis.factorial import fit_factorial
-from analysis.load import prepare_runs
-from analysis.noise import checkpoint_noise, estimate_noise, variance_components
 from analysis.study import Settings, analyse
 from analysis.synthetic import NoiseModel, PlantedIntervention, generate_study
 from tests.conftest import assert_at_most, assert_rate

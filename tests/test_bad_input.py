@@ -22,7 +22,7 @@ from harness.study.design import StudyConf, study_trials
 from harness.trial.preflight import checked_trial, refuse
 from tests.conftest import TINY
 
-# The issue's smoke scale: a trial that would train in seconds if the input were accepted.
+# A smoke scale: a trial that would train in seconds if the input were accepted.
 SMOKE = [
     "trainer.global_batch_size=4",
     "trainer.micro_batch_size=4",
@@ -180,7 +180,7 @@ BAD = [
 ]
 
 
-def test_the_table_is_the_issues_size():
+def test_at_least_forty_kinds_of_bad_input_are_checked():
     assert len(BAD) >= 40
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from analysis.load import load_mlflow_study
-from analysis.sequential import sequential_decisions
+from analysis.sequential.procedure import sequential_decisions
 from harness.study.design import StudyConf, sequential_schedule, study_trials
 from harness.study.run import PlannedTrial, StudyStore
 from harness.study.sequential import SequentialStudy

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import prepare_runs
-from analysis.sequential import SequentialLook, last_look, method_text, sequential_decisions
+from analysis.sequential.procedure import SequentialLook, last_look, method_text, sequential_decisions
 from harness.study.design import (
     BASELINE,
     StudyConf,

@@ -1,22 +1,9 @@
-"""The simulation table of the README's "Sequential studies" section.
+"""The simulation table of docs/sequential.md: the sequential design against fixed designs on a study like the reproduced one.
 
-    python -m analysis.sequential_table [repetitions=4000] [max_seeds=8] [min_effect=0]
+    python -m analysis.sequential.table [repetitions=4000] [max_seeds=8] [min_effect=0]
         [spending=obrien_fleming|pocock]
 
-A study shaped like the seeds' (SEEDS.md): the seven interventions, each run
-once per init seed (``qkv_bias`` draws its own initial weights, the others
-keep the baseline's; ``weight_tying`` is judged against train-seed noise as
-its registry entry declares), and a baseline that also runs train seeds 23
-and 67 at the first seed, the train-seed noise study that look 1 tests
-against.  Noise as the seeds measured it (``synthetic.SEEDS_NOISE``: init SD
-0.012, train SD 0.004).  Effects are in each arm's own noise SD (train-seed
-SD for the arms that keep the baseline's initial weights, init-seed SD for
-``qkv_bias``) and negative (better).
-
-Each scenario simulates the same studies under both designs: the sequential
-design with ``max_seeds`` (:meth:`SequentialDesign.simulate`) and the fixed
-design with every arm at n init seeds, analysed once by issue 11's verdict
-code (:meth:`SequentialDesign.fixed`), for every n up to ``max_seeds``.
+The study, noise and effects simulated are described in docs/sequential.md.
 """
 
 from __future__ import annotations
@@ -28,13 +15,8 @@ import pandas as pd
 from scipy import stats
 
 from analysis.load import prepare_runs
-from analysis.sequential import (
-    SPENDING,
-    SequentialDesign,
-    normal_boundaries,
-    paired_t_boundaries,
-    spent_alpha,
-)
+from analysis.sequential.boundaries import SPENDING, normal_boundaries, paired_t_boundaries, spent_alpha
+from analysis.sequential.simulate import SequentialDesign
 from analysis.synthetic import SEEDS_NOISE, SyntheticStudy, generate_study, seeds_interventions
 
 SCHEDULE = (42, 22, 67) + tuple(seed for seed in range(1, 40) if seed not in (22, 67))[:29]

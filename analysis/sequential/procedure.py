@@ -1,123 +1,25 @@
-"""Sequential studies: decide after every round, spend seeds only where they still decide something.
+"""The looks of a sequential study and their decisions: per-look tests, group-sequential Holm, the decision table.
 
-Rounds.  A schedule of init seeds (``seeds``, in the order rounds add them)
-and ``max_seeds``, the most any arm runs.  Round 1 runs the first
-``first_seeds`` seeds of the schedule for every arm and the baseline (with
-the baseline's train-seed noise study, if the design has one); each later
-round adds the next init seed for the baseline and the arms still open.
-Look k analyses the runs at the first ``first_seeds + k - 1`` seeds; an
-arm's runs count only from the rounds it was open in, so a replay of the
-runs table gives back the decisions that were taken.
-
-Tests.  Each look compares every open arm with the baseline exactly as
-:mod:`analysis.compare` does: the prediction t-test against pooled noise
-while the arm shares one init seed with the baseline (train-seed noise for
-arms that keep the baseline's initial weights; the arm that draws its own
-needs init-seed noise, which one baseline seed cannot give, so it waits for
-look 2), the paired t-test over init seeds once two are paired (dof = seeds
-- 1).  Holm runs over all the study's interventions.
-
-Alpha spending.  Lan-DeMets spending over the information fraction
-``t = paired init seeds / max_seeds``, of O'Brien-Fleming type (the default,
-``spending="obrien_fleming"``): ``alpha(t) = 4 - 4 Phi(z_{1-alpha/4} /
-sqrt(t))``, each side spending the one-sided O'Brien-Fleming function at
-alpha/2 (gsDesign's ``sfLDOF``); almost nothing early, nearly all of alpha by
-the last seeds.  Or of Pocock type (``spending="pocock"``, gsDesign's
-``sfLDPocock``): ``alpha(t) = alpha ln(1 + (e - 1) t)``, which spends much
-more early (so an arm can stop after a few seeds) and leaves less for the
-last looks.  Look k spends ``alpha(t_k) - alpha(t_{k-1})``.
-
-Boundaries for t statistics.  The textbook transfer (reject when the t
-test's p-value is below the nominal level of the normal-theory boundary)
-spends too much with few seeds: over paired looks at 2..8 of 8 seeds it
-rejected 5.75% of a million null studies at alpha = 5%, because t
-statistics on 1-7 dof are less correlated from look to look than z
-statistics.  The paired
-looks therefore get exact boundaries for the sequence of one-sample t
-statistics.  With normal per-seed differences and no effect, let
-``sin(theta_n)`` be the cosine of the angle between the vector of the first
-n differences and the all-ones vector, so that ``T_n = sqrt(n - 1)
-tan(theta_n)``.  One more seed gives ``sin(theta_{n+1}) = (sqrt(n)
-sin(theta_n) + rho) / sqrt((n + 1)(1 + rho^2))`` with ``rho = d_{n+1} /
-|d_1..n|``, and ``sqrt(n) rho`` is t-distributed with n dof independently of
-the path so far (the norm of a normal vector is independent of its
-direction).  So ``theta`` is a Markov chain whose law does not depend on the
-noise SD; it is integrated numerically on a grid (the recursion Armitage,
-McPherson and Rowe use for z statistics, with the transition in closed form
-through t CDFs), and each
-look's boundary is the root that spends exactly its increment.  A look that
-is not paired (the prediction test at one seed) is a separate Bonferroni
-piece that spends its increment at its exact marginal level; the paired
-looks spend the other increments among themselves, so the total is at most
-alpha whatever the dependence between the pieces.
-
-Holm across interventions.  Group-sequential Holm (Maurer and Bretz 2013,
-graphical approach with Holm's graph): every hypothesis not yet rejected is
-tested with the boundary of its local level ``alpha / m``, ``m`` the number
-not yet rejected; a rejection raises the others' levels at once (within the
-same look) and stays.  A raised level applies to an arm's current look only
-(the full closed test would also re-examine its earlier looks), so the
-procedure rejects a subset of what that closed test rejects, and the
-study-wide error stays at most alpha.  (A look counts as crossing at
-``alpha / m`` only if it also crosses every higher level's boundary, as the
-shortcut to the closed test needs.)
-
-Decisions at a look, per intervention (``difference`` = intervention minus
-baseline; its repeated confidence interval (RCI) = difference +- boundary x
-standard error at the arm's level; at a fixed level, an arm's RCIs cover its
-true difference at all looks at once with probability at least 1 - level):
-
-``better`` / ``worse``
-    The RCI excludes zero (the arm's null hypothesis is rejected by the
-    procedure above) and the difference is at least ``min_effect`` below /
-    above zero.  The arm stops.
-``no meaningful effect``
-    The RCI lies inside ``(-min_effect, +min_effect)``; never when
-    ``min_effect`` is 0.  The arm stops.
-``open``
-    Neither: the arm gets the next seed, and ``more_seeds`` says how many it
-    would still need for 80% power at the boundaries still ahead, from the
-    current difference and pooled noise SD (NaN when they cannot tell).
-
-The baseline runs every round while any arm is open; from look 2 on its
-noise study needs nothing more (paired tests do not use pooled noise), and
-it needs as many more seeds as the open arm that needs most
-(:class:`BaselineNeeds`).
-
-Every array function is vectorised (leading axes are repetitions), and
-:meth:`SequentialDesign.simulate` drives many simulated studies through the
-same :class:`LookPlan` tests and :class:`SequentialProcedure` that
-:func:`sequential_decisions` uses on one real study.
+:func:`sequential_decisions` replays a real study's looks; the procedure is described in docs/sequential.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
-from scipy.optimize import elementwise
+from scipy import stats
 
-from analysis.compare import (
-    ArmPlan,
-    DifferenceTest,
-    decide,
-    plan_comparisons,
-    seeds_needed,
-    t_test_power,
-    test_arm,
-)
+from analysis.compare import ArmPlan, plan_comparisons, test_arm
 from analysis.load import BASELINE
 from analysis.noise import NoiseDesign, noise_designs, noise_statistics
+from analysis.sequential.boundaries import SPENDING, paired_t_boundaries, spent_alpha
+from analysis.stats import DifferenceTest, seeds_needed, t_test_power
 
 OPEN, BETTER, WORSE, NO_EFFECT = 0, 1, 2, 3
 DECISIONS = np.array(["open", "better", "worse", "no meaningful effect"])
 TARGET_POWER = 0.8
-GRID_CELLS = 160  # cells of the angle grid (the tests check the spending by Monte Carlo)
-EXACT_FROM = 1e-7  # increments below this get the marginal (conservative) boundary
-SPENDING = {"obrien_fleming": "O'Brien-Fleming", "pocock": "Pocock"}  # Lan-DeMets spending types
 METHOD = (  # {spending}: the spending function's name
     "Sequential design: after each round the study is analysed again. Each intervention is "
     "compared with the baseline as in the fixed analysis (prediction t against pooled noise with "
@@ -132,187 +34,9 @@ METHOD = (  # {spending}: the spending function's name
 )
 
 
-# --- alpha spending and boundaries ---------------------------------------------------------------
-
-
 def method_text(spending: str = "obrien_fleming") -> str:
     """The method paragraph every look prints, naming its spending function."""
     return METHOD.format(spending=SPENDING[spending])
-
-
-def spent_alpha(fraction, alpha: float, spending: str = "obrien_fleming"):
-    """Two-sided alpha spent by information ``fraction`` (Lan-DeMets, of ``spending`` type)."""
-    fraction = np.asarray(fraction, dtype=float)
-    if spending == "pocock":
-        return alpha * np.log1p((np.e - 1) * np.clip(fraction, 0.0, None))
-    if spending != "obrien_fleming":
-        raise ValueError(f"spending={spending!r}; choose from {', '.join(SPENDING)}")
-    with np.errstate(divide="ignore"):
-        return np.where(fraction > 0, 4 * stats.norm.sf(stats.norm.isf(alpha / 4) / np.sqrt(fraction)), 0.0)
-
-
-def normal_boundaries(fractions, alpha: float, points: int = 801, spending: str = "obrien_fleming") -> np.ndarray:
-    """|Z| boundaries of the spending function for normal statistics at these fractions.
-
-    The recursion of Armitage, McPherson and Rowe on the score scale
-    ``S = Z sqrt(t)`` (independent normal increments): the density of S on
-    the continuation region, propagated by Simpson's rule, and each
-    boundary the root that spends exactly the look's increment.  The
-    reference that the t boundaries converge to; used to show how much
-    stricter few seeds make them.
-    """
-    fractions = np.asarray(fractions, dtype=float)
-    increments = np.diff(spent_alpha(fractions, alpha, spending), prepend=0.0)
-    boundaries = [stats.norm.isf(increments[0] / 2)]
-    edge = boundaries[0] * np.sqrt(fractions[0])
-    grid = np.linspace(-edge, edge, points)
-    density = stats.norm.pdf(grid, scale=np.sqrt(fractions[0]))
-    weights = np.ones(points)
-    weights[1:-1:2], weights[2:-1:2] = 4, 2
-    for previous, fraction, increment in zip(fractions[:-1], fractions[1:], increments[1:]):
-        step = np.sqrt(fraction - previous)
-        mass = weights * (grid[1] - grid[0]) / 3 * density
-
-        def crossing(edge):
-            return mass @ (stats.norm.sf((edge - grid) / step) + stats.norm.cdf((-edge - grid) / step))
-
-        edge = optimize.brentq(lambda e: crossing(e) - increment, 1e-9, grid[-1] + 40 * step, xtol=1e-13)
-        boundaries.append(edge / np.sqrt(fraction))
-        new_grid = np.linspace(-edge, edge, points)
-        density = stats.norm.pdf((new_grid[:, None] - grid) / step) @ mass / step
-        grid = new_grid
-    return np.array(boundaries)
-
-
-def t_cdf(dof: int, x) -> np.ndarray:
-    """CDF of Student's t with integer ``dof``, in closed form (Abramowitz and Stegun 26.7.3-4).
-
-    Absolute error ~1e-16 and about ten times faster than ``scipy.special.stdtr``,
-    which the boundary recursion calls millions of times.
-    """
-    x = np.asarray(x, dtype=float)
-    with np.errstate(invalid="ignore"):
-        sine = np.where(np.isinf(x), 1.0, np.abs(x) / np.sqrt(dof + x * x))
-        cosine2 = np.where(np.isinf(x), 0.0, dof / (dof + x * x))
-    if dof % 2:
-        term = sine * np.sqrt(cosine2)
-        total = np.arctan2(sine, np.sqrt(cosine2))
-        for k in range(1, (dof - 1) // 2 + 1):
-            total = total + term
-            term = term * cosine2 * (2 * k) / (2 * k + 1)
-        central = 2 / np.pi * total
-    else:
-        term, central = sine, np.zeros_like(sine)
-        for k in range(1, dof // 2 + 1):
-            central = central + term
-            term = term * cosine2 * (2 * k - 1) / (2 * k)
-    return 0.5 + 0.5 * np.sign(x) * central
-
-
-def _probability_above(level, sine, n: int) -> np.ndarray:
-    """P(sin(theta_{n+1}) > level | sin(theta_n) = sine) for one more seed (module docstring).
-
-    ``h(rho) = (sqrt(n) sine + rho) / sqrt(1 + rho^2)`` must exceed
-    ``g = level sqrt(n + 1)``; ``h`` runs from -1 to +1 with one extremum, so
-    the set is one half-line when ``|g| < 1`` and an interval (or its
-    complement) otherwise, bounded by the roots of
-    ``(1 - g^2) rho^2 + 2 a rho + a^2 - g^2`` on the side where ``a + rho``
-    has the sign of ``g``.  ``sqrt(n) rho`` is t with n dof.
-    """
-    a = np.sqrt(n) * sine
-    g = level * np.sqrt(n + 1)
-    quadratic, linear, constant = 1 - g * g, 2 * a, a * a - g * g
-    with np.errstate(divide="ignore", invalid="ignore"):
-        root = np.sqrt(np.maximum(linear * linear - 4 * quadratic * constant, 0.0))
-        half = -0.5 * (linear + np.copysign(root, linear))
-        first, second = half / quadratic, constant / half
-        low, high = np.minimum(first, second), np.maximum(first, second)
-        low_valid, high_valid = (a + low) * g >= 0, (a + high) * g >= 0
-    cdf_low, cdf_high = t_cdf(n, low * np.sqrt(n)), t_cdf(n, high * np.sqrt(n))
-    half_line = 1 - np.where(high_valid, cdf_high, cdf_low)
-    between = np.where(low_valid & high_valid & (root > 0), cdf_high - cdf_low, 0.0)
-    return np.where(np.abs(g) < 1, half_line, np.where(g > 0, between, 1 - between))
-
-
-def _angle_grid(edge) -> np.ndarray:
-    """Cell edges on (-edge, edge) per level, finest near the edges where crossing mass sits."""
-    return np.asarray(edge, dtype=float)[..., None] * np.sin(np.linspace(-np.pi / 2, np.pi / 2, GRID_CELLS + 1))
-
-
-def _middles(edges: np.ndarray) -> np.ndarray:
-    return np.sin(0.5 * (edges[..., 1:] + edges[..., :-1]))
-
-
-def _step(edges: np.ndarray, mass: np.ndarray, new_edges: np.ndarray, n: int) -> np.ndarray:
-    """Mass in each new cell after one more seed (each old cell's mass at its midpoint)."""
-    above = _probability_above(np.sin(new_edges)[..., None, :], _middles(edges)[..., :, None], n)
-    return np.einsum("...c,...cj->...j", mass, above[..., :-1] - above[..., 1:])
-
-
-@lru_cache(maxsize=1024)
-def _chain(seeds: tuple[int, ...], increments: tuple[tuple[float, ...], ...]) -> tuple:
-    """Boundaries (levels, looks) and the chain's state after the last look.
-
-    ``increments[look][level]``; the state after a look (cell edges and
-    masses on the continuation region, per level) is cached, so a study that
-    adds one look at a time integrates each step once.
-    """
-    spend = np.array(increments[-1])
-    n = seeds[-1]
-    if len(seeds) == 1:
-        boundary = stats.t.isf(spend / 2, n - 1)
-        edges = _angle_grid(np.arctan(boundary / np.sqrt(n - 1)))
-        mass = np.diff(t_cdf(n - 1, np.sqrt(n - 1) * np.tan(edges)), axis=-1)
-        return boundary[:, None], edges, mass
-    previous, edges, mass = _chain(seeds[:-1], increments[:-1])
-    for count in range(seeds[-2], n - 1):  # seed counts without a look
-        edges, mass = (
-            _angle_grid(np.full(len(spend), np.pi / 2)),
-            _step(edges, mass, _angle_grid(np.full(len(spend), np.pi / 2)), count),
-        )
-    middles = _middles(edges)
-
-    def excess(angle, level):
-        sine = np.sin(angle)[:, None]
-        crossing = (
-            _probability_above(sine, middles[level], n - 1) + 1 - _probability_above(-sine, middles[level], n - 1)
-        )
-        return (mass[level] * crossing).sum(axis=-1) - spend[level]
-
-    marginal = stats.t.isf(spend / 2, n - 1)
-    exact = spend >= EXACT_FROM
-    angle = np.arctan(marginal / np.sqrt(n - 1))
-    if exact.any():
-        levels = np.flatnonzero(exact)
-        root = elementwise.find_root(
-            excess, (np.full(levels.size, 1e-12), np.full(levels.size, np.pi / 2 - 1e-12)), args=(levels,)
-        )
-        if not root.success.all():
-            raise ArithmeticError(f"no boundary for seeds {seeds}, increments {spend}")
-        angle[levels] = root.x
-    boundary = np.where(exact, np.sqrt(n - 1) * np.tan(angle), marginal)
-    new_edges = _angle_grid(angle)
-    return (np.concatenate([previous, boundary[:, None]], axis=1), new_edges, _step(edges, mass, new_edges, n - 1))
-
-
-def paired_t_boundaries(seeds, increments) -> np.ndarray:
-    """|T| boundaries of one-sample t-tests at looks with these numbers of seeds.
-
-    ``seeds`` increase (the first at least 2); ``increments`` is (looks,) or
-    (looks, levels): under no effect, with normal per-seed differences, the
-    boundaries cross first at look k with probability ``increments[k]``
-    exactly (an increment of 0 gives an infinite boundary).  Increments below
-    ``EXACT_FROM`` get the marginal t quantile, which spends at most the
-    increment.  Returns (looks,) or (levels, looks).
-    """
-    seeds = tuple(int(n) for n in seeds)
-    if seeds[0] < 2 or any(b <= a for a, b in zip(seeds, seeds[1:])):
-        raise ValueError(f"paired looks need increasing seed counts from 2, got {seeds}")
-    increments = np.asarray(increments, dtype=float)
-    single = increments.ndim == 1
-    key = tuple(tuple(float(v) for v in np.atleast_1d(row)) for row in increments)
-    boundaries = _chain(seeds, key)[0]
-    return boundaries[0] if single else boundaries
 
 
 # --- the comparisons at one look ---------------------------------------------------------------
@@ -331,7 +55,7 @@ class LookTests:
 
 @dataclass
 class LookPlan:
-    """The comparisons of one look without losses: issue 11's noise designs and arm plans.
+    """The comparisons of one look without losses: the fixed analysis's noise designs and arm plans.
 
     ``plans[i]`` is None for an intervention without runs; ``seeds[i]`` the
     init seeds its comparison rests on (paired seeds, or the arm's seeds
@@ -483,7 +207,7 @@ class SequentialProcedure:
         return np.stack(columns, axis=-1)
 
     def update(self, plan: LookPlan, tests: LookTests) -> None:
-        """Test every open arm that has new seeds, Holm-reject, and decide (module docstring)."""
+        """Test every open arm that has new seeds, Holm-reject, and decide (docs/sequential.md)."""
         self.looks += 1
         count = len(self.interventions)
         critical = np.full(self.decision.shape + (count,), np.inf)
@@ -562,7 +286,7 @@ def last_look(max_seeds: int, first_seeds: int = 1) -> int:
     return max_seeds - first_seeds + 1
 
 
-def _check_design(
+def check_design(
     seeds,
     look: int | None,
     max_seeds: int,
@@ -741,7 +465,7 @@ def sequential_decisions(
     takes the same decisions again.
     """
     seeds = [int(seed) for seed in seeds]
-    _check_design(seeds, look, max_seeds, alpha, min_effect, first_seeds, spending)
+    check_design(seeds, look, max_seeds, alpha, min_effect, first_seeds, spending)
     runs = runs.reset_index(drop=True)
     names = sorted(interventions if interventions is not None else set(runs["intervention"]) - {BASELINE})
     procedure = SequentialProcedure(names, (), max_seeds, alpha, min_effect, spending)
@@ -863,98 +587,3 @@ def _more_seeds(procedure: SequentialProcedure, arm: int, noise_sd: float) -> tu
             return float(future[reached[0]] - now), False
     fixed = seeds_needed(effect, noise_sd, paired=True, alpha=level, power=TARGET_POWER)
     return float(max(fixed, procedure.max_seeds + 1) - now), True
-
-
-# --- many simulated studies through the same code ----------------------------------------------
-
-
-@dataclass
-class SimulatedStudies:
-    """Outcomes of simulated sequential studies: arrays (repetitions, interventions)."""
-
-    interventions: list[str]
-    decision: np.ndarray  # strings, as in the decision table
-    decided_at: np.ndarray  # look of the decision (0: open at the end)
-    seeds: np.ndarray  # init seeds each arm ran
-    trials: np.ndarray  # (repetitions,) runs the study spent
-    difference: np.ndarray  # at each arm's last test, with its repeated confidence interval
-    ci_low: np.ndarray
-    ci_high: np.ndarray
-
-
-class SequentialDesign:
-    """A sequential study's full design, planned once, for simulating many studies.
-
-    ``runs`` is every arm at every seed of the schedule up to ``max_seeds``
-    (the baseline with its noise study): what a study that never stops
-    would run.  The plans of each look are made once; :meth:`simulate` and
-    :meth:`fixed` then run any number of loss arrays (repetitions, runs)
-    through them.
-    """
-
-    def __init__(self, runs: pd.DataFrame, seeds, max_seeds: int, first_seeds: int = 1):
-        self.seeds = [int(seed) for seed in seeds]
-        _check_design(self.seeds, None, max_seeds, 0.05, 0.0, first_seeds)
-        self.runs = runs.reset_index(drop=True)
-        self.max_seeds, self.first_seeds = max_seeds, first_seeds
-        self.interventions = sorted(set(self.runs["intervention"]) - {BASELINE})
-        self.looks = []  # (runs of the look: bool mask, its plan, runs each arm adds, baseline's)
-        arm = self.runs["intervention"]
-        for look in range(1, last_look(max_seeds, first_seeds) + 1):
-            at_look = self.runs["seed"].isin(self.seeds[: first_seeds + look - 1]).to_numpy()
-            added = self.runs["seed"].isin(round_seeds(self.seeds, look, first_seeds))
-            self.looks.append(
-                (
-                    at_look,
-                    plan_look(self.runs[at_look], self.interventions),
-                    np.array([(added & (arm == name)).sum() for name in self.interventions]),
-                    int((added & (arm == BASELINE)).sum()),
-                )
-            )
-
-    def simulate(
-        self, losses, alpha: float = 0.05, min_effect: float = 0.0, spending: str = "obrien_fleming"
-    ) -> SimulatedStudies:
-        """The sequential design on these studies, through the code of :func:`sequential_decisions`.
-
-        An arm decided in one repetition keeps its later runs in the look's
-        table, which changes nothing for the open ones: from look 2 on their
-        tests are paired and use only their own and the baseline's runs, and
-        at look 1 every arm is in.  A round counts only the arms open in it.
-        """
-        _check_design(self.seeds, None, self.max_seeds, alpha, min_effect, self.first_seeds, spending)
-        losses = np.asarray(losses, dtype=float)
-        procedure = SequentialProcedure(
-            self.interventions, losses.shape[:-1], self.max_seeds, alpha, min_effect, spending
-        )
-        trials = np.zeros(losses.shape[:-1])
-        ran = np.zeros(procedure.decision.shape, dtype=int)
-        for look, (at_look, plan, arm_runs, baseline_runs) in enumerate(self.looks, start=1):
-            running = procedure.open
-            trials += running.any(axis=-1) * baseline_runs + running @ arm_runs
-            ran += running * len(round_seeds(self.seeds, look, self.first_seeds))
-            procedure.update(plan, plan.tests(losses[..., at_look]))
-            if not procedure.open.any():
-                break
-        return SimulatedStudies(
-            self.interventions,
-            DECISIONS[procedure.decision],
-            procedure.decided_at,
-            ran,
-            trials,
-            procedure.difference,
-            procedure.ci_low,
-            procedure.ci_high,
-        )
-
-    def fixed(self, losses, seeds: int, alpha: float = 0.05, min_effect: float = 0.0):
-        """The fixed design with every arm at the first ``seeds`` init seeds, analysed by issue 11.
-
-        The noise estimates, plans, tests, Holm and verdicts of
-        :func:`analysis.compare.decide` (what :func:`analysis.compare.decide_studies`
-        runs), on that look's runs.  Returns (decisions, trials).
-        """
-        at_look, plan = self.looks[seeds - self.first_seeds][:2]
-        looked = np.asarray(losses, dtype=float)[..., at_look]
-        plans = [p for p in plan.plans if p is not None]
-        return decide(plans, looked, plan.noise(looked), alpha, min_effect), int(at_look.sum())

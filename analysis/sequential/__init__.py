@@ -1,0 +1,1 @@
+"""Sequential studies: boundaries (alpha spending), procedure (looks and decisions), simulate, table."""
