@@ -136,15 +136,19 @@ def prepare_hellaswag(
     out: Path | str | None = None, url: str = URL, expected_examples: int = VALIDATION_EXAMPLES
 ) -> Path:
     """Downloads the validation split from `url` into `out` (default <project root>/data/hellaswag), checks it
-    and writes its manifest; returns `out`. A download that fails a check is deleted and nothing is replaced."""
+    and writes its manifest; returns `out`. A download that fails a check is deleted and nothing is replaced.
+    Where a manifest remains but its file is gone, the new download must have the sha256 it recorded."""
     out = Path(out) if out is not None else PROJECT_ROOT / "data" / "hellaswag"
+    recorded = None  # the sha256 of the first download, when only its file is gone: a new download must match it
     if (out / MANIFEST).exists():
         try:
-            examples = load_hellaswag(out)
+            recorded = read_manifest(out)["sha256"]
+            if (out / DATA_FILE).exists():
+                examples = load_hellaswag(out)
+                log(f"{out} is already prepared ({len(examples):,} HellaSwag validation examples); nothing to do")
+                return out
         except HellaswagDataError as error:
             raise PrepareError(f"{error}") from None
-        log(f"{out} is already prepared ({len(examples):,} HellaSwag validation examples); nothing to do")
-        return out
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f".{DATA_FILE}.part"
     try:
@@ -157,6 +161,11 @@ def prepare_hellaswag(
             raise PrepareError(
                 f"refused the download from {url}: it holds {count:,} examples, "
                 f"HellaSwag's validation split has {expected_examples:,}"
+            )
+        if recorded is not None and digest != recorded:
+            raise PrepareError(
+                f"refused the download from {url}: sha256 {digest}, but {out / MANIFEST} recorded {recorded} "
+                f"at the first download; delete {out} to accept the new file"
             )
         os.replace(partial, out / DATA_FILE)
     finally:
@@ -190,10 +199,6 @@ def download(url: str, path: Path) -> tuple[str, int]:
                 f.write(block)
                 digest.update(block)
                 size += len(block)
-    except http.client.IncompleteRead as error:
-        raise PrepareError(
-            f"refused the download from {url}: truncated, {size + len(error.partial):,} bytes arrived"
-        ) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
         raise PrepareError(f"could not download {url}: {error}") from None
     if expected is not None and size != int(expected):

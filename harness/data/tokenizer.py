@@ -5,6 +5,7 @@ import functools
 import gzip
 import json
 from importlib import resources
+from pathlib import Path
 
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
@@ -61,12 +62,9 @@ def _merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, 
     return parts[0], parts[1]
 
 
-def save_hf_tokenizer(directory, model_max_length: int) -> None:
-    """Write GPT-2's tokenizer in Hugging Face's files (vocab.json, merges.txt, tokenizer_config.json), built
-    from the bundled ranks, so that `AutoTokenizer.from_pretrained(directory)` works offline."""
-    from pathlib import Path
-
-    directory = Path(directory)
+@functools.cache
+def _hf_vocab_and_merges() -> tuple[str, str]:
+    """The texts of vocab.json and merges.txt (computed once per process: a few seconds)."""
     ranks = _mergeable_ranks()
     spell = _byte_to_unicode()
     vocab = {"".join(spell[b] for b in token): rank for token, rank in ranks.items()}
@@ -76,8 +74,16 @@ def save_hf_tokenizer(directory, model_max_length: int) -> None:
         for token, rank in sorted(ranks.items(), key=lambda item: item[1])
         if len(token) > 1
     ]
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
+def save_hf_tokenizer(directory: Path | str, model_max_length: int) -> None:
+    """Write GPT-2's tokenizer in Hugging Face's files (vocab.json, merges.txt, tokenizer_config.json), built
+    from the bundled ranks, so that `AutoTokenizer.from_pretrained(directory)` works offline."""
+    directory = Path(directory)
+    vocab, merges = _hf_vocab_and_merges()
+    (directory / "vocab.json").write_text(vocab, encoding="utf-8")
+    (directory / "merges.txt").write_text(merges, encoding="utf-8")
     config = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model_max_length,
