@@ -86,6 +86,18 @@ def test_preprocess_is_lm_evals_text():
     assert preprocess("  a [title]b  [x]c ") == "a. b c"
 
 
+def test_the_original_files_example_24_becomes_lm_evals_query():
+    record = {
+        "ind": 24,
+        "activity_label": "Roof shingle removal",
+        "ctx_a": "A man is sitting on a roof.",
+        "ctx_b": "he",
+        "label": 3,
+        "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off."] * 2,
+    }
+    assert example_from_record(record).context == "Roof shingle removal: A man is sitting on a roof. He"
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
