@@ -87,7 +87,8 @@ def prepare(
         from harness.data.hellaswag import URL, prepare_hellaswag  # it builds on this module's helpers
 
         given = {"workers": workers, "max_files": max_files, "parquet_dir": parquet_dir}
-        not_applicable(dataset, **given, safetensors_dir=safetensors_dir)
+        shards = {"shard_tokens": None if shard_tokens == DEFAULT_SHARD_TOKENS else shard_tokens}
+        not_applicable(dataset, **given, **shards, safetensors_dir=safetensors_dir)
         return prepare_hellaswag(out, url or URL)
     not_applicable(dataset, url=url)
     if dataset in TOKEN_DATASETS:

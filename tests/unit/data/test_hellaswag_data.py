@@ -186,6 +186,10 @@ def test_a_lost_file_is_downloaded_again_only_with_the_recorded_checksum(tmp_pat
 def test_prepare_dispatches_hellaswag_and_refuses_options_of_other_datasets(tmp_path, fixture_bytes):
     with pytest.raises(PrepareError, match="workers does not apply to dataset=hellaswag"):
         prepare("hellaswag", out=tmp_path / "out", workers=2)
+    with pytest.raises(PrepareError, match="shard_tokens does not apply to dataset=hellaswag"):
+        prepare("hellaswag", out=tmp_path / "out", shard_tokens=1000)
+    with pytest.raises(PrepareError, match=f"it holds {COUNT} examples, HellaSwag's validation split has 10,042"):
+        prepare("hellaswag", out=tmp_path / "out", url=(tmp_path / "source.jsonl").as_uri())
     with pytest.raises(PrepareError, match="url does not apply to dataset=fineweb"):
         prepare("fineweb", out=tmp_path / "out", url="http://127.0.0.1:1/x")
 
