@@ -83,11 +83,11 @@ class PickedHead(nn.Module):
 
 @contextlib.contextmanager
 def picked_positions(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor):
-    """While open, a GPTModel-style model (its `out_head` applied last) computes logits only at the given
-    (row, position) pairs, which saves most of the head's work and memory; yields whether it does (False: a
-    model without `out_head`, whose full logits the caller picks from)."""
-    head = getattr(model, "out_head", None)
-    if not isinstance(head, nn.Module):
+    """While open, a GPTModel-style model (its own `out_head` submodule applied last) computes logits only at
+    the given (row, position) pairs, which saves most of the head's work and memory; yields whether it does
+    (False: any other module, e.g. a compiled or distributed wrapper, whose full logits the caller picks from)."""
+    head = model._modules.get("out_head")  # registered on this module itself, not reached through a wrapper
+    if head is None:
         yield False
         return
     model.out_head = PickedHead(head, rows, positions)
@@ -132,7 +132,8 @@ def score(
     progress: bool = True,
     context_length: int | None = None,
 ) -> HellaswagResult:
-    """HellaSwag acc and acc_norm of `model` (token ids -> logits; left in eval mode) on `examples`.
+    """HellaSwag acc and acc_norm of `model` (token ids -> logits; scored in eval mode, then put back in the
+    mode it was in) on `examples`.
 
     `batch_size` counts rows (one per ending); `context_length` defaults to the model's `cfg.context_length`.
     """
@@ -146,17 +147,21 @@ def score(
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), rows[i][0]))  # lm-eval's order
     sums = [0.0] * len(rows)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
+    was_training = model.training
     model.eval()
-    with (
-        torch.inference_mode(),
-        autocast or contextlib.nullcontext(),
-        short_bar(total=len(rows), desc="hellaswag", unit="ending", enabled=progress) as bar,
-    ):
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            for index, value in zip(batch, score_batch(model, [rows[index] for index in batch], device)):
-                sums[index] = value
-            bar.update(len(batch))
+    try:
+        with (
+            torch.inference_mode(),
+            autocast or contextlib.nullcontext(),
+            short_bar(total=len(rows), desc="hellaswag", unit="ending", enabled=progress) as bar,
+        ):
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                for index, value in zip(batch, score_batch(model, [rows[index] for index in batch], device)):
+                    sums[index] = value
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
     return result_of(examples, sums)
 
 

@@ -95,7 +95,10 @@ def test_scoring_is_bit_identical_when_repeated_and_a_model_without_out_head_sco
         def forward(self, idx):
             return self.inner(idx)
 
+    model.train()
     first = score(model, examples[:4], batch_size=16, progress=False)
+    assert model.training  # put back in the mode it was in
+    model.eval()
     assert score(model, examples[:4], batch_size=16, progress=False).loglikelihoods == first.loglikelihoods
     wrapped = score(Wrapped(model), examples[:4], batch_size=16, progress=False)
     assert torch.allclose(torch.tensor(wrapped.loglikelihoods), torch.tensor(first.loglikelihoods), atol=1e-5)
