@@ -56,7 +56,8 @@ def encode_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
 
 
 def example_rows(example: Example, context_length: int) -> list[tuple[list[int], int]]:
-    """For each ending: the model's input (at most `context_length` tokens) and how many ending tokens it scores."""
+    """For each ending: its tokens (at most `context_length` + 1: the model's input and one last target) and how
+    many of the last ones are the ending's."""
     rows = []
     for ending in example.endings:
         context_tokens, ending_tokens = encode_pair(example.context, " " + ending)
