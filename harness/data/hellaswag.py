@@ -149,8 +149,10 @@ def prepare_hellaswag(
                 return out
         except HellaswagDataError as error:
             raise PrepareError(f"{error}") from None
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f".{DATA_FILE}.part"
+    kept = False
     try:
         digest, size = download(url, partial)
         try:
@@ -168,8 +170,11 @@ def prepare_hellaswag(
                 f"at the first download; delete {out} to accept the new file"
             )
         os.replace(partial, out / DATA_FILE)
+        kept = True
     finally:
         partial.unlink(missing_ok=True)
+        if created and not kept:
+            out.rmdir()  # only the download was in it
     manifest = {
         "dataset": "hellaswag",
         "split": "validation",

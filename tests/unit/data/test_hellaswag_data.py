@@ -66,7 +66,7 @@ def fixture_bytes(tmp_path) -> bytes:
 
 
 def assert_nothing_kept(out) -> None:
-    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+    assert not out.exists(), sorted(p.name for p in out.iterdir())  # not even the directory made for it
 
 
 def test_preprocess_is_lm_evals_text():
