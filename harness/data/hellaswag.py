@@ -149,6 +149,10 @@ def prepare_hellaswag(
                 return out
         except HellaswagDataError as error:
             raise PrepareError(f"{error}") from None
+    elif (out / DATA_FILE).exists():
+        raise PrepareError(
+            f"{out / DATA_FILE} exists without a manifest; move it away, or prepare from it with url=file://PATH"
+        )
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f".{DATA_FILE}.part"

@@ -183,6 +183,15 @@ def test_a_lost_file_is_downloaded_again_only_with_the_recorded_checksum(tmp_pat
     assert (out / DATA_FILE).read_bytes() == fixture_bytes
 
 
+def test_a_file_in_the_way_is_not_overwritten(tmp_path, fixture_bytes):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / DATA_FILE).write_text("mine\n")
+    with pytest.raises(PrepareError, match="exists without a manifest; move it away"):
+        prepare_hellaswag(out, (tmp_path / "source.jsonl").as_uri(), expected_examples=COUNT)
+    assert (out / DATA_FILE).read_text() == "mine\n"
+
+
 def test_prepare_dispatches_hellaswag_and_refuses_options_of_other_datasets(tmp_path, fixture_bytes):
     with pytest.raises(PrepareError, match="workers does not apply to dataset=hellaswag"):
         prepare("hellaswag", out=tmp_path / "out", workers=2)
