@@ -6,12 +6,13 @@ from harness.data.prepare import DATASETS, DEFAULT_SHARD_TOKENS, PrepareError, p
 
 USAGE = f"""\
 usage: python -m harness.data prepare dataset=NAME
-           [out=DIR] [workers=N] [shard_tokens=N] [max_files=N] [parquet_dir=DIR] [safetensors_dir=DIR]
+           [out=DIR] [workers=N] [shard_tokens=N] [max_files=N] [parquet_dir=DIR] [safetensors_dir=DIR] [url=URL]
 
 fineweb, fineweb_edu: downloads NAME's sample/10BT parquet files and tokenizes them into GPT-2 uint16 shards
 with a manifest, as the study's prepare_datasets.py did (last 1% of documents held out).
 fineweb_gpt2_tokens: the study's own published tokens (Hugging Face gpjt/fineweb-gpt2-tokens, ~19 GiB),
 converted into the same shards; the data of scale=gpt2_small and scale=proxy.
+hellaswag: HellaSwag's validation split (10,042 examples, hellaswag_val.jsonl), checked, with a manifest.
 Rerun the same command to resume an interrupted preparation.
 
   dataset         one of: {", ".join(DATASETS)}
@@ -21,10 +22,11 @@ Rerun the same command to resume an interrupted preparation.
   max_files       use only the first N parquet files (sorted by name)
   parquet_dir     use the parquet files already in DIR instead of downloading
   safetensors_dir use train.safetensors and validation.safetensors already in DIR instead of downloading
+  url             hellaswag only: download the jsonl file from URL instead (http, https or file)
 """
 
 INTEGER_OPTIONS = {"workers", "shard_tokens", "max_files"}
-TEXT_OPTIONS = {"dataset", "out", "parquet_dir", "safetensors_dir"}
+TEXT_OPTIONS = {"dataset", "out", "parquet_dir", "safetensors_dir", "url"}
 
 
 def parse_options(arguments: list[str]) -> dict:

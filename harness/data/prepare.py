@@ -40,7 +40,8 @@ from harness.paths import PROJECT_ROOT
 
 PARQUET_DATASETS = {"fineweb": "HuggingFaceFW/fineweb", "fineweb_edu": "HuggingFaceFW/fineweb-edu"}
 TOKEN_DATASETS = ("fineweb_gpt2_tokens",)  # already tokenized: harness.data.tokens
-DATASETS = (*PARQUET_DATASETS, *TOKEN_DATASETS)
+EVALUATION_DATASETS = ("hellaswag",)  # a benchmark's examples, not tokens: harness.data.hellaswag
+DATASETS = (*PARQUET_DATASETS, *TOKEN_DATASETS, *EVALUATION_DATASETS)
 SAMPLE = "sample/10BT"
 HOLDOUT_FRACTION = 0.01
 TRAIN_PERCENT = 99  # the reference's split: train[:99%], validation (our test) train[99%:]
@@ -74,12 +75,22 @@ def prepare(
     max_files: int | None = None,
     parquet_dir: Path | str | None = None,
     safetensors_dir: Path | str | None = None,
+    url: str | None = None,
 ) -> Path:
     """Prepares (or finishes preparing) `dataset` into `out` and returns `out`.
 
     Downloads the parquet files unless `parquet_dir` already holds them; `max_files` keeps the first N.
     `fineweb_gpt2_tokens` downloads its two token files unless `safetensors_dir` holds them.
+    `hellaswag` downloads its validation split from `url` (default: the original repository's file).
     """
+    if dataset in EVALUATION_DATASETS:
+        from harness.data.hellaswag import URL, prepare_hellaswag  # it builds on this module's helpers
+
+        given = {"workers": workers, "max_files": max_files, "parquet_dir": parquet_dir}
+        shards = {"shard_tokens": None if shard_tokens == DEFAULT_SHARD_TOKENS else shard_tokens}
+        not_applicable(dataset, **given, **shards, safetensors_dir=safetensors_dir)
+        return prepare_hellaswag(out, url or URL)
+    not_applicable(dataset, url=url)
     if dataset in TOKEN_DATASETS:
         from harness.data.tokens import prepare_tokens  # it builds on this module's helpers
 

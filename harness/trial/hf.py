@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness.data.tokenizer import END_OF_TEXT
+from harness.data.tokenizer import END_OF_TEXT, save_hf_tokenizer
 from harness.trial.model import GPTModel, ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -215,7 +215,7 @@ def load_gpt2(directory: Path, context_length: int | None = None) -> GPTModel:
 
 
 def save_gpt2(model: GPTModel, directory: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write `model` as a Hugging Face GPT-2 directory (config.json + model.safetensors) and return it.
+    """Write `model` as a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer) and return it.
 
     `metadata` (strings) goes into the safetensors header beside the `format: pt` that transformers expects.
     """
@@ -227,4 +227,5 @@ def save_gpt2(model: GPTModel, directory: Path, metadata: dict[str, str] | None 
     }
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={**(metadata or {}), "format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config(model.cfg), indent=2) + "\n")
+    save_hf_tokenizer(directory, model.cfg.context_length)  # so that lm-eval and AutoTokenizer load it offline
     return directory
