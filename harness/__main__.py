@@ -31,7 +31,7 @@ def run_trial(cfg) -> float:
     """Hydra's task function: one composed trial, run on its ranks."""
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.config.schema import trial_to_run
+    from harness.config.compose import trial_to_run
 
     trial_cfg = trial_to_run(cfg, list(HydraConfig.get().overrides.task))
     run_dir = Path(trial_cfg.resume or HydraConfig.get().runtime.output_dir)
@@ -62,7 +62,9 @@ def train(arguments: list[str]) -> None:
     import hydra
     from hydra._internal.utils import get_args_parser
 
-    from harness.config.schema import CONF, ConfigError, override_problems
+    from harness.config.checks import ConfigError
+    from harness.config.overrides import override_problems
+    from harness.paths import CONF
     from harness.trial.preflight import refuse
 
     flags = get_args_parser().parse_args(arguments)

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from harness.config.schema import ConfigError, as_dict, config_hash, flatten
+from harness.config.checks import ConfigError
+from harness.config.compose import as_dict, config_hash, flatten
 from harness.paths import PROJECT_ROOT
 from interventions import REGISTRY
 from tests.conftest import compose_config, run_harness

@@ -18,7 +18,8 @@ from datetime import datetime
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness.config.schema import TrialConfig, compose_trial
+from harness.config.compose import compose_trial
+from harness.config.schema import TrialConfig
 from harness.paths import PROJECT_ROOT
 from harness.study.cost import gpu_kind, record_bench
 from harness.trial.launch import set_determinism

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from harness.commands.bench import compose_overrides
-from harness.config.schema import as_dict, flatten
+from harness.config.compose import as_dict, flatten
 from harness.tracking.store import NullTracker, Tracker
 from harness.trial.trainer import Trial
 

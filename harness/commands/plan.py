@@ -19,7 +19,11 @@ written or recorded, and torch is not loaded.
 import dataclasses
 import math
 
-from harness.config.schema import CONF, ConfigError, TrialConfig, intervention_tag, override_problems
+from harness.config.checks import ConfigError
+from harness.config.compose import intervention_tag
+from harness.config.overrides import override_problems
+from harness.config.schema import TrialConfig
+from harness.paths import CONF
 from harness.progress import format_duration
 from harness.study import cost
 from harness.trial.disk import format_bytes, retention
@@ -85,7 +89,7 @@ def compose_trials(overrides: list[str]) -> tuple[list[tuple[str, TrialConfig]],
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if not any(o.key_or_group == "sweep" for o in OverridesParser.create().parse_overrides(overrides)):
-        from harness.config.schema import compose
+        from harness.config.compose import compose
 
         cfg = compose(overrides)
         return [(trial_label(cfg), cfg)], f"1 trial at scale {cfg.scale}"

@@ -21,17 +21,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from harness.config.schema import (
-    DEVICES,
-    PRECISIONS,
-    TRACKING_URI,
-    ConfigError,
-    TrainerConfig,
-    TrialConfig,
-    is_tracking_uri,
-    show,
-    trial_to_run,
-)
+from harness.config.checks import ConfigError, show
+from harness.config.compose import trial_to_run
+from harness.config.schema import DEVICES, PRECISIONS, TRACKING_URI, TrainerConfig, TrialConfig, is_tracking_uri
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 FP16_NEEDS_CUDA = (
