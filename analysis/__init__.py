@@ -9,6 +9,6 @@ Entry points: ``python -m analysis study=<name>`` (see ``analysis.__main__``),
 :func:`analysis.study.analyse` and :func:`analysis.report.write_report`.
 """
 
-from pathlib import Path
+from harness.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["PROJECT_ROOT"]

@@ -19,6 +19,7 @@ written or recorded, and torch is not loaded.
 import dataclasses
 import math
 
+from harness.commands.arguments import split
 from harness.config.checks import ConfigError
 from harness.config.compose import intervention_tag
 from harness.config.overrides import override_problems
@@ -48,19 +49,16 @@ OPTIONS = {  # key: (parse, allowed, what it must be)
 
 def parse(arguments: list[str]) -> tuple[dict, list[str], list[str]]:
     """(plan options, the trial's overrides, problems)."""
-    options, overrides, problems = {}, [], []
-    for argument in arguments:
-        key, _, text = argument.partition("=")
-        if key in OPTIONS:
-            parse_value, allowed, what = OPTIONS[key]
-            value = parse_value(text)
-            if value is None or not allowed(value):
-                problems.append(f"{argument}: must be {what}")
-            options[key] = value
-        elif argument in ("-m", "--multirun"):
-            problems.append(f"{argument}: a plan covers one trial, or a study with +sweep=NAME; not value sweeps")
-        else:
-            overrides.append(argument)
+    given = split(arguments, OPTIONS, flags=("-m", "--multirun"))
+    options, overrides, problems = {}, given.rest, []
+    for key, text in given.settings.items():
+        parse_value, allowed, what = OPTIONS[key]
+        value = parse_value(text)
+        if value is None or not allowed(value):
+            problems.append(f"{key}={text}: must be {what}")
+        options[key] = value
+    for flag in sorted(given.flags):
+        problems.append(f"{flag}: a plan covers one trial, or a study with +sweep=NAME; not value sweeps")
     if "tokens_per_sec" in options and "mfu" in options:
         problems.append("tokens_per_sec= and mfu= both give the throughput: give one")
     return options, overrides, problems

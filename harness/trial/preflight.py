@@ -34,6 +34,10 @@ FP16_NEEDS_CUDA = (
 )
 
 
+# The trials CheckBeforeRun composed and checked, by their overrides, until the task function takes its own.
+CHECKED: dict[tuple[str, ...], TrialConfig] = {}
+
+
 def checked_trial(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
     """The trial `python -m harness OVERRIDES` runs, checked whole: its values, then what it needs from this
     machine and its data. Every problem is raised at once, in one ConfigError."""
@@ -44,7 +48,15 @@ def checked_trial(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
             raise
         trial, problems = error.trial, error.problems
     check_trial(trial, problems)
+    CHECKED[tuple(overrides)] = trial
     return trial
+
+
+def trial_for_job(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
+    """The job's trial as CheckBeforeRun composed and checked it; composed and checked now where no callback
+    did (a study's jobs, a launcher that runs the job in another process): its ConfigError fails that job."""
+    checked = CHECKED.pop(tuple(overrides), None)
+    return checked if checked is not None else checked_trial(cfg, overrides)
 
 
 def check_trial(cfg: TrialConfig, problems: Sequence[str] = ()) -> None:
