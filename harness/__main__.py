@@ -62,6 +62,7 @@ def train(arguments: list[str]) -> None:
     import hydra
     from hydra._internal.utils import get_args_parser
 
+    import harness.config.compose  # noqa: F401  (registers the schema that conf/config.yaml names: trial_schema)
     from harness.config.checks import ConfigError
     from harness.config.overrides import override_problems
     from harness.paths import CONF
