@@ -102,7 +102,8 @@ def test_the_callbacks_checked_trial_is_the_one_the_task_function_runs():
     overrides = ["trainer.max_steps=3", "trainer.device=cpu", "trainer.precision=fp32"]
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    checked = preflight.checked_trial(cfg, overrides)
+    preflight.check_job(cfg, overrides)
+    checked = preflight.CHECKED[tuple(overrides)]
     assert preflight.trial_for_job(cfg, overrides) is checked  # handed over, not composed again
     assert tuple(overrides) not in preflight.CHECKED
     again = preflight.trial_for_job(cfg, overrides)  # no callback ran: composed and checked here

@@ -48,8 +48,12 @@ def checked_trial(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
             raise
         trial, problems = error.trial, error.problems
     check_trial(trial, problems)
-    CHECKED[tuple(overrides)] = trial
     return trial
+
+
+def check_job(cfg: DictConfig, overrides: list[str]) -> None:
+    """CheckBeforeRun's check of one job: its trial, checked, is kept for the task function (`trial_for_job`)."""
+    CHECKED[tuple(overrides)] = checked_trial(cfg, overrides)
 
 
 def trial_for_job(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
@@ -86,7 +90,7 @@ class CheckBeforeRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         try:
-            checked_trial(task_config(config), list(config.hydra.overrides.task))
+            check_job(task_config(config), list(config.hydra.overrides.task))
         except ConfigError as error:
             refuse(error)
 
@@ -99,7 +103,7 @@ class CheckBeforeRun(Callback):
         problems = []
         for number, job in enumerate(BasicSweeper.split_arguments(parsed, None)[0]):
             try:
-                checked_trial(task_config(loader.load_sweep_config(config, job)), job)
+                check_job(task_config(loader.load_sweep_config(config, job)), job)
             except ConfigError as error:
                 label = " ".join(o for o in job if o.split("=")[0] in swept)
                 problems += [f"job {number} ({label}): {problem}" for problem in error.problems]
