@@ -10,13 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis import PROJECT_ROOT
-from analysis.load import (
-    AnalysisInputError,
-    default_tracking_uri,
-    load_csv_study,
-    load_mlflow_study,
-)
+from analysis.load import AnalysisInputError, load_csv_study, load_mlflow_study
+from harness.commands.arguments import split
+from harness.paths import PROJECT_ROOT, default_tracking_uri
 
 USAGE = """\
 usage: python -m analysis study=NAME [key=value ...]
@@ -56,14 +52,13 @@ KEYS = (
 
 
 def parse_arguments(argv: list[str]) -> dict[str, str]:
-    options = {}
-    for argument in argv:
-        key, separator, value = argument.partition("=")
+    given = split(argv, KEYS)
+    for argument in given.rest:
+        key, separator, _ = argument.partition("=")
         if not separator:
             raise AnalysisInputError(f"arguments are key=value, got {argument!r}\n\n{USAGE}")
-        if key not in KEYS:
-            raise AnalysisInputError(f"unknown key {key!r}; known keys: {', '.join(KEYS)}")
-        options[key] = value
+        raise AnalysisInputError(f"unknown key {key!r}; known keys: {', '.join(KEYS)}")
+    options = given.settings
     if "study" not in options and "csv" not in options:
         raise AnalysisInputError(f"study=NAME is required\n\n{USAGE}")
     return options

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import PROJECT_ROOT
+from harness.paths import default_tracking_uri
+from interventions import BASELINE
 
-BASELINE = "baseline"
 REQUIRED_COLUMNS = ("intervention", "seed", "train_seed", "test_loss")
 INIT_COLUMNS = ("init_fingerprint", "changes_init")
 HISTORY_METRICS = ("train_loss_avg", "train_loss")
@@ -53,11 +53,6 @@ class StudyRuns:
     histories: pd.DataFrame
     tracking_uri: str | None = None
     experiment_id: str | None = None
-
-
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's ``mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
 @contextmanager

@@ -31,9 +31,9 @@ def run_trial(cfg) -> float:
     """Hydra's task function: one composed trial, run on its ranks."""
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.config.schema import trial_to_run
+    from harness.trial.preflight import trial_for_job
 
-    trial_cfg = trial_to_run(cfg, list(HydraConfig.get().overrides.task))
+    trial_cfg = trial_for_job(cfg, list(HydraConfig.get().overrides.task))
     run_dir = Path(trial_cfg.resume or HydraConfig.get().runtime.output_dir)
     if trial_cfg.resume:
         from harness.tracking.records import resumed_already_finished
@@ -46,7 +46,7 @@ def run_trial(cfg) -> float:
     from harness.trial.launch import launch
 
     export_submitit_ranks()
-    result = launch(trial_cfg, run_dir)
+    result = launch(trial_cfg, run_dir, checked=True)
     if "test_loss" in result:
         print(f"test_loss {result['test_loss']:.6f}  run {result['run_id']}  dir {run_dir}")
     return result.get("test_loss")
@@ -62,7 +62,10 @@ def train(arguments: list[str]) -> None:
     import hydra
     from hydra._internal.utils import get_args_parser
 
-    from harness.config.schema import CONF, ConfigError, override_problems
+    import harness.config.compose  # noqa: F401  (registers the schema that conf/config.yaml names: trial_schema)
+    from harness.config.checks import ConfigError
+    from harness.config.overrides import override_problems
+    from harness.paths import CONF
     from harness.trial.preflight import refuse
 
     flags = get_args_parser().parse_args(arguments)

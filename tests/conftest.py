@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from scipy import stats
 
-from harness.config.schema import compose_trial
+from harness.config.compose import compose_trial
 from harness.paths import PROJECT_ROOT
 
 # A trial small enough for a few seconds on 2 CPU cores, through every real code path.

@@ -16,7 +16,9 @@ from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from harness.config.schema import ConfigError, compose, overlay_conflicts, override_problems
+from harness.config.checks import ConfigError
+from harness.config.compose import compose, overlay_conflicts
+from harness.config.overrides import override_problems
 from harness.paths import PROJECT_ROOT
 from harness.study.design import StudyConf, study_trials
 from harness.trial.preflight import checked_trial, refuse
@@ -365,7 +367,7 @@ def test_a_config_error_under_two_ranks_is_reported_by_the_parent_before_spawnin
 def test_hydra_full_error_shows_the_traceback_for_debugging(tmp_path):
     result = harness("optim.lr=-1", cwd=tmp_path, extra_env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode == 1
-    assert "Traceback" in result.stderr and "harness.config.schema.ConfigError: optim.lr=-1.0: must be" in result.stderr
+    assert "Traceback" in result.stderr and "harness.config.checks.ConfigError: optim.lr=-1.0: must be" in result.stderr
 
 
 @pytest.mark.parametrize("command", [["list"], ["--help"]])

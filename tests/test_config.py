@@ -1,10 +1,13 @@
 import copy
 import functools
 import math
+import subprocess
+import sys
 
 import pytest
 
-from harness.config.schema import ConfigError, as_dict, config_hash, flatten
+from harness.config.checks import ConfigError
+from harness.config.compose import as_dict, config_hash, flatten
 from harness.paths import PROJECT_ROOT
 from interventions import REGISTRY
 from tests.conftest import compose_config, run_harness
@@ -56,10 +59,66 @@ def test_stacked_overlays_compose_and_stacked_best_equals_its_four_parts():
     stacked = compose_config("+intervention=[no_dropout,gradient_clipping]")
     assert stacked.interventions == ["gradient_clipping", "no_dropout"]
     assert (stacked.model.dropout, stacked.optim.grad_clip) == (0.0, 3.5)
-    best = compose_config("+intervention=stacked_best")
-    parts = compose_config("+intervention=[gradient_clipping,weight_decay,no_dropout,lr_schedule]")
+    best = compose_config("+intervention=stacked_best", "trainer.max_steps=2")
+    parts = compose_config(
+        "+intervention=[gradient_clipping,weight_decay,no_dropout,lr_schedule]", "trainer.max_steps=2"
+    )
+    assert best == parts
     assert as_dict(best) == as_dict(parts)
     assert config_hash(best) == config_hash(parts)
+
+
+def test_settings_live_only_in_the_overlays_and_stacked_best_composes_its_parts():
+    import dataclasses
+
+    from interventions import Intervention, overlay_settings
+
+    assert "changes" not in {f.name for f in dataclasses.fields(Intervention)}
+    stacked = (PROJECT_ROOT / "conf" / "intervention" / "stacked_best.yaml").read_text()
+    assert "defaults:" in stacked and "optim:" not in stacked and "model:" not in stacked
+    parts = {}
+    for name in REGISTRY["stacked_best"].components:
+        parts.update(overlay_settings(name))
+    assert REGISTRY["stacked_best"].changes == parts and len(parts) == 8
+    assert REGISTRY["lr_schedule"].changes["optim.lr"] == 1.4e-3  # read from the YAML, a float
+    assert overlay_settings("no_such_overlay") == {}
+
+
+def test_the_schema_and_the_model_load_without_hydra_or_omegaconf():
+    code = (
+        "import sys, harness.trial.model, harness.config.schema, harness.config.checks; "
+        "assert 'hydra' not in sys.modules and 'omegaconf' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf', 'interventions'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_callbacks_checked_trial_is_the_one_the_task_function_runs():
+    from hydra import compose, initialize_config_dir
+
+    from harness.trial import preflight
+
+    overrides = ["trainer.max_steps=3", "trainer.device=cpu", "trainer.precision=fp32"]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    preflight.check_job(cfg, overrides)
+    checked = preflight.CHECKED[tuple(overrides)]
+    assert preflight.trial_for_job(cfg, overrides) is checked  # handed over, not composed again
+    assert tuple(overrides) not in preflight.CHECKED
+    again = preflight.trial_for_job(cfg, overrides)  # no callback ran: composed and checked here
+    assert again is not checked and again == checked
+
+
+def test_the_commands_split_their_settings_from_the_rest():
+    from harness.commands.arguments import split, whole_number
+
+    given = split(["steps=3", "optim.lr=1", "--mark", "--other", "path", "steps=4", "warmup"], {"steps"}, {"--mark"})
+    assert given.settings == {"steps": "4"} and given.flags == {"--mark"}
+    assert given.rest == ["optim.lr=1", "--other", "path", "warmup"]
+    assert whole_number("steps", "7") == 7
+    with pytest.raises(ValueError, match=r"^steps=x: must be a whole number$"):
+        whole_number("steps", "x")
 
 
 def test_baseline_matches_the_seeds_at_gpt2_small():

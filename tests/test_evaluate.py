@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from harness.commands.evaluate import main
-from harness.config.schema import ConfigError, compose
+from harness.config.checks import ConfigError
+from harness.config.compose import compose
 from harness.paths import PROJECT_ROOT
 from harness.trial import checkpoint
 from harness.trial.preflight import check_trial

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from harness.commands.plan import compose_trials, main
-from harness.config.schema import ModelConfig, compose, config_hash
+from harness.config.compose import compose, config_hash
+from harness.config.schema import ModelConfig
 from harness.study import cost
 from harness.trial import disk
 from harness.trial.checkpoint import checkpoint_bytes

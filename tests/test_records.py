@@ -496,7 +496,7 @@ def test_a_run_directory_holding_a_trial_is_never_reused(finished, store):
 
 
 def test_new_keys_are_validated_and_kept_out_of_the_config_hash():
-    from harness.config.schema import config_hash
+    from harness.config.compose import config_hash
 
     base = config_hash(compose_config(*TINY))
     for key in (

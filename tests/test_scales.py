@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from harness.config.schema import as_dict, flatten
+from harness.config.compose import as_dict, flatten
 from harness.trial.model import GPTModel
 from tests.conftest import compose_config
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.config.schema import config_hash
+from harness.config.compose import config_hash
 from harness.trial import checkpoint
 from harness.trial.trainer import Trial, build_model, fingerprint
 from interventions import REGISTRY

@@ -18,7 +18,9 @@ from datetime import datetime
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness.config.schema import TrialConfig, compose_trial
+from harness.commands.arguments import split, whole_number
+from harness.config.compose import compose_trial
+from harness.config.schema import TrialConfig
 from harness.paths import PROJECT_ROOT
 from harness.study.cost import gpu_kind, record_bench
 from harness.trial.launch import set_determinism
@@ -123,23 +125,17 @@ def report(name: str, result: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    options, overrides = dict(BENCH_KEYS), []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in BENCH_KEYS:
-            options[key] = (
-                value
-                if key == "compare"
-                else (
-                    value.lower() == "true"
-                    if key in ("repeat", "deterministic")
-                    else float(value)
-                    if key == "peak_flops"
-                    else int(value)
-                )
-            )
+    given = split(argv, BENCH_KEYS)
+    options, overrides = dict(BENCH_KEYS), given.rest
+    for key, value in given.settings.items():
+        if key == "compare":
+            options[key] = value
+        elif key in ("repeat", "deterministic"):
+            options[key] = value.lower() == "true"
+        elif key == "peak_flops":
+            options[key] = float(value)
         else:
-            overrides.append(arg)
+            options[key] = whole_number(key, value)
     steps, warmup = options["steps"], options["warmup"]
     configs = {"base": overrides}
     if options["compare"]:

@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.commands.arguments import split, whole_number
 from harness.commands.bench import compose_overrides
-from harness.config.schema import as_dict, flatten
+from harness.config.compose import as_dict, flatten
 from harness.tracking.store import NullTracker, Tracker
 from harness.trial.trainer import Trial
 
@@ -68,14 +69,9 @@ def train_block(trial: Trial, tracker, first_step: int, steps: int) -> float:
 
 
 def main(arguments: list[str]) -> int:
-    options = dict(KEYS)
-    overrides = []
-    for argument in arguments:
-        key, _, value = argument.partition("=")
-        if key in KEYS:
-            options[key] = int(value)
-        else:
-            overrides.append(argument)
+    given = split(arguments, KEYS)
+    options = {**KEYS, **{key: whole_number(key, value) for key, value in given.settings.items()}}
+    overrides = given.rest
     steps, repeats, warmup = options["steps"], options["repeats"], options["warmup"]
     total = warmup + 2 * repeats * steps
     cfg = compose_overrides([*overrides, "trainer.divergence_patience=1000000"], total)

@@ -19,7 +19,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from safetensors.torch import load_model
 
-from harness.config.schema import TrialConfig, config_hash, to_trial_config
+from harness.config.compose import config_hash, to_trial_config
+from harness.config.schema import TrialConfig
 from harness.data.loader import open_dataset
 from harness.data.shards import DataError
 from harness.tracking.records import own_store

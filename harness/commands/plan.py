@@ -19,7 +19,12 @@ written or recorded, and torch is not loaded.
 import dataclasses
 import math
 
-from harness.config.schema import CONF, ConfigError, TrialConfig, intervention_tag, override_problems
+from harness.commands.arguments import split
+from harness.config.checks import ConfigError
+from harness.config.compose import intervention_tag
+from harness.config.overrides import override_problems
+from harness.config.schema import TrialConfig
+from harness.paths import CONF
 from harness.progress import format_duration
 from harness.study import cost
 from harness.trial.disk import format_bytes, retention
@@ -44,19 +49,16 @@ OPTIONS = {  # key: (parse, allowed, what it must be)
 
 def parse(arguments: list[str]) -> tuple[dict, list[str], list[str]]:
     """(plan options, the trial's overrides, problems)."""
-    options, overrides, problems = {}, [], []
-    for argument in arguments:
-        key, _, text = argument.partition("=")
-        if key in OPTIONS:
-            parse_value, allowed, what = OPTIONS[key]
-            value = parse_value(text)
-            if value is None or not allowed(value):
-                problems.append(f"{argument}: must be {what}")
-            options[key] = value
-        elif argument in ("-m", "--multirun"):
-            problems.append(f"{argument}: a plan covers one trial, or a study with +sweep=NAME; not value sweeps")
-        else:
-            overrides.append(argument)
+    given = split(arguments, OPTIONS, flags=("-m", "--multirun"))
+    options, overrides, problems = {}, given.rest, []
+    for key, text in given.settings.items():
+        parse_value, allowed, what = OPTIONS[key]
+        value = parse_value(text)
+        if value is None or not allowed(value):
+            problems.append(f"{key}={text}: must be {what}")
+        options[key] = value
+    for flag in sorted(given.flags):
+        problems.append(f"{flag}: a plan covers one trial, or a study with +sweep=NAME; not value sweeps")
     if "tokens_per_sec" in options and "mfu" in options:
         problems.append("tokens_per_sec= and mfu= both give the throughput: give one")
     return options, overrides, problems
@@ -85,7 +87,7 @@ def compose_trials(overrides: list[str]) -> tuple[list[tuple[str, TrialConfig]],
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if not any(o.key_or_group == "sweep" for o in OverridesParser.create().parse_overrides(overrides)):
-        from harness.config.schema import compose
+        from harness.config.compose import compose
 
         cfg = compose(overrides)
         return [(trial_label(cfg), cfg)], f"1 trial at scale {cfg.scale}"

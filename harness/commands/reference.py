@@ -16,7 +16,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from harness.commands.evaluate import INPUT_ERRORS, error_message, evaluation_device
-from harness.config.schema import TrialConfig, as_dict, compose_trial, flatten
+from harness.config.compose import as_dict, compose_trial, flatten
+from harness.config.schema import TrialConfig
 from harness.data.loader import open_dataset
 from harness.paths import PROJECT_ROOT
 from harness.tracking.store import Tracker

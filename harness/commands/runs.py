@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness.commands.arguments import split
 from harness.tracking import records
 from harness.tracking.store import TrackingUnavailable, connect, default_tracking_uri, normalize_uri
 
@@ -21,20 +22,15 @@ USAGE = "usage:\n" + __doc__.split("\n\n")[1] + "\n"
 
 
 def parse(arguments: list[str], allowed: set[str], flags: set[str]) -> tuple[dict[str, str], set[str], list[str]]:
-    options, switches, positional = {}, set(), []
-    for argument in arguments:
+    given, positional = split(arguments, allowed, flags), []
+    for argument in given.rest:
         if argument.startswith("--"):
-            if argument not in flags:
-                raise ValueError(f"unknown option {argument}; allowed: {', '.join(sorted(flags)) or 'none'}")
-            switches.add(argument)
-        elif "=" in argument:
-            key, value = argument.split("=", 1)
-            if key not in allowed:
-                raise ValueError(f"unknown setting {key}=; allowed: {', '.join(sorted(allowed))}")
-            options[key] = value
-        else:
-            positional.append(argument)
-    return options, switches, positional
+            raise ValueError(f"unknown option {argument}; allowed: {', '.join(sorted(flags)) or 'none'}")
+        if "=" in argument:
+            key = argument.split("=", 1)[0]
+            raise ValueError(f"unknown setting {key}=; allowed: {', '.join(sorted(allowed))}")
+        positional.append(argument)
+    return given.settings, given.flags, positional
 
 
 def list_runs(options: dict[str, str], mark: bool) -> int:

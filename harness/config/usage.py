@@ -2,7 +2,9 @@
 
 import dataclasses
 
-from harness.config.schema import CONF, TrialConfig, group_options, type_text
+from harness.config.overrides import group_options, type_text
+from harness.config.schema import TrialConfig
+from harness.paths import CONF
 
 COMMANDS = """\
 usage:

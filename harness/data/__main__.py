@@ -2,6 +2,7 @@
 
 import sys
 
+from harness.commands.arguments import split
 from harness.data.prepare import DATASETS, DEFAULT_SHARD_TOKENS, PrepareError, prepare
 
 USAGE = f"""\
@@ -31,13 +32,12 @@ TEXT_OPTIONS = {"dataset", "out", "parquet_dir", "safetensors_dir", "url"}
 
 def parse_options(arguments: list[str]) -> dict:
     known_keys = INTEGER_OPTIONS | TEXT_OPTIONS
-    options = {}
-    for argument in arguments:
-        key, has_value, value = argument.partition("=")
-        if not has_value or key not in known_keys:
-            raise PrepareError(
-                f"unexpected argument {argument!r}; expected key=value, key one of: {', '.join(sorted(known_keys))}"
-            )
+    given, options = split(arguments, known_keys), {}
+    if given.rest:
+        raise PrepareError(
+            f"unexpected argument {given.rest[0]!r}; expected key=value, key one of: {', '.join(sorted(known_keys))}"
+        )
+    for key, value in given.settings.items():
         if key in INTEGER_OPTIONS:
             try:
                 value = int(value)

@@ -8,9 +8,8 @@ them is `harness/study/run.py`. It is imported by the Hydra plugin scan, so it s
 import itertools
 from dataclasses import dataclass, field, fields
 
-from interventions import REGISTRY
+from interventions import BASELINE, REGISTRY
 
-BASELINE = "baseline"
 MAX_FACTORS = 10  # 2^10 combinations; the exhaustive generator search stays well under a second
 FACTOR_LETTERS = "ABCDEFGHJK"  # I is skipped: it names the identity in a defining relation
 ROMAN = {3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII", 9: "IX", 10: "X"}

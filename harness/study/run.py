@@ -33,7 +33,8 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from harness.config.schema import STUDY_TAG, TrialConfig, compose_trial, config_hash
+from harness.config.compose import compose_trial, config_hash
+from harness.config.schema import STUDY_TAG, TrialConfig
 from harness.progress import study_line, write_line
 from harness.study import parents
 from harness.study.design import StudyConf, Trial, factorial_design, study_trials

@@ -30,7 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness.paths import PROJECT_ROOT
+from harness.paths import default_tracking_uri
+from harness.tracking.version import git
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,6 @@ class UnsentRecords(RuntimeError):
     """The trial ended while the store was unreachable; its records are saved for `python -m harness replay`."""
 
 
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-
-
 def normalize_uri(uri: str) -> str:
     """One spelling per store: sqlite paths made absolute, no trailing slash."""
     if uri.startswith("sqlite:///"):
@@ -133,15 +130,10 @@ def ensure_store(uri: str) -> None:
 
 def git_state() -> tuple[str | None, bool]:
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-        )
-        status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-        )
+        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
     except (OSError, subprocess.CalledProcessError):
         return None, False
-    return commit.stdout.strip(), bool(status.stdout.strip())
+    return commit.decode().strip(), bool(status.strip())
 
 
 @contextlib.contextmanager

@@ -44,10 +44,12 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def launch(cfg: TrialConfig, run_dir: Path) -> dict:
+def launch(cfg: TrialConfig, run_dir: Path, checked: bool = False) -> dict:
     """Run the trial on `trainer.nproc_per_node` local ranks (or the ranks torchrun already started), once
-    this process has checked it on this machine: a bad trial is refused here, never inside a rank."""
-    check_trial(cfg)
+    this process has checked it on this machine (`checked`: the caller did): a bad trial is refused here,
+    never inside a rank."""
+    if not checked:
+        check_trial(cfg)
     n = cfg.trainer.nproc_per_node
     if n == 1 or under_torchrun():
         return run_rank(cfg, str(run_dir))

@@ -21,17 +21,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from harness.config.schema import (
-    DEVICES,
-    PRECISIONS,
-    TRACKING_URI,
-    ConfigError,
-    TrainerConfig,
-    TrialConfig,
-    is_tracking_uri,
-    show,
-    trial_to_run,
-)
+from harness.config.checks import ConfigError, show
+from harness.config.compose import trial_to_run
+from harness.config.schema import DEVICES, PRECISIONS, TRACKING_URI, TrainerConfig, TrialConfig, is_tracking_uri
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 FP16_NEEDS_CUDA = (
@@ -40,6 +32,10 @@ FP16_NEEDS_CUDA = (
     "(runs, but ~15× slower on CPUs without bf16 matmul units); fp16 emulated on the CPU, several "
     "times slower than fp32, runs when asked for with trainer.device=cpu"
 )
+
+
+# The trials CheckBeforeRun composed and checked, by their overrides, until the task function takes its own.
+CHECKED: dict[tuple[str, ...], TrialConfig] = {}
 
 
 def checked_trial(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
@@ -53,6 +49,18 @@ def checked_trial(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
         trial, problems = error.trial, error.problems
     check_trial(trial, problems)
     return trial
+
+
+def check_job(cfg: DictConfig, overrides: list[str]) -> None:
+    """CheckBeforeRun's check of one job: its trial, checked, is kept for the task function (`trial_for_job`)."""
+    CHECKED[tuple(overrides)] = checked_trial(cfg, overrides)
+
+
+def trial_for_job(cfg: DictConfig, overrides: list[str]) -> TrialConfig:
+    """The job's trial as CheckBeforeRun composed and checked it; composed and checked now where no callback
+    did (a study's jobs, a launcher that runs the job in another process): its ConfigError fails that job."""
+    checked = CHECKED.pop(tuple(overrides), None)
+    return checked if checked is not None else checked_trial(cfg, overrides)
 
 
 def check_trial(cfg: TrialConfig, problems: Sequence[str] = ()) -> None:
@@ -82,7 +90,7 @@ class CheckBeforeRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         try:
-            checked_trial(task_config(config), list(config.hydra.overrides.task))
+            check_job(task_config(config), list(config.hydra.overrides.task))
         except ConfigError as error:
             refuse(error)
 
@@ -95,7 +103,7 @@ class CheckBeforeRun(Callback):
         problems = []
         for number, job in enumerate(BasicSweeper.split_arguments(parsed, None)[0]):
             try:
-                checked_trial(task_config(loader.load_sweep_config(config, job)), job)
+                check_job(task_config(loader.load_sweep_config(config, job)), job)
             except ConfigError as error:
                 label = " ".join(o for o in job if o.split("=")[0] in swept)
                 problems += [f"job {number} ({label}): {problem}" for problem in error.problems]

@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from harness import progress
-from harness.config.schema import TrialConfig, as_dict, config_hash, flatten, intervention_tag
+from harness.config.compose import as_dict, config_hash, flatten, intervention_tag
+from harness.config.schema import TrialConfig
 from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
 from harness.study.cost import PEAK_FLOPS  # by substring of the CUDA device name, for MFU
 from harness.tracking import records
