@@ -1,0 +1,258 @@
+#!/usr/bin/env bash
+# The services the cluster tests need, on this one machine, as root: a single-node SLURM (munge, slurmctld,
+# slurmd) and a PostgreSQL cluster on 127.0.0.1 with an `mlflow` role and database. `start` installs what is
+# missing, configures, starts what is not running and proves each service works; run twice, it only checks.
+# `stop` ends them. Where the tests find them: $SERVICES_ENV (read by tests/e2e/conftest.py). See docs/cluster.md.
+#   usage: bash .ci/services.sh [start|stop|status]
+set -euo pipefail
+
+SERVICES_ENV=${HARNESS_SERVICES_ENV:-/var/tmp/harness-test-services.env}
+SLURM_CONF=/etc/slurm/slurm.conf
+SLURM_STATE=/var/spool/slurmctld
+SLURM_SPOOL=/var/spool/slurmd
+SLURM_LOG=/var/log/slurm
+PG_ROLE=mlflow
+PG_PASSWORD=mlflow
+PG_DATABASE=mlflow
+WAIT_S=${HARNESS_SERVICES_WAIT_S:-60}
+
+say() { echo "[services] $*"; }
+die() {
+    echo "[services] ERROR: $*" >&2
+    exit 1
+}
+
+# Run "$@" until it succeeds or $1 seconds pass; then fail naming what was waited for ($2).
+wait_for() {
+    local seconds=$1 what=$2 deadline
+    shift 2
+    deadline=$((SECONDS + seconds))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "$what not ready after ${seconds}s (waited for: $*)"
+        sleep 0.5
+    done
+}
+
+apt_updated=0
+apt_install() {
+    if ((apt_updated == 0)); then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+    say "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+install_missing() {
+    local missing=()
+    command -v munged >/dev/null || missing+=(munge)
+    command -v slurmctld >/dev/null && command -v slurmd >/dev/null || missing+=(slurm-wlm)
+    command -v pg_ctlcluster >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 ||
+        missing+=(postgresql)
+    ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+}
+
+# --- munge ---------------------------------------------------------------------------------------------------
+start_munge() {
+    [[ -s /etc/munge/munge.key ]] || mungekey --create --keyfile=/etc/munge/munge.key
+    chown munge:munge /etc/munge/munge.key
+    chmod 0400 /etc/munge/munge.key
+    install -d -o munge -g munge -m 0755 /run/munge
+    install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
+    if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+        say "starting munged"
+        runuser -u munge -- /usr/sbin/munged --force
+        wait_for "$WAIT_S" "munged" bash -c 'munge -n | unmunge'
+    fi
+}
+
+# --- SLURM ---------------------------------------------------------------------------------------------------
+write_slurm_conf() {
+    local node host new
+    host=$(hostname -s)
+    # The node as slurmd sees it (CPUs, sockets, cores, threads, memory), less 512 MB of memory for the system.
+    node=$(slurmd -C | head -1)
+    local memory=${node##*RealMemory=}
+    node="${node% RealMemory=*} RealMemory=$((memory > 1024 ? memory - 512 : memory))"
+    new=$(
+        cat <<EOF
+# Written by .ci/services.sh: a single-node SLURM for the cluster tests (docs/cluster.md).
+ClusterName=harness-ci
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=1024
+ReturnToService=2
+StateSaveLocation=$SLURM_STATE
+SlurmdSpoolDir=$SLURM_SPOOL
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=$SLURM_LOG/slurmctld.log
+SlurmdLogFile=$SLURM_LOG/slurmd.log
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+KillWait=5
+MinJobAge=2
+OverTimeLimit=0
+Waittime=0
+JobRequeue=1
+$node NodeAddr=127.0.0.1 State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+EOF
+    )
+    install -d -m 0755 /etc/slurm "$SLURM_STATE" "$SLURM_SPOOL" "$SLURM_LOG"
+    if [[ -f $SLURM_CONF ]] && [[ "$(cat "$SLURM_CONF")" == "$new" ]]; then
+        return 1 # unchanged
+    fi
+    printf '%s\n' "$new" >"$SLURM_CONF"
+    say "wrote $SLURM_CONF"
+}
+
+pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+stop_slurm() {
+    local pidfile pid
+    for pidfile in /run/slurmd.pid /run/slurmctld.pid; do
+        if pid_alive "$pidfile"; then
+            pid=$(cat "$pidfile")
+            say "stopping $(basename "$pidfile" .pid) ($pid)"
+            kill "$pid"
+            wait_for 30 "exit of process $pid" bash -c "! kill -0 $pid"
+        fi
+        rm -f "$pidfile"
+    done
+}
+
+# The node is up and takes jobs (it may be running some: mixed or allocated).
+node_up() { [[ "$(sinfo -h -N -o %T 2>/dev/null)" =~ ^(idle|mixed|allocated|completing)$ ]]; }
+
+start_slurm() {
+    if write_slurm_conf; then
+        stop_slurm # a changed configuration: start afresh
+    fi
+    if ! pid_alive /run/slurmctld.pid; then
+        say "starting slurmctld"
+        slurmctld -i
+    fi
+    wait_for "$WAIT_S" "slurmctld" scontrol ping
+    if ! pid_alive /run/slurmd.pid; then
+        say "starting slurmd"
+        slurmd
+    fi
+    if ! node_up; then
+        # A node left DOWN or DRAIN by an earlier run (e.g. a killed slurmd) returns to service.
+        scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
+    fi
+    wait_for "$WAIT_S" "the SLURM node (sinfo: $(sinfo -h -N -o '%N %T %E' 2>&1 | tr '\n' ' '))" node_up
+}
+
+check_slurm() {
+    local out job
+    out=$(timeout "$WAIT_S" srun -N1 -n1 --time=1 hostname) || die "srun -N1 -n1 hostname failed: $out"
+    [[ $out == "$(hostname -s)"* || $out == "$(hostname)" ]] || die "srun hostname printed '$out', not $(hostname)"
+    # sbatch, and scontrol requeue of a running job (what preemption tests do).
+    job=$(sbatch --parsable --time=1 --output=/dev/null --wrap 'sleep 60')
+    wait_for 30 "sbatch job $job running" bash -c "[[ \$(squeue -h -j $job -o %T) == RUNNING ]]"
+    scontrol requeue "$job"
+    wait_for 30 "requeued job $job back to PENDING or RUNNING with a restart count" \
+        bash -c "[[ \$(scontrol show job $job | grep -o 'Restarts=[0-9]*') == Restarts=1 ]]"
+    scancel "$job"
+    wait_for 30 "cancelled job $job gone" bash -c "! squeue -h -j $job -o %T | grep -q ."
+    say "slurm works: srun ran on $out; sbatch job $job ran, was requeued (Restarts=1) and cancelled"
+}
+
+# --- PostgreSQL ----------------------------------------------------------------------------------------------
+pg_version() { ls /usr/lib/postgresql | sort -n | tail -1; }
+
+pg_port() { pg_lsclusters -h | awk -v v="$(pg_version)" '$1 == v && $2 == "main" {print $3}'; }
+
+psql_admin() { runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -p "$(pg_port)" -d postgres "$@"; }
+
+start_postgres() {
+    local version
+    version=$(pg_version)
+    pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main"' | grep -q . || pg_createcluster "$version" main
+    local conf=/etc/postgresql/$version/main/postgresql.conf
+    if ! grep -q "^listen_addresses = '127.0.0.1'" "$conf"; then
+        printf "listen_addresses = '127.0.0.1'\n" >>"$conf"
+        pg_ctlcluster "$version" main stop >/dev/null 2>&1 || true
+    fi
+    if ! pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
+        say "starting PostgreSQL $version"
+        pg_ctlcluster "$version" main start
+    fi
+    wait_for "$WAIT_S" "PostgreSQL $version" runuser -u postgres -- pg_isready -q -h 127.0.0.1 -p "$(pg_port)"
+    psql_admin <<EOF
+SELECT 'CREATE ROLE $PG_ROLE LOGIN CREATEDB PASSWORD ''$PG_PASSWORD'''
+WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_ROLE')\gexec
+SELECT 'CREATE DATABASE $PG_DATABASE OWNER $PG_ROLE'
+WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DATABASE')\gexec
+EOF
+    local answer
+    answer=$(PGPASSWORD=$PG_PASSWORD psql -X -At -h 127.0.0.1 -p "$(pg_port)" -U "$PG_ROLE" -d "$PG_DATABASE" \
+        -c "SELECT current_user || ' ' || current_database() || ' ' || current_setting('server_version')") ||
+        die "psql as $PG_ROLE to database $PG_DATABASE on 127.0.0.1 failed"
+    say "postgresql works: $answer"
+}
+
+stop_postgres() {
+    local version
+    version=$(pg_version 2>/dev/null) || return 0
+    [[ -n $version ]] || return 0
+    if pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
+        say "stopping PostgreSQL $version"
+        pg_ctlcluster "$version" main stop
+    fi
+}
+
+# --- commands ------------------------------------------------------------------------------------------------
+start() {
+    local began=$SECONDS
+    [[ $(id -u) == 0 ]] || die "run as root (it installs packages and starts system daemons); you are $(id -un)"
+    install_missing
+    start_munge
+    start_slurm
+    check_slurm
+    start_postgres
+    cat >"$SERVICES_ENV" <<EOF
+HARNESS_TEST_SLURM=1
+HARNESS_TEST_POSTGRES_URI=postgresql://$PG_ROLE:$PG_PASSWORD@127.0.0.1:$(pg_port)/$PG_DATABASE
+EOF
+    say "ready in $((SECONDS - began))s; wrote $SERVICES_ENV"
+}
+
+stop() {
+    rm -f "$SERVICES_ENV"
+    if command -v squeue >/dev/null && scontrol ping >/dev/null 2>&1; then
+        scancel --user=root 2>/dev/null || true
+    fi
+    stop_slurm
+    if [[ -s /run/munge/munged.pid ]] && kill -0 "$(cat /run/munge/munged.pid)" 2>/dev/null; then
+        say "stopping munged"
+        kill "$(cat /run/munge/munged.pid)"
+    fi
+    stop_postgres
+}
+
+status() {
+    sinfo -N -o '%N %T %c %m' || true
+    pg_lsclusters || true
+    cat "$SERVICES_ENV" 2>/dev/null || echo "no $SERVICES_ENV"
+}
+
+case ${1:-start} in
+start | stop | status) "${1:-start}" ;;
+*) die "unknown command '${1}'; allowed: start, stop, status" ;;
+esac
