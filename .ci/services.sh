@@ -228,7 +228,7 @@ start() {
     start_postgres
     cat >"$SERVICES_ENV" <<EOF
 HARNESS_TEST_SLURM=1
-HARNESS_TEST_POSTGRES_URI=postgresql://$PG_ROLE:$PG_PASSWORD@127.0.0.1:$(pg_port)/$PG_DATABASE
+HARNESS_TEST_POSTGRES_URI=postgresql+psycopg2://$PG_ROLE:$PG_PASSWORD@127.0.0.1:$(pg_port)/$PG_DATABASE
 EOF
     say "ready in $((SECONDS - began))s; wrote $SERVICES_ENV"
 }

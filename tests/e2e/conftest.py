@@ -60,7 +60,8 @@ def slurm_partition() -> str:
 
 @pytest.fixture(scope="session")
 def postgres_uri() -> str:
-    """A fresh PostgreSQL database for this test session (dropped at its end), as a SQLAlchemy URI."""
+    """A fresh PostgreSQL database for this test session (dropped at its end), as a SQLAlchemy URI that names
+    its driver (postgresql+psycopg2://): SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3."""
     admin_uri = service_settings().get("HARNESS_TEST_POSTGRES_URI")
     if not admin_uri:
         unavailable("PostgreSQL", f"HARNESS_TEST_POSTGRES_URI is not set (in the environment or {SERVICES_ENV})")
@@ -69,7 +70,7 @@ def postgres_uri() -> str:
     except ImportError as error:
         unavailable("PostgreSQL", f"{error} (the test extras: pip install -e '.[test]')")
     try:
-        admin = psycopg2.connect(admin_uri, connect_timeout=10)
+        admin = psycopg2.connect(libpq_uri(admin_uri), connect_timeout=10)
     except psycopg2.OperationalError as error:
         unavailable("PostgreSQL", f"cannot connect to {redact(admin_uri)}: {str(error).strip()}")
     admin.autocommit = True
@@ -82,6 +83,11 @@ def postgres_uri() -> str:
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE {database} WITH (FORCE)")
         admin.close()
+
+
+def libpq_uri(uri: str) -> str:
+    """A SQLAlchemy URI (postgresql+psycopg2://...) as libpq reads it (postgresql://...)."""
+    return urlunsplit(urlsplit(uri)._replace(scheme="postgresql"))
 
 
 def redact(uri: str) -> str:

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from tests.conftest import TINY
+from tests.e2e.conftest import libpq_uri
 
 TRIAL_TAGS = [
     "intervention",
@@ -53,10 +54,10 @@ def trial_runs(tracking_uri: str) -> list:
     return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("study_parent") != "true"]
 
 
-def assert_finished_trial(run) -> None:
+def assert_finished_trial(run, tags: list[str]) -> None:
     assert run.info.status == "FINISHED", (run.info.run_id, run.info.status)
     assert math.isfinite(run.data.metrics["test_loss"]), run.data.metrics
-    missing = [t for t in TRIAL_TAGS if not run.data.tags.get(t)]
+    missing = [t for t in tags if not run.data.tags.get(t)]
     assert not missing, f"run {run.info.run_id} lacks tags {missing}"
 
 
@@ -78,7 +79,8 @@ def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_pa
     runs = trial_runs(tracking_uri)
     assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"], [r.data.tags for r in runs]
     for run in runs:
-        assert_finished_trial(run)
+        assert_finished_trial(run, TRIAL_TAGS)
+        assert run.data.tags["study"] == "quick"
     # Each trial ran in its own SLURM job: submitit's folder per job id holds the log in which the trial printed
     # its run id.
     logs = {p.parent.name: p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_0_log.out")}
@@ -97,14 +99,14 @@ def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
         tracking_uri="sqlite:///never-used.db",
     )
     [run] = trial_runs(postgres_mlflow_server)
-    assert_finished_trial(run)
+    assert_finished_trial(run, [t for t in TRIAL_TAGS if t != "study"])  # a single trial is in no study
     assert f"run {run.info.run_id}" in result.stdout, result.stdout
     assert run.data.tags["intervention"] == "baseline"
     assert not (tmp_path / "never-used.db").exists()
     # The server's records are PostgreSQL's rows.
     import psycopg2
 
-    with psycopg2.connect(postgres_uri) as connection, connection.cursor() as cursor:
+    with psycopg2.connect(libpq_uri(postgres_uri)) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
         assert cursor.fetchall() == [("FINISHED",)]
         cursor.execute(
