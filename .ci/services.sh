@@ -22,15 +22,21 @@ die() {
     exit 1
 }
 
-# Run "$@" until it succeeds or $1 seconds pass; then fail naming what was waited for ($2).
+# Run "$@" until it succeeds (then 0) or $1 seconds pass (then 1).
 wait_for() {
-    local seconds=$1 what=$2 deadline
-    shift 2
-    deadline=$((SECONDS + seconds))
+    local deadline=$((SECONDS + $1))
+    shift
     until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || die "$what not ready after ${seconds}s (waited for: $*)"
+        ((SECONDS < deadline)) || return 1
         sleep 0.5
     done
+}
+
+# wait_for, or fail naming what was waited for ($2).
+wait_or_die() {
+    local seconds=$1 what=$2
+    shift 2
+    wait_for "$seconds" "$@" || die "$what not ready after ${seconds}s (waited for: $*)"
 }
 
 apt_updated=0
@@ -62,7 +68,7 @@ start_munge() {
     if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
         say "starting munged"
         runuser -u munge -- /usr/sbin/munged --force
-        wait_for "$WAIT_S" "munged" bash -c 'munge -n | unmunge'
+        wait_or_die "$WAIT_S" "munged" bash -c 'munge -n | unmunge'
     fi
 }
 
@@ -129,7 +135,7 @@ stop_slurm() {
             pid=$(cat "$pidfile")
             say "stopping $(basename "$pidfile" .pid) ($pid)"
             kill "$pid"
-            wait_for 30 "exit of process $pid" bash -c "! kill -0 $pid"
+            wait_or_die 30 "exit of process $pid" bash -c "! kill -0 $pid"
         fi
         rm -f "$pidfile"
     done
@@ -146,7 +152,7 @@ start_slurm() {
         say "starting slurmctld"
         slurmctld -i
     fi
-    wait_for "$WAIT_S" "slurmctld" scontrol ping
+    wait_or_die "$WAIT_S" "slurmctld (log: $SLURM_LOG/slurmctld.log)" scontrol ping
     if ! pid_alive /run/slurmd.pid; then
         say "starting slurmd"
         slurmd
@@ -155,7 +161,30 @@ start_slurm() {
         # A node left DOWN or DRAIN by an earlier run (e.g. a killed slurmd) returns to service.
         scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
     fi
-    wait_for "$WAIT_S" "the SLURM node (sinfo: $(sinfo -h -N -o '%N %T %E' 2>&1 | tr '\n' ' '))" node_up
+    wait_for "$WAIT_S" node_up ||
+        die "the SLURM node is not up after ${WAIT_S}s: sinfo says '$(sinfo -h -N -o '%N %T %E' 2>&1 | tr '\n' ' ')'" \
+            "(log: $SLURM_LOG/slurmd.log)"
+}
+
+# A job with --time=1 --signal=USR1@30 whose step (as in a submitit job) records when USR1 came: slurmctld checks
+# time limits and signals every 30 s, so it comes 0 to 30 s after the start (docs/cluster.md). Checked later, by
+# check_signal_job, so the wait overlaps PostgreSQL's start.
+SIGNAL_LOG=/tmp/harness-services-signal.log
+submit_signal_job() {
+    local script=/tmp/harness-services-signal-job.sh
+    cat >"$script" <<'EOF'
+#!/bin/bash
+srun bash -c 'start=$SECONDS; trap "echo USR1 after \$((SECONDS - start)) s; exit 0" USR1
+    for _ in $(seq 240); do sleep 0.5; done; echo no USR1'
+EOF
+    rm -f "$SIGNAL_LOG"
+    signal_job=$(sbatch --parsable --time=1 --signal=USR1@30 --output="$SIGNAL_LOG" "$script")
+}
+
+check_signal_job() {
+    wait_for 75 grep -q "USR1 after" "$SIGNAL_LOG" ||
+        die "job $signal_job (--time=1 --signal=USR1@30) got no USR1 in 75s: $(cat "$SIGNAL_LOG" 2>&1)"
+    say "slurm signals a job before its time limit: job $signal_job, --time=1 --signal=USR1@30: $(cat "$SIGNAL_LOG")"
 }
 
 check_slurm() {
@@ -164,12 +193,12 @@ check_slurm() {
     [[ $out == "$(hostname -s)"* || $out == "$(hostname)" ]] || die "srun hostname printed '$out', not $(hostname)"
     # sbatch, and scontrol requeue of a running job (what preemption tests do).
     job=$(sbatch --parsable --time=1 --output=/dev/null --wrap 'sleep 60')
-    wait_for 30 "sbatch job $job running" bash -c "[[ \$(squeue -h -j $job -o %T) == RUNNING ]]"
+    wait_or_die 30 "sbatch job $job running" bash -c "[[ \$(squeue -h -j $job -o %T) == RUNNING ]]"
     scontrol requeue "$job"
-    wait_for 30 "requeued job $job back to PENDING or RUNNING with a restart count" \
+    wait_or_die 30 "requeued job $job back to PENDING or RUNNING with a restart count" \
         bash -c "[[ \$(scontrol show job $job | grep -o 'Restarts=[0-9]*') == Restarts=1 ]]"
     scancel "$job"
-    wait_for 30 "cancelled job $job gone" bash -c "! squeue -h -j $job -o %T | grep -q ."
+    wait_or_die 30 "cancelled job $job gone" bash -c "! squeue -h -j $job -o %T | grep -q ."
     say "slurm works: srun ran on $out; sbatch job $job ran, was requeued (Restarts=1) and cancelled"
 }
 
@@ -193,7 +222,7 @@ start_postgres() {
         say "starting PostgreSQL $version"
         pg_ctlcluster "$version" main start
     fi
-    wait_for "$WAIT_S" "PostgreSQL $version" runuser -u postgres -- pg_isready -q -h 127.0.0.1 -p "$(pg_port)"
+    wait_or_die "$WAIT_S" "PostgreSQL $version" runuser -u postgres -- pg_isready -q -h 127.0.0.1 -p "$(pg_port)"
     psql_admin <<EOF
 SELECT 'CREATE ROLE $PG_ROLE LOGIN CREATEDB PASSWORD ''$PG_PASSWORD'''
 WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_ROLE')\gexec
@@ -224,8 +253,10 @@ start() {
     install_missing
     start_munge
     start_slurm
+    submit_signal_job
     check_slurm
     start_postgres
+    check_signal_job
     cat >"$SERVICES_ENV" <<EOF
 HARNESS_TEST_SLURM=1
 HARNESS_TEST_POSTGRES_URI=postgresql+psycopg2://$PG_ROLE:$PG_PASSWORD@127.0.0.1:$(pg_port)/$PG_DATABASE
