@@ -53,6 +53,8 @@ install_missing() {
     local missing=()
     command -v munged >/dev/null || missing+=(munge)
     command -v slurmctld >/dev/null && command -v slurmd >/dev/null || missing+=(slurm-wlm)
+    command -v slurmdbd >/dev/null || missing+=(slurmdbd)
+    command -v mariadbd >/dev/null || missing+=(mariadb-server)
     command -v pg_ctlcluster >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 ||
         missing+=(postgresql)
     ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
@@ -92,8 +94,9 @@ CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/linux
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -128,26 +131,69 @@ EOF
 
 pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+stop_daemon() {
+    local pidfile=$1 pid
+    if pid_alive "$pidfile"; then
+        pid=$(cat "$pidfile")
+        say "stopping $(basename "$pidfile" .pid) ($pid)"
+        kill "$pid"
+        wait_or_die 30 "exit of process $pid" bash -c "! kill -0 $pid"
+    fi
+    rm -f "$pidfile"
+}
+
 stop_slurm() {
-    local pidfile pid
-    for pidfile in /run/slurmd.pid /run/slurmctld.pid; do
-        if pid_alive "$pidfile"; then
-            pid=$(cat "$pidfile")
-            say "stopping $(basename "$pidfile" .pid) ($pid)"
-            kill "$pid"
-            wait_or_die 30 "exit of process $pid" bash -c "! kill -0 $pid"
-        fi
-        rm -f "$pidfile"
-    done
+    stop_daemon /run/slurmd.pid
+    stop_daemon /run/slurmctld.pid
+}
+
+# --- SLURM's accounting: slurmdbd on MariaDB, so that sacct (what submitit polls) knows every job's state ---------
+SLURMDBD_CONF=/etc/slurm/slurmdbd.conf
+start_accounting() {
+    install -d -o mysql -g mysql -m 0755 /run/mysqld
+    install -d -m 0755 /etc/slurm "$SLURM_LOG"
+    if ! mariadb-admin ping >/dev/null 2>&1; then
+        say "starting MariaDB"
+        /etc/init.d/mariadb start >/dev/null
+    fi
+    wait_or_die "$WAIT_S" "MariaDB" mariadb-admin ping
+    mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
+        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
+    local new
+    new=$(
+        cat <<EOF
+# Written by .ci/services.sh: SLURM's accounting for the cluster tests (docs/cluster.md).
+AuthType=auth/munge
+DbdHost=localhost
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=slurm
+StoragePass=slurm
+StorageLoc=slurm_acct_db
+LogFile=$SLURM_LOG/slurmdbd.log
+PidFile=/run/slurmdbd.pid
+EOF
+    )
+    if ! [[ -f $SLURMDBD_CONF && "$(cat "$SLURMDBD_CONF")" == "$new" ]]; then
+        stop_daemon /run/slurmdbd.pid
+        (umask 077 && printf '%s\n' "$new" >"$SLURMDBD_CONF")
+        say "wrote $SLURMDBD_CONF"
+    fi
+    if ! pid_alive /run/slurmdbd.pid; then
+        say "starting slurmdbd"
+        slurmdbd
+    fi
+    wait_or_die "$WAIT_S" "slurmdbd (log: $SLURM_LOG/slurmdbd.log)" sacctmgr -n show cluster
+    if [[ -z $(sacctmgr -n -P show cluster format=cluster where cluster=harness-ci) ]]; then
+        sacctmgr -i add cluster harness-ci >/dev/null
+    fi
 }
 
 # The node is up and takes jobs (it may be running some: mixed or allocated).
 node_up() { [[ "$(sinfo -h -N -o %T 2>/dev/null)" =~ ^(idle|mixed|allocated|completing)$ ]]; }
 
 start_slurm() {
-    if write_slurm_conf; then
-        stop_slurm # a changed configuration: start afresh
-    fi
     if ! pid_alive /run/slurmctld.pid; then
         say "starting slurmctld"
         slurmctld -i
@@ -184,22 +230,30 @@ EOF
 check_signal_job() {
     wait_for 75 grep -q "USR1 after" "$SIGNAL_LOG" ||
         die "job $signal_job (--time=1 --signal=USR1@30) got no USR1 in 75s: $(cat "$SIGNAL_LOG" 2>&1)"
-    say "slurm signals a job before its time limit: job $signal_job, --time=1 --signal=USR1@30: $(cat "$SIGNAL_LOG")"
+    say "slurm signals a job before its time limit: job $signal_job, --time=1 --signal=USR1@30: $(grep "USR1 after" "$SIGNAL_LOG")"
 }
 
 check_slurm() {
-    local out job
-    out=$(timeout "$WAIT_S" srun -N1 -n1 --time=1 hostname) || die "srun -N1 -n1 hostname failed: $out"
-    [[ $out == "$(hostname -s)"* || $out == "$(hostname)" ]] || die "srun hostname printed '$out', not $(hostname)"
+    local out step_job node job
+    # shellcheck disable=SC2016 # expanded in the job
+    out=$(timeout "$WAIT_S" srun -N1 -n1 --time=1 bash -c 'echo "$SLURM_JOB_ID $(hostname)"') ||
+        die "srun -N1 -n1 hostname failed: $out"
+    read -r step_job node <<<"$out"
+    [[ $node == "$(hostname)" ]] || die "srun hostname printed '$out', not a job id and $(hostname)"
+    wait_or_die 30 "sacct to record srun job $step_job as COMPLETED" \
+        bash -c "[[ \$(sacct -n -X -P -j $step_job -o State) == COMPLETED ]]"
     # sbatch, and scontrol requeue of a running job (what preemption tests do).
     job=$(sbatch --parsable --time=1 --output=/dev/null --wrap 'sleep 60')
     wait_or_die 30 "sbatch job $job running" bash -c "[[ \$(squeue -h -j $job -o %T) == RUNNING ]]"
     scontrol requeue "$job"
     wait_or_die 30 "requeued job $job back to PENDING or RUNNING with a restart count" \
         bash -c "[[ \$(scontrol show job $job | grep -o 'Restarts=[0-9]*') == Restarts=1 ]]"
+    wait_or_die 30 "sacct to record job $job as REQUEUED" \
+        bash -c "[[ \$(sacct -n -X -P -j $job -o State) == REQUEUED ]]"
     scancel "$job"
     wait_or_die 30 "cancelled job $job gone" bash -c "! squeue -h -j $job -o %T | grep -q ."
-    say "slurm works: srun ran on $out; sbatch job $job ran, was requeued (Restarts=1) and cancelled"
+    say "slurm works: srun job $step_job ran on $node; sbatch job $job ran, was requeued (Restarts=1) and" \
+        "cancelled; sacct knows their states"
 }
 
 # --- PostgreSQL ----------------------------------------------------------------------------------------------
@@ -252,6 +306,10 @@ start() {
     [[ $(id -u) == 0 ]] || die "run as root (it installs packages and starts system daemons); you are $(id -un)"
     install_missing
     start_munge
+    if write_slurm_conf; then
+        stop_slurm # a changed configuration: start afresh
+    fi
+    start_accounting
     start_slurm
     submit_signal_job
     check_slurm
@@ -270,6 +328,11 @@ stop() {
         scancel --user=root 2>/dev/null || true
     fi
     stop_slurm
+    stop_daemon /run/slurmdbd.pid
+    if mariadb-admin ping >/dev/null 2>&1; then
+        say "stopping MariaDB"
+        /etc/init.d/mariadb stop >/dev/null
+    fi
     if [[ -s /run/munge/munged.pid ]] && kill -0 "$(cat /run/munge/munged.pid)" 2>/dev/null; then
         say "stopping munged"
         kill "$(cat /run/munge/munged.pid)"
