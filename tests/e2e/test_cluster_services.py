@@ -88,6 +88,7 @@ def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_pa
     for run in runs:
         assert [job for job, log in logs.items() if f"run {run.info.run_id}" in log], (run.info.run_id, logs)
 
+
 def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
     postgres_mlflow_server, postgres_uri, tmp_path
 ):
@@ -109,8 +110,6 @@ def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
     with psycopg2.connect(libpq_uri(postgres_uri)) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
         assert cursor.fetchall() == [("FINISHED",)]
-        cursor.execute(
-            "SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'test_loss'", (run.info.run_id,)
-        )
+        cursor.execute("SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'test_loss'", (run.info.run_id,))
         [(test_loss,)] = cursor.fetchall()
     assert test_loss == pytest.approx(run.data.metrics["test_loss"])
