@@ -257,11 +257,11 @@ check_slurm() {
 }
 
 # --- PostgreSQL ----------------------------------------------------------------------------------------------
-pg_version() { ls /usr/lib/postgresql | sort -n | tail -1; }
+pg_version() { find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -n | tail -1; }
 
 pg_port() { pg_lsclusters -h | awk -v v="$(pg_version)" '$1 == v && $2 == "main" {print $3}'; }
 
-psql_admin() { runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -p "$(pg_port)" -d postgres "$@"; }
+psql_admin() { runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -p "$(pg_port)" -d postgres; }
 
 start_postgres() {
     local version
