@@ -82,11 +82,19 @@ def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_pa
         assert_finished_trial(run, TRIAL_TAGS)
         assert run.data.tags["study"] == "quick"
     # Each trial ran in its own SLURM job: submitit's folder per job id holds the log in which the trial printed
-    # its run id.
+    # its run id, and SLURM's accounting has the job COMPLETED.
     logs = {p.parent.name: p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_0_log.out")}
     assert len(logs) == 2, sorted(logs)
     for run in runs:
-        assert [job for job, log in logs.items() if f"run {run.info.run_id}" in log], (run.info.run_id, logs)
+        assert len([job for job, log in logs.items() if f"run {run.info.run_id}" in log]) == 1, (run.info, logs)
+    states = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", *[f"--jobs={job}" for job in logs]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    assert sorted(states) == sorted(f"{job}|COMPLETED" for job in logs), states
 
 
 def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
