@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The services the cluster tests need, on this one machine, as root: a single-node SLURM (munge, slurmctld,
-# slurmd) and a PostgreSQL cluster on 127.0.0.1 with an `mlflow` role and database. `start` installs what is
-# missing, configures, starts what is not running and proves each service works; run twice, it only checks.
-# `stop` ends them. Where the tests find them: $SERVICES_ENV (read by tests/e2e/conftest.py). See docs/cluster.md.
-#   usage: bash .ci/services.sh [start|stop|status]
+# The services the cluster tests need, on this one machine, as root: a single-node SLURM (munged, slurmctld,
+# slurmd, and slurmdbd on MariaDB for sacct) and PostgreSQL on 127.0.0.1 with an `mlflow` role and database.
+# `start` installs what is missing, configures, starts what is not running and proves each service works; run
+# twice, it only checks. `stop` ends them. The tests find them in $SERVICES_ENV (tests/e2e/conftest.py).
+# See docs/cluster.md.   usage: bash .ci/services.sh [start|stop|status]
 set -euo pipefail
 
 SERVICES_ENV=${HARNESS_SERVICES_ENV:-/var/tmp/harness-test-services.env}
@@ -129,7 +129,10 @@ EOF
     say "wrote $SLURM_CONF"
 }
 
-pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A process that runs (a zombie, ended but not yet reaped by its parent, does not).
+running() { [[ $(ps -o stat= -p "$1" 2>/dev/null) =~ ^[^Z] ]]; }
+
+pid_alive() { [[ -s $1 ]] && running "$(cat "$1")"; }
 
 stop_daemon() {
     local pidfile=$1 pid
@@ -137,7 +140,7 @@ stop_daemon() {
         pid=$(cat "$pidfile")
         say "stopping $(basename "$pidfile" .pid) ($pid)"
         kill "$pid"
-        wait_or_die 30 "exit of process $pid" bash -c "! kill -0 $pid"
+        wait_or_die 30 "exit of process $pid" bash -c "! [[ \$(ps -o stat= -p $pid) =~ ^[^Z] ]]"
     fi
     rm -f "$pidfile"
 }
@@ -236,7 +239,7 @@ check_signal_job() {
 check_slurm() {
     local out step_job node job
     # shellcheck disable=SC2016 # expanded in the job
-    out=$(timeout "$WAIT_S" srun -N1 -n1 --time=1 bash -c 'echo "$SLURM_JOB_ID $(hostname)"') ||
+    out=$(timeout "$WAIT_S" srun --quiet -N1 -n1 --time=1 bash -c 'echo "$SLURM_JOB_ID $(hostname)"') ||
         die "srun -N1 -n1 hostname failed: $out"
     read -r step_job node <<<"$out"
     [[ $node == "$(hostname)" ]] || die "srun hostname printed '$out', not a job id and $(hostname)"
@@ -333,10 +336,7 @@ stop() {
         say "stopping MariaDB"
         /etc/init.d/mariadb stop >/dev/null
     fi
-    if [[ -s /run/munge/munged.pid ]] && kill -0 "$(cat /run/munge/munged.pid)" 2>/dev/null; then
-        say "stopping munged"
-        kill "$(cat /run/munge/munged.pid)"
-    fi
+    stop_daemon /run/munge/munged.pid
     stop_postgres
 }
 
