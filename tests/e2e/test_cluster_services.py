@@ -2,14 +2,12 @@
 through the repository's `hydra/launcher=slurm`, and a trial tracked by a real `mlflow server` on PostgreSQL."""
 
 import math
-import os
 import subprocess
-import sys
 
 import mlflow
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, run_harness
 from tests.e2e.conftest import libpq_uri
 
 TRIAL_TAGS = [
@@ -34,19 +32,6 @@ SLURM_CPU_JOB = [
 ]
 
 
-def harness(*args: str, cwd, tracking_uri: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "harness", *args],
-        cwd=cwd,
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "HYDRA_FULL_ERROR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, f"harness failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 def trial_runs(tracking_uri: str) -> list:
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("harness/smoke")
@@ -64,7 +49,7 @@ def assert_finished_trial(run, tags: list[str]) -> None:
 def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_partition, tmp_path):
     sweep_dir = tmp_path / "study"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = harness(
+    result = run_harness(
         "+sweep=quick",
         *SLURM_CPU_JOB,
         f"hydra.launcher.partition={slurm_partition}",
@@ -73,7 +58,7 @@ def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_pa
         "hydra.sweeper.seeds=[1,2]",
         f"hydra.sweep.dir={sweep_dir}",
         cwd=tmp_path,
-        tracking_uri=tracking_uri,
+        env_uri=tracking_uri,
     )
     assert "with the slurm launcher" in result.stdout, result.stdout
     runs = trial_runs(tracking_uri)
@@ -100,12 +85,12 @@ def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_pa
 def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
     postgres_mlflow_server, postgres_uri, tmp_path
 ):
-    result = harness(
+    result = run_harness(
         f"tracking.uri={postgres_mlflow_server}",
         *TINY,
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
-        tracking_uri="sqlite:///never-used.db",
+        env_uri="sqlite:///never-used.db",
     )
     [run] = trial_runs(postgres_mlflow_server)
     assert_finished_trial(run, [t for t in TRIAL_TAGS if t != "study"])  # a single trial is in no study
