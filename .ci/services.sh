@@ -51,6 +51,7 @@ apt_install() {
 
 install_missing() {
     local missing=()
+    command -v ps >/dev/null || missing+=(procps)
     command -v munged >/dev/null || missing+=(munge)
     command -v slurmctld >/dev/null && command -v slurmd >/dev/null || missing+=(slurm-wlm)
     command -v slurmdbd >/dev/null || missing+=(slurmdbd)
