@@ -22,6 +22,13 @@ die() {
     exit 1
 }
 
+# Start a daemon ("$@"), or fail with the end of its log ($1).
+start_daemon() {
+    local log=$1
+    shift
+    "$@" || die "'$*' failed (exit $?); the end of $log: $(tail -n 5 "$log" 2>&1 | tr '\n' ' ')"
+}
+
 # Run "$@" until it succeeds (then 0) or $1 seconds pass (then 1).
 wait_for() {
     local deadline=$((SECONDS + $1))
@@ -70,7 +77,7 @@ start_munge() {
     install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
     if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
         say "starting munged"
-        runuser -u munge -- /usr/sbin/munged --force
+        start_daemon /var/log/munge/munged.log runuser -u munge -- /usr/sbin/munged --force
         wait_or_die "$WAIT_S" "munged" bash -c 'munge -n | unmunge'
     fi
 }
@@ -158,7 +165,7 @@ start_accounting() {
     install -d -m 0755 /etc/slurm "$SLURM_LOG"
     if ! mariadb-admin ping >/dev/null 2>&1; then
         say "starting MariaDB"
-        /etc/init.d/mariadb start >/dev/null
+        /etc/init.d/mariadb start || die "MariaDB did not start (/etc/init.d/mariadb start: exit $?)"
     fi
     wait_or_die "$WAIT_S" "MariaDB" mariadb-admin ping
     mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
@@ -186,7 +193,7 @@ EOF
     fi
     if ! pid_alive /run/slurmdbd.pid; then
         say "starting slurmdbd"
-        slurmdbd
+        start_daemon "$SLURM_LOG/slurmdbd.log" slurmdbd
     fi
     wait_or_die "$WAIT_S" "slurmdbd (log: $SLURM_LOG/slurmdbd.log)" sacctmgr -n show cluster
     if [[ -z $(sacctmgr -n -P show cluster format=cluster where cluster=harness-ci) ]]; then
@@ -200,12 +207,12 @@ node_up() { [[ "$(sinfo -h -N -o %T 2>/dev/null)" =~ ^(idle|mixed|allocated|comp
 start_slurm() {
     if ! pid_alive /run/slurmctld.pid; then
         say "starting slurmctld"
-        slurmctld -i
+        start_daemon "$SLURM_LOG/slurmctld.log" slurmctld -i
     fi
     wait_or_die "$WAIT_S" "slurmctld (log: $SLURM_LOG/slurmctld.log)" scontrol ping
     if ! pid_alive /run/slurmd.pid; then
         say "starting slurmd"
-        slurmd
+        start_daemon "$SLURM_LOG/slurmd.log" slurmd
     fi
     if ! node_up; then
         # A node left DOWN or DRAIN by an earlier run (e.g. a killed slurmd) returns to service.
@@ -278,7 +285,7 @@ start_postgres() {
     fi
     if ! pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
         say "starting PostgreSQL $version"
-        pg_ctlcluster "$version" main start
+        start_daemon "/var/log/postgresql/postgresql-$version-main.log" pg_ctlcluster "$version" main start
     fi
     wait_or_die "$WAIT_S" "PostgreSQL $version" runuser -u postgres -- pg_isready -q -h 127.0.0.1 -p "$(pg_port)"
     psql_admin <<EOF
