@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 STUDY ?= quick
 
-.PHONY: setup setup-dev run test test-all ui list plan data analyze sweep bench bench-tracking
+.PHONY: setup setup-dev run test test-all ui list plan data analyze sweep bench bench-tracking services services-stop
 
 # What running needs: torch, then the harness and its dependencies.
 setup:
@@ -27,6 +27,13 @@ plan:
 
 test:
 	$(PYTHON) -m pytest -q
+
+# The single-node SLURM and the PostgreSQL that tests/e2e/test_cluster_services.py needs (as root; docs/cluster.md).
+services:
+	bash .ci/services.sh start
+
+services-stop:
+	bash .ci/services.sh stop
 
 test-all:
 	$(PYTHON) -m pytest -q -m "slow or not slow"

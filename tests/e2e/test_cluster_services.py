@@ -1,0 +1,108 @@
+"""Smoke tests of the cluster services from `.ci/services.sh`: a study submitted to a real single-node SLURM
+through the repository's `hydra/launcher=slurm`, and a trial tracked by a real `mlflow server` on PostgreSQL."""
+
+import math
+import subprocess
+
+import mlflow
+import pytest
+
+from tests.conftest import TINY, run_harness
+from tests.e2e.conftest import libpq_uri
+
+TRIAL_TAGS = [
+    "intervention",
+    "seed",
+    "train_seed",
+    "data_seed",
+    "init_fingerprint",
+    "config_hash",
+    "code_version",
+    "study",
+    "scale",
+]
+# CPU-sized jobs for the launcher's per-GPU defaults: one task of one CPU, a little memory, a short time limit.
+SLURM_CPU_JOB = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.tasks_per_node=1",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=5",
+]
+
+
+def trial_runs(tracking_uri: str) -> list:
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("harness/smoke")
+    assert experiment is not None, f"no experiment harness/smoke in {tracking_uri}"
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("study_parent") != "true"]
+
+
+def assert_finished_trial(run, tags: list[str]) -> None:
+    assert run.info.status == "FINISHED", (run.info.run_id, run.info.status)
+    assert math.isfinite(run.data.metrics["test_loss"]), run.data.metrics
+    missing = [t for t in tags if not run.data.tags.get(t)]
+    assert not missing, f"run {run.info.run_id} lacks tags {missing}"
+
+
+def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_partition, tmp_path):
+    sweep_dir = tmp_path / "study"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_harness(
+        "+sweep=quick",
+        *SLURM_CPU_JOB,
+        f"hydra.launcher.partition={slurm_partition}",
+        *TINY,
+        "hydra.sweeper.arms=[baseline]",
+        "hydra.sweeper.seeds=[1,2]",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+        env_uri=tracking_uri,
+    )
+    assert "with the slurm launcher" in result.stdout, result.stdout
+    runs = trial_runs(tracking_uri)
+    assert sorted(r.data.tags["seed"] for r in runs) == ["1", "2"], [r.data.tags for r in runs]
+    for run in runs:
+        assert_finished_trial(run, TRIAL_TAGS)
+        assert run.data.tags["study"] == "quick"
+    # Each trial ran in its own SLURM job: submitit's folder per job id holds the log in which the trial printed
+    # its run id, and SLURM's accounting has the job COMPLETED.
+    logs = {p.parent.name: p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_0_log.out")}
+    assert len(logs) == 2, sorted(logs)
+    for run in runs:
+        assert len([job for job, log in logs.items() if f"run {run.info.run_id}" in log]) == 1, (run.info, logs)
+    states = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", *[f"--jobs={job}" for job in logs]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    assert sorted(states) == sorted(f"{job}|COMPLETED" for job in logs), states
+
+
+def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
+    postgres_mlflow_server, postgres_uri, tmp_path
+):
+    result = run_harness(
+        f"tracking.uri={postgres_mlflow_server}",
+        *TINY,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        env_uri="sqlite:///never-used.db",
+    )
+    [run] = trial_runs(postgres_mlflow_server)
+    assert_finished_trial(run, [t for t in TRIAL_TAGS if t != "study"])  # a single trial is in no study
+    assert f"run {run.info.run_id}" in result.stdout, result.stdout
+    assert run.data.tags["intervention"] == "baseline"
+    assert not (tmp_path / "never-used.db").exists()
+    # The server's records are PostgreSQL's rows.
+    import psycopg2
+
+    with psycopg2.connect(libpq_uri(postgres_uri)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
+        assert cursor.fetchall() == [("FINISHED",)]
+        cursor.execute("SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'test_loss'", (run.info.run_id,))
+        [(test_loss,)] = cursor.fetchall()
+    assert test_loss == pytest.approx(run.data.metrics["test_loss"])
