@@ -19,8 +19,8 @@ from analysis.synthetic import (
     generate_study,
     log_study_to_mlflow,
 )
+from harness.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEMO_INTERVENTIONS = [
     PlantedIntervention("no_dropout", -0.04),

@@ -37,7 +37,9 @@ TRAIN_TOKENS = token_stream(TRAIN_DOCUMENTS)
 
 
 def write_prepared(directory, shard_tokens: int = 150):
-    manifest = Manifest(dataset="fineweb", source={"synthetic": "tests/test_data_loading.py"}, holdout_fraction=0.25)
+    manifest = Manifest(
+        dataset="fineweb", source={"synthetic": "tests/unit/data/test_loader.py"}, holdout_fraction=0.25
+    )
     for split, docs in (("train", TRAIN_DOCUMENTS), ("test", TEST_DOCUMENTS)):
         writer = ShardWriter(directory, manifest, split, shard_tokens)
         for doc in docs:

@@ -22,7 +22,7 @@ from harness.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SYSTEM_
 from harness.trial import checkpoint
 from harness.trial.trainer import Trial as TrainingTrial
 from tests.conftest import TINY, MlflowServer, compose_config
-from tests.test_sweep_run import SWEEP_TINY, sweep_env
+from tests.e2e.test_study_processes import SWEEP_TINY, sweep_env
 
 CPU = SYSTEM_PREFIX + "cpu_utilization_percentage"
 
