@@ -84,10 +84,12 @@ def run_harness(*args: str, cwd: Path, env_uri: str, check: bool = True) -> subp
     return result
 
 
-def run_in_process(*args: str, cwd: Path, env_uri: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_in_process(
+    *args: str, cwd: Path = PROJECT_ROOT, env_uri: str | None = None, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """`python -m harness ARGS` through `harness.__main__.main` in this process: the same code a user's command
     runs, without a fresh interpreter's start-up. Captures stdout/stderr, turns SystemExit (or an escaping
-    exception, as an interpreter would) into the exit status, and restores what a command may change in the
+    exception, as an interpreter would) into the exit status; `env` adds environment variables. It restores what a command may change in the
     process: cwd, sys.argv, os.environ, Hydra's global state, logging, signal handlers, MLflow's tracking URI and
     active run, torch's determinism, thread count and default dtype."""
     import contextlib
@@ -117,7 +119,9 @@ def run_in_process(*args: str, cwd: Path, env_uri: str, check: bool = True) -> s
     saved_logging = (list(root.handlers), root.level, logging.root.manager.disable)
     stdout, stderr = io.StringIO(), io.StringIO()
     GlobalHydra.instance().clear()
-    os.environ.update({"MLFLOW_TRACKING_URI": env_uri, "HYDRA_FULL_ERROR": "0"})
+    os.environ.update({**(env or {}), "HYDRA_FULL_ERROR": "0"})
+    if env_uri is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = env_uri
     os.chdir(cwd)
     status = 0
     try:
