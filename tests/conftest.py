@@ -119,7 +119,7 @@ def run_in_process(
     saved_logging = (list(root.handlers), root.level, logging.root.manager.disable)
     stdout, stderr = io.StringIO(), io.StringIO()
     GlobalHydra.instance().clear()
-    os.environ.update({**(env or {}), "HYDRA_FULL_ERROR": "0"})
+    os.environ.update({"HYDRA_FULL_ERROR": "0", **(env or {})})
     if env_uri is not None:
         os.environ["MLFLOW_TRACKING_URI"] = env_uri
     os.chdir(cwd)
