@@ -14,6 +14,10 @@ from scipy import stats
 from harness.config.schema import compose_trial
 from harness.paths import PROJECT_ROOT
 
+# Every process a test starts imports the code under test (this checkout), never another installed copy: a study
+# resumed in-process must see the same code version as the process it resumes.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+
 # A trial small enough for a few seconds on 2 CPU cores, through every real code path.
 TINY = [
     "model.d_model=32",
