@@ -14,6 +14,10 @@ from scipy import stats
 from harness.config.compose import compose_trial
 from harness.paths import PROJECT_ROOT
 
+# Every process a test starts imports the code under test (this checkout), never another installed copy: a study
+# resumed in-process must see the same code version as the process it resumes.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+
 # A trial small enough for a few seconds on 2 CPU cores, through every real code path.
 TINY = [
     "model.d_model=32",
@@ -78,6 +82,86 @@ def run_harness(*args: str, cwd: Path, env_uri: str, check: bool = True) -> subp
     env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "HYDRA_FULL_ERROR": "0"}
     result = subprocess.run(
         [sys.executable, "-m", "harness", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode:
+        raise AssertionError(f"harness failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_in_process(
+    *args: str, cwd: Path = PROJECT_ROOT, env_uri: str | None = None, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS` through `harness.__main__.main` in this process: the same code a user's command
+    runs, without a fresh interpreter's start-up. Captures stdout/stderr, turns SystemExit (or an escaping
+    exception, as an interpreter would) into the exit status; `env` adds environment variables. It restores what a command may change in the
+    process: cwd, sys.argv, os.environ, Hydra's global state, logging, signal handlers, MLflow's tracking URI and
+    active run, torch's determinism, thread count and default dtype."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    import mlflow
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from harness.__main__ import main
+
+    saved = {
+        "cwd": os.getcwd(),
+        "argv": list(sys.argv),
+        "environ": dict(os.environ),
+        "handlers": {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)},
+        "tracking_uri": tracking_utils._tracking_uri,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "threads": torch.get_num_threads(),
+        "dtype": torch.get_default_dtype(),
+    }
+    root = logging.getLogger()
+    saved_logging = (list(root.handlers), root.level, logging.root.manager.disable)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    GlobalHydra.instance().clear()
+    os.environ.update({"HYDRA_FULL_ERROR": "0", **(env or {})})
+    if env_uri is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    os.chdir(cwd)
+    status = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main(list(args))
+            except SystemExit as exit_:
+                code = exit_.code
+                status = code if isinstance(code, int) else (0 if code is None else 1)
+                if isinstance(code, str):
+                    print(code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001 -- what an interpreter does with an uncaught exception
+                traceback.print_exc()
+                status = 1
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        GlobalHydra.instance().clear()
+        os.chdir(saved["cwd"])
+        sys.argv[:] = saved["argv"]
+        os.environ.clear()
+        os.environ.update(saved["environ"])
+        for number, handler in saved["handlers"].items():
+            signal.signal(number, handler)
+        tracking_utils._tracking_uri = saved["tracking_uri"]
+        torch.use_deterministic_algorithms(saved["deterministic"])
+        torch.backends.cudnn.deterministic = saved["cudnn_deterministic"]
+        torch.set_num_threads(saved["threads"])
+        torch.set_default_dtype(saved["dtype"])
+        for handler in set(root.handlers) - set(saved_logging[0]):
+            handler.close()
+        root.handlers[:] = saved_logging[0]
+        root.setLevel(saved_logging[1])
+        logging.disable(saved_logging[2])
+    result = subprocess.CompletedProcess(
+        ["python", "-m", "harness", *args], status, stdout.getvalue(), stderr.getvalue()
     )
     if check and result.returncode:
         raise AssertionError(f"harness failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

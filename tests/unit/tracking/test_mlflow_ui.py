@@ -5,8 +5,6 @@ its description. Real MLflow: sqlite stores, and a real `mlflow server` on 127.0
 
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,7 +20,7 @@ from harness.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SYSTEM_
 from harness.trial import checkpoint
 from harness.trial.trainer import Trial as TrainingTrial
 from tests.conftest import TINY, MlflowServer, compose_config
-from tests.test_sweep_run import SWEEP_TINY, sweep_env
+from tests.e2e.test_study_processes import run_sweep_in_process
 
 CPU = SYSTEM_PREFIX + "cpu_utilization_percentage"
 
@@ -169,35 +167,16 @@ def mlflow_server(tmp_path):
 def test_a_study_in_a_real_mlflow_server_reads_as_one_tree_with_its_verdicts(tmp_path, mlflow_server, monkeypatch):
     """`make sweep`, `make analyze`, `make sweep` again, against a real tracking server, read back through
     MlflowClient: kinds, nesting and names."""
-    command = [
-        sys.executable,
-        "-m",
-        "harness",
-        "+sweep=quick",
-        *SWEEP_TINY,
+    study = [
         "hydra.sweeper.arms=[baseline,no_dropout]",
         "hydra.sweeper.seeds=[1,2]",
         "tracking.system_metrics_interval=0.05",
     ]
-    first = subprocess.run(
-        [*command, f"hydra.sweep.dir={tmp_path / 'first'}"],
-        cwd=tmp_path,
-        env=sweep_env(mlflow_server),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    first = run_sweep_in_process(*study, sweep_dir=tmp_path / "first", uri=mlflow_server)
     assert first.returncode == 0, first.stdout + first.stderr
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     assert analysis_main(["study=quick", f"out={tmp_path / 'report'}", "resamples=999"]) == 0
-    again = subprocess.run(
-        [*command, f"hydra.sweep.dir={tmp_path / 'again'}"],
-        cwd=tmp_path,
-        env=sweep_env(mlflow_server),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = run_sweep_in_process(*study, sweep_dir=tmp_path / "again", uri=mlflow_server)
     assert again.returncode == 0, again.stdout + again.stderr
 
     client = mlflow.MlflowClient(mlflow_server)

@@ -1,8 +1,5 @@
 """End to end: a synthetic study in a real MLflow sqlite store, analysed by the CLI."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -19,8 +16,8 @@ from analysis.synthetic import (
     generate_study,
     log_study_to_mlflow,
 )
+from tests.conftest import run_in_process
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEMO_INTERVENTIONS = [
     PlantedIntervention("no_dropout", -0.04),
@@ -59,16 +56,9 @@ def study_store(store, monkeypatch, tmp_path):
 
 def test_cli_analyses_an_mlflow_study_and_logs_an_analysis_run(study_store, tmp_path):
     out = tmp_path / "report"
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-m", "analysis", "study=demo", f"out={out}", "min_effect=0.005", "resamples=999"],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_in_process(
+        "analyze", "study=demo", f"out={out}", "min_effect=0.005", "resamples=999", cwd=tmp_path, env_uri=study_store
     )
-    assert result.returncode == 0, result.stderr
 
     trials = mlflow.search_runs(experiment_names=["trials"], filter_string="tags.study = 'demo'")
     failed = trials[trials["status"] == "FAILED"]

@@ -25,7 +25,15 @@ from analysis.sequential.procedure import sequential_decisions
 from harness.study.design import StudyConf, sequential_schedule, study_trials
 from harness.study.run import PlannedTrial, StudyStore
 from harness.study.sequential import SequentialStudy
-from tests.test_sweep_run import integrity, run_sweep, runs, sweep_command, sweep_env, table
+from tests.e2e.test_study_processes import (
+    integrity,
+    run_sweep,
+    run_sweep_in_process,
+    runs,
+    sweep_command,
+    sweep_env,
+    table,
+)
 
 SEQUENTIAL = [
     "hydra.sweeper.arms=[baseline,lr_schedule,weight_tying]",
@@ -60,7 +68,7 @@ def test_sequential_study_runs_rounds_stops_and_resumes_after_sigkill(tmp_path):
     assert len(finished_before) in (4, 5)
     time.sleep(4.5)  # 4 heartbeat intervals: the killed execution's runs are stale
 
-    budget = run_sweep(*SEQUENTIAL, "hydra.sweeper.budget_trials=6", sweep_dir=tmp_path / "budget", uri=uri)
+    budget = run_sweep_in_process(*SEQUENTIAL, "hydra.sweeper.budget_trials=6", sweep_dir=tmp_path / "budget", uri=uri)
     assert budget.returncode == 0, budget.stdout + budget.stderr
     out = budget.stdout
     assert "3 trials: 3 already FINISHED (skipped), 0 to run" in out  # round 1
@@ -184,7 +192,7 @@ def test_bad_sequential_settings_fail_before_anything_runs(settings, message):
 
 def test_the_interventions_study_runs_sequentially_from_the_command_line():
     """`make sweep STUDY=interventions ARGS="hydra.sweeper.sequential=true hydra.sweeper.max_seeds=8"`."""
-    from tests.test_sweep_study import shipped_study
+    from tests.unit.study.test_design import shipped_study
 
     study, _ = shipped_study("interventions", "hydra.sweeper.sequential=true", "hydra.sweeper.max_seeds=8")
     assert sequential_schedule(study) == [42, 22, 67, 1, 2, 3, 4, 5]

@@ -5,9 +5,6 @@ import torch or MLflow."""
 
 import copy
 import functools
-import os
-import subprocess
-import sys
 
 import pytest
 from hydra import compose as hydra_compose
@@ -22,7 +19,6 @@ from harness.config.overrides import override_problems
 from harness.paths import PROJECT_ROOT
 from harness.study.design import StudyConf, study_trials
 from harness.trial.preflight import checked_trial, refuse
-from tests.conftest import TINY
 
 # A smoke scale: a trial that would train in seconds if the input were accepted.
 SMOKE = [
@@ -290,113 +286,3 @@ def test_every_arm_of_every_shipped_study_is_free_of_overlay_conflicts():
         "qkv_bias",
         "weight_decay",
     ]  # the factorial's largest arm
-
-
-# --- the real command --------------------------------------------------------------------------------------
-def harness(*args: str, cwd, extra_env=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", **(extra_env or {})}
-    env.pop("HYDRA_FULL_ERROR", None)
-    env.update(extra_env or {})
-    return subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "harness", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def imported(result: subprocess.CompletedProcess) -> set[str]:
-    """The top-level packages the process imported (from `-X importtime`)."""
-    return {
-        line.split("|")[-1].strip().split(".")[0]
-        for line in result.stderr.splitlines()
-        if line.startswith("import time:")
-    }
-
-
-def messages(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
-
-
-@pytest.mark.parametrize(
-    "overrides, expected",
-    [
-        (["optim.weight_decay=-1"], ["error: optim.weight_decay=-1.0: must be a finite number ≥ 0 (0 = no decay)"]),
-        (
-            ["+optim.lrr=1"],
-            [
-                "error: optim.lrr=1: no such config key; did you mean optim.lr? (optim has: lr, weight_decay, "
-                "beta1, beta2, eps, grad_clip, schedule, warmup_fraction, warmup_start_factor, final_lr_ratio, "
-                "decay_fraction)"
-            ],
-        ),
-        (
-            ["trainer.device=cuda", "data.test_offset=-1000"],
-            [
-                "error: data.test_offset=-1000: must be a whole number ≥ 0",
-                "error: trainer.device=cuda: must be a device this machine has, and it has no CUDA device (torch ",
-            ],
-        ),
-        (["data.test_offset=100000000"], ["error: data.test_tokens=2048: the test window, tokens 100,000,000 … "]),
-    ],
-    ids=["range", "misspelt key with +", "device and range", "data size"],
-)
-def test_the_command_refuses_in_one_line_each_leaving_nothing_and_never_loading_torch(overrides, expected, tmp_path):
-    result = harness(*SMOKE, *overrides, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = messages(result)
-    assert len(lines) == len(expected) and all(line.startswith(start) for line, start in zip(lines, expected)), lines
-    assert "Traceback" not in result.stderr and result.stdout == ""
-    assert list(tmp_path.iterdir()) == []  # no outputs/ directory, no MLflow store: nothing ran
-    assert not {"torch", "mlflow"} & imported(result)
-
-
-def test_a_config_error_under_two_ranks_is_reported_by_the_parent_before_spawning(tmp_path):
-    result = harness(*TINY, "trainer.nproc_per_node=2", "data.test_offset=100000000", cwd=tmp_path)
-    assert result.returncode == 2
-    assert messages(result) == [
-        "error: data.test_tokens=256: the test window, tokens 100,000,000 … 100,000,256 "
-        "(data.test_offset=100000000), needs 100,000,257 tokens but the held-out split holds 45,120"
-    ]
-    assert "torch" not in imported(result)  # no rank was ever spawned
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_hydra_full_error_shows_the_traceback_for_debugging(tmp_path):
-    result = harness("optim.lr=-1", cwd=tmp_path, extra_env={"HYDRA_FULL_ERROR": "1"})
-    assert result.returncode == 1
-    assert "Traceback" in result.stderr and "harness.config.checks.ConfigError: optim.lr=-1.0: must be" in result.stderr
-
-
-@pytest.mark.parametrize("command", [["list"], ["--help"]])
-def test_list_and_help_answer_without_torch_or_mlflow_and_list_without_hydra(command, tmp_path):
-    result = harness(*command, cwd=tmp_path)
-    assert result.returncode == 0 and "stacked_best" in result.stdout
-    assert not {"torch", "mlflow"} & imported(result)
-    if command == ["list"]:
-        assert "hydra" not in imported(result)
-    else:
-        assert "optim.beta1                      a number in [0, 1)" in result.stdout
-
-
-def test_a_value_sweep_checks_every_job_before_running_any(tmp_path):
-    result = harness("-m", *SMOKE, "optim.lr=2e-3,-1", "trainer.sample_top_k=5,-5", cwd=tmp_path)
-    assert result.returncode == 2
-    assert messages(result) == [
-        "error: job 1 (optim.lr=0.002 trainer.sample_top_k=-5): trainer.sample_top_k=-5: must be a whole number ≥ 0 "
-        "(0 = sample from every token)",
-        "error: job 2 (optim.lr=-1 trainer.sample_top_k=5): optim.lr=-1.0: must be a finite number > 0",
-        "error: job 3 (optim.lr=-1 trainer.sample_top_k=-5): optim.lr=-1.0: must be a finite number > 0",
-        "error: job 3 (optim.lr=-1 trainer.sample_top_k=-5): trainer.sample_top_k=-5: must be a whole number ≥ 0 "
-        "(0 = sample from every token)",
-    ]
-    assert list(tmp_path.iterdir()) == [] and "torch" not in imported(result)
-
-
-def test_a_study_checks_every_trial_before_it_starts(tmp_path):
-    result = harness("+sweep=quick", "hydra.sweeper.seeds=[1,-1]", cwd=tmp_path)
-    assert result.returncode == 1  # a study's errors are Hydra's (CompactHydraException): the message alone
-    assert "study quick, trial baseline-s-1: seed=-1: must be a whole number in [0, 4294967295]" in result.stderr
-    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []

@@ -17,7 +17,7 @@ import yaml
 from harness.tracking.store import ensure_store
 from harness.tracking.version import code_version
 from harness.trial import checkpoint
-from tests.conftest import TINY, MlflowServer
+from tests.conftest import TINY, MlflowServer, run_in_process
 
 SWEEP_TINY = [
     *TINY,
@@ -68,6 +68,33 @@ def run_sweep(
     )
 
 
+def run_sweep_in_process(*args: str, sweep_dir: Path, uri: str) -> subprocess.CompletedProcess:
+    """`run_sweep` through `harness.__main__.main` in this process (the basic launcher runs every trial here)."""
+    return run_in_process(
+        "+sweep=quick",
+        *SWEEP_TINY,
+        *args,
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=sweep_dir.parent,
+        env_uri=uri,
+        check=False,
+    )
+
+
+def plant_failure_at_start(monkeypatch) -> None:
+    """In this process, what HARNESS_FAILING_ONE_SEED plants in its own."""
+    from harness.trial import trainer
+
+    build_model = trainer.build_model
+
+    def build_or_fail(cfg, plugins=None):
+        if cfg.seed == int(FAILS_AT_START):
+            raise RuntimeError("planted failure")
+        return build_model(cfg, plugins)
+
+    monkeypatch.setattr(trainer, "build_model", build_or_fail)
+
+
 def table(stdout: str) -> dict[str, str]:
     """trial → status, from the summary table the sweep prints."""
     rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ")]
@@ -86,7 +113,7 @@ def integrity(db: Path) -> str:
         return connection.execute("PRAGMA integrity_check").fetchone()[0]
 
 
-def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_no_other(tmp_path):
+def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_no_other(tmp_path, monkeypatch):
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     study = ["hydra.sweeper.arms=[baseline]", f"hydra.sweeper.seeds=[1,2,{FAILS_AT_START}]"]
@@ -125,7 +152,8 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
     client.set_terminated(older, "FINISHED")
     time.sleep(4.5)  # 4 heartbeat intervals: the killed execution's runs are stale
 
-    result = run_sweep(*study, sweep_dir=tmp_path / "second", uri=uri, harness=failing)
+    plant_failure_at_start(monkeypatch)
+    result = run_sweep_in_process(*study, sweep_dir=tmp_path / "second", uri=uri)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "3 trials: 1 already FINISHED (skipped), 2 to run with the basic launcher" in result.stdout
     assert f"code version {code_version()}" in result.stdout  # the skipped run was made by this very code

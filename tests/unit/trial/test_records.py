@@ -23,7 +23,7 @@ from harness.commands.export import main as export_main
 from harness.tracking import records
 from harness.trial import checkpoint
 from harness.trial.trainer import DivergenceError, Trial, build_model
-from tests.conftest import TINY, compose_config, run_harness
+from tests.conftest import TINY, compose_config, run_in_process
 
 FAST_BEAT = ["tracking.heartbeat_interval=1"]  # a dead trial is stale after 4 s
 
@@ -139,7 +139,7 @@ def test_a_flipped_bit_is_refused_by_resume_evaluate_and_export_naming_the_file(
     flip_a_bit(rng)
     (copy / "checkpoints" / "latest").write_text("step_000004\n")
     with interrupted(store, finished[1]["run_id"]):
-        resumed = run_harness(
+        resumed = run_in_process(
             f"resume={copy}", f"hydra.run.dir={tmp_path / 'log'}", cwd=tmp_path, env_uri=store, check=False
         )
         status = mlflow.MlflowClient(store).get_run(finished[1]["run_id"]).info.status
@@ -280,7 +280,7 @@ def test_resuming_a_finished_trial_changes_nothing_and_says_so(finished, store, 
     run_dir, result = finished
     before = mlflow.MlflowClient(store).get_run(result["run_id"])
     files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-    out = run_harness(f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'log'}", cwd=tmp_path, env_uri=store)
+    out = run_in_process(f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'log'}", cwd=tmp_path, env_uri=store)
     assert (
         f"resume={run_dir}: the trial's run {result['run_id']} in {store} already FINISHED (test_loss "
         f"{result['test_loss']:.6f}): nothing to resume; nothing was changed"
@@ -300,10 +300,10 @@ def test_resuming_into_another_store_is_refused_naming_both(finished, store, tmp
     other = f"sqlite:///{tmp_path / 'other.db'}"
     args = [f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'log'}"]
     if how == "override":
-        result = run_harness(*args, f"tracking.uri={other}", cwd=tmp_path, env_uri=store, check=False)
+        result = run_in_process(*args, f"tracking.uri={other}", cwd=tmp_path, env_uri=store, check=False)
         source = "tracking.uri"
     else:
-        result = run_harness(*args, cwd=tmp_path, env_uri=other, check=False)
+        result = run_in_process(*args, cwd=tmp_path, env_uri=other, check=False)
         source = "MLFLOW_TRACKING_URI"
     assert result.returncode != 0
     assert f"the trial is recorded in {store}, but {source} names {other}" in result.stderr
@@ -325,17 +325,6 @@ def start_trial(*args: str, cwd: Path, uri: str) -> subprocess.Popen:
     )
 
 
-def harness_command(*args: str, uri: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-    )
-
-
 def test_a_sigkilled_trial_is_listed_stale_and_marked_killed_with_the_reason(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
@@ -352,11 +341,11 @@ def test_a_sigkilled_trial_is_listed_stale_and_marked_killed_with_the_reason(tmp
     leftover.mkdir()
     time.sleep(5)
 
-    listed = harness_command("runs", uri=uri, cwd=tmp_path).stdout
+    listed = run_in_process("runs", env_uri=uri, cwd=tmp_path).stdout
     assert "1 RUNNING runs" in listed and "python -m harness runs --mark-stale" in listed
     [row] = [line for line in listed.splitlines() if line.startswith(run.info.run_id)]
     assert "s ago STALE" in row and str(run_dir) in row
-    marked = harness_command("runs", "--mark-stale", uri=uri, cwd=tmp_path)
+    marked = run_in_process("runs", "--mark-stale", env_uri=uri, cwd=tmp_path)
     assert marked.returncode == 0 and f"marked {run.info.run_id} (baseline s42 smoke) KILLED" in marked.stdout
     [run] = all_runs(uri)
     assert (
@@ -379,7 +368,7 @@ def free_port() -> int:
 def test_a_dead_tracking_uri_fails_the_trial_in_seconds_before_anything_is_built(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = run_harness(
+    result = run_in_process(
         *TINY, f"tracking.uri={dead}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env_uri=dead, check=False
     )
     elapsed = time.monotonic() - started

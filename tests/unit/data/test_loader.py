@@ -13,7 +13,7 @@ from harness.data.loader import DataConfig, open_dataset
 from harness.data.shards import ChecksumError, ConcatenatedTokens, DataError, Manifest, ShardWriter
 from harness.data.tokenizer import END_OF_TEXT
 from harness.trial.trainer import Trial
-from tests.conftest import TINY, compose_config, run_harness
+from tests.conftest import TINY, compose_config, run_in_process
 
 # Three training documents of 150, 200 and 160 tokens, one per shard: with their end-of-text tokens the split
 # holds 513 tokens = exactly the 16 sequences of 32 + 1 tokens that TINY's 4 steps × 4 sequences read.
@@ -37,7 +37,9 @@ TRAIN_TOKENS = token_stream(TRAIN_DOCUMENTS)
 
 
 def write_prepared(directory, shard_tokens: int = 150):
-    manifest = Manifest(dataset="fineweb", source={"synthetic": "tests/test_data_loading.py"}, holdout_fraction=0.25)
+    manifest = Manifest(
+        dataset="fineweb", source={"synthetic": "tests/unit/data/test_loader.py"}, holdout_fraction=0.25
+    )
     for split, docs in (("train", TRAIN_DOCUMENTS), ("test", TEST_DOCUMENTS)):
         writer = ShardWriter(directory, manifest, split, shard_tokens)
         for doc in docs:
@@ -101,7 +103,7 @@ def test_data_seed_shuffles_the_sequence_order_reproducibly(prepared):
 
 def test_too_few_training_tokens_fail_before_training_naming_the_numbers(prepared, tmp_path):
     store = tmp_path / "mlflow.db"
-    result = run_harness(
+    result = run_in_process(
         *TINY,
         "data.dataset=fineweb",
         f"data.path={prepared}",

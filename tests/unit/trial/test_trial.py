@@ -7,7 +7,7 @@ from harness.config.compose import config_hash
 from harness.trial import checkpoint
 from harness.trial.trainer import Trial, build_model, fingerprint
 from interventions import REGISTRY
-from tests.conftest import TINY, compose_config, run_harness
+from tests.conftest import TINY, compose_config, run_in_process
 
 CONTRACT_TAGS = [
     "intervention",
@@ -31,7 +31,7 @@ def only_run(uri: str):
 
 def test_cli_trial_lands_in_mlflow_with_the_whole_contract(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = run_harness(
+    out = run_in_process(
         *TINY,
         "+intervention=[no_dropout,gradient_clipping]",
         "seed=67",

@@ -10,7 +10,7 @@ from harness.config.checks import ConfigError
 from harness.config.compose import as_dict, config_hash, flatten
 from harness.paths import PROJECT_ROOT
 from interventions import REGISTRY
-from tests.conftest import compose_config, run_harness
+from tests.conftest import compose_config, run_in_process
 
 OVERLAYS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "intervention").glob("*.yaml"))
 SEVEN = ["gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_decay", "weight_tying", "no_amp"]
@@ -204,7 +204,7 @@ def test_misspelt_and_invalid_values_fail_with_the_key_name():
 
 
 def test_cli_rejects_unknown_intervention_listing_the_available_ones(tmp_path):
-    result = run_harness("+intervention=no_droput", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
+    result = run_in_process("+intervention=no_droput", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False)
     assert result.returncode == 2
     assert (
         "intervention=no_droput: no such intervention in conf/intervention/; did you mean no_dropout?" in result.stderr
@@ -215,7 +215,7 @@ def test_cli_rejects_unknown_intervention_listing_the_available_ones(tmp_path):
 
 
 def test_gpt2_small_without_the_prepared_study_tokens_says_how_to_prepare(tmp_path):
-    result = run_harness(
+    result = run_in_process(
         "scale=gpt2_small",
         "trainer.device=cpu",
         "trainer.precision=fp32",
@@ -229,6 +229,6 @@ def test_gpt2_small_without_the_prepared_study_tokens_says_how_to_prepare(tmp_pa
 
 
 def test_list_shows_every_intervention(tmp_path):
-    out = run_harness("list", cwd=tmp_path, env_uri="sqlite:///unused").stdout
+    out = run_in_process("list", cwd=tmp_path, env_uri="sqlite:///unused").stdout
     for name, item in REGISTRY.items():
         assert name in out and item.description in out

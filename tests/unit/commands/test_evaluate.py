@@ -3,8 +3,6 @@ without touching the run's status."""
 
 import os
 import shutil
-import subprocess
-import sys
 
 import mlflow
 import pytest
@@ -13,11 +11,10 @@ from omegaconf import OmegaConf
 from harness.commands.evaluate import main
 from harness.config.checks import ConfigError
 from harness.config.compose import compose
-from harness.paths import PROJECT_ROOT
 from harness.trial import checkpoint
 from harness.trial.preflight import check_trial
 from harness.trial.trainer import Trial
-from tests.conftest import TINY, compose_config, rewrite_state
+from tests.conftest import TINY, compose_config, rewrite_state, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +32,7 @@ def checkpoint_losses(uri: str, run_id: str, metric: str = "checkpoint_test_loss
 def test_command_reproduces_the_trials_test_loss_and_logs_it_at_the_checkpoint_step(trained, store):
     run_dir, result = trained
     before = mlflow.MlflowClient(store).get_run(result["run_id"]).info
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    out = subprocess.run(
-        [sys.executable, "-m", "harness", "evaluate", str(run_dir)],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_in_process("evaluate", str(run_dir), env_uri=store)
     assert out.stdout.startswith(
         f"checkpoint_test_loss {result['test_loss']:.6f}  checkpoint_test_loss_amp "
         f"{result['test_loss_amp']:.6f}  step 4  run {result['run_id']}"

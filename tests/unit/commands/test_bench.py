@@ -1,24 +1,17 @@
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from harness.trial.trainer import Trial
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, run_in_process
 
 
 def bench(*args: str, env: dict) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "harness", "bench", *args], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run_in_process("bench", *args, env=env).stdout
 
 
 def test_bench_reports_throughput_breakdown_comparison_and_repeatability_and_the_plan_uses_it(tmp_path):
-    env = {**os.environ, "HARNESS_BENCH_RECORDS": str(tmp_path / "throughput.jsonl")}
+    env = {"HARNESS_BENCH_RECORDS": str(tmp_path / "throughput.jsonl")}
     out = bench(
         *TINY,
         "steps=3",
@@ -36,14 +29,7 @@ def test_bench_reports_throughput_breakdown_comparison_and_repeatability_and_the
     # The base config's throughput is recorded, and the planner plans this machine's trials with it.
     [record] = [json.loads(line) for line in (tmp_path / "throughput.jsonl").read_text().splitlines()]
     assert record["gpu"] == "cpu" and f"| {record['tokens_per_sec']:,.0f} tokens/s |" in out
-    plan = subprocess.run(
-        [sys.executable, "-m", "harness", "plan", *TINY, "gpu=cpu"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert plan.returncode == 0, plan.stderr
+    plan = run_in_process("plan", *TINY, "gpu=cpu", env=env)
     assert f"throughput: {record['tokens_per_sec']:,.0f} tokens/s per GPU on baseline-s42" in plan.stdout
     assert "from: measured by `make bench` on cpu (" in plan.stdout
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from harness.trial import checkpoint
 from harness.trial.charts import write_charts
 from harness.trial.trainer import DivergenceError, PeriodStats, Trial
-from tests.conftest import TINY, compose_config, run_harness
+from tests.conftest import TINY, compose_config, run_harness, run_in_process
 
 NO_DROPOUT = [*TINY, "model.dropout=0.0", "trainer.max_steps=6", "trainer.checkpoint_interval=3"]
 
@@ -40,8 +40,10 @@ def test_ranks_accumulation_and_micro_batch_give_the_same_training(tmp_path):
     """2 ranks × micro B (real gloo launch), 1 rank × micro B × 2 accumulation, 1 rank × micro 2B."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_harness(*NO_DROPOUT, "trainer.nproc_per_node=2", f"hydra.run.dir={tmp_path}/ranks", cwd=tmp_path, env_uri=uri)
-    run_harness(*NO_DROPOUT, f"hydra.run.dir={tmp_path}/accum", cwd=tmp_path, env_uri=uri)
-    run_harness(*NO_DROPOUT, "trainer.micro_batch_size=4", f"hydra.run.dir={tmp_path}/wide", cwd=tmp_path, env_uri=uri)
+    run_in_process(*NO_DROPOUT, f"hydra.run.dir={tmp_path}/accum", cwd=tmp_path, env_uri=uri)
+    run_in_process(
+        *NO_DROPOUT, "trainer.micro_batch_size=4", f"hydra.run.dir={tmp_path}/wide", cwd=tmp_path, env_uri=uri
+    )
     per_step = train_losses(uri)
     assert set(per_step) == {"w2-b2", "w1-b2", "w1-b4"}  # one MLflow run per trial, however many ranks
     for key in ("w2-b2", "w1-b4"):
@@ -55,7 +57,7 @@ def test_ranks_accumulation_and_micro_batch_give_the_same_training(tmp_path):
 
 
 def test_batch_that_does_not_divide_fails_up_front(tmp_path):
-    result = run_harness(
+    result = run_in_process(
         *TINY, "trainer.nproc_per_node=3", cwd=tmp_path, env_uri=f"sqlite:///{tmp_path}/m.db", check=False
     )
     assert result.returncode != 0
@@ -87,7 +89,7 @@ def start_harness(*args, cwd, uri) -> subprocess.Popen:
 def test_resume_after_sigkill_is_bit_identical_to_uninterrupted(tmp_path, variant):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     trial = [*TINY, *variant, "trainer.max_steps=24", "trainer.checkpoint_interval=4", "seed=5", "train_seed=9"]
-    run_harness(*trial, f"hydra.run.dir={tmp_path}/whole", cwd=tmp_path, env_uri=uri)
+    run_in_process(*trial, f"hydra.run.dir={tmp_path}/whole", cwd=tmp_path, env_uri=uri)
 
     killed_dir = tmp_path / "killed"
     proc = start_harness(*trial, f"hydra.run.dir={killed_dir}", cwd=tmp_path, uri=uri)
@@ -100,7 +102,7 @@ def test_resume_after_sigkill_is_bit_identical_to_uninterrupted(tmp_path, varian
     reached = checkpoint.resolve(killed_dir / "checkpoints").name
     assert reached != "step_000024", "the kill came too late to test anything"
 
-    run_harness(f"resume={killed_dir}", f"hydra.run.dir={tmp_path}/resume_log", cwd=tmp_path, env_uri=uri)
+    run_in_process(f"resume={killed_dir}", f"hydra.run.dir={tmp_path}/resume_log", cwd=tmp_path, env_uri=uri)
     whole, resumed = final_weights(tmp_path / "whole"), final_weights(killed_dir)
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), f"resumed from {reached} differs"
@@ -113,8 +115,8 @@ def test_resume_after_sigkill_is_bit_identical_to_uninterrupted(tmp_path, varian
 
 @pytest.mark.slow
 def test_resume_with_changed_overrides_is_refused(tmp_path, tracking_uri):
-    run_harness(*TINY, f"hydra.run.dir={tmp_path}/a", cwd=tmp_path, env_uri=tracking_uri)
-    result = run_harness(
+    run_in_process(*TINY, f"hydra.run.dir={tmp_path}/a", cwd=tmp_path, env_uri=tracking_uri)
+    result = run_in_process(
         *TINY, "optim.lr=1e-3", f"resume={tmp_path}/a", cwd=tmp_path, env_uri=tracking_uri, check=False
     )
     assert result.returncode != 0 and "optim.lr: 0.0004 → 0.001" in result.stderr

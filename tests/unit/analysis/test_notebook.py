@@ -1,14 +1,13 @@
 """The notebook runs end to end in a real ``python3`` kernel on a generated study."""
 
-from pathlib import Path
-
 import nbformat
 import pandas as pd
 from nbclient import NotebookClient
 
 from analysis.synthetic import PlantedIntervention, generate_study
+from harness.paths import PROJECT_ROOT
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "analysis" / "noise_analysis.ipynb"
+NOTEBOOK = PROJECT_ROOT / "analysis" / "noise_analysis.ipynb"
 
 
 def test_notebook_analyses_a_generated_study(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from harness.data.prepare import PrepareError, prepare
 from harness.data.shards import MANIFEST, ChecksumError, Manifest, ShardWriter, open_split, sha256_file
 from harness.data.tokenizer import END_OF_TEXT
 from tests.conftest import compose_config, flip_a_byte
-from tests.test_prepare import disk_with_free_bytes, output_files, run_cli, run_python
+from tests.unit.data.test_prepare import disk_with_free_bytes, output_files, run_cli, run_python
 
 CONTEXT = 1024
 SHARD_TOKENS = 50_000
