@@ -42,8 +42,8 @@ def run_trial(cfg) -> float:
         if done:
             print(f"resume={run_dir}: {done}", flush=True)
             return None
-    from harness.study.run import export_submitit_ranks
     from harness.trial.launch import launch
+    from harness.trial.ranks import export_submitit_ranks
 
     export_submitit_ranks()
     result = launch(trial_cfg, run_dir)

@@ -21,8 +21,9 @@ from hydra import compose, initialize_config_dir
 from harness.config.schema import TrialConfig, compose_trial
 from harness.paths import PROJECT_ROOT
 from harness.study.cost import gpu_kind, record_bench
+from harness.trial.flops import mfu
 from harness.trial.launch import set_determinism
-from harness.trial.trainer import Trial, mfu
+from harness.trial.trainer import Trial
 
 BENCH_KEYS = {
     "steps": 20,

@@ -22,9 +22,7 @@ from pathlib import Path
 from harness.config.schema import ModelConfig, TrialConfig
 from harness.paths import PROJECT_ROOT
 from harness.trial import disk
-
-# Dense fp16/bf16 tensor-core peak FLOP/s of one device, by substring of the CUDA device name (the MFU denominator).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+from harness.trial.flops import PEAK_FLOPS
 
 # Where `make bench` keeps what it measured, one JSON line per run (HARNESS_BENCH_RECORDS overrides).
 BENCH_RECORDS = PROJECT_ROOT / ".cache" / "bench" / "throughput.jsonl"

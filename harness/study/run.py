@@ -17,7 +17,6 @@ marked KILLED when a study starts and while it waits.
 import csv
 import io
 import json
-import os
 import socket
 import threading
 import time
@@ -42,6 +41,7 @@ from harness.tracking.records import ClaimedElsewhere
 from harness.tracking.store import ui_url
 from harness.tracking.version import code_version
 from harness.trial.preflight import check_trial
+from harness.trial.ranks import launcher_ranks
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -689,23 +689,3 @@ def outcomes_csv(outcomes: list[Outcome]) -> str:
     writer.writeheader()
     writer.writerows(asdict(o) for o in outcomes)
     return out.getvalue()
-
-
-def launcher_ranks(config: DictConfig) -> int | None:
-    """The ranks of each trial when the launcher makes every task a rank (submitit with tasks_per_node > 1),
-    else None: the trial spawns trainer.nproc_per_node itself."""
-    launcher = config.hydra.get("launcher") or {}
-    tasks = launcher.get("tasks_per_node") or 1
-    return tasks * (launcher.get("nodes") or 1) if tasks > 1 else None
-
-
-def export_submitit_ranks() -> None:
-    """In a submitit job with several tasks (one per GPU), each task is one rank of the trial: set the
-    variables torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
-    if "SUBMITIT_EXECUTOR" not in os.environ:
-        return
-    import submitit
-
-    if submitit.JobEnvironment().num_tasks > 1:
-        # Every GPU stays visible: the harness picks cuda:LOCAL_RANK itself.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -9,7 +9,6 @@ import random
 import shutil
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,26 +21,20 @@ from torch.nn.parallel import DistributedDataParallel
 from harness import progress
 from harness.config.schema import TrialConfig, as_dict, config_hash, flatten, intervention_tag
 from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
-from harness.study.cost import PEAK_FLOPS  # by substring of the CUDA device name, for MFU
 from harness.tracking import records
 from harness.tracking.records import ClaimedElsewhere
 from harness.tracking.store import NullTracker, Tracker, default_tracking_uri, probe, ui_url
 from harness.tracking.version import code_version
 from harness.trial import charts, checkpoint
-from harness.trial.launch import Ranks
+from harness.trial.flops import mfu, peak_flops
 from harness.trial.model import GPTModel, cross_entropy
 from harness.trial.optim import build_optimizer, build_scheduler
 from harness.trial.plugins import Plugins
 from harness.trial.precision import Precision
+from harness.trial.ranks import Ranks, on_every_rank, on_main_rank
 from harness.trial.sampling import continue_text
 
 log = logging.getLogger(__name__)
-
-
-def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops_per_device: float, devices: int) -> float:
-    """Model FLOPs utilisation: the model's matmul FLOP/s (`GPTModel.flops_per_token`) over the peak of all
-    the devices that produced `tokens_per_sec` together."""
-    return tokens_per_sec * flops_per_token / (peak_flops_per_device * devices)
 
 
 def ends_period(step: int, interval: int, total_steps: int) -> bool:
@@ -142,45 +135,6 @@ class PeriodStats:
         if peak:
             stats["mfu"] = mfu(stats["tokens_per_sec"], flops_per_token, peak, self.devices)
         return stats
-
-
-def on_main_rank(ranks: Ranks, work: Callable, share: bool = True):
-    """Run `work` on rank 0 only; every rank returns its result (rank 0's, if `share`) or raises its error, so
-    no rank waits forever at a collective for a rank 0 that failed."""
-    result, error = None, None
-    if ranks.is_main:
-        try:
-            result = work()
-        except BaseException as caught:
-            error = caught
-    if ranks.world > 1:
-        shared = [(result if share else None, None if error is None else f"{type(error).__name__}: {error}")]
-        dist.broadcast_object_list(shared, src=0)
-        if share:
-            result = shared[0][0]
-        message = shared[0][1]
-        if message is not None and error is None:
-            raise RuntimeError(f"rank 0 failed: {message}")
-    if error is not None:
-        raise error
-    return result
-
-
-def on_every_rank(ranks: Ranks, work: Callable) -> None:
-    """Run `work` on every rank; if it fails on any, every rank raises."""
-    error = None
-    try:
-        work()
-    except Exception as caught:
-        error = caught
-    if ranks.world > 1:
-        messages = [None] * ranks.world
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
-        if failed and error is None:
-            raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
-    if error is not None:
-        raise error
 
 
 def run_trial(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()) -> dict:
@@ -331,7 +285,7 @@ class Trial:
             self.train_model = torch.compile(self.train_model)
         self.tokens_per_step = t.global_batch_size * cfg.model.context_length
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
-        self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        self.peak_flops = peak_flops(name)
 
     # --- the step -------------------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
