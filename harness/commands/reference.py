@@ -5,7 +5,7 @@ test window (data.*) and context length are used: the reference model is evaluat
 tokens, cut into the same sequences, as that scale's trials. The MLflow run is tagged
 `intervention=reference`, `scale`, `reference_source` (the directory) and records `test_loss` (full fp32) and
 `test_loss_amp` (the study's evaluation: fp16 autocast, mean of per-batch means; see
-`harness.trial.trainer.held_out_losses`). OpenAI's GPT-2 small scores 3.499677 on the gpt2_small window (SEEDS.md):
+`harness.trial.evaluation.held_out_losses`). OpenAI's GPT-2 small scores 3.499677 on the gpt2_small window (SEEDS.md):
 that is the `test_loss_amp` number.
 """
 
@@ -15,13 +15,18 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from harness.commands.evaluate import INPUT_ERRORS, error_message, evaluation_device
 from harness.config.schema import TrialConfig, as_dict, compose_trial, flatten
 from harness.data.loader import open_dataset
 from harness.paths import PROJECT_ROOT
 from harness.tracking.store import Tracker
 from harness.trial import hf
-from harness.trial.trainer import held_out_losses, study_test_autocast
+from harness.trial.evaluation import (
+    INPUT_ERRORS,
+    error_message,
+    evaluation_device,
+    held_out_losses,
+    study_test_autocast,
+)
 
 USAGE = """\
 usage: python -m harness reference path=DIR [trial overrides, e.g. scale=gpt2_small]

@@ -1,11 +1,9 @@
 """One trial: build the seeded model, train it on 1…N ranks, evaluate it on the held-out window, record it."""
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
-import random
 import shutil
 import socket
 import time
@@ -15,24 +13,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from harness import progress
-from harness.config.schema import TrialConfig, as_dict, config_hash, flatten, intervention_tag
-from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
+from harness.config.schema import TrialConfig, config_hash
+from harness.data.loader import TrainBatches, held_out_batches, open_dataset
 from harness.tracking import records
 from harness.tracking.records import ClaimedElsewhere
-from harness.tracking.store import NullTracker, Tracker, default_tracking_uri, probe, ui_url
-from harness.tracking.version import code_version
+from harness.tracking.store import default_tracking_uri, probe, ui_url
 from harness.trial import charts, checkpoint
+from harness.trial.evaluation import held_out_losses, study_test_autocast
 from harness.trial.flops import mfu, peak_flops
-from harness.trial.model import GPTModel, cross_entropy
+from harness.trial.model import cross_entropy
 from harness.trial.optim import build_optimizer, build_scheduler
 from harness.trial.plugins import Plugins
 from harness.trial.precision import Precision
 from harness.trial.ranks import Ranks, on_every_rank, on_main_rank
+from harness.trial.record import open_record
 from harness.trial.sampling import continue_text
+from harness.trial.weights import build_model, fingerprint, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +53,6 @@ def is_best_period(stats: dict, earlier: list[dict]) -> bool:
 
 class DivergenceError(RuntimeError):
     pass
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def build_model(cfg: TrialConfig, plugins: Plugins | None = None) -> GPTModel:
-    """Seed, then build on the CPU so the initial weights do not depend on the device."""
-    seed_everything(cfg.seed)
-    return (plugins or Plugins(cfg.plugins)).build_model(GPTModel(cfg.model))
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every named tensor of the state dict (a tied matrix appears under both names)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def resolve_device(name: str, ranks: Ranks) -> torch.device:
@@ -142,102 +120,6 @@ def run_trial(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()) -> dict:
     data is refused while it is built leaves no run; then `Trial.run` opens its record and trains."""
     on_main_rank(ranks, lambda: probe(cfg.tracking.uri or default_tracking_uri(), cfg.tracking.connect_timeout))
     return Trial(cfg, run_dir, ranks).run()
-
-
-def open_record(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
-    """Rank 0 opens the trial's MLflow run before the first step: the store must answer within
-    `tracking.connect_timeout`, a new trial's run directory must be unused, and a study trial must hold its
-    claim (`harness.tracking.records`). Every rank learns the outcome; ranks other than 0 get a NullTracker."""
-    opened = on_main_rank(ranks, lambda: _open_main_record(cfg, Path(run_dir), ranks.world), share=False)
-    return opened if ranks.is_main else NullTracker()
-
-
-def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
-    t = cfg.tracking
-    tracker = Tracker(
-        t.uri,
-        t.experiment,
-        connect_timeout=t.connect_timeout,
-        heartbeat_interval=t.heartbeat_interval,
-        flush_timeout=t.flush_timeout,
-        unsent_dir=run_dir,
-        system_metrics_interval=t.system_metrics_interval if t.system_metrics else None,
-    )
-    cfg.tracking.uri = tracker.uri  # the saved config names the store actually used
-    computation = config_hash(cfg, world)
-    claims = cfg.study is not None and not cfg.rerun
-    claim = (cfg.study, computation, t.claim_slots, None if cfg.reuse_other_code_versions else code_version())
-    if cfg.resume:  # the checkpoint was verified while the trial was built: a corrupt one never gets here
-        run_id = checkpoint.run_id(checkpoint.find(Path(cfg.resume)))
-        if claims:
-            reason = records.claim(tracker.client, tracker.experiment_id, run_id, *claim)
-            if reason:
-                raise ClaimedElsewhere(f"resuming would record this trial twice: {reason} (rerun=true resumes anyway)")
-        tracker.resume(run_id)
-    else:
-        config_file = run_dir / "config.yaml"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(config_file, "x") as f:  # the directory is this trial's: no other trial writes here
-                f.write(OmegaConf.to_yaml(as_dict(cfg)))
-        except FileExistsError:
-            raise FileExistsError(
-                f"{run_dir} already holds a trial ({config_file} exists); each trial needs its own "
-                f"directory: choose another hydra.run.dir (or hydra.sweep.dir)"
-            ) from None
-        try:
-            tags = record_tags(cfg, computation, world) | {"run_dir": str(run_dir.resolve())}
-            if claims:
-                tags["claim_slots"] = str(t.claim_slots)
-            tracker.start(trial_name(cfg), tags, record_params(cfg))
-            if claims:
-                reason = records.claim_new_run(tracker.client, tracker.experiment_id, tracker.run_id, *claim)
-                if reason:
-                    tracker.discard()
-                    raise ClaimedElsewhere(f"{reason}; rerun=true runs it anyway")
-        except BaseException as error:
-            config_file.unlink(missing_ok=True)
-            if tracker.run_id is not None and not isinstance(error, ClaimedElsewhere):
-                with contextlib.suppress(Exception):  # the original error is the one to report
-                    tracker.end("FAILED", {records.REASON_TAG: f"could not start: {type(error).__name__}: {error}"})
-            raise
-        tracker.log_artifact(config_file)
-    tracker.watch = records.Watch(tracker.client, tracker.experiment_id, tracker.run_id, claim if claims else None)
-    return tracker
-
-
-def trial_name(cfg: TrialConfig) -> str:
-    """The run's name in `mlflow ui`: what the trial tests, its seeds and its scale, e.g. `no_dropout s42 t23 smoke`."""
-    seeds = [
-        f"s{cfg.seed}",
-        *([] if cfg.train_seed is None else [f"t{cfg.train_seed}"]),
-        *([] if cfg.data.seed is None else [f"d{cfg.data.seed}"]),
-    ]
-    return " ".join([intervention_tag(cfg.interventions), *seeds, cfg.scale])
-
-
-def record_params(cfg: TrialConfig) -> dict:
-    """The flattened resolved config; `interventions` written as the `intervention` tag is (`a+b`, `baseline`)."""
-    return flatten(as_dict(cfg)) | {"interventions": intervention_tag(cfg.interventions)}
-
-
-def record_tags(cfg: TrialConfig, computation: str, world: int) -> dict[str, str]:
-    tags = {
-        "intervention": intervention_tag(cfg.interventions),
-        "seed": str(cfg.seed),
-        "train_seed": "none" if cfg.train_seed is None else str(cfg.train_seed),
-        "data_seed": "none" if cfg.data.seed is None else str(cfg.data.seed),
-        "config_hash": computation,
-        "scale": cfg.scale,
-        "world_size": str(world),
-        "host": socket.gethostname(),
-        "code_version": code_version(),
-    }
-    if cfg.study:
-        tags["study"] = cfg.study
-    if cfg.tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    return tags
 
 
 class Trial:
@@ -587,63 +469,3 @@ class Trial:
     @property
     def test_autocast(self) -> torch.dtype | None:
         return study_test_autocast(self.cfg.trainer.precision, self.device)
-
-
-def study_test_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast of `test_loss_amp`: the study scored every model (its no_amp one too) under fp16 autocast
-    (the reference's test_loss.py). On a CPU, where fp16 is emulated and several times slower than fp32, only
-    fp16_amp trials pay for it; the others score without autocast there."""
-    return torch.float16 if device.type == "cuda" or precision == "fp16_amp" else None
-
-
-def held_out_losses(
-    model: GPTModel, tokens, data_cfg: DataConfig, autocast: torch.dtype | None, show_progress: bool = False
-) -> dict[str, float]:
-    """The fixed held-out window's mean cross-entropy, dropout off, computed two ways:
-
-    - `test_loss`: in full fp32 (highest matmul precision);
-    - `test_loss_amp`: as the study computed its published losses (its test_loss.py): `inference_mode` under
-      `autocast` (see `study_test_autocast`), the mean of the per-batch mean losses. Without autocast it is
-      the same forward pass as `test_loss`, so it is not run twice.
-
-    `show_progress`: a short bar over the eval batches of each pass, on a terminal.
-    """
-    full = batch_losses(model, tokens, data_cfg, None, show_progress)
-    amp = batch_losses(model, tokens, data_cfg, autocast, show_progress) if autocast is not None else full
-    return {"test_loss": math.fsum(full) / len(full), "test_loss_amp": sum(amp) / len(amp)}
-
-
-@torch.inference_mode()
-def batch_losses(
-    model: GPTModel, tokens, data_cfg: DataConfig, autocast: torch.dtype | None, show_progress: bool = False
-) -> list[float]:
-    """Each eval batch's mean cross-entropy over the held-out window (all batches hold the same token count)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    losses = []
-    amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    context = model.cfg.context_length
-    what = "fp32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast"
-    batches = progress.short_bar(
-        held_out_batches(tokens, data_cfg, context),
-        data_cfg.test_tokens // (data_cfg.eval_batch_size * context),
-        f"test loss ({what})",
-        "batch",
-        show_progress,
-    )
-    with full_precision(), amp, batches:
-        for inputs, targets in batches:
-            losses.append(cross_entropy(model(inputs.to(device)), targets.to(device)).item())
-    model.train(was_training)
-    return losses
-
-
-@contextlib.contextmanager
-def full_precision():
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
