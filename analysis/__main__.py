@@ -143,7 +143,7 @@ def study_parent(tracking_uri: str, experiment_id: str, study: str) -> str | Non
     """The study's latest parent run in the experiment, where its analysis is logged; None if it has none."""
     from mlflow.tracking import MlflowClient
 
-    from harness.study.parents import latest_parent
+    from harness.study.store import latest_parent
 
     parent = latest_parent(MlflowClient(tracking_uri), experiment_id, study)
     return parent.info.run_id if parent else None

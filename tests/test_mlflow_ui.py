@@ -15,9 +15,10 @@ import pytest
 
 from analysis.__main__ import main as analysis_main
 from analysis.synthetic import PlantedIntervention, generate_study, log_study_to_mlflow
-from harness.study import parents
+from harness.study import store as parents
 from harness.study.design import StudyConf, Trial
-from harness.study.run import PlannedTrial, StudyStore
+from harness.study.outcomes import PlannedTrial
+from harness.study.store import StudyStore
 from harness.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SYSTEM_PREFIX, VIEW_TAG_PREFIX, VIEWS, Tracker
 from harness.trial import checkpoint
 from harness.trial.trainer import Trial as TrainingTrial

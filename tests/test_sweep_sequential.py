@@ -23,8 +23,9 @@ import pytest
 from analysis.load import load_mlflow_study
 from analysis.sequential import sequential_decisions
 from harness.study.design import StudyConf, sequential_schedule, study_trials
-from harness.study.run import PlannedTrial, StudyStore
+from harness.study.outcomes import PlannedTrial
 from harness.study.sequential import SequentialStudy
+from harness.study.store import StudyStore
 from tests.test_sweep_run import integrity, run_sweep, runs, sweep_command, sweep_env, table
 
 SEQUENTIAL = [

@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 
 from harness.paths import PROJECT_ROOT
 from harness.study.design import FactorialConf, RepeatConf, StudyConf, Trial, factorial_design, study_arms, study_trials
-from harness.study.run import PlannedTrial, StudyStore, check_command_line, skip_finished
+from harness.study.outcomes import PlannedTrial
+from harness.study.run import check_command_line, skip_finished
+from harness.study.store import StudyStore
 from interventions import REGISTRY
 
 SEVEN = ["gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_decay", "weight_tying", "no_amp"]

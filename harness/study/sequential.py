@@ -38,7 +38,8 @@ from harness.study.design import (
     sequential_schedule,
     study_arms,
 )
-from harness.study.run import PlannedTrial, StudyStore, collect_outcomes
+from harness.study.outcomes import PlannedTrial, collect_outcomes
+from harness.study.store import StudyStore
 
 ENDED_WELL = ("FINISHED", "SKIPPED")
 
