@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from harness.data.prepare import (
+from harness.data.common import (
     HOLDOUT_FRACTION,
     TOKEN_BYTES,
     PrepareError,
