@@ -36,7 +36,7 @@ def run_trial(cfg) -> float:
     trial_cfg = trial_to_run(cfg, list(HydraConfig.get().overrides.task))
     run_dir = Path(trial_cfg.resume or HydraConfig.get().runtime.output_dir)
     if trial_cfg.resume:
-        from harness.tracking.records import resumed_already_finished
+        from harness.tracking.liveness import resumed_already_finished
 
         done = resumed_already_finished(trial_cfg)
         if done:

@@ -19,7 +19,8 @@ from harness.study import store as parents
 from harness.study.design import StudyConf, Trial
 from harness.study.outcomes import PlannedTrial
 from harness.study.store import StudyStore
-from harness.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SYSTEM_PREFIX, VIEW_TAG_PREFIX, VIEWS, Tracker
+from harness.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, VIEW_TAG_PREFIX, VIEWS
+from harness.tracking.tracker import SYSTEM_PREFIX, Tracker
 from harness.trial import checkpoint
 from harness.trial.trainer import Trial as TrainingTrial
 from tests.conftest import TINY, MlflowServer, compose_config

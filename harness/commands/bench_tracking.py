@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness.commands.bench import compose_overrides
 from harness.config.schema import as_dict, flatten
-from harness.tracking.store import NullTracker, Tracker
+from harness.tracking.tracker import NullTracker, Tracker
 from harness.trial.trainer import Trial
 
 KEYS = {"steps": 30, "repeats": 3, "warmup": 3}

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from harness.data.loader import open_dataset
-from harness.tracking.records import own_store
+from harness.tracking.liveness import own_store
 from harness.tracking.store import default_tracking_uri
 from harness.trial.evaluation import (
     INPUT_ERRORS,

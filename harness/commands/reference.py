@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from harness.config.schema import TrialConfig, as_dict, compose_trial, flatten
 from harness.data.loader import open_dataset
 from harness.paths import PROJECT_ROOT
-from harness.tracking.store import Tracker
+from harness.tracking.tracker import Tracker
 from harness.trial import hf
 from harness.trial.evaluation import (
     INPUT_ERRORS,

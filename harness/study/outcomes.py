@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Optional
 
 from harness.study.design import Trial
-from harness.tracking import records
+from harness.tracking import liveness
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -43,7 +43,7 @@ def collect_outcomes(planned: list[PlannedTrial], ended_early: dict[int, JobEnd]
     """Each trial's ending, from its MLflow run when it has one (runs of one computation are interchangeable)."""
     runs_by_hash = defaultdict(list)
     for run in sorted(children, key=lambda r: r.info.start_time):
-        if not run.data.tags.get(records.WITHDRAWN_TAG):  # a claim given up, never a result
+        if not run.data.tags.get(liveness.WITHDRAWN_TAG):  # a claim given up, never a result
             runs_by_hash[run.data.tags.get("config_hash")].append(run)
     outcomes = []
     for p in planned:

@@ -30,9 +30,8 @@ from harness.progress import study_line, write_line
 from harness.study.design import StudyConf, Trial, factorial_design, study_trials
 from harness.study.outcomes import ELSEWHERE, JobEnd, Outcome, PlannedTrial, collect_outcomes, outcome_table
 from harness.study.store import StudyStore
-from harness.tracking import records
-from harness.tracking.records import ClaimedElsewhere
-from harness.tracking.store import ui_url
+from harness.tracking.liveness import ClaimedElsewhere
+from harness.tracking.store import TrackingUnavailable, ui_url
 from harness.tracking.version import code_version
 from harness.trial.preflight import check_trial
 from harness.trial.ranks import launcher_ranks
@@ -84,7 +83,7 @@ def run_study(
             tracking.heartbeat_interval,
             None if trial_cfg.reuse_other_code_versions else version,
         )
-    except records.TrackingUnavailable as error:
+    except TrackingUnavailable as error:
         raise StudyError(f"study {tag}: {error}") from None
     store.mark_stale()
     if not trial_cfg.rerun:

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from harness.study.design import StudyConf
 from harness.study.outcomes import ELSEWHERE, JobEnd, Outcome, PlannedTrial, outcomes_csv
-from harness.tracking import records
-from harness.tracking.records import CLAIM_SETTLE, search
+from harness.tracking import liveness
+from harness.tracking.liveness import CLAIM_SETTLE, search
 from harness.tracking.version import code_version
 
 PLAN_TAG = "study_plan"  # digest of the trials and code version an execution runs
@@ -128,7 +128,7 @@ class StudyStore:
         code_version: str | None = None,
     ):
         """`code_version`: only runs made by that code hold a trial's claim (None: any code's runs do)."""
-        from harness.tracking.store import Tracker
+        from harness.tracking.tracker import Tracker
 
         tracker = Tracker(uri, experiment, connect_timeout=connect_timeout)  # the experiment, as the trials make it
         self.client, self.uri, self.study = tracker.client, tracker.uri, study
@@ -140,7 +140,7 @@ class StudyStore:
         self._heartbeat: threading.Thread | None = None
 
     def search(self, filter_string: str) -> list:
-        return self.patiently(lambda: records.search(self.client, [self.experiment_id], filter_string))
+        return self.patiently(lambda: liveness.search(self.client, [self.experiment_id], filter_string))
 
     def patiently(self, call: Callable):
         """`call()`, retried while the store is unreachable (up to STORE_PATIENCE seconds): a tracking server
@@ -165,7 +165,7 @@ class StudyStore:
     def mark_stale(self) -> None:
         """End the study's runs whose process died (trials and parent runs of earlier executions) KILLED."""
         running = self.search(f"tags.study = '{self.study}' and attributes.status = 'RUNNING'")
-        for run, reason in self.patiently(lambda: records.mark_stale(self.client, running)):
+        for run, reason in self.patiently(lambda: liveness.mark_stale(self.client, running)):
             print(
                 f"[study {self.study}] marked run {run.info.run_id} ({run.info.run_name}) KILLED: {reason}", flush=True
             )
@@ -173,7 +173,7 @@ class StudyStore:
     def holders(self, computation: str) -> list:
         """The runs holding the computation's claim: made by this code version, unless the study reuses others'."""
         version = f" and tags.code_version = '{self.code_version}'" if self.code_version else ""
-        return records.holders(
+        return liveness.holders(
             self.search(f"tags.study = '{self.study}' and tags.config_hash = '{computation}'" + version), time.time()
         )
 
@@ -186,7 +186,7 @@ class StudyStore:
             if len(holders) < p.slots:
                 launch.append(p)
                 continue
-            note = "; ".join(records.describe(r, time.time()) for r in holders)
+            note = "; ".join(liveness.describe(r, time.time()) for r in holders)
             ended_early[id(p)] = (ELSEWHERE, note)
             print(
                 f"[study {self.study}] {p.trial.name} is held by another execution ({note}); "
@@ -257,14 +257,14 @@ class StudyStore:
         and the analysis reads a study by it."""
         by_hash = defaultdict(list)
         for run in self.search(f"tags.study = '{self.study}' and attributes.status = 'FINISHED'"):
-            if "config_hash" in run.data.tags and not run.data.tags.get(records.WITHDRAWN_TAG):
+            if "config_hash" in run.data.tags and not run.data.tags.get(liveness.WITHDRAWN_TAG):
                 by_hash[run.data.tags["config_hash"]].append(run)
         return by_hash
 
     def children(self, parent_id: str, patient: bool = True) -> list:
         """The parent's child runs made by this execution (a reused parent also holds its earlier ones')."""
         query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
-        found = self.search(query) if patient else records.search(self.client, [self.experiment_id], query)
+        found = self.search(query) if patient else liveness.search(self.client, [self.experiment_id], query)
         return [r for r in found if r.info.run_id not in self.earlier_children]
 
     def start_parent(

@@ -8,9 +8,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from harness.config.schema import TrialConfig, as_dict, config_hash, flatten, intervention_tag
-from harness.tracking import records
-from harness.tracking.records import ClaimedElsewhere
-from harness.tracking.store import NullTracker, Tracker
+from harness.tracking import liveness
+from harness.tracking.liveness import ClaimedElsewhere
+from harness.tracking.tracker import NullTracker, Tracker
 from harness.tracking.version import code_version
 from harness.trial import checkpoint
 from harness.trial.ranks import Ranks, on_main_rank
@@ -42,7 +42,7 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
     if cfg.resume:  # the checkpoint was verified while the trial was built: a corrupt one never gets here
         run_id = checkpoint.run_id(checkpoint.find(Path(cfg.resume)))
         if claims:
-            reason = records.claim(tracker.client, tracker.experiment_id, run_id, *claim)
+            reason = liveness.claim(tracker.client, tracker.experiment_id, run_id, *claim)
             if reason:
                 raise ClaimedElsewhere(f"resuming would record this trial twice: {reason} (rerun=true resumes anyway)")
         tracker.resume(run_id)
@@ -63,7 +63,7 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
                 tags["claim_slots"] = str(t.claim_slots)
             tracker.start(trial_name(cfg), tags, record_params(cfg))
             if claims:
-                reason = records.claim_new_run(tracker.client, tracker.experiment_id, tracker.run_id, *claim)
+                reason = liveness.claim_new_run(tracker.client, tracker.experiment_id, tracker.run_id, *claim)
                 if reason:
                     tracker.discard()
                     raise ClaimedElsewhere(f"{reason}; rerun=true runs it anyway")
@@ -71,10 +71,10 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
             config_file.unlink(missing_ok=True)
             if tracker.run_id is not None and not isinstance(error, ClaimedElsewhere):
                 with contextlib.suppress(Exception):  # the original error is the one to report
-                    tracker.end("FAILED", {records.REASON_TAG: f"could not start: {type(error).__name__}: {error}"})
+                    tracker.end("FAILED", {liveness.REASON_TAG: f"could not start: {type(error).__name__}: {error}"})
             raise
         tracker.log_artifact(config_file)
-    tracker.watch = records.Watch(tracker.client, tracker.experiment_id, tracker.run_id, claim if claims else None)
+    tracker.watch = liveness.Watch(tracker.client, tracker.experiment_id, tracker.run_id, claim if claims else None)
     return tracker
 
 

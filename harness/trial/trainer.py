@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from harness import progress
 from harness.config.schema import TrialConfig, config_hash
 from harness.data.loader import TrainBatches, held_out_batches, open_dataset
-from harness.tracking import records
-from harness.tracking.records import ClaimedElsewhere
+from harness.tracking import liveness
+from harness.tracking.liveness import ClaimedElsewhere
 from harness.tracking.store import default_tracking_uri, probe, ui_url
 from harness.trial import charts, checkpoint
 from harness.trial.evaluation import held_out_losses, study_test_autocast
@@ -229,13 +229,13 @@ class Trial:
             )
             result = self._train(tracker)
         except ClaimedElsewhere as error:
-            tracker.end("KILLED", {records.REASON_TAG: f"withdrawn: {error}", records.WITHDRAWN_TAG: "true"})
+            tracker.end("KILLED", {liveness.REASON_TAG: f"withdrawn: {error}", liveness.WITHDRAWN_TAG: "true"})
             raise
         except KeyboardInterrupt as error:
-            tracker.end("KILLED", {records.REASON_TAG: f"interrupted ({error or 'Ctrl-C'})"})
+            tracker.end("KILLED", {liveness.REASON_TAG: f"interrupted ({error or 'Ctrl-C'})"})
             raise
         except BaseException as error:
-            tracker.end("FAILED", {records.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
+            tracker.end("FAILED", {liveness.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
             raise
         tracker.end("FINISHED")
         return result
