@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Optional
 
-from harness.study.design import Trial
+from harness.study.design import TrialSpec
 from harness.tracking import liveness
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ JobEnd = tuple[str, str]  # (status, note) of a job whose MLflow run may not tel
 
 @dataclass
 class PlannedTrial:
-    trial: Trial
+    trial: TrialSpec
     overrides: list[str]
     config_hash: str
     earlier_run: Optional["Run"] = None  # a FINISHED MLflow run of the same computation in the study

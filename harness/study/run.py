@@ -27,7 +27,7 @@ from omegaconf import DictConfig, open_dict
 
 from harness.config.schema import STUDY_TAG, TrialConfig, compose_trial, config_hash
 from harness.progress import study_line, write_line
-from harness.study.design import StudyConf, Trial, factorial_design, study_trials
+from harness.study.design import StudyConf, TrialSpec, factorial_design, study_trials
 from harness.study.outcomes import ELSEWHERE, JobEnd, Outcome, PlannedTrial, collect_outcomes, outcome_table
 from harness.study.store import StudyStore
 from harness.tracking.liveness import ClaimedElsewhere
@@ -104,7 +104,7 @@ def run_study(
         if p.rerun_reason:
             print(f"[study {tag}] {p.trial.name} runs again: {p.rerun_reason}", flush=True)
 
-    def plan_round(round_trials: list[Trial]) -> list[PlannedTrial]:  # a sequential study's later rounds
+    def plan_round(round_trials: list[TrialSpec]) -> list[PlannedTrial]:  # a sequential study's later rounds
         new = plan_trials(round_trials, study, config, config_loader, arguments)[0]
         if not trial_cfg.rerun:
             skip_finished(new, store.finished_runs(), version, trial_cfg.reuse_other_code_versions)
@@ -127,7 +127,7 @@ def run_study(
                 for start in range(0, len(to_run), batch_size):
                     batch = store.pass_over_claimed(to_run[start : start + batch_size], ended_early)
                     jobs = [[*p.overrides, f"tracking.parent_run_id={parent_id}"] for p in batch]
-                    for p, end in zip(batch, launch(launcher, jobs, launched) if jobs else []):
+                    for p, end in zip(batch, submit_jobs(launcher, jobs, launched) if jobs else []):
                         ended_early.pop(id(p), None)
                         if end is not None:
                             ended_early[id(p)] = end
@@ -174,7 +174,7 @@ def check_command_line(arguments: list[str]) -> None:
 
 
 def plan_trials(
-    trials: list[Trial], study: StudyConf, config: DictConfig, config_loader, arguments: list[str]
+    trials: list[TrialSpec], study: StudyConf, config: DictConfig, config_loader, arguments: list[str]
 ) -> tuple[list[PlannedTrial], TrialConfig]:
     """Each trial's overrides and config_hash, its config checked; and the last trial's config."""
     planned, world = [], launcher_ranks(config)
@@ -224,7 +224,7 @@ def skip_finished(
             )
 
 
-def launch(launcher: Launcher, jobs: list[list[str]], first_index: int) -> list[JobEnd | None]:
+def submit_jobs(launcher: Launcher, jobs: list[list[str]], first_index: int) -> list[JobEnd | None]:
     """Run the jobs. Per job: how it ended when its MLflow run may not say (it failed, or its process was
     lost), else None.
 

@@ -32,7 +32,7 @@ from analysis.sequential import SequentialLook, last_look, method_text, sequenti
 from harness.study.design import (
     BASELINE,
     StudyConf,
-    Trial,
+    TrialSpec,
     round_trials,
     sequential_max_seeds,
     sequential_schedule,
@@ -54,10 +54,10 @@ class SequentialStudy:
         tag: str,
         store: StudyStore,
         parent_id: str,
-        plan: Callable[[list[Trial]], list[PlannedTrial]],
+        plan: Callable[[list[TrialSpec]], list[PlannedTrial]],
     ):
         self.study, self.tag, self.store, self.parent_id, self.plan = study, tag, store, parent_id, plan
-        self.arms = {Trial(arm, 0, None).intervention: arm for arm in study_arms(study)}
+        self.arms = {TrialSpec(arm, 0, None).intervention: arm for arm in study_arms(study)}
         self.interventions = sorted(set(self.arms) - {BASELINE})
         self.schedule = sequential_schedule(study)
         self.max_seeds = sequential_max_seeds(study)
