@@ -1,11 +1,8 @@
 """One trial: build the seeded model, train it on 1…N ranks, evaluate it on the held-out window, record it."""
 
 import contextlib
-import json
 import logging
 import math
-import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,19 +13,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from harness import progress
-from harness.config.schema import TrialConfig, config_hash
+from harness.config.schema import TrialConfig
 from harness.data.loader import TrainBatches, held_out_batches, open_dataset
 from harness.tracking import liveness
 from harness.tracking.liveness import ClaimedElsewhere
 from harness.tracking.store import default_tracking_uri, probe, ui_url
 from harness.trial import charts, checkpoint
+from harness.trial.checkpointer import Checkpointer
 from harness.trial.evaluation import held_out_losses, study_test_autocast
 from harness.trial.flops import mfu, peak_flops
 from harness.trial.model import cross_entropy
 from harness.trial.optim import build_optimizer, build_scheduler
 from harness.trial.plugins import Plugins
 from harness.trial.precision import Precision
-from harness.trial.ranks import Ranks, on_every_rank, on_main_rank
+from harness.trial.ranks import Ranks, on_main_rank
 from harness.trial.record import open_record
 from harness.trial.sampling import continue_text
 from harness.trial.weights import build_model, fingerprint, seed_everything
@@ -153,11 +151,16 @@ class Trial:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.plugins)
         self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim, self.plugins)
         self.scaler = self.precision.grad_scaler()
-        self.start_step, self.run_id, self.last_checkpoint = 0, None, None
+        self.start_step, self.run_id = 0, None
         self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
         self.periods: list[dict] = []
+        self.checkpoints = Checkpointer(cfg, self.run_dir, ranks, self.show_progress)
         if cfg.resume:
-            self._restore(checkpoint.find(Path(cfg.resume)))
+            path = checkpoint.find(Path(cfg.resume))
+            state = self.checkpoints.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
+            self.start_step, self.run_id = state["step"], state["run_id"]
+            self.periods, self.history = state["periods"], state["history"]
+            log.info("resumed from %s at step %d", path, self.start_step)
         self.train_model = self.model
         if ranks.world > 1:
             self.train_model = DistributedDataParallel(
@@ -257,7 +260,7 @@ class Trial:
         )
         if self.start_step == 0:
             tracker.log_metrics({"parameters": params, "epochs": self.batches.epochs}, step=0)
-        on_main_rank(self.ranks, self._check_disk)
+        on_main_rank(self.ranks, lambda: self.checkpoints.check_disk(self.model))
         with progress.through_bars(self.show_progress):
             train_seconds = self._train_steps(tracker)
             result = {
@@ -285,7 +288,7 @@ class Trial:
         unfinished = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
         if unfinished:
             raise DivergenceError(
-                f"the final weights score non-finite: {', '.join(unfinished)}; {self._kept_checkpoint()}"
+                f"the final weights score non-finite: {', '.join(unfinished)}; {self.checkpoints.kept()}"
             )
         return result
 
@@ -339,7 +342,7 @@ class Trial:
             last = self.history["step"][-1]
             raise DivergenceError(
                 f"diverged at step {last}: the training loss was non-finite for the last {streak} "
-                f"steps ({last - streak + 1}–{last}); {self._kept_checkpoint()}"
+                f"steps ({last - streak + 1}–{last}); {self.checkpoints.kept()}"
             )
 
     def _end_period(self, period: PeriodStats, step: int, tracker) -> None:
@@ -356,12 +359,21 @@ class Trial:
             if step == self.cfg.trainer.max_steps:
                 raise DivergenceError(
                     f"diverged at step {step}: non-finite {what} at the end of the last period, so "
-                    f"no final checkpoint was saved; {self._kept_checkpoint()}"
+                    f"no final checkpoint was saved; {self.checkpoints.kept()}"
                 )
-            log.warning("step %d: %s non-finite; no checkpoint from them (%s)", step, what, self._kept_checkpoint())
+            log.warning("step %d: %s non-finite; no checkpoint from them (%s)", step, what, self.checkpoints.kept())
             return
-        self._save_checkpoint(step, is_best, tracker)
+        self.checkpoints.save(step, is_best, self.model, tracker, self._training_state)
         on_main_rank(self.ranks, lambda: self._sample_and_chart(step, stats, is_best, tracker))
+
+    def _training_state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "periods": self.periods,
+            "history": self.history,
+        }
 
     def _sample_and_chart(self, step: int, stats: dict, is_best: bool, tracker) -> None:
         t = self.cfg.trainer
@@ -380,87 +392,6 @@ class Trial:
         tracker.log_text(sample, f"samples/step_{step:06d}.txt")
         for path in charts.write_charts(self.history, self.periods, self.run_dir / "charts", self.cfg.optim.grad_clip):
             tracker.log_artifact(path, "charts")
-
-    def _kept_checkpoint(self) -> str:
-        if self.last_checkpoint is None:
-            return "no checkpoint was saved"
-        return f"`latest` names the last finite checkpoint, {self.last_checkpoint}"
-
-    def _check_disk(self) -> None:
-        """Rank 0, before the first step: remove staging left by a killed run, print the disk the
-        checkpoints need, and refuse a trial whose checkpoints cannot fit."""
-        t, directory = self.cfg.trainer, self.run_dir / "checkpoints"
-        for stale in checkpoint.clean_staging(directory):
-            log.warning("removed %s, a checkpoint a killed run did not finish writing", stale)
-        line, fits = checkpoint.disk_plan(
-            directory, checkpoint.checkpoint_bytes(self.model), t.max_steps, t.checkpoint_interval, t.keep_checkpoints
-        )
-        log.info("%s", line)
-        if not fits:
-            raise checkpoint.CheckpointError(
-                f"not enough disk for this trial's checkpoints: {line}. Free space, "
-                f"or keep fewer checkpoints (trainer.keep_checkpoints)"
-            )
-
-    def _save_checkpoint(self, step: int, is_best: bool, tracker) -> None:
-        directory, t = self.run_dir / "checkpoints", self.cfg.trainer
-        on_main_rank(self.ranks, lambda: checkpoint.begin(directory, step))
-        try:
-            on_every_rank(self.ranks, lambda: checkpoint.save_rank_rng(directory, step, self.ranks.rank))
-        except BaseException:
-            if self.ranks.is_main:
-                shutil.rmtree(checkpoint.staging_dir(directory, step), ignore_errors=True)
-            raise
-
-        def commit() -> Path:
-            state = {
-                "step": step,
-                "run_id": tracker.run_id,
-                "config_hash": config_hash(self.cfg, self.ranks.world),
-                "world_size": self.ranks.world,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "periods": self.periods,
-                "history": self.history,
-            }
-            started = time.perf_counter()
-            with progress.Stages(f"checkpoint step_{step:06d}", checkpoint.COMMIT_PARTS, self.show_progress) as parts:
-                saved = checkpoint.commit(directory, step, self.model, state, is_best, parts)
-            size = sum(f.stat().st_size for f in saved.iterdir())
-            log.info(
-                "saved checkpoint %s (%s) in %.1f s",
-                saved.name,
-                checkpoint.format_bytes(size),
-                time.perf_counter() - started,
-            )
-            for path in checkpoint.prune(directory, t.keep_checkpoints, t.checkpoint_interval):
-                log.info("removed %s (trainer.keep_checkpoints=%s)", path.name, t.keep_checkpoints)
-            pointers = {
-                "host": socket.gethostname(),
-                "latest": str(saved.resolve()),
-                "best": str(checkpoint.resolve(directory, "best").resolve()),
-            }
-            tracker.log_text(json.dumps(pointers, indent=1), "checkpoints.json")
-            return saved
-
-        self.last_checkpoint = on_main_rank(self.ranks, commit)
-
-    def _restore(self, path: Path) -> None:
-        state = checkpoint.load(path, self.model, self.ranks.rank)
-        if state["config_hash"] != config_hash(self.cfg, self.ranks.world):
-            raise ValueError(
-                f"{path} was saved by a trial with another config or another number of ranks "
-                f"(config_hash {state['config_hash']}, world size {state.get('world_size', '?')})"
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        self.start_step, self.run_id = state["step"], state["run_id"]
-        self.periods, self.history = state["periods"], state["history"]
-        self.last_checkpoint = path
-        log.info("resumed from %s at step %d", path, self.start_step)
 
     # --- evaluation and records -----------------------------------------------------------------
     def test_losses(self) -> dict[str, float]:
