@@ -1,14 +1,8 @@
 """Throughput benchmark: `python -m harness bench [steps=N] [warmup=N] [compare="OVERRIDES"] [repeat=true]
 [deterministic=true] [TRIAL OVERRIDES…]` (also `make bench`).
 
-Runs `steps` optimizer steps after `warmup` steps of the composed trial (no MLflow) and prints tokens/s,
-MFU (against the GPU's dense bf16 peak, or `peak_flops=`), peak memory and where the step time goes
-(profiler, top ops by self time). `compare=` runs a second config (the same overrides plus these) in the
-same process, side by side. `repeat=true` trains the config twice from the same seeds for `repeat_steps` (50) steps and
-says whether the losses are bit-identical; `deterministic=true` also measures `trainer.deterministic=true`.
-The base config's tokens/s is appended to the bench records (`harness.study.cost.BENCH_RECORDS`), where
-`python -m harness plan gpu=KIND` finds it.
-"""
+Trains the composed trial for a few steps without MLflow and prints tokens/s, MFU, peak memory and the top ops;
+the base config's tokens/s is appended to the bench records `python -m harness plan` reads. docs/trial.md has more."""
 
 import resource
 import tempfile

@@ -1,13 +1,7 @@
 """`python -m harness evaluate PATH [best|latest]`: a saved checkpoint's held-out test loss, logged to its run.
 
-PATH is a trial's run directory (its `checkpoints/latest`, or `best`, is evaluated), its `checkpoints/`
-directory, or one `step_NNNNNN` checkpoint. The trial's saved `config.yaml` rebuilds the model and names the
-test window; the losses (dropout off, as at the end of a trial: full fp32, and the study's fp16-autocast
-evaluation) are printed to 6 decimals and logged as `checkpoint_test_loss` and `checkpoint_test_loss_amp` at
-the checkpoint's step into the trial's own MLflow run, whose status is left as it was. The store is the
-trial's `tracking.uri` (a different MLFLOW_TRACKING_URI is refused), else MLFLOW_TRACKING_URI, else the
-project's mlflow.db. Every file of the checkpoint is checked against its sha256 manifest first.
-"""
+PATH is a run directory, its `checkpoints/` directory or one `step_NNNNNN` checkpoint; the losses are logged as
+`checkpoint_test_loss` and `checkpoint_test_loss_amp` into the trial's own MLflow run. docs/trial.md has the details."""
 
 import os
 import sys

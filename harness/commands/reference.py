@@ -1,13 +1,8 @@
 """`python -m harness reference path=DIR [trial overrides]`: a Hugging Face GPT-2 as a study's `reference` run.
 
-The overrides compose a trial exactly as `python -m harness` would (e.g. `scale=gpt2_small`); only its
-test window (data.*) and context length are used: the reference model is evaluated on the same held-out
-tokens, cut into the same sequences, as that scale's trials. The MLflow run is tagged
-`intervention=reference`, `scale`, `reference_source` (the directory) and records `test_loss` (full fp32) and
-`test_loss_amp` (the study's evaluation: fp16 autocast, mean of per-batch means; see
-`harness.trial.evaluation.held_out_losses`). OpenAI's GPT-2 small scores 3.499677 on the gpt2_small window (SEEDS.md):
-that is the `test_loss_amp` number.
-"""
+The overrides compose a trial as `python -m harness` would; the reference model is scored on that trial's held-out
+window (`harness.trial.evaluation.held_out_losses`) and recorded as a run tagged `intervention=reference`.
+docs/trial.md has the details."""
 
 import dataclasses
 import sys

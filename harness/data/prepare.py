@@ -1,13 +1,10 @@
 """FineWeb preparation: parquet files of `sample/10BT` -> GPT-2 token shards (see `harness.data.shards`).
 
-As the study's own prepare_datasets.py did it: documents in sorted file order and row order, split as
-`datasets`' `train[:99%]` / `train[99%:]` (the last 1% held out as `test`), each encoded with
-`encode_batch(texts, allowed_special={"<|endoftext|>"})` (a literal "<|endoftext|>" in a document is token
-50256) and followed by end-of-text. Tokenization runs in worker processes while the main process reads parquet
-and writes shards in document order. A killed preparation resumes after its last completed shard and ends
-byte-identical to an uninterrupted one. `dataset=fineweb_gpt2_tokens` (the study's published tokens) is
-converted by `harness.data.tokens` instead.
-"""
+As the study's own prepare_datasets.py did it: documents in sorted file and row order, split as `datasets`'
+`train[:99%]` / `train[99%:]` (the last 1% held out as `test`), each encoded with `encode_batch(texts,
+allowed_special={"<|endoftext|>"})` and followed by end-of-text, tokenized in worker processes and written in
+document order. A killed preparation resumes after its last completed shard and ends byte-identical to an
+uninterrupted one. `dataset=fineweb_gpt2_tokens` is converted by `harness.data.tokens` instead."""
 
 import itertools
 import multiprocessing

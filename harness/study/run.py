@@ -1,18 +1,7 @@
-"""Run a study: an MLflow parent run, every trial a child run, all launched by Hydra. A later execution of the
-same plan reuses the parent (`harness.study.parents` says exactly when), so a study finished in several goes is one tree.
+"""Run a study: an MLflow parent run, every trial a child run, all launched by Hydra.
 
-The study sweeper (`hydra_plugins/harness_study_sweeper`) hands `run_study` the study's settings and the
-configured launcher: Hydra's basic local launcher by default, submitit for SLURM (`hydra/launcher=slurm`)
-or for local processes (`hydra/launcher=submitit_local`). Trials whose computation already FINISHED in
-the study are skipped, so running the same command again finishes an interrupted study.
-
-Executions of one study may run at the same time (two `make sweep` started together, or a second one to
-finish a first one faster). Each trial claims its computation in the store before it computes
-(`harness.tracking.records`); a trial claimed by another execution is passed over, and once its own trials are done
-an execution waits for those: a FINISHED one is reported as SKIPPED, one whose run failed or died (stale
-heartbeat, marked KILLED) is run here. Runs left RUNNING by dead processes, trials and studies alike, are
-marked KILLED when a study starts and while it waits.
-"""
+`run_study` plans the trials, skips those whose computation already FINISHED in the study, submits the rest to the
+configured launcher and waits for those another execution holds; docs/study.md describes reuse and concurrency."""
 
 import threading
 import time

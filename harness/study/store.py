@@ -276,7 +276,7 @@ class StudyStore:
         sweep_dir: str,
         design: str,
     ) -> str:
-        """The execution's parent run: an earlier one of the same plan (`harness.study.parents`), else a new one."""
+        """The execution's parent run: an earlier one of the same plan (docs/study.md), else a new one."""
         from harness.tracking.store import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, git_state
 
         settings = asdict(study)
@@ -347,7 +347,7 @@ class StudyStore:
         return run_id
 
     def reuse_parent(self, plan: str, tags: dict, record: dict) -> str | None:
-        """The id of the ended parent of this plan this execution now holds, or None (`harness.study.parents`). Its
+        """The id of the ended parent of this plan this execution now holds, or None (docs/study.md). Its
         trials so far are left out of this execution's outcomes (they are the earlier executions')."""
         for run in ended_parents(self.client, self.experiment_id, self.study, plan)[:1]:
             self.execution_number = int(run.data.tags.get(EXECUTIONS_TAG, "1")) + 1

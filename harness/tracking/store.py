@@ -1,19 +1,5 @@
-"""MLflow tracking: one store for every run, written by rank 0 only, never in the training step's way.
-
-`Tracker` is a trial's run. The first contact with the store is bounded (`tracking.connect_timeout`), so a
-dead store fails a trial in seconds. After that every write is queued and sent, in order, by one
-background thread: metrics in batches, tags, artifacts, texts, the final status. When the store is
-unreachable the thread keeps the records and retries with backoff while training goes on; it also writes a
-heartbeat tag every `tracking.heartbeat_interval` seconds, so other processes can tell a live trial from one
-whose process died (`harness.tracking.records`). At the end a trial waits up to `tracking.flush_timeout` seconds for
-the queue; whatever is still unsent is saved to `<run dir>/unsent_records.jsonl` and the trial fails with
-the command that replays it (`python -m harness replay <run dir>`). MLflow's system metrics (CPU, memory, disk,
-network, GPUs) are sampled on a thread of their own and go through the same queue.
-
-Every experiment the harness writes to is marked as classic model training (`mlflow.experimentKind`), so
-`mlflow ui` opens it on its runs table, and gets two saved views of that table (`VIEWS`) linked from its
-description.
-"""
+"""MLflow tracking stores: URIs, the bounded first contact (`connect`, `probe`), experiment ids and the UI's links
+and saved views. A trial's run is written by `harness.tracking.tracker`; docs/records.md describes both."""
 
 import contextlib
 import fcntl

@@ -19,7 +19,7 @@ from harness.trial.ranks import Ranks, on_main_rank
 def open_record(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
     """Rank 0 opens the trial's MLflow run before the first step: the store must answer within
     `tracking.connect_timeout`, a new trial's run directory must be unused, and a study trial must hold its
-    claim (`harness.tracking.records`). Every rank learns the outcome; ranks other than 0 get a NullTracker."""
+    claim (`harness.tracking.liveness`). Every rank learns the outcome; ranks other than 0 get a NullTracker."""
     opened = on_main_rank(ranks, lambda: _open_main_record(cfg, Path(run_dir), ranks.world), share=False)
     return opened if ranks.is_main else NullTracker()
 
