@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from analysis.load import AnalysisInputError, load_csv_study, load_mlflow_study
-from harness.commands.arguments import split
+from harness.arguments import split
 from harness.paths import PROJECT_ROOT, default_tracking_uri
 
 USAGE = """\
@@ -138,7 +138,7 @@ def study_parent(tracking_uri: str, experiment_id: str, study: str) -> str | Non
     """The study's latest parent run in the experiment, where its analysis is logged; None if it has none."""
     from mlflow.tracking import MlflowClient
 
-    from harness.study.parents import latest_parent
+    from harness.study.store import latest_parent
 
     parent = latest_parent(MlflowClient(tracking_uri), experiment_id, study)
     return parent.info.run_id if parent else None

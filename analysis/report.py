@@ -443,7 +443,7 @@ def log_analysis_run(
     if parent_run_id:
         from mlflow.tracking import MlflowClient
 
-        from harness.study.parents import write_note
+        from harness.study.store import write_note
 
         client = MlflowClient(tracking_uri)
         write_note(client, parent_run_id, Verdicts=verdicts_markdown(analysis, run.info.run_id))

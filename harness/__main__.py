@@ -36,14 +36,14 @@ def run_trial(cfg) -> float:
     trial_cfg = trial_for_job(cfg, list(HydraConfig.get().overrides.task))
     run_dir = Path(trial_cfg.resume or HydraConfig.get().runtime.output_dir)
     if trial_cfg.resume:
-        from harness.tracking.records import resumed_already_finished
+        from harness.tracking.liveness import resumed_already_finished
 
         done = resumed_already_finished(trial_cfg)
         if done:
             print(f"resume={run_dir}: {done}", flush=True)
             return None
-    from harness.study.run import export_submitit_ranks
     from harness.trial.launch import launch
+    from harness.trial.ranks import export_submitit_ranks
 
     export_submitit_ranks()
     result = launch(trial_cfg, run_dir, checked=True)

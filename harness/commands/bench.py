@@ -1,14 +1,8 @@
 """Throughput benchmark: `python -m harness bench [steps=N] [warmup=N] [compare="OVERRIDES"] [repeat=true]
 [deterministic=true] [TRIAL OVERRIDES…]` (also `make bench`).
 
-Runs `steps` optimizer steps after `warmup` steps of the composed trial (no MLflow) and prints tokens/s,
-MFU (against the GPU's dense bf16 peak, or `peak_flops=`), peak memory and where the step time goes
-(profiler, top ops by self time). `compare=` runs a second config (the same overrides plus these) in the
-same process, side by side. `repeat=true` trains the config twice from the same seeds for `repeat_steps` (50) steps and
-says whether the losses are bit-identical; `deterministic=true` also measures `trainer.deterministic=true`.
-The base config's tokens/s is appended to the bench records (`harness.study.cost.BENCH_RECORDS`), where
-`python -m harness plan gpu=KIND` finds it.
-"""
+Trains the composed trial for a few steps without MLflow and prints tokens/s, MFU, peak memory and the top ops;
+the base config's tokens/s is appended to the bench records `python -m harness plan` reads. docs/trial.md has more."""
 
 import resource
 import tempfile
@@ -18,13 +12,14 @@ from datetime import datetime
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness.commands.arguments import split, whole_number
+from harness.arguments import split, whole_number
 from harness.config.compose import compose_trial
 from harness.config.schema import TrialConfig
 from harness.paths import PROJECT_ROOT
 from harness.study.cost import gpu_kind, record_bench
+from harness.trial.flops import mfu
 from harness.trial.launch import set_determinism
-from harness.trial.trainer import Trial, mfu
+from harness.trial.trainer import Trial
 
 BENCH_KEYS = {
     "steps": 20,

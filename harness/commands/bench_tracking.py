@@ -14,11 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.commands.arguments import split, whole_number
+from harness.arguments import split, whole_number
 from harness.commands.bench import compose_overrides
-from harness.config.compose import as_dict, flatten
-from harness.tracking.store import NullTracker, Tracker
+from harness.config.compose import as_dict
+from harness.tracking.tracker import NullTracker, Tracker
 from harness.trial.trainer import Trial
+from interventions import flatten
 
 KEYS = {"steps": 30, "repeats": 3, "warmup": 3}
 

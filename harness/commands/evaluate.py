@@ -1,33 +1,25 @@
 """`python -m harness evaluate PATH [best|latest]`: a saved checkpoint's held-out test loss, logged to its run.
 
-PATH is a trial's run directory (its `checkpoints/latest`, or `best`, is evaluated), its `checkpoints/`
-directory, or one `step_NNNNNN` checkpoint. The trial's saved `config.yaml` rebuilds the model and names the
-test window; the losses (dropout off, as at the end of a trial: full fp32, and the study's fp16-autocast
-evaluation) are printed to 6 decimals and logged as `checkpoint_test_loss` and `checkpoint_test_loss_amp` at
-the checkpoint's step into the trial's own MLflow run, whose status is left as it was. The store is the
-trial's `tracking.uri` (a different MLFLOW_TRACKING_URI is refused), else MLFLOW_TRACKING_URI, else the
-project's mlflow.db. Every file of the checkpoint is checked against its sha256 manifest first.
-"""
+PATH is a run directory, its `checkpoints/` directory or one `step_NNNNNN` checkpoint; the losses are logged as
+`checkpoint_test_loss` and `checkpoint_test_loss_amp` into the trial's own MLflow run. docs/trial.md has the details."""
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from hydra.errors import HydraException
-from omegaconf import OmegaConf
-from safetensors.torch import load_model
-
-from harness.config.compose import config_hash, to_trial_config
-from harness.config.schema import TrialConfig
 from harness.data.loader import open_dataset
-from harness.data.shards import DataError
-from harness.tracking.records import own_store
-from harness.tracking.store import default_tracking_uri
-from harness.trial import checkpoint
-from harness.trial.model import GPTModel
-from harness.trial.trainer import build_model, held_out_losses, study_test_autocast
+from harness.paths import default_tracking_uri
+from harness.tracking.liveness import own_store
+from harness.trial.evaluation import (
+    INPUT_ERRORS,
+    POINTERS,
+    SavedTrial,
+    error_message,
+    evaluation_device,
+    held_out_losses,
+    load_saved_trial,
+    study_test_autocast,
+)
 
 USAGE = """\
 usage: python -m harness evaluate PATH [best|latest]
@@ -41,46 +33,6 @@ checkpoint's step, into the trial's MLflow run.
   latest  the last checkpoint (the default)
 """
 
-POINTERS = ("best", "latest")
-# Errors that mean bad input (a wrong path, a missing store, a mismatched file): the commands print their
-# message instead of a traceback.
-INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, DataError, HydraException)  # CheckpointError is a ValueError
-
-
-@dataclass
-class SavedTrial:
-    cfg: TrialConfig
-    model: GPTModel
-    checkpoint: Path
-    run_id: str
-    step: int
-    config_hash: str
-
-
-def load_saved_trial(path: Path, which: str | None = None) -> SavedTrial:
-    """The checkpoint's trial config (from its run directory's config.yaml) and model with its weights, on the CPU.
-
-    The model is built as the trial built it, code-level interventions (plugins) included.
-    """
-    found = checkpoint.find(path, which)
-    config_file = found.parent.parent / "config.yaml"  # run_dir/checkpoints/step_NNNNNN
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: the checkpoint {found} needs its trial's saved config")
-    cfg = to_trial_config(OmegaConf.load(config_file))
-    checkpoint.require_intact(found)
-    checkpoint.verify(found)  # a corrupt file is an error naming it, never a silently different model
-    state = torch.load(found / checkpoint.STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
-    expected = config_hash(cfg, state.get("world_size"))
-    if state["config_hash"] != expected:
-        raise ValueError(
-            f"{found} was saved with config_hash {state['config_hash']}, but {config_file} "
-            f"has {expected}: another config, or a checkpoint of a harness version whose "
-            f"config_hash covered other keys"
-        )
-    model = build_model(cfg)
-    load_model(model, str(found / checkpoint.MODEL_FILE))
-    return SavedTrial(cfg, model.eval(), found, state["run_id"], state["step"], state["config_hash"])
-
 
 def mlflow_client(uri: str):
     """A client for an existing store; a missing sqlite file is an error, not a new empty store."""
@@ -89,10 +41,6 @@ def mlflow_client(uri: str):
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise FileNotFoundError(f"no MLflow store at {uri}; set MLFLOW_TRACKING_URI to the store the trial logged to")
     return MlflowClient(uri)
-
-
-def evaluation_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def evaluate_checkpoint(path: Path, which: str | None = None) -> tuple[dict[str, float], SavedTrial]:
@@ -127,10 +75,6 @@ def evaluate_checkpoint(path: Path, which: str | None = None) -> tuple[dict[str,
     for name, value in losses.items():
         client.log_metric(saved.run_id, f"checkpoint_{name}", value, step=saved.step)
     return losses, saved
-
-
-def error_message(error: BaseException) -> str:
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
 def main(arguments: list[str]) -> int:

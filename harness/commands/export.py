@@ -8,8 +8,8 @@ The safetensors header records where the weights came from (run id, step, config
 import sys
 from pathlib import Path
 
-from harness.commands.evaluate import INPUT_ERRORS, POINTERS, error_message, load_saved_trial
 from harness.trial import hf
+from harness.trial.evaluation import INPUT_ERRORS, POINTERS, error_message, load_saved_trial
 from harness.trial.plugins import Plugin, plugin_class
 
 USAGE = """\

@@ -19,7 +19,7 @@ written or recorded, and torch is not loaded.
 import dataclasses
 import math
 
-from harness.commands.arguments import split
+from harness.arguments import split
 from harness.config.checks import ConfigError
 from harness.config.compose import intervention_tag
 from harness.config.overrides import override_problems

@@ -1,13 +1,8 @@
 """`python -m harness reference path=DIR [trial overrides]`: a Hugging Face GPT-2 as a study's `reference` run.
 
-The overrides compose a trial exactly as `python -m harness` would (e.g. `scale=gpt2_small`); only its
-test window (data.*) and context length are used: the reference model is evaluated on the same held-out
-tokens, cut into the same sequences, as that scale's trials. The MLflow run is tagged
-`intervention=reference`, `scale`, `reference_source` (the directory) and records `test_loss` (full fp32) and
-`test_loss_amp` (the study's evaluation: fp16 autocast, mean of per-batch means; see
-`harness.trial.trainer.held_out_losses`). OpenAI's GPT-2 small scores 3.499677 on the gpt2_small window (SEEDS.md):
-that is the `test_loss_amp` number.
-"""
+The overrides compose a trial as `python -m harness` would; the reference model is scored on that trial's held-out
+window (`harness.trial.evaluation.held_out_losses`) and recorded as a run tagged `intervention=reference`.
+docs/trial.md has the details."""
 
 import dataclasses
 import sys
@@ -15,14 +10,20 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from harness.commands.evaluate import INPUT_ERRORS, error_message, evaluation_device
-from harness.config.compose import as_dict, compose_trial, flatten
+from harness.config.compose import as_dict, compose_trial
 from harness.config.schema import TrialConfig
 from harness.data.loader import open_dataset
 from harness.paths import PROJECT_ROOT
-from harness.tracking.store import Tracker
+from harness.tracking.tracker import Tracker
 from harness.trial import hf
-from harness.trial.trainer import held_out_losses, study_test_autocast
+from harness.trial.evaluation import (
+    INPUT_ERRORS,
+    error_message,
+    evaluation_device,
+    held_out_losses,
+    study_test_autocast,
+)
+from interventions import flatten
 
 USAGE = """\
 usage: python -m harness reference path=DIR [trial overrides, e.g. scale=gpt2_small]

@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from harness.commands.arguments import split
-from harness.tracking import records
-from harness.tracking.store import TrackingUnavailable, connect, default_tracking_uri, normalize_uri
+from harness.arguments import split
+from harness.paths import default_tracking_uri
+from harness.tracking import liveness
+from harness.tracking.replay import replay
+from harness.tracking.store import TrackingUnavailable, connect, normalize_uri
 
 USAGE = "usage:\n" + __doc__.split("\n\n")[1] + "\n"
 
@@ -45,15 +47,15 @@ def list_runs(options: dict[str, str], mark: bool) -> int:
         return 1
     stale_after: float | None = float(options["stale_after"]) if "stale_after" in options else None
     query = "attributes.status = 'RUNNING'" + (f" and tags.study = '{options['study']}'" if "study" in options else "")
-    running = records.search(client, [e.experiment_id for e in experiments], query)
+    running = liveness.search(client, [e.experiment_id for e in experiments], query)
     now = time.time()
     rows = [["run", "name", "study", "heartbeat", "host", "run directory"]]
     for run in sorted(running, key=lambda r: r.info.start_time):
-        tags, beat = run.data.tags, records.heartbeat(run)
+        tags, beat = run.data.tags, liveness.heartbeat(run)
         if beat is None:
             state = "none (older harness)"
         else:
-            state = f"{now - beat:.0f} s ago" + (" STALE" if records.is_stale(run, now, stale_after) else "")
+            state = f"{now - beat:.0f} s ago" + (" STALE" if liveness.is_stale(run, now, stale_after) else "")
         rows.append(
             [
                 run.info.run_id,
@@ -68,12 +70,12 @@ def list_runs(options: dict[str, str], mark: bool) -> int:
     print(f"{len(running)} RUNNING runs in {uri}")
     if running:
         print("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows))
-    stale = [r for r in running if records.is_stale(r, now, stale_after)]
+    stale = [r for r in running if liveness.is_stale(r, now, stale_after)]
     if not mark:
         if stale:
             print(f"{len(stale)} of them are stale; mark them KILLED with: python -m harness runs --mark-stale")
         return 0
-    for run, reason in records.mark_stale(client, running, stale_after):
+    for run, reason in liveness.mark_stale(client, running, stale_after):
         print(f"marked {run.info.run_id} ({run.info.run_name}) KILLED: {reason}")
     return 0
 
@@ -94,7 +96,7 @@ def main(arguments: list[str]) -> int:
         options, _, positional = parse(rest, {"tracking.uri"}, set())
         if len(positional) != 1:
             raise ValueError("give the trial's run directory: python -m harness replay RUN_DIR")
-        print(records.replay(positional[0], options.get("tracking.uri")))
+        print(replay(positional[0], options.get("tracking.uri")))
         return 0
     except (ValueError, FileNotFoundError, TrackingUnavailable, RuntimeError) as error:
         print(f"error: {error}\n\n{USAGE}" if isinstance(error, ValueError) else f"error: {error}", file=sys.stderr)

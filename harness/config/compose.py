@@ -123,7 +123,7 @@ def resumed_trial(cfg: TrialConfig, overrides: list[str]) -> TrialConfig:
                 f"resume with no other overrides to continue it as saved"
             ]
         )
-    from harness.tracking import records  # neither loads MLflow
+    from harness.tracking import liveness  # neither loads MLflow
     from harness.tracking.store import UNSENT_FILE
 
     requested, source = (
@@ -132,7 +132,7 @@ def resumed_trial(cfg: TrialConfig, overrides: list[str]) -> TrialConfig:
         else (os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
     )
     try:
-        uri = records.own_store(saved.tracking.uri, requested, source, f"resume={run_dir}")
+        uri = liveness.own_store(saved.tracking.uri, requested, source, f"resume={run_dir}")
     except ValueError as error:
         raise ConfigError([str(error)]) from None
     saved.tracking.uri = uri or default_tracking_uri()

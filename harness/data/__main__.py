@@ -2,7 +2,7 @@
 
 import sys
 
-from harness.commands.arguments import split
+from harness.arguments import split
 from harness.data.prepare import DATASETS, DEFAULT_SHARD_TOKENS, PrepareError, prepare
 
 USAGE = f"""\

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.data.prepare import PrepareError, log
+from harness.data.common import PrepareError, log
 from harness.paths import PROJECT_ROOT
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

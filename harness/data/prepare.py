@@ -1,18 +1,14 @@
 """FineWeb preparation: parquet files of `sample/10BT` -> GPT-2 token shards (see `harness.data.shards`).
 
-As the study's own prepare_datasets.py did it: documents in sorted file order and row order, split as
-`datasets`' `train[:99%]` / `train[99%:]` (the last 1% held out as `test`), each encoded with
-`encode_batch(texts, allowed_special={"<|endoftext|>"})` (a literal "<|endoftext|>" in a document is token
-50256) and followed by end-of-text. Tokenization runs in worker processes while the main process reads parquet
-and writes shards in document order. A killed preparation resumes after its last completed shard and ends
-byte-identical to an uninterrupted one. `dataset=fineweb_gpt2_tokens` (the study's published tokens) is
-converted by `harness.data.tokens` instead.
-"""
+As the study's own prepare_datasets.py did it: documents in sorted file and row order, split as `datasets`'
+`train[:99%]` / `train[99%:]` (the last 1% held out as `test`), each encoded with `encode_batch(texts,
+allowed_special={"<|endoftext|>"})` and followed by end-of-text, tokenized in worker processes and written in
+document order. A killed preparation resumes after its last completed shard and ends byte-identical to an
+uninterrupted one. `dataset=fineweb_gpt2_tokens` is converted by `harness.data.tokens` instead."""
 
 import itertools
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 from collections import deque
@@ -25,15 +21,27 @@ import pyarrow
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from harness.data.common import (
+    HOLDOUT_FRACTION,
+    TOKEN_BYTES,
+    PrepareError,
+    damaged_shards,
+    describe,
+    gigabytes,
+    import_huggingface_hub,
+    is_downloaded,
+    load_matching_manifest,
+    log,
+    remove_unfinished_shards,
+    require_disk_space,
+    written_bytes,
+)
 from harness.data.shards import (
-    MANIFEST,
     SPLITS,
     TOKEN_DTYPE,
     Manifest,
-    ManifestError,
     ShardWriter,
     sha256_file,
-    shard_problem,
 )
 from harness.data.tokenizer import END_OF_TEXT, gpt2_encoding
 from harness.paths import PROJECT_ROOT
@@ -43,14 +51,12 @@ TOKEN_DATASETS = ("fineweb_gpt2_tokens",)  # already tokenized: harness.data.tok
 EVALUATION_DATASETS = ("hellaswag",)  # a benchmark's examples, not tokens: harness.data.hellaswag
 DATASETS = (*PARQUET_DATASETS, *TOKEN_DATASETS, *EVALUATION_DATASETS)
 SAMPLE = "sample/10BT"
-HOLDOUT_FRACTION = 0.01
 TRAIN_PERCENT = 99  # the reference's split: train[:99%], validation (our test) train[99%:]
 # Recorded in the manifest: a preparation made another way (as before these were recorded) is not resumed.
 ENCODING = "encode_batch(allowed_special={'<|endoftext|>'})"
 SPLIT_RULE = "datasets train[:99%] / train[99%:], closest rounding"
 DEFAULT_SHARD_TOKENS = 100_000_000
 DOCUMENTS_PER_TASK = 1024
-TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 
 # Conservative disk estimates. GPT-2 averages about 4.5 bytes of English text per token and a token is
 # stored in 2 bytes, so the shards take at most half the text's bytes (plus 2 bytes of end-of-text per
@@ -60,10 +66,6 @@ SHARD_BYTES_PER_TEXT_BYTE = 0.5
 SHARD_BYTES_PER_PARQUET_BYTE = 1.0
 
 TokenizedChunk = tuple[np.ndarray, np.ndarray]
-
-
-class PrepareError(Exception):
-    """A preparation that cannot start or continue; the message tells the user what to do."""
 
 
 def prepare(
@@ -84,7 +86,7 @@ def prepare(
     `hellaswag` downloads its validation split from `url` (default: the original repository's file).
     """
     if dataset in EVALUATION_DATASETS:
-        from harness.data.hellaswag import URL, prepare_hellaswag  # it builds on this module's helpers
+        from harness.data.hellaswag import URL, prepare_hellaswag
 
         given = {"workers": workers, "max_files": max_files, "parquet_dir": parquet_dir}
         shards = {"shard_tokens": None if shard_tokens == DEFAULT_SHARD_TOKENS else shard_tokens}
@@ -92,7 +94,7 @@ def prepare(
         return prepare_hellaswag(out, url or URL)
     not_applicable(dataset, url=url)
     if dataset in TOKEN_DATASETS:
-        from harness.data.tokens import prepare_tokens  # it builds on this module's helpers
+        from harness.data.tokens import prepare_tokens
 
         require_positive(shard_tokens=shard_tokens)
         not_applicable(dataset, workers=workers, max_files=max_files, parquet_dir=parquet_dir)
@@ -179,71 +181,6 @@ def require_positive(**values: int | None) -> None:
             raise PrepareError(f"{name} must be at least 1, got {value}")
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def describe(manifest: Manifest) -> str:
-    return ", ".join(
-        f"{name} {split.documents:,} documents / {split.tokens:,} tokens in {len(split.shards)} shards"
-        for name, split in manifest.splits.items()
-    )
-
-
-def load_matching_manifest(out: Path, dataset: str, settings: dict) -> Manifest | None:
-    """The manifest of an earlier preparation in `out`, if any; refuses one made with other settings."""
-    if not (out / MANIFEST).exists():
-        return None
-    try:
-        manifest = Manifest.load(out)
-    except ManifestError as error:
-        raise PrepareError(f"{error}; move it away to prepare {out} from the start") from None
-    recorded = {key: manifest.source.get(key) for key in settings}
-    if manifest.dataset == dataset and "encoding" in settings and "encoding" not in manifest.source:
-        raise PrepareError(
-            f"{out} was prepared by an earlier harness (encode_ordinary, and the last ceil(1%) of documents held out), "
-            f"not as the study's prepare_datasets.py did it; its tokens differ from the study's. Delete {out} and "
-            "prepare again, or choose another out=DIR"
-        )
-    if manifest.dataset != dataset or recorded != settings:
-        raise PrepareError(
-            f"{out} holds a preparation of {manifest.dataset} with {recorded}, not of {dataset} with {settings}; "
-            "use the same settings to finish it, or choose another out=DIR"
-        )
-    return manifest
-
-
-def written_bytes(manifest: Manifest | None) -> int:
-    if manifest is None:
-        return 0
-    return TOKEN_BYTES * sum(split.tokens for split in manifest.splits.values())
-
-
-def gigabytes(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.2f} GB"
-
-
-def require_disk_space(out: Path, needed_bytes: float, purpose: str) -> None:
-    existing = next(directory for directory in (out, *out.parents) if directory.exists())
-    free = shutil.disk_usage(existing).free
-    if needed_bytes > free:
-        raise PrepareError(
-            f"not enough disk space for {out}: {purpose} need about {gigabytes(needed_bytes)} "
-            f"but only {gigabytes(free)} are free; free some space or choose another out=DIR"
-        )
-
-
-def import_huggingface_hub():
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise PrepareError(
-            "downloading needs huggingface_hub: pip install -e .[data] "
-            "(or pass parquet_dir=DIR with the parquet files already downloaded)"
-        ) from None
-    return huggingface_hub
-
-
 def download(repo: str, local_dir: Path, max_files: int | None, out: Path, written: int) -> Path:
     """Downloads the first `max_files` parquet files of `repo`'s sample into `local_dir`; returns their folder."""
     hub = import_huggingface_hub()
@@ -264,10 +201,6 @@ def download(repo: str, local_dir: Path, max_files: int | None, out: Path, writt
         local_dir=local_dir,
     )
     return local_dir / SAMPLE
-
-
-def is_downloaded(path: Path, size: int) -> bool:
-    return path.exists() and path.stat().st_size == size
 
 
 def parquet_files(parquet_dir: Path, max_files: int | None) -> list[Path]:
@@ -302,16 +235,6 @@ def open_parquet(path: Path) -> pq.ParquetFile:
     return parquet
 
 
-def remove_unfinished_shards(out: Path, manifest: Manifest) -> None:
-    """Deletes what an interrupted run wrote beyond its manifest, which this run writes again."""
-    recorded = {shard.file for split in manifest.splits.values() for shard in split.shards}
-    for path in out.glob("*.tmp"):
-        path.unlink()
-    for path in out.glob("*.bin"):
-        if path.name not in recorded:
-            path.unlink()  # renamed into place, but the run died before recording it in the manifest
-
-
 def without_parquet_dir(source: dict) -> dict:
     return {key: value for key, value in source.items() if key != "parquet_dir"}
 
@@ -321,24 +244,6 @@ def downloaded_parquet(out: Path, manifest: Manifest | None) -> Path | None:
     folder = out / "parquet" / SAMPLE
     names = manifest.source.get("files") if manifest is not None else None
     return folder if names and all((folder / name).is_file() for name in names) else None
-
-
-def damaged_shards(out: Path, manifest: Manifest | None) -> list[tuple[str, int]]:
-    """(split, index) of each recorded shard that is missing, has the wrong size or fails its checksum."""
-    if manifest is None:
-        return []
-    damaged = []
-    shards = [
-        (name, index, shard) for name, split in manifest.splits.items() for index, shard in enumerate(split.shards)
-    ]
-    for name, index, shard in tqdm(
-        shards, desc="verifying shards", unit="shard", file=sys.stderr, disable=len(shards) < 10
-    ):
-        problem = shard_problem(out, shard, verify=True)
-        if problem:
-            log(f"{problem}: it will be re-created")
-            damaged.append((name, index))
-    return damaged
 
 
 def recreate_shards(

@@ -1,13 +1,10 @@
 """The study's own tokens: the Hugging Face dataset `gpjt/fineweb-gpt2-tokens`, converted into the shard format.
 
-The reference code (gpjt/ddp-base-model-from-scratch) trains on `train.safetensors` (10,248,871,837 tokens) and
-tests on `validation.safetensors` (102,163,003 tokens): FineWeb sample-10BT tokenized by its
-prepare_datasets.py, each one uint16 tensor `tokens` with end-of-text after every document. They become the
-`train` and `test` splits here, token for token. The files are read in blocks, each through a memory map of
-just that block (never whole: train is 19 GiB), and each shard ends at the first end-of-text at or after
-`shard_tokens` tokens, as `ShardWriter` cuts documents. Like the parquet path, an interrupted conversion
-resumes after its last completed shard and ends byte-identical to an uninterrupted one.
-"""
+The reference code trains on `train.safetensors` (10,248,871,837 tokens) and tests on `validation.safetensors`
+(102,163,003 tokens), each one uint16 tensor `tokens` with end-of-text after every document; they become the
+`train` and `test` splits, token for token. The files are read in memory-mapped blocks (train is 19 GiB), each
+shard ends at the first end-of-text at or after `shard_tokens` tokens, and an interrupted conversion resumes
+after its last completed shard and ends byte-identical to an uninterrupted one."""
 
 import hashlib
 import json
@@ -20,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from harness.data.prepare import (
+from harness.data.common import (
     HOLDOUT_FRACTION,
     TOKEN_BYTES,
     PrepareError,

@@ -1,17 +1,6 @@
 """What a trial costs before it runs: parameters, tokens, FLOPs, GPU-hours at a stated throughput, checkpoint
 disk and money. Config layer only (no torch), so `python -m harness plan` answers at once and a study can budget
-itself: `trial_gpu_hours(cfg, gpu="h100")`.
-
-Throughput is the matmul FLOP/s one GPU achieves on the reference setting, fp16 AMP with dropout (the study's
-baseline), in the FLOPs the trainer's `mfu` metric counts (`flops_per_token`, the same count as
-`GPTModel.flops_per_token`). A trial's tokens/s per GPU is that over its FLOPs per token, times its speed
-relative to the reference (precision, dropout: SPEEDS). Where the figure comes from, first match:
-
-1. `tokens_per_sec=` (what one GPU trains per second on the plan's first trial) or `mfu=`, given by the user;
-2. the latest `make bench` on that kind of GPU (BENCH_RECORDS; `python -m harness bench` appends one per run);
-3. the GPUS table: the study's own measurement on A100s (SEEDS.md), carried to other GPUs at the same MFU, an
-   assumption until measured.
-"""
+itself: `trial_gpu_hours(cfg, gpu="h100")`. Where the throughput figure comes from is in docs/study-runs.md."""
 
 import json
 import os
@@ -22,9 +11,7 @@ from pathlib import Path
 from harness.config.schema import ModelConfig, TrialConfig
 from harness.paths import PROJECT_ROOT
 from harness.trial import disk
-
-# Dense fp16/bf16 tensor-core peak FLOP/s of one device, by substring of the CUDA device name (the MFU denominator).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+from harness.trial.flops import PEAK_FLOPS
 
 # Where `make bench` keeps what it measured, one JSON line per run (HARNESS_BENCH_RECORDS overrides).
 BENCH_RECORDS = PROJECT_ROOT / ".cache" / "bench" / "throughput.jsonl"
@@ -48,7 +35,7 @@ def flops_per_token(m: ModelConfig) -> float:
 
 
 # --- what the figures are ----------------------------------------------------------------------------------
-# SEEDS.md: a gpt2_small trial of the study (fp16 AMP, dropout 0.1, 33,165 steps × 98,304 tokens) took ~3.5 h on
+# The study published that a gpt2_small trial (fp16 AMP, dropout 0.1, 33,165 steps × 98,304 tokens) took ~3.5 h on
 # 8×A100 (40 GB, its runs/8xa100m40-*), end to end. That is its achieved MFU, the one measured figure here.
 STUDY_TOKENS, STUDY_HOURS, STUDY_GPUS = 33_165 * 98_304, 3.5, 8
 STUDY_TOKENS_PER_SEC = STUDY_TOKENS / (STUDY_HOURS * 3600 * STUDY_GPUS)  # per GPU

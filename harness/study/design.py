@@ -59,7 +59,7 @@ class StudyConf:
 
 
 @dataclass(frozen=True)
-class Trial:
+class TrialSpec:
     arm: tuple[str, ...]  # intervention names as the study writes them; () is the baseline
     seed: int
     train_seed: int | None
@@ -194,7 +194,7 @@ def study_arms(conf: StudyConf) -> list[tuple[str, ...]]:
         arms += factorial_design(conf.factorial.factors, conf.factorial.resolution).combinations()
     seen: dict[str, tuple[str, ...]] = {}
     for arm in arms:
-        label = Trial(arm, 0, None).intervention
+        label = TrialSpec(arm, 0, None).intervention
         if label in seen:
             raise ValueError(
                 f"study arms {'+'.join(seen[label]) or BASELINE!r} and {'+'.join(arm) or BASELINE!r} "
@@ -206,7 +206,7 @@ def study_arms(conf: StudyConf) -> list[tuple[str, ...]]:
     return arms
 
 
-def study_trials(conf: StudyConf) -> list[Trial]:
+def study_trials(conf: StudyConf) -> list[TrialSpec]:
     """Every trial, seed-major: each init seed covers all arms before the next, so a study cut short
     still holds complete paired comparisons. A sequential study's are those of its first round."""
     for name, values in (("seeds", conf.seeds), ("train_seeds", conf.train_seeds)):
@@ -217,7 +217,7 @@ def study_trials(conf: StudyConf) -> list[Trial]:
     seeds = sequential_schedule(conf)[: conf.first_seeds] if conf.sequential else conf.seeds
     trials = round_trials(conf, arms, seeds)
     for repeat in conf.repeats:
-        cell = Trial(parse_arm(repeat.arm), repeat.seed, repeat.train_seed)
+        cell = TrialSpec(parse_arm(repeat.arm), repeat.seed, repeat.train_seed)
         if repeat.runs < 2:
             raise ValueError(f"repeat of {cell.name}: runs={repeat.runs}; exact repeats need at least 2 runs")
         if conf.sequential and cell.seed not in seeds:
@@ -226,7 +226,7 @@ def study_trials(conf: StudyConf) -> list[Trial]:
                 f"at init seeds {seeds}"
             )
         already = sum(t == cell for t in trials)
-        trials += [Trial(cell.arm, cell.seed, cell.train_seed, r) for r in range(already, repeat.runs)]
+        trials += [TrialSpec(cell.arm, cell.seed, cell.train_seed, r) for r in range(already, repeat.runs)]
     if conf.sequential and conf.budget_trials is not None and conf.budget_trials < len(trials):
         raise ValueError(
             f"hydra.sweeper.budget_trials={conf.budget_trials}: the first round alone has {len(trials)} trials"
@@ -234,8 +234,8 @@ def study_trials(conf: StudyConf) -> list[Trial]:
     return trials
 
 
-def round_trials(conf: StudyConf, arms: list[tuple[str, ...]], seeds: list[int]) -> list[Trial]:
-    return [Trial(arm, seed, train_seed) for seed in seeds for train_seed in conf.train_seeds for arm in arms]
+def round_trials(conf: StudyConf, arms: list[tuple[str, ...]], seeds: list[int]) -> list[TrialSpec]:
+    return [TrialSpec(arm, seed, train_seed) for seed in seeds for train_seed in conf.train_seeds for arm in arms]
 
 
 SEQUENTIAL_KEYS = ("max_seeds", "first_seeds", "alpha", "min_effect", "spending", "budget_trials", "budget_gpu_hours")

@@ -1,24 +1,8 @@
 """A sequential study: rounds of init seeds, each followed by a look that decides which arms go on.
 
-`hydra.sweeper.sequential=true` makes `run_study` (harness/study/run.py) run round 1 (the first `first_seeds` init
-seeds of the schedule, `harness.study.design.sequential_schedule`, for every arm) and then hand over to
-`SequentialStudy.next_round` whenever a round's trials have ended. It analyses the study's FINISHED runs of
-every round so far with `analysis.sequential.sequential_decisions` (group-sequential t boundaries with
-Lan-DeMets alpha spending, Holm across the interventions), logs the look on the study's parent run and plans
-the next round: the next init seed for the baseline and the arms still open. The study stops when nothing is
-open, when max_seeds is reached, when the budget would be exceeded by the next round, or when a round did
-not finish (its trials are retried by running the same command again).
-
-Every look is recomputed from the store's runs, so an execution that resumes a killed study walks through
-the rounds that FINISHED earlier (reusing their runs: no FINISHED trial runs again), takes the same
-decisions, and goes on where the killed one stopped.
-
-Budgets cover the whole study, every round and every execution: `budget_trials` counts the trials of its
-rounds; `budget_gpu_hours` adds up the FINISHED runs' `train_seconds` x `world_size` tag (failed attempts
-are not counted). Before a round starts, its cost is estimated from the mean cost per trial observed so far
-(a sequential study has no a-priori estimate: round 1 always runs), and the round runs only if the study
-stays within the budget.
-"""
+`run_study` runs round 1 and hands over to `SequentialStudy.next_round` whenever a round's trials have ended; each
+look is recomputed from the store's FINISHED runs, so a resumed study takes the same decisions. The looks, the
+stopping rules and the budgets are described in docs/study-runs.md."""
 
 import math
 import time
@@ -32,13 +16,14 @@ from analysis.sequential.procedure import SequentialLook, last_look, method_text
 from harness.study.design import (
     BASELINE,
     StudyConf,
-    Trial,
+    TrialSpec,
     round_trials,
     sequential_max_seeds,
     sequential_schedule,
     study_arms,
 )
-from harness.study.run import PlannedTrial, StudyStore, collect_outcomes
+from harness.study.outcomes import PlannedTrial, collect_outcomes
+from harness.study.store import StudyStore
 
 ENDED_WELL = ("FINISHED", "SKIPPED")
 
@@ -53,10 +38,10 @@ class SequentialStudy:
         tag: str,
         store: StudyStore,
         parent_id: str,
-        plan: Callable[[list[Trial]], list[PlannedTrial]],
+        plan: Callable[[list[TrialSpec]], list[PlannedTrial]],
     ):
         self.study, self.tag, self.store, self.parent_id, self.plan = study, tag, store, parent_id, plan
-        self.arms = {Trial(arm, 0, None).intervention: arm for arm in study_arms(study)}
+        self.arms = {TrialSpec(arm, 0, None).intervention: arm for arm in study_arms(study)}
         self.interventions = sorted(set(self.arms) - {BASELINE})
         self.schedule = sequential_schedule(study)
         self.max_seeds = sequential_max_seeds(study)

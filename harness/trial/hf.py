@@ -1,14 +1,6 @@
 """GPT-2 checkpoints in Hugging Face's layout, to and from the harness's GPTModel, without transformers.
 
-A Hugging Face GPT-2 directory is `config.json` + `model.safetensors`, as `save_pretrained` writes them.
-Its layers differ from the harness's (Raschka) layout in three ways:
-- every linear layer is a Conv1D whose weight is stored [in, out], the transpose of nn.Linear's [out, in];
-- one fused `c_attn` holds the query, key and value projections side by side (weight [d, 3d], bias [3d]),
-  always with a bias (a harness model without QKV bias exports zeros there);
-- the head is tied to the token embedding unless `tie_word_embeddings` is false; a tied head is not stored.
-Files written by `save_pretrained` prefix the body's names with `transformer.`; OpenAI's original
-checkpoint does not, and also stores the causal-mask buffers `h.N.attn.bias` and `h.N.attn.masked_bias`.
-"""
+How the two layouts differ (Conv1D weights, the fused `c_attn`, the tied head, name prefixes) is in docs/trial.md."""
 
 import json
 import re

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,33 +14,9 @@ import torch.distributed as dist
 
 from harness.config.schema import TrialConfig
 from harness.trial.preflight import check_trial
+from harness.trial.ranks import Ranks, under_torchrun
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        return cls(
-            int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        )
-
-
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
 def launch(cfg: TrialConfig, run_dir: Path, checked: bool = False) -> dict:

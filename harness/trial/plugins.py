@@ -1,18 +1,7 @@
 """Hook points through which an intervention's code changes a trial without editing the training loop.
 
-A plugin subclasses `Plugin`, overrides the hooks it needs, and registers under a name with
-`@register("name")`. A config enables it with `plugins: {name: {option: value}}` (a mapping, so overlays
-stack); the options become the constructor's keyword arguments. Shipped plugins live in
-`interventions/<name>.py` and are imported on first use; a plugin defined anywhere else is found once
-the module that registers it has been imported.
-
-Hooks, in the order a trial calls them:
-- `build_model(model)`: right after the seeded model is built, before its initial fingerprint is taken;
-- `parameter_groups(model, groups)`: the AdamW parameter groups (default: one group, all parameters);
-- `lr_factor(step, total_steps, factor)`: the LR multiplier of the configured schedule at `step`;
-- `loss(loss, logits, targets)`: the training loss of each micro-batch (the held-out loss is never changed);
-- `after_backward(model, step)`: gradients complete (unscaled, all-reduced), before norm, clipping and step.
-"""
+A plugin subclasses `Plugin`, overrides the hooks it needs and registers with `@register("name")`; a config
+enables it with `plugins: {name: {option: value}}`. The hooks and their order are described in docs/trial.md."""
 
 import importlib
 from typing import Any

@@ -137,7 +137,7 @@ def device_problems(t: TrainerConfig) -> list[str]:
     else:
         import torch
 
-        from harness.trial.launch import under_torchrun
+        from harness.trial.ranks import under_torchrun
 
         if torch.cuda.is_available():
             count = torch.cuda.device_count()

@@ -1,48 +1,38 @@
 """One trial: build the seeded model, train it on 1…N ranks, evaluate it on the held-out window, record it."""
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
-import random
-import shutil
-import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from harness import progress
-from harness.config.compose import as_dict, config_hash, flatten, intervention_tag
 from harness.config.schema import TrialConfig
-from harness.data.loader import DataConfig, TrainBatches, held_out_batches, open_dataset
-from harness.study.cost import PEAK_FLOPS  # by substring of the CUDA device name, for MFU
-from harness.tracking import records
-from harness.tracking.records import ClaimedElsewhere
-from harness.tracking.store import NullTracker, Tracker, default_tracking_uri, probe, ui_url
-from harness.tracking.version import code_version
+from harness.data.loader import TrainBatches, held_out_batches, open_dataset
+from harness.paths import default_tracking_uri
+from harness.tracking import liveness
+from harness.tracking.liveness import ClaimedElsewhere
+from harness.tracking.store import probe, ui_url
 from harness.trial import charts, checkpoint
-from harness.trial.launch import Ranks
-from harness.trial.model import GPTModel, cross_entropy
+from harness.trial.checkpointer import Checkpointer
+from harness.trial.evaluation import held_out_losses, study_test_autocast
+from harness.trial.flops import mfu, peak_flops
+from harness.trial.model import cross_entropy
 from harness.trial.optim import build_optimizer, build_scheduler
 from harness.trial.plugins import Plugins
 from harness.trial.precision import Precision
+from harness.trial.ranks import Ranks, on_main_rank
+from harness.trial.record import open_record
 from harness.trial.sampling import continue_text
+from harness.trial.weights import build_model, fingerprint, seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops_per_device: float, devices: int) -> float:
-    """Model FLOPs utilisation: the model's matmul FLOP/s (`GPTModel.flops_per_token`) over the peak of all
-    the devices that produced `tokens_per_sec` together."""
-    return tokens_per_sec * flops_per_token / (peak_flops_per_device * devices)
 
 
 def ends_period(step: int, interval: int, total_steps: int) -> bool:
@@ -62,27 +52,6 @@ def is_best_period(stats: dict, earlier: list[dict]) -> bool:
 
 class DivergenceError(RuntimeError):
     pass
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def build_model(cfg: TrialConfig, plugins: Plugins | None = None) -> GPTModel:
-    """Seed, then build on the CPU so the initial weights do not depend on the device."""
-    seed_everything(cfg.seed)
-    return (plugins or Plugins(cfg.plugins)).build_model(GPTModel(cfg.model))
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every named tensor of the state dict (a tied matrix appears under both names)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def resolve_device(name: str, ranks: Ranks) -> torch.device:
@@ -145,146 +114,11 @@ class PeriodStats:
         return stats
 
 
-def on_main_rank(ranks: Ranks, work: Callable, share: bool = True):
-    """Run `work` on rank 0 only; every rank returns its result (rank 0's, if `share`) or raises its error, so
-    no rank waits forever at a collective for a rank 0 that failed."""
-    result, error = None, None
-    if ranks.is_main:
-        try:
-            result = work()
-        except BaseException as caught:
-            error = caught
-    if ranks.world > 1:
-        shared = [(result if share else None, None if error is None else f"{type(error).__name__}: {error}")]
-        dist.broadcast_object_list(shared, src=0)
-        if share:
-            result = shared[0][0]
-        message = shared[0][1]
-        if message is not None and error is None:
-            raise RuntimeError(f"rank 0 failed: {message}")
-    if error is not None:
-        raise error
-    return result
-
-
-def on_every_rank(ranks: Ranks, work: Callable) -> None:
-    """Run `work` on every rank; if it fails on any, every rank raises."""
-    error = None
-    try:
-        work()
-    except Exception as caught:
-        error = caught
-    if ranks.world > 1:
-        messages = [None] * ranks.world
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
-        if failed and error is None:
-            raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
-    if error is not None:
-        raise error
-
-
 def run_trial(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()) -> dict:
     """A dead tracking server fails the trial in seconds, before anything is built; a trial whose config or
     data is refused while it is built leaves no run; then `Trial.run` opens its record and trains."""
     on_main_rank(ranks, lambda: probe(cfg.tracking.uri or default_tracking_uri(), cfg.tracking.connect_timeout))
     return Trial(cfg, run_dir, ranks).run()
-
-
-def open_record(cfg: TrialConfig, run_dir: Path, ranks: Ranks = Ranks()):
-    """Rank 0 opens the trial's MLflow run before the first step: the store must answer within
-    `tracking.connect_timeout`, a new trial's run directory must be unused, and a study trial must hold its
-    claim (`harness.tracking.records`). Every rank learns the outcome; ranks other than 0 get a NullTracker."""
-    opened = on_main_rank(ranks, lambda: _open_main_record(cfg, Path(run_dir), ranks.world), share=False)
-    return opened if ranks.is_main else NullTracker()
-
-
-def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
-    t = cfg.tracking
-    tracker = Tracker(
-        t.uri,
-        t.experiment,
-        connect_timeout=t.connect_timeout,
-        heartbeat_interval=t.heartbeat_interval,
-        flush_timeout=t.flush_timeout,
-        unsent_dir=run_dir,
-        system_metrics_interval=t.system_metrics_interval if t.system_metrics else None,
-    )
-    cfg.tracking.uri = tracker.uri  # the saved config names the store actually used
-    computation = config_hash(cfg, world)
-    claims = cfg.study is not None and not cfg.rerun
-    claim = (cfg.study, computation, t.claim_slots, None if cfg.reuse_other_code_versions else code_version())
-    if cfg.resume:  # the checkpoint was verified while the trial was built: a corrupt one never gets here
-        run_id = checkpoint.run_id(checkpoint.find(Path(cfg.resume)))
-        if claims:
-            reason = records.claim(tracker.client, tracker.experiment_id, run_id, *claim)
-            if reason:
-                raise ClaimedElsewhere(f"resuming would record this trial twice: {reason} (rerun=true resumes anyway)")
-        tracker.resume(run_id)
-    else:
-        config_file = run_dir / "config.yaml"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(config_file, "x") as f:  # the directory is this trial's: no other trial writes here
-                f.write(OmegaConf.to_yaml(as_dict(cfg)))
-        except FileExistsError:
-            raise FileExistsError(
-                f"{run_dir} already holds a trial ({config_file} exists); each trial needs its own "
-                f"directory: choose another hydra.run.dir (or hydra.sweep.dir)"
-            ) from None
-        try:
-            tags = record_tags(cfg, computation, world) | {"run_dir": str(run_dir.resolve())}
-            if claims:
-                tags["claim_slots"] = str(t.claim_slots)
-            tracker.start(trial_name(cfg), tags, record_params(cfg))
-            if claims:
-                reason = records.claim_new_run(tracker.client, tracker.experiment_id, tracker.run_id, *claim)
-                if reason:
-                    tracker.discard()
-                    raise ClaimedElsewhere(f"{reason}; rerun=true runs it anyway")
-        except BaseException as error:
-            config_file.unlink(missing_ok=True)
-            if tracker.run_id is not None and not isinstance(error, ClaimedElsewhere):
-                with contextlib.suppress(Exception):  # the original error is the one to report
-                    tracker.end("FAILED", {records.REASON_TAG: f"could not start: {type(error).__name__}: {error}"})
-            raise
-        tracker.log_artifact(config_file)
-    tracker.watch = records.Watch(tracker.client, tracker.experiment_id, tracker.run_id, claim if claims else None)
-    return tracker
-
-
-def trial_name(cfg: TrialConfig) -> str:
-    """The run's name in `mlflow ui`: what the trial tests, its seeds and its scale, e.g. `no_dropout s42 t23 smoke`."""
-    seeds = [
-        f"s{cfg.seed}",
-        *([] if cfg.train_seed is None else [f"t{cfg.train_seed}"]),
-        *([] if cfg.data.seed is None else [f"d{cfg.data.seed}"]),
-    ]
-    return " ".join([intervention_tag(cfg.interventions), *seeds, cfg.scale])
-
-
-def record_params(cfg: TrialConfig) -> dict:
-    """The flattened resolved config; `interventions` written as the `intervention` tag is (`a+b`, `baseline`)."""
-    return flatten(as_dict(cfg)) | {"interventions": intervention_tag(cfg.interventions)}
-
-
-def record_tags(cfg: TrialConfig, computation: str, world: int) -> dict[str, str]:
-    tags = {
-        "intervention": intervention_tag(cfg.interventions),
-        "seed": str(cfg.seed),
-        "train_seed": "none" if cfg.train_seed is None else str(cfg.train_seed),
-        "data_seed": "none" if cfg.data.seed is None else str(cfg.data.seed),
-        "config_hash": computation,
-        "scale": cfg.scale,
-        "world_size": str(world),
-        "host": socket.gethostname(),
-        "code_version": code_version(),
-    }
-    if cfg.study:
-        tags["study"] = cfg.study
-    if cfg.tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    return tags
 
 
 class Trial:
@@ -318,11 +152,16 @@ class Trial:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.plugins)
         self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim, self.plugins)
         self.scaler = self.precision.grad_scaler()
-        self.start_step, self.run_id, self.last_checkpoint = 0, None, None
+        self.start_step, self.run_id = 0, None
         self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
         self.periods: list[dict] = []
+        self.checkpoints = Checkpointer(cfg, self.run_dir, ranks, self.show_progress)
         if cfg.resume:
-            self._restore(checkpoint.find(Path(cfg.resume)))
+            path = checkpoint.find(Path(cfg.resume))
+            state = self.checkpoints.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
+            self.start_step, self.run_id = state["step"], state["run_id"]
+            self.periods, self.history = state["periods"], state["history"]
+            log.info("resumed from %s at step %d", path, self.start_step)
         self.train_model = self.model
         if ranks.world > 1:
             self.train_model = DistributedDataParallel(
@@ -332,7 +171,7 @@ class Trial:
             self.train_model = torch.compile(self.train_model)
         self.tokens_per_step = t.global_batch_size * cfg.model.context_length
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
-        self.peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        self.peak_flops = peak_flops(name)
 
     # --- the step -------------------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
@@ -394,13 +233,13 @@ class Trial:
             )
             result = self._train(tracker)
         except ClaimedElsewhere as error:
-            tracker.end("KILLED", {records.REASON_TAG: f"withdrawn: {error}", records.WITHDRAWN_TAG: "true"})
+            tracker.end("KILLED", {liveness.REASON_TAG: f"withdrawn: {error}", liveness.WITHDRAWN_TAG: "true"})
             raise
         except KeyboardInterrupt as error:
-            tracker.end("KILLED", {records.REASON_TAG: f"interrupted ({error or 'Ctrl-C'})"})
+            tracker.end("KILLED", {liveness.REASON_TAG: f"interrupted ({error or 'Ctrl-C'})"})
             raise
         except BaseException as error:
-            tracker.end("FAILED", {records.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
+            tracker.end("FAILED", {liveness.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
             raise
         tracker.end("FINISHED")
         return result
@@ -422,7 +261,7 @@ class Trial:
         )
         if self.start_step == 0:
             tracker.log_metrics({"parameters": params, "epochs": self.batches.epochs}, step=0)
-        on_main_rank(self.ranks, self._check_disk)
+        on_main_rank(self.ranks, lambda: self.checkpoints.check_disk(self.model))
         with progress.through_bars(self.show_progress):
             train_seconds = self._train_steps(tracker)
             result = {
@@ -450,7 +289,7 @@ class Trial:
         unfinished = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
         if unfinished:
             raise DivergenceError(
-                f"the final weights score non-finite: {', '.join(unfinished)}; {self._kept_checkpoint()}"
+                f"the final weights score non-finite: {', '.join(unfinished)}; {self.checkpoints.kept()}"
             )
         return result
 
@@ -504,7 +343,7 @@ class Trial:
             last = self.history["step"][-1]
             raise DivergenceError(
                 f"diverged at step {last}: the training loss was non-finite for the last {streak} "
-                f"steps ({last - streak + 1}–{last}); {self._kept_checkpoint()}"
+                f"steps ({last - streak + 1}–{last}); {self.checkpoints.kept()}"
             )
 
     def _end_period(self, period: PeriodStats, step: int, tracker) -> None:
@@ -521,12 +360,21 @@ class Trial:
             if step == self.cfg.trainer.max_steps:
                 raise DivergenceError(
                     f"diverged at step {step}: non-finite {what} at the end of the last period, so "
-                    f"no final checkpoint was saved; {self._kept_checkpoint()}"
+                    f"no final checkpoint was saved; {self.checkpoints.kept()}"
                 )
-            log.warning("step %d: %s non-finite; no checkpoint from them (%s)", step, what, self._kept_checkpoint())
+            log.warning("step %d: %s non-finite; no checkpoint from them (%s)", step, what, self.checkpoints.kept())
             return
-        self._save_checkpoint(step, is_best, tracker)
+        self.checkpoints.save(step, is_best, self.model, tracker, self._training_state)
         on_main_rank(self.ranks, lambda: self._sample_and_chart(step, stats, is_best, tracker))
+
+    def _training_state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "periods": self.periods,
+            "history": self.history,
+        }
 
     def _sample_and_chart(self, step: int, stats: dict, is_best: bool, tracker) -> None:
         t = self.cfg.trainer
@@ -546,87 +394,6 @@ class Trial:
         for path in charts.write_charts(self.history, self.periods, self.run_dir / "charts", self.cfg.optim.grad_clip):
             tracker.log_artifact(path, "charts")
 
-    def _kept_checkpoint(self) -> str:
-        if self.last_checkpoint is None:
-            return "no checkpoint was saved"
-        return f"`latest` names the last finite checkpoint, {self.last_checkpoint}"
-
-    def _check_disk(self) -> None:
-        """Rank 0, before the first step: remove staging left by a killed run, print the disk the
-        checkpoints need, and refuse a trial whose checkpoints cannot fit."""
-        t, directory = self.cfg.trainer, self.run_dir / "checkpoints"
-        for stale in checkpoint.clean_staging(directory):
-            log.warning("removed %s, a checkpoint a killed run did not finish writing", stale)
-        line, fits = checkpoint.disk_plan(
-            directory, checkpoint.checkpoint_bytes(self.model), t.max_steps, t.checkpoint_interval, t.keep_checkpoints
-        )
-        log.info("%s", line)
-        if not fits:
-            raise checkpoint.CheckpointError(
-                f"not enough disk for this trial's checkpoints: {line}. Free space, "
-                f"or keep fewer checkpoints (trainer.keep_checkpoints)"
-            )
-
-    def _save_checkpoint(self, step: int, is_best: bool, tracker) -> None:
-        directory, t = self.run_dir / "checkpoints", self.cfg.trainer
-        on_main_rank(self.ranks, lambda: checkpoint.begin(directory, step))
-        try:
-            on_every_rank(self.ranks, lambda: checkpoint.save_rank_rng(directory, step, self.ranks.rank))
-        except BaseException:
-            if self.ranks.is_main:
-                shutil.rmtree(checkpoint.staging_dir(directory, step), ignore_errors=True)
-            raise
-
-        def commit() -> Path:
-            state = {
-                "step": step,
-                "run_id": tracker.run_id,
-                "config_hash": config_hash(self.cfg, self.ranks.world),
-                "world_size": self.ranks.world,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "periods": self.periods,
-                "history": self.history,
-            }
-            started = time.perf_counter()
-            with progress.Stages(f"checkpoint step_{step:06d}", checkpoint.COMMIT_PARTS, self.show_progress) as parts:
-                saved = checkpoint.commit(directory, step, self.model, state, is_best, parts)
-            size = sum(f.stat().st_size for f in saved.iterdir())
-            log.info(
-                "saved checkpoint %s (%s) in %.1f s",
-                saved.name,
-                checkpoint.format_bytes(size),
-                time.perf_counter() - started,
-            )
-            for path in checkpoint.prune(directory, t.keep_checkpoints, t.checkpoint_interval):
-                log.info("removed %s (trainer.keep_checkpoints=%s)", path.name, t.keep_checkpoints)
-            pointers = {
-                "host": socket.gethostname(),
-                "latest": str(saved.resolve()),
-                "best": str(checkpoint.resolve(directory, "best").resolve()),
-            }
-            tracker.log_text(json.dumps(pointers, indent=1), "checkpoints.json")
-            return saved
-
-        self.last_checkpoint = on_main_rank(self.ranks, commit)
-
-    def _restore(self, path: Path) -> None:
-        state = checkpoint.load(path, self.model, self.ranks.rank)
-        if state["config_hash"] != config_hash(self.cfg, self.ranks.world):
-            raise ValueError(
-                f"{path} was saved by a trial with another config or another number of ranks "
-                f"(config_hash {state['config_hash']}, world size {state.get('world_size', '?')})"
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        self.start_step, self.run_id = state["step"], state["run_id"]
-        self.periods, self.history = state["periods"], state["history"]
-        self.last_checkpoint = path
-        log.info("resumed from %s at step %d", path, self.start_step)
-
     # --- evaluation and records -----------------------------------------------------------------
     def test_losses(self) -> dict[str, float]:
         return held_out_losses(self.model, self.test_tokens, self.cfg.data, self.test_autocast, self.show_progress)
@@ -634,63 +401,3 @@ class Trial:
     @property
     def test_autocast(self) -> torch.dtype | None:
         return study_test_autocast(self.cfg.trainer.precision, self.device)
-
-
-def study_test_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast of `test_loss_amp`: the study scored every model (its no_amp one too) under fp16 autocast
-    (the reference's test_loss.py). On a CPU, where fp16 is emulated and several times slower than fp32, only
-    fp16_amp trials pay for it; the others score without autocast there."""
-    return torch.float16 if device.type == "cuda" or precision == "fp16_amp" else None
-
-
-def held_out_losses(
-    model: GPTModel, tokens, data_cfg: DataConfig, autocast: torch.dtype | None, show_progress: bool = False
-) -> dict[str, float]:
-    """The fixed held-out window's mean cross-entropy, dropout off, computed two ways:
-
-    - `test_loss`: in full fp32 (highest matmul precision);
-    - `test_loss_amp`: as the study computed its published losses (its test_loss.py): `inference_mode` under
-      `autocast` (see `study_test_autocast`), the mean of the per-batch mean losses. Without autocast it is
-      the same forward pass as `test_loss`, so it is not run twice.
-
-    `show_progress`: a short bar over the eval batches of each pass, on a terminal.
-    """
-    full = batch_losses(model, tokens, data_cfg, None, show_progress)
-    amp = batch_losses(model, tokens, data_cfg, autocast, show_progress) if autocast is not None else full
-    return {"test_loss": math.fsum(full) / len(full), "test_loss_amp": sum(amp) / len(amp)}
-
-
-@torch.inference_mode()
-def batch_losses(
-    model: GPTModel, tokens, data_cfg: DataConfig, autocast: torch.dtype | None, show_progress: bool = False
-) -> list[float]:
-    """Each eval batch's mean cross-entropy over the held-out window (all batches hold the same token count)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    losses = []
-    amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    context = model.cfg.context_length
-    what = "fp32" if autocast is None else f"{str(autocast).removeprefix('torch.')} autocast"
-    batches = progress.short_bar(
-        held_out_batches(tokens, data_cfg, context),
-        data_cfg.test_tokens // (data_cfg.eval_batch_size * context),
-        f"test loss ({what})",
-        "batch",
-        show_progress,
-    )
-    with full_precision(), amp, batches:
-        for inputs, targets in batches:
-            losses.append(cross_entropy(model(inputs.to(device)), targets.to(device)).item())
-    model.train(was_training)
-    return losses
-
-
-@contextlib.contextmanager
-def full_precision():
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)

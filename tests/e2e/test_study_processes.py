@@ -222,7 +222,7 @@ WRITER = """
 import sys, time
 from pathlib import Path
 import mlflow
-from harness.tracking.store import Tracker
+from harness.tracking.tracker import Tracker
 
 uri, name, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 (folder / name).touch()

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from harness.config.checks import ConfigError
-from harness.config.compose import as_dict, config_hash, flatten
+from harness.config.compose import as_dict, config_hash
 from harness.paths import PROJECT_ROOT
-from interventions import REGISTRY
+from interventions import REGISTRY, flatten
 from tests.conftest import compose_config, run_in_process
 
 OVERLAYS = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "intervention").glob("*.yaml"))
@@ -111,7 +111,7 @@ def test_the_callbacks_checked_trial_is_the_one_the_task_function_runs():
 
 
 def test_the_commands_split_their_settings_from_the_rest():
-    from harness.commands.arguments import split, whole_number
+    from harness.arguments import split, whole_number
 
     given = split(["steps=3", "optim.lr=1", "--mark", "--other", "path", "steps=4", "warmup"], {"steps"}, {"--mark"})
     assert given.settings == {"steps": "4"} and given.flags == {"--mark"}

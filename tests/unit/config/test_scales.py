@@ -4,8 +4,9 @@ import math
 
 import torch
 
-from harness.config.compose import as_dict, flatten
+from harness.config.compose import as_dict
 from harness.trial.model import GPTModel
+from interventions import flatten
 from tests.conftest import compose_config
 
 STUDY_TRAIN_TOKENS = 10_248_871_837  # one epoch of the study's training tokens (gpjt/fineweb-gpt2-tokens)

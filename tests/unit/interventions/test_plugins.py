@@ -8,7 +8,8 @@ import torch
 
 from harness.trial.model import cross_entropy
 from harness.trial.plugins import Plugin, register
-from harness.trial.trainer import Trial, build_model
+from harness.trial.trainer import Trial
+from harness.trial.weights import build_model
 from interventions.z_loss import ZLoss
 from tests.conftest import TINY, compose_config
 

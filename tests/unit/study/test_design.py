@@ -10,8 +10,18 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from harness.paths import PROJECT_ROOT
-from harness.study.design import FactorialConf, RepeatConf, StudyConf, Trial, factorial_design, study_arms, study_trials
-from harness.study.run import PlannedTrial, StudyStore, check_command_line, skip_finished
+from harness.study.design import (
+    FactorialConf,
+    RepeatConf,
+    StudyConf,
+    TrialSpec,
+    factorial_design,
+    study_arms,
+    study_trials,
+)
+from harness.study.outcomes import PlannedTrial
+from harness.study.run import check_command_line, skip_finished
+from harness.study.store import StudyStore
 from interventions import REGISTRY
 
 SEVEN = ["gradient_clipping", "no_dropout", "qkv_bias", "lr_schedule", "weight_decay", "weight_tying", "no_amp"]
@@ -25,7 +35,7 @@ def shipped_study(name: str, *overrides: str) -> tuple[StudyConf, str]:
     return study, cfg.study
 
 
-def cells(trials: list[Trial]) -> Counter:
+def cells(trials: list[TrialSpec]) -> Counter:
     return Counter((t.intervention, t.seed, t.train_seed) for t in trials)
 
 
@@ -144,15 +154,15 @@ def test_command_line_cannot_override_what_the_study_sets_per_trial(argument, me
 
 
 def test_trial_names_and_overrides():
-    trial = Trial(("stacked_best",), 42, 23, repeat=1)
+    trial = TrialSpec(("stacked_best",), 42, 23, repeat=1)
     assert trial.name == "gradient_clipping+lr_schedule+no_dropout+weight_decay-s42-t23#1"
     assert trial.overrides() == ["+intervention=stacked_best", "seed=42", "train_seed=23"]
-    assert Trial(("qkv_bias", "no_dropout"), 1, None).overrides() == [
+    assert TrialSpec(("qkv_bias", "no_dropout"), 1, None).overrides() == [
         "+intervention=[qkv_bias,no_dropout]",
         "seed=1",
         "train_seed=null",
     ]
-    assert Trial((), 67, None).overrides() == ["seed=67", "train_seed=null"]
+    assert TrialSpec((), 67, None).overrides() == ["seed=67", "train_seed=null"]
 
 
 @pytest.fixture
@@ -176,7 +186,7 @@ def test_only_finished_runs_of_the_same_study_are_skipped_one_per_requested_run(
         )
         store.client.set_terminated(run.info.run_id, status)
     cells = [(1, "a", 0), (2, "b", 0), (3, "c", 0), (4, "d", 0), (5, "r", 0), (5, "r", 1), (5, "r", 2)]
-    trials = [PlannedTrial(Trial((), seed, None, repeat), [], config) for seed, config, repeat in cells]
+    trials = [PlannedTrial(TrialSpec((), seed, None, repeat), [], config) for seed, config, repeat in cells]
     skip_finished(trials, store.finished_runs(), "v1")
     assert [t.earlier_run is not None for t in trials] == [True, False, False, False, True, False, False]
 
@@ -192,7 +202,7 @@ def test_a_finished_run_is_reused_only_by_the_same_code_version_unless_asked(sto
         made[config, version] = run.info.run_id
 
     def plan(**options):
-        trials = [PlannedTrial(Trial((), seed, None), [], config) for seed, config in enumerate("abcd")]
+        trials = [PlannedTrial(TrialSpec((), seed, None), [], config) for seed, config in enumerate("abcd")]
         skip_finished(trials, store.finished_runs(), "v1", **options)
         return trials
 

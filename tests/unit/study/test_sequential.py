@@ -23,8 +23,9 @@ import pytest
 from analysis.load import load_mlflow_study
 from analysis.sequential.procedure import sequential_decisions
 from harness.study.design import StudyConf, sequential_schedule, study_trials
-from harness.study.run import PlannedTrial, StudyStore
+from harness.study.outcomes import PlannedTrial
 from harness.study.sequential import SequentialStudy
+from harness.study.store import StudyStore
 from tests.e2e.test_study_processes import (
     integrity,
     run_sweep,
@@ -253,12 +254,12 @@ def test_gpu_hour_budget_counts_what_ran_and_estimates_the_next_round_from_it(st
     """Round 1 (3 trials, 8 GPUs x 0.5 h each: 12 GPU-hours) ran; round 2 has 3 trials, one FINISHED earlier at
     2 GPU-hours: it would cost 2 + 2 x 4 = 10 GPU-hours. A budget of 21 refuses it, 22 lets it run. The stop
     is logged on the parent run with what remains open."""
-    from harness.study.design import Trial
+    from harness.study.design import TrialSpec
 
     arms = {"baseline": (), "no_dropout": ("no_dropout",), "qkv_bias": ("qkv_bias",)}
     planned = [
         PlannedTrial(
-            Trial(arm, 1, None),
+            TrialSpec(arm, 1, None),
             [],
             f"{name}1",
             earlier_run=finished_run(store, name, 1, 3.0 + 0.1 * i, 1800, 8, f"{name}1"),

@@ -13,12 +13,14 @@ import pytest
 
 from analysis.__main__ import main as analysis_main
 from analysis.synthetic import PlantedIntervention, generate_study, log_study_to_mlflow
-from harness.study import parents
-from harness.study.design import StudyConf, Trial
-from harness.study.run import PlannedTrial, StudyStore
-from harness.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, SYSTEM_PREFIX, VIEW_TAG_PREFIX, VIEWS, Tracker
+from harness.study import store as parents
+from harness.study.design import StudyConf, TrialSpec
+from harness.study.design import TrialSpec as TrainingTrial
+from harness.study.outcomes import PlannedTrial
+from harness.study.store import StudyStore
+from harness.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, VIEW_TAG_PREFIX, VIEWS
+from harness.tracking.tracker import SYSTEM_PREFIX, Tracker
 from harness.trial import checkpoint
-from harness.trial.trainer import Trial as TrainingTrial
 from tests.conftest import TINY, MlflowServer, compose_config
 from tests.e2e.test_study_processes import run_sweep_in_process
 
@@ -92,7 +94,7 @@ def test_system_metrics_go_through_the_queue_and_continue_after_a_resume(trackin
 
 def test_a_parent_is_reused_only_by_an_execution_of_the_same_plan_once_it_has_ended(tracking_uri):
     conf = StudyConf(description="two seeds", arms=["baseline"], seeds=[1, 2])
-    plan = [PlannedTrial(Trial((), seed, None), [], f"h{seed}") for seed in (1, 2)]
+    plan = [PlannedTrial(TrialSpec((), seed, None), [], f"h{seed}") for seed in (1, 2)]
 
     def start(trials=plan, version="v1"):
         store = StudyStore(tracking_uri, "harness/smoke", "mine", heartbeat_interval=30, code_version=version)
@@ -122,7 +124,7 @@ def test_a_parent_is_reused_only_by_an_execution_of_the_same_plan_once_it_has_en
     assert note.startswith("two seeds") and "### Verdicts" in note and "| x | better |" in note  # kept
     assert note.index("### Verdicts") < note.index("### Trials")
 
-    changed = [PlannedTrial(Trial((), 3, None), [], "h3"), *plan]
+    changed = [PlannedTrial(TrialSpec((), 3, None), [], "h3"), *plan]
     assert start(trials=changed)[1] not in (parent, other)  # another plan: a parent of its own
     assert start(version="v2")[1] not in (parent, other)  # other code: its trials run again, under a new parent
 

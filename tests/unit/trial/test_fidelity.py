@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from harness.data.loader import held_out_batches
 from harness.tracking.version import code_version
 from harness.trial import checkpoint
+from harness.trial.flops import mfu
 from harness.trial.plugins import Plugin
-from harness.trial.trainer import PeriodStats, Trial, is_best_period, mfu
+from harness.trial.trainer import PeriodStats, Trial, is_best_period
 from tests.conftest import TINY, compose_config
 
 LinearLR, CosineAnnealingLR = torch.optim.lr_scheduler.LinearLR, torch.optim.lr_scheduler.CosineAnnealingLR

@@ -13,12 +13,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from harness.commands.evaluate import load_saved_trial
 from harness.commands.export import main as export_main
 from harness.commands.reference import main as reference_main
 from harness.config.compose import config_hash, to_trial_config
 from harness.data.loader import held_out_batches, open_dataset
 from harness.trial import checkpoint, hf
+from harness.trial.evaluation import load_saved_trial
 from harness.trial.model import cross_entropy
 from harness.trial.plugins import Plugin, register
 from harness.trial.trainer import Trial

@@ -1,7 +1,7 @@
 import torch
 
 from harness.trial.model import GPTModel, ModelConfig
-from harness.trial.trainer import build_model, fingerprint
+from harness.trial.weights import build_model, fingerprint
 from tests.conftest import TINY, compose_config
 
 

@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 
 from harness.commands.evaluate import main as evaluate_main
 from harness.commands.export import main as export_main
-from harness.tracking import records
+from harness.tracking import liveness
 from harness.trial import checkpoint
-from harness.trial.trainer import DivergenceError, Trial, build_model
+from harness.trial.trainer import DivergenceError, Trial
+from harness.trial.weights import build_model
 from tests.conftest import TINY, compose_config, run_in_process
 
 FAST_BEAT = ["tracking.heartbeat_interval=1"]  # a dead trial is stale after 4 s
@@ -334,7 +335,7 @@ def test_a_sigkilled_trial_is_listed_stale_and_marked_killed_with_the_reason(tmp
         assert proc.poll() is None and time.time() < deadline, "the trial ended before its first checkpoint"
         time.sleep(0.05)
     [run] = all_runs(uri)
-    assert records.is_live(run, time.time())  # alive: its heartbeat is fresh
+    assert liveness.is_live(run, time.time())  # alive: its heartbeat is fresh
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     leftover = checkpoint.staging_dir(run_dir / "checkpoints", 999)  # as if killed while writing one
@@ -383,8 +384,8 @@ def test_a_dead_tracking_uri_fails_the_trial_in_seconds_before_anything_is_built
 CLAIMANT = """
 import sys, time
 from pathlib import Path
-from harness.tracking import records
-from harness.tracking.store import Tracker
+from harness.tracking import liveness
+from harness.tracking.tracker import Tracker
 
 uri, name, folder, rounds = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 tracker = Tracker(uri, "harness", heartbeat_interval=1)
@@ -394,7 +395,7 @@ for round in range(rounds):
         time.sleep(0.001)
     claim = Tracker(uri, "harness", heartbeat_interval=1)
     claim.start(f"{name}-{round}", {"study": "race", "config_hash": f"h{round}", "claim_slots": "1"}, {})
-    reason = records.claim_new_run(claim.client, claim.experiment_id, claim.run_id, "race", f"h{round}", 1)
+    reason = liveness.claim_new_run(claim.client, claim.experiment_id, claim.run_id, "race", f"h{round}", 1)
     if reason:
         claim.discard()
         print(round, "lost", reason, flush=True)
@@ -458,7 +459,7 @@ def test_a_trial_that_finds_an_earlier_claim_of_its_computation_withdraws_mid_ru
 
     thread = threading.Thread(target=claim_from_a_slow_clock, daemon=True)
     thread.start()
-    with pytest.raises(records.ClaimedElsewhere, match="study race already has this trial"):
+    with pytest.raises(liveness.ClaimedElsewhere, match="study race already has this trial"):
         Trial(cfg, tmp_path / "run").run()
     thread.join()
     mine = [r for r in all_runs(tracking_uri) if r.info.run_id != rival[0]][0]
@@ -469,7 +470,7 @@ def test_a_trial_that_finds_an_earlier_claim_of_its_computation_withdraws_mid_ru
 
 def test_a_study_trial_already_finished_in_its_study_is_not_run_again(tmp_path, tracking_uri):
     first = Trial(compose_config(*TINY, "study=demo"), tmp_path / "a").run()
-    with pytest.raises(records.ClaimedElsewhere, match=f"run {first['run_id']} FINISHED"):
+    with pytest.raises(liveness.ClaimedElsewhere, match=f"run {first['run_id']} FINISHED"):
         Trial(compose_config(*TINY, "study=demo"), tmp_path / "b").run()
     assert not (tmp_path / "b" / "config.yaml").exists()
     Trial(compose_config(*TINY, "study=demo", "rerun=true"), tmp_path / "c").run()

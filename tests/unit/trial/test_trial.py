@@ -5,7 +5,8 @@ from safetensors.torch import load_file
 
 from harness.config.compose import config_hash
 from harness.trial import checkpoint
-from harness.trial.trainer import Trial, build_model, fingerprint
+from harness.trial.trainer import Trial
+from harness.trial.weights import build_model, fingerprint
 from interventions import REGISTRY
 from tests.conftest import TINY, compose_config, run_in_process
 

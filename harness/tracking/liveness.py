@@ -1,21 +1,6 @@
-"""Runs as other processes judge them: alive or dead (heartbeats), who runs a study's trial (claims), runs
-whose process died (marked KILLED), resumes that would change a record, and unsent records sent later.
+"""Runs as other processes judge them: alive or dead (heartbeats), who runs a study's trial (claims), runs whose
+process died (marked KILLED), and resumes that would change a record. docs/records.md states the rules."""
 
-Heartbeats. A trial's tracker refreshes the `heartbeat` tag every `heartbeat_interval` seconds (both are tags
-of the run). A RUNNING run silent for STALE_BEATS intervals is stale: its process died (SIGKILL, a lost node)
-or cannot reach the store. Studies and `python -m harness runs --mark-stale` end stale runs KILLED with the
-reason; a trial that was only cut off from the store marks itself RUNNING again when it gets through.
-
-Claims. MLflow has no compare-and-set. A study trial creates its run (RUNNING, fresh heartbeat), waits
-CLAIM_SETTLE seconds so that every run created before it is visible, then reads the study's runs of its
-config_hash. The holders are the FINISHED ones (oldest first), then the live RUNNING ones (by start time,
-then run id); the trial runs if its run is among the first `tracking.claim_slots` holders, else it deletes
-its run and raises ClaimedElsewhere. Every heartbeat repeats the check, so claimants that raced past the
-settle time (clocks further apart than it, a store slower than it) still end with one holder: the later one
-withdraws, its run KILLED and tagged `withdrawn`, never counted as a result.
-"""
-
-import json
 import logging
 import os
 import socket
@@ -23,16 +8,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from harness.tracking.store import (
-    HEARTBEAT_INTERVAL_TAG,
-    HEARTBEAT_TAG,
-    UNSENT_FILE,
-    connect,
-    default_tracking_uri,
-    normalize_uri,
-    send,
-    transient,
-)
+from harness.paths import default_tracking_uri
+from harness.tracking.store import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, connect, normalize_uri
 
 log = logging.getLogger(__name__)
 
@@ -228,58 +205,3 @@ def finished_already(uri: str, run_id: str, timeout: float) -> str | None:
         + ("" if loss is None else f" (test_loss {loss:.6f})")
         + ": nothing to resume; nothing was changed"
     )
-
-
-# --- replaying unsent records -----------------------------------------------------------------------------
-
-
-def replay(run_dir: Path, uri: str | None = None, timeout: float = 10.0) -> str:
-    """Send `<run_dir>/unsent_records.jsonl` to the store, in order. A study trial whose computation another
-    run FINISHED meanwhile (this one was marked KILLED while silent) ends withdrawn instead of FINISHED."""
-    path = Path(run_dir) / UNSENT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: nothing to replay")
-    header, *records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    uri = normalize_uri(uri or header["uri"])
-    client = connect(uri, timeout)
-    run_id = header["run_id"]
-    run = client.get_run(run_id)
-    sent = 0
-    try:
-        for record in records:
-            kind, payload = record["kind"], record["payload"]
-            if kind == "end" and payload["status"] == "FINISHED":
-                superseded = _superseded(client, run)
-                if superseded:
-                    send(client, run_id, "tags", {REASON_TAG: f"withdrawn: {superseded}", WITHDRAWN_TAG: "true"})
-                    payload = {**payload, "status": "KILLED"}
-            send(client, run_id, kind, payload)
-            sent += 1
-    except Exception as error:
-        with open(path, "w") as f:  # keep what is left, for the next attempt
-            for line in [header, *records[sent:]]:
-                f.write(json.dumps(line) + "\n")
-        still = "unreachable" if transient(error) else "refusing them"
-        raise RuntimeError(
-            f"sent {sent} of {len(records)} records of run {run_id} to {uri}; the store is {still} "
-            f"({str(error).splitlines()[0][:300]}); the rest stay in {path}"
-        ) from None
-    done = path.with_name(f"replayed_records-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-    path.rename(done)
-    status = client.get_run(run_id).info.status
-    return f"sent {sent} records of run {run_id} to {uri}; the run is {status}; the file is kept as {done}"
-
-
-def _superseded(client, run) -> str | None:
-    tags = run.data.tags
-    if "study" not in tags or "claim_slots" not in tags:
-        return None
-    now = time.time()
-    others = [
-        r
-        for r in trial_runs(client, run.info.experiment_id, tags["study"], tags["config_hash"])
-        if r.info.run_id != run.info.run_id and r.info.status == "FINISHED" and is_live(r, now)
-    ]
-    if len(others) < int(tags["claim_slots"]):
-        return None
-    return "superseded while its records were unsent: " + "; ".join(describe(r, now) for r in others)
