@@ -1,20 +1,5 @@
 """`python -m harness plan`: what a trial or a study will cost, before anything runs.
-
-    python -m harness plan [TRIAL OVERRIDES] [gpu=h100] [gpus=N] [tokens_per_sec=N | mfu=F] [price_per_gpu_hour=P]
-    python -m harness plan +sweep=STUDY [TRIAL OVERRIDES] [hydra.sweeper.KEY=VALUE] [the same options]
-
-Prints, per trial and in all: parameters, steps, tokens, FLOPs, tokens/s per GPU, GPU-hours, wall time, the
-checkpoint disk under the retention setting (trainer.keep_checkpoints) and the cost, and says where the throughput
-and the price come from. A study's trials are composed exactly as the sweeper composes them. Nothing is trained,
-written or recorded, and torch is not loaded.
-
-  gpu=KIND               a100, h100 (default), h200, or a kind `make bench` measured (cpu, ...)
-  gpus=N                 GPUs in all (default: one trial's, trainer.nproc_per_node): trials share them
-  tokens_per_sec=N       what one GPU trains per second on the first trial (your measurement); the other trials
-                         scale by their FLOPs per token and speed (precision, dropout)
-  mfu=F                  or the matmul FLOPs utilisation one GPU achieves, in (0, 1]
-  price_per_gpu_hour=P   US$ per GPU-hour (default: the GPU's list price in harness/cost.py, an assumption)
-"""
+Nothing is trained, written or recorded, and torch is not loaded."""
 
 import dataclasses
 import math
@@ -28,6 +13,24 @@ from harness.paths import CONF
 from harness.progress import format_duration
 from harness.study import cost
 from harness.trial.disk import format_bytes, retention
+
+USAGE = """\
+usage:
+    python -m harness plan [TRIAL OVERRIDES] [gpu=h100] [gpus=N] [tokens_per_sec=N | mfu=F] [price_per_gpu_hour=P]
+    python -m harness plan +sweep=STUDY [TRIAL OVERRIDES] [hydra.sweeper.KEY=VALUE] [the same options]
+
+Prints, per trial and in all: parameters, steps, tokens, FLOPs, tokens/s per GPU, GPU-hours, wall time, the
+checkpoint disk under the retention setting (trainer.keep_checkpoints) and the cost, and says where the throughput
+and the price come from. A study's trials are composed exactly as the sweeper composes them. Nothing is trained,
+written or recorded, and torch is not loaded.
+
+  gpu=KIND               a100, h100 (default), h200, or a kind `make bench` measured (cpu, ...)
+  gpus=N                 GPUs in all (default: one trial's, trainer.nproc_per_node): trials share them
+  tokens_per_sec=N       what one GPU trains per second on the first trial (your measurement); the other trials
+                         scale by their FLOPs per token and speed (precision, dropout)
+  mfu=F                  or the matmul FLOPs utilisation one GPU achieves, in (0, 1]
+  price_per_gpu_hour=P   US$ per GPU-hour (default: the GPU's list price in harness/study/cost.py, an assumption)
+"""
 
 
 def number(text: str, kind=float) -> float | None:
@@ -249,7 +252,7 @@ def main(arguments: list[str]) -> int:
     from harness.trial.preflight import refuse
 
     if arguments and arguments[0] in ("-h", "--help", "help"):
-        print(__doc__.strip())
+        print(USAGE, end="")
         return 0
     options, overrides, problems = parse(arguments)
     problems += override_problems(overrides) + unplannable(overrides)

@@ -1,14 +1,4 @@
-"""`python -m harness runs` and `python -m harness replay`: the runs' records in the store, kept true.
-
-    python -m harness runs [study=NAME] [experiment=NAME] [tracking.uri=URI] [--mark-stale] [stale_after=SECONDS]
-    python -m harness replay RUN_DIR [tracking.uri=URI]
-
-`runs` lists the RUNNING runs with their heartbeat (live, stale, or none: a run of an older harness).
-`--mark-stale` ends the stale ones KILLED with the reason (a SIGKILLed trial or sweep, a lost node), so
-`mlflow ui` and the analysis show the truth; a stale run is one silent for 4 heartbeat intervals, or for
-`stale_after` seconds if given. `replay` sends the records a trial saved in RUN_DIR/unsent_records.jsonl
-when its store was unreachable at its end.
-"""
+"""`python -m harness runs` and `python -m harness replay`: the runs' records in the store, kept true."""
 
 import sys
 import time
@@ -20,7 +10,17 @@ from harness.tracking import liveness
 from harness.tracking.replay import replay
 from harness.tracking.store import TrackingUnavailable, connect, normalize_uri
 
-USAGE = "usage:\n" + __doc__.split("\n\n")[1] + "\n"
+USAGE = """\
+usage:
+    python -m harness runs [study=NAME] [experiment=NAME] [tracking.uri=URI] [--mark-stale] [stale_after=SECONDS]
+    python -m harness replay RUN_DIR [tracking.uri=URI]
+
+`runs` lists the RUNNING runs with their heartbeat (live, stale, or none: a run of an older harness).
+`--mark-stale` ends the stale ones KILLED with the reason (a SIGKILLed trial or sweep, a lost node), so
+`mlflow ui` and the analysis show the truth; a stale run is one silent for 4 heartbeat intervals, or for
+`stale_after` seconds if given. `replay` sends the records a trial saved in RUN_DIR/unsent_records.jsonl
+when its store was unreachable at its end.
+"""
 
 
 def parse(arguments: list[str], allowed: set[str], flags: set[str]) -> tuple[dict[str, str], set[str], list[str]]:

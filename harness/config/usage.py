@@ -7,7 +7,7 @@ from harness.config.schema import TrialConfig
 from harness.paths import CONF
 
 COMMANDS = """\
-usage:
+trial usage:
   python -m harness [KEY=VALUE ...]               run one trial (the baseline, scale=smoke on the bundled corpus)
   python -m harness +intervention=NAME [...]      ... with an intervention; +intervention=[A,B] stacks several
   python -m harness +sweep=STUDY [...]            run a study from conf/sweep/ (an MLflow parent run, a child per trial)
@@ -21,8 +21,7 @@ usage:
 
   Bad input is refused before anything runs, with one line per problem (exit status 2);
   HYDRA_FULL_ERROR=1 shows the traceback instead.
-  More commands: python -m harness.data prepare, python -m harness evaluate, python -m harness export,
-  python -m harness reference, python -m analysis (each with --help).
+  The other commands are listed above; each takes --help.
 """
 
 

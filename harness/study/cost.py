@@ -61,7 +61,7 @@ GPUS = {
         "A100",
         PEAK_FLOPS["A100"],
         STUDY_MFU,
-        f"measured: the study's gpt2_small trials, ~{STUDY_HOURS:g} h on {STUDY_GPUS}×A100 (SEEDS.md), "
+        f"measured: the study's gpt2_small trials, ~{STUDY_HOURS:g} h on {STUDY_GPUS}×A100 (docs/study.md), "
         f"{STUDY_TOKENS_PER_SEC:,.0f} tokens/s per GPU",
         1.29,
         "assumption: an on-demand A100 40GB list price (the study paid US$35-135 per 28 GPU-hour trial)",
@@ -80,8 +80,8 @@ SPEEDS = {
     "fp16_amp": (1.0, "the reference"),
     "bf16_amp": (1.0, "assumption: the same tensor-core peak as fp16"),
     "tf32": (0.5, "assumption: TF32 tensor cores peak at half the fp16 rate"),
-    "fp32": (1 / 2.4, "measured: no_amp ran ~2.4× slower (SEEDS.md)"),
-    "no_dropout": (1.08, "measured: no_dropout ran ~8% faster (SEEDS.md)"),
+    "fp32": (1 / 2.4, "measured: no_amp ran ~2.4× slower (docs/study.md)"),
+    "no_dropout": (1.08, "measured: no_dropout ran ~8% faster (docs/study.md)"),
 }
 
 

@@ -47,7 +47,7 @@ class StudyConf:
     overrides: list[str] = field(default_factory=list)  # applied to every trial, before the command line's
     max_batch_size: int | None = None  # trials handed to the launcher at once; None = all
     progress_interval: float = 15.0  # seconds between looks at the tracking store for the progress line
-    # A sequential study (harness/sequential_study.py) runs in rounds and decides after each one.
+    # A sequential study (harness/study/sequential.py) runs in rounds and decides after each one.
     sequential: bool = False
     max_seeds: int | None = None  # the most init seeds an arm runs; None: as many as `seeds` lists
     first_seeds: int = 1  # init seeds of round 1; every later round adds one

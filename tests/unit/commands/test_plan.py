@@ -1,5 +1,5 @@
 """`python -m harness plan`: what a trial or a study costs, before anything runs, with numbers worked out by hand
-from SEEDS.md's gpt2_small (33,165 steps × 98,304 tokens) and the quick study."""
+from the study's gpt2_small (docs/study.md) (33,165 steps × 98,304 tokens) and the quick study."""
 
 import subprocess
 import sys
@@ -17,7 +17,7 @@ from harness.trial.model import GPTModel
 from interventions import REGISTRY
 from tests.conftest import TINY
 
-GPT2_SMALL_TOKENS = 33_165 * 96 * 1_024  # 3,260,252,160 (SEEDS.md)
+GPT2_SMALL_TOKENS = 33_165 * 96 * 1_024  # 3,260,252,160 (docs/study.md)
 GPT2_SMALL_FLOPS_PER_TOKEN = 6 * (12 * 12 * 768**2 + 50_257 * 768) + 12 * 12 * 768 * 1_024  # 854,438,400
 GPT2_SMALL_CHECKPOINT = 3 * 4 * 163_009_536 + 2**20  # fp32 weights and AdamW's two moments, plus the small state
 
@@ -102,7 +102,7 @@ def test_gpt2_small_on_eight_gpus_at_a_given_throughput(capsys):
 
 
 def test_the_default_a100_figure_gives_back_the_study_s_own_measurement(capsys):
-    """SEEDS.md: a gpt2_small trial took ~3.5 h on 8×A100; no_amp ~2.4× as long; no_dropout ~8% faster."""
+    """The study (docs/study.md): a gpt2_small trial took ~3.5 h on 8×A100; no_amp ~2.4× as long; no_dropout ~8% faster."""
     cfg = compose(["scale=gpt2_small"])
     assert cost.trial_gpu_hours(cfg, gpu="a100") == pytest.approx(3.5 * 8)
     assert cost.trial_gpu_hours(compose(["scale=gpt2_small", "+intervention=no_amp"]), gpu="a100") == pytest.approx(
@@ -123,7 +123,10 @@ def test_the_default_a100_figure_gives_back_the_study_s_own_measurement(capsys):
     assert (
         "34,931 tokens/s per GPU on no_dropout-s42 (29.8 TFLOP/s of matmuls, 9.6% MFU of the A100's 312 TFLOP/s)" in out
     )
-    assert "from: measured: the study's gpt2_small trials, ~3.5 h on 8×A100 (SEEDS.md), 32,344 tokens/s per GPU" in out
+    assert (
+        "from: measured: the study's gpt2_small trials, ~3.5 h on 8×A100 (docs/study.md), 32,344 tokens/s per GPU"
+        in out
+    )
     assert "price: $1.29 per GPU-hour (assumption:" in out
 
 
@@ -152,7 +155,7 @@ def test_the_quick_study_as_the_sweeper_composes_it(capsys):
     )
 
     out = plan(capsys, "+sweep=quick", "gpu=cpu", "tokens_per_sec=1000", "price_per_gpu_hour=3", "gpus=2")
-    # 40 steps × 16 × 64 = 40,960 tokens; 1,000 tokens/s for the first trial; no_dropout 8% faster (SEEDS.md).
+    # 40 steps × 16 × 64 = 40,960 tokens; 1,000 tokens/s for the first trial; no_dropout 8% faster (docs/study.md).
     assert row(out, "baseline-s42")[2:] == [
         "40",
         "40,960",

@@ -1,4 +1,4 @@
-"""Faithful to the study's own code where SEEDS.md is silent (gpjt/ddp-base-model-from-scratch @b314784):
+"""Faithful to the study's own code where the study's facts (docs/study.md) are silent (gpjt/ddp-base-model-from-scratch @b314784):
 checkpoint periods and `is_best`, the LR each step records, the fp16 precision path (autocast, GradScaler,
 the fused optimizer's skip) on the CPU, the study's test-loss evaluation, MFU, and the code version a study
 reuses runs by."""
