@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 STUDY ?= quick
 
-.PHONY: setup setup-dev run test test-all ui list plan data analyze sweep bench bench-tracking services services-stop
+.PHONY: setup setup-dev run lint format test test-all ui list plan data analyze sweep bench bench-tracking services services-stop
 
 # What running needs: torch, then the harness and its dependencies.
 setup:
@@ -24,6 +24,15 @@ list:
 # What a trial or a study will cost, e.g. make plan ARGS="+sweep=interventions scale=gpt2_small gpu=h100"
 plan:
 	$(PYTHON) -m harness plan $(ARGS)
+
+# The one style (ruff, configured in pyproject.toml); CI fails on a violation. `make format` applies it.
+lint:
+	ruff check .
+	ruff format --check .
+
+format:
+	ruff check --fix .
+	ruff format .
 
 test:
 	$(PYTHON) -m pytest -q

@@ -56,11 +56,11 @@ def parse_arguments(argv: list[str]) -> dict[str, str]:
     for argument in given.rest:
         key, separator, _ = argument.partition("=")
         if not separator:
-            raise AnalysisInputError(f"arguments are key=value, got {argument!r}\n\n{USAGE}")
+            raise AnalysisInputError(f"arguments are key=value, got {argument!r} (python -m analysis --help)")
         raise AnalysisInputError(f"unknown key {key!r}; known keys: {', '.join(KEYS)}")
     options = given.settings
     if "study" not in options and "csv" not in options:
-        raise AnalysisInputError(f"study=NAME is required\n\n{USAGE}")
+        raise AnalysisInputError("study=NAME (or csv=FILE) is required (python -m analysis --help)")
     return options
 
 
