@@ -13,11 +13,13 @@ from pathlib import Path
 from analysis import PROJECT_ROOT
 from analysis.load import (
     AnalysisInputError,
+    check_study_name,
     default_tracking_uri,
     load_csv_study,
     load_mlflow_study,
 )
 
+REPORTS = PROJECT_ROOT / "reports"
 USAGE = """\
 usage: python -m analysis study=NAME [key=value ...]
 
@@ -66,6 +68,8 @@ def parse_arguments(argv: list[str]) -> dict[str, str]:
         options[key] = value
     if "study" not in options and "csv" not in options:
         raise AnalysisInputError(f"study=NAME is required\n\n{USAGE}")
+    if "study" in options:
+        check_study_name(options["study"])
     return options
 
 
@@ -105,9 +109,13 @@ def run(options: dict) -> int:
         study_runs = load_csv_study(options["csv"], options.get("study"), options.get("history"))
     else:
         study_runs = load_mlflow_study(options["study"], options.get("tracking_uri"), options.get("experiment"))
-    out = Path(options.get("out") or PROJECT_ROOT / "reports" / study_runs.study)
+    for warning in study_runs.warnings:
+        print(f"analysis: warning: {warning}", file=sys.stderr)
     analysis = analyse(study_runs, settings)
-    files = write_report(analysis, out)
+    if options.get("out"):
+        files = write_report(analysis, Path(options["out"]))
+    else:
+        files = write_report(analysis, REPORTS / study_runs.study, reports_root=REPORTS)
     print(f"study {study_runs.study}: {len(study_runs.runs)} runs analysed, {len(study_runs.excluded)} excluded")
     for row in study_runs.excluded.itertuples():
         print(f"  excluded {row.run_id} ({row.intervention}, seed {row.seed}): {row.reason}")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis import PROJECT_ROOT
+from harness.config.schema import STUDY_TAG
 
 BASELINE = "baseline"
 REQUIRED_COLUMNS = ("intervention", "seed", "train_seed", "test_loss")
@@ -53,6 +54,14 @@ class StudyRuns:
     histories: pd.DataFrame
     tracking_uri: str | None = None
     experiment_id: str | None = None
+    warnings: list[str] = field(default_factory=list)  # one line each, shown by the CLI and in the report
+
+
+def check_study_name(study: str) -> str:
+    """A study name is a tag (it names the report's folder): letters, digits, '_', '.' or '-'."""
+    if not STUDY_TAG.fullmatch(study):
+        raise AnalysisInputError(f"study={study!r} is not a study tag; allowed: letters, digits, '_', '.' or '-'")
+    return study
 
 
 def default_tracking_uri() -> str:
@@ -104,8 +113,7 @@ def load_mlflow_study(
     of one experiment and one scale (the harness keeps one experiment per
     scale): a study tag found in several is refused, naming them.
     """
-    if "'" in study:
-        raise AnalysisInputError(f"study names cannot contain quotes: {study!r}")
+    check_study_name(study)
     tracking_uri = tracking_uri or default_tracking_uri()
     _require_existing_sqlite_store(tracking_uri)
     with mlflow_store(tracking_uri) as mlflow:
@@ -149,14 +157,41 @@ def load_csv_study(path: str | Path, study: str | None = None, history_path: str
     if not path.is_file():
         raise AnalysisInputError(f"CSV file not found: {path}")
     frame = pd.read_csv(path)
-    study = study or path.stem
+    study = check_study_name(study or path.stem)
     if "study" in frame:
         studies = sorted(frame["study"].dropna().astype(str).unique())
         if study not in studies:
             raise AnalysisInputError(f"unknown study {study!r} in {path}; studies found: {', '.join(studies)}")
         frame = frame[frame["study"].astype(str) == study]
+    frame, duplicates = _without_duplicate_rows(frame, path)
     histories = _read_history_csv(history_path) if history_path else None
-    return prepare_runs(frame, study, source=str(path), histories=histories)
+    study_runs = prepare_runs(frame, study, source=str(path), histories=histories)
+    study_runs.warnings += duplicates
+    return study_runs
+
+
+def _without_duplicate_rows(frame: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run: repeated rows are dropped with a warning (a repeated run_id must repeat its whole row)."""
+    if "run_id" in frame:
+        repeated = frame[frame.duplicated("run_id", keep=False)]
+        conflicting = repeated.drop_duplicates().duplicated("run_id", keep=False)
+        if conflicting.any():
+            run_id = repeated.drop_duplicates()[conflicting]["run_id"].iloc[0]
+            raise AnalysisInputError(
+                f"run_id {run_id!r} is on several rows of {path} with different values; one row per run is allowed"
+            )
+        duplicated = frame.duplicated("run_id")
+        how = "rows repeating a run_id"
+    else:
+        duplicated = frame.duplicated()
+        how = (
+            "rows identical to an earlier row (without a run_id column a copied row cannot be told from an exact "
+            "repeat; add run_id to keep exact repeats)"
+        )
+    if not duplicated.any():
+        return frame, []
+    kept = frame[~duplicated]
+    return kept, [f"{path}: dropped {int(duplicated.sum())} {how}; {len(kept)} runs remain"]
 
 
 def prepare_runs(

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.load import mlflow_store
+from analysis.load import AnalysisInputError, mlflow_store
 from analysis.noise import noise_table
 from analysis.stats import THIN_DOF
 from analysis.study import StudyAnalysis
@@ -203,6 +203,7 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
         ),
         ("h2", "Ranking"),
     ]
+    blocks += [("warning", warning) for warning in study_runs.warnings]
     note = thin_evidence_note(ranking)
     if note:
         blocks.append(("warning", note))
@@ -345,9 +346,17 @@ def write_figures(analysis: StudyAnalysis, directory: Path) -> dict[str, Path]:
     return {caption: path for caption, path in drawn.items() if path is not None}
 
 
-def write_report(analysis: StudyAnalysis, directory: str | Path) -> ReportFiles:
-    """Write report.md, report.html, ranking.csv, the other tables and figures."""
+def write_report(analysis: StudyAnalysis, directory: str | Path, reports_root: Path | None = None) -> ReportFiles:
+    """Write report.md, report.html, ranking.csv, the other tables and figures.
+
+    With ``reports_root`` the directory must resolve (links followed) to a folder directly inside it.
+    """
     directory = Path(directory)
+    if reports_root is not None and directory.resolve().parent != reports_root.resolve():
+        raise AnalysisInputError(
+            f"report directory {directory} resolves to {directory.resolve()}, outside {reports_root}; "
+            f"only a folder directly inside {reports_root} is allowed"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     figures = write_figures(analysis, directory)
     blocks = _blocks(analysis, figures, directory)
