@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import PROJECT_ROOT
-from harness.config.schema import STUDY_TAG
+from harness.config.schema import BOOKKEEPING_KEYS, STUDY_TAG
 
 BASELINE = "baseline"
 REQUIRED_COLUMNS = ("intervention", "seed", "train_seed", "test_loss")
@@ -34,9 +34,14 @@ RUN_COLUMNS = (
     "status",
     "test_loss",
     "order",
+    "config_hash",
+    "cpu_threads",
 )
 EXCLUDED_COLUMNS = ("run_id", "intervention", "seed", "train_seed", "status", "reason")
 HISTORY_COLUMNS = ("run_id", "metric", "step", "value")
+PARAM_PREFIX = "params."  # a run's flattened resolved config, one column per key
+SEED_KEYS = ("seed", "train_seed", "data.seed", "interventions")  # the seeds, and the tag itself
+UNSET = "unset"
 
 
 class AnalysisInputError(ValueError):
@@ -215,18 +220,25 @@ def prepare_runs(
             "status": _column_or(frame, "status", "FINISHED").astype(str).str.upper(),
             "test_loss": pd.to_numeric(frame["test_loss"], errors="coerce").astype(float),
             "order": pd.to_numeric(_column_or(frame, "order", np.arange(len(frame)))),
+            "config_hash": _column_or(frame, "config_hash", "none").map(_seed_label),
+            "cpu_threads": _column_or(frame, "cpu_threads", "none").map(_seed_label),
         }
     )
-    runs = runs.sort_values("order", kind="stable").reset_index(drop=True)
+    runs = runs.sort_values("order", kind="stable")
+    config = computation_config(frame).loc[runs.index].reset_index(drop=True)
+    runs = runs.reset_index(drop=True)
     reason = pd.Series("", index=runs.index)
     reason[~np.isfinite(runs["test_loss"])] = "no finite test_loss"
     reason[runs["status"] != "FINISHED"] = "status " + runs["status"]
     excluded = runs[reason != ""].assign(reason=reason[reason != ""])
-    analysed = runs[reason == ""].reset_index(drop=True)
+    analysed = runs[reason == ""]
     if analysed.empty:
         raise AnalysisInputError(
             f"study {study!r} has no FINISHED runs with a finite test_loss ({len(excluded)} excluded)"
         )
+    analysed = analysed.assign(
+        intervention=arms_by_computation(analysed["intervention"], config.loc[analysed.index], study)
+    ).reset_index(drop=True)
     if not (analysed["intervention"] == BASELINE).any():
         found = ", ".join(sorted(analysed["intervention"].unique()))
         raise AnalysisInputError(
@@ -242,6 +254,60 @@ def prepare_runs(
         excluded=excluded[list(EXCLUDED_COLUMNS)].reset_index(drop=True),
         histories=histories,
     )
+
+
+def computation_config(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ``params.*`` columns that say what a run computed: its seeds and the bookkeeping keys left out."""
+
+    def computed(key: str) -> bool:
+        return key not in SEED_KEYS and not any(key == b or key.startswith(f"{b}.") for b in BOOKKEEPING_KEYS)
+
+    keys = [c for c in frame.columns if str(c).startswith(PARAM_PREFIX) and computed(c[len(PARAM_PREFIX) :])]
+    config = frame[sorted(keys)].astype(object)
+    config = config.where(config.notna(), UNSET).astype(str)
+    return config.rename(columns=lambda c: c[len(PARAM_PREFIX) :])
+
+
+def arms_by_computation(tags: pd.Series, config: pd.DataFrame, study: str) -> pd.Series:
+    """Each run's arm: its intervention tag, or ``tag[key=value,...]`` where runs under one tag computed different
+    configs (named by the keys that differ under the tag). Of baseline variants, the one whose values the other
+    arms' runs share is ``baseline``; with none or several such, the study is refused (docs/analysis.md)."""
+    if config.empty:
+        return tags
+    computation = pd.Series(pd.util.hash_pandas_object(config, index=False).to_numpy(), index=tags.index)
+    split = computation.groupby(tags).nunique()
+    arms = tags.copy()
+    for tag in split.index[split > 1]:
+        rows = tags.index[tags == tag]
+        differing = [key for key in config.columns if config.loc[rows, key].nunique() > 1]
+        arms[rows] = tag + "[" + _assignments(config.loc[rows, differing]) + "]"
+        if tag == BASELINE:
+            arms[rows] = _name_the_baseline(arms[rows], config.loc[tags != tag, differing], study)
+    return arms
+
+
+def _assignments(config: pd.DataFrame) -> pd.Series:
+    return pd.Series(
+        [",".join(f"{key}={value}" for key, value in zip(config.columns, row, strict=True)) for row in config.values],
+        index=config.index,
+    )
+
+
+def _name_the_baseline(variants: pd.Series, others: pd.DataFrame, study: str) -> pd.Series:
+    """The baseline variant the other arms' runs were computed with keeps the name ``baseline``."""
+    prefix = f"{BASELINE}["
+    shared = _assignments(others).map(lambda text: f"{prefix}{text}]")
+    matched = sorted(set(shared) & set(variants))
+    if len(matched) != 1:
+        counts = variants.value_counts().sort_index()
+        listing = "; ".join(f"{name.removeprefix(prefix)[:-1]}: {n} runs" for name, n in counts.items())
+        which = "none" if not matched else f"{len(matched)}"
+        raise AnalysisInputError(
+            f"study {study!r}: the runs tagged {BASELINE} computed {len(counts)} different configs ({listing}) and "
+            f"the other arms' runs match {which} of them, so none is the baseline; give each config its own study "
+            "tag, or run the others as interventions"
+        )
+    return variants.where(variants != matched[0], BASELINE)
 
 
 def _check_columns(frame: pd.DataFrame) -> None:
@@ -355,6 +421,11 @@ def _frame_from_mlflow(found: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise AnalysisInputError(f"missing columns: {', '.join(missing)} (MLflow run tags)")
     frame = pd.DataFrame({column: found[tag] for column, tag in tag_columns.items() if tag in found})
+    for column in ("config_hash", "cpu_threads"):
+        if f"tags.{column}" in found:
+            frame[column] = found[f"tags.{column}"]
+    params = [c for c in found.columns if c.startswith(PARAM_PREFIX)]
+    frame = pd.concat([frame, found[params]], axis=1)
     frame["run_id"] = found["run_id"]
     frame["status"] = found["status"]
     frame["test_loss"] = found["metrics.test_loss"] if "metrics.test_loss" in found else np.nan

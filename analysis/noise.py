@@ -19,10 +19,12 @@ from scipy import stats
 from analysis.load import BASELINE
 
 CELL = ["intervention", "seed", "train_seed", "data_seed"]
+# Exact repeats: one computation (config_hash) with the same seeds on the same thread count (it changes the bits).
+REPEAT_KEY = CELL + ["config_hash", "cpu_threads"]
 NOISE_GROUPS = {
     "init": ["intervention", "train_seed", "data_seed"],
     "train": ["intervention", "seed", "data_seed"],
-    "repeat": CELL,
+    "repeat": REPEAT_KEY,
 }
 NOISE_DESCRIPTIONS = {
     "init": "across init seeds (train seed fixed; pooled over train-seed levels)",
@@ -164,9 +166,10 @@ def noise_groups(runs: pd.DataFrame, kind: str) -> pd.DataFrame:
     about noise).  The rows keep the index of ``runs``.
     """
     source = runs if kind == "repeat" else single_run_cells(runs)
-    sizes = source.groupby(NOISE_GROUPS[kind], sort=False)["test_loss"].transform("size")
+    key = [column for column in NOISE_GROUPS[kind] if column in runs]
+    sizes = source.groupby(key, sort=False)["test_loss"].transform("size")
     kept = source[sizes >= 2]
-    return kept.assign(group=kept.groupby(NOISE_GROUPS[kind], sort=False).ngroup())
+    return kept.assign(group=kept.groupby(key, sort=False).ngroup())
 
 
 @dataclass(frozen=True)
@@ -370,7 +373,7 @@ def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
         init_weights=init_identity(runs).loc[data.index],
         train_cell=data["intervention"] + "|" + data["train_seed"],
     )
-    has_repeats = data.duplicated(CELL).any()
+    has_repeats = data.duplicated([column for column in REPEAT_KEY if column in data]).any()
     model = smf.mixedlm(
         "loss ~ C(intervention)" if len(arms) > 1 else "loss ~ 1",
         data,

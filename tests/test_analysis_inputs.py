@@ -64,3 +64,95 @@ def test_a_run_id_on_rows_that_differ_is_refused(tmp_path):
     pd.concat([runs, copy]).to_csv(path, index=False)
     with pytest.raises(AnalysisInputError, match=f"run_id '{runs['run_id'].iloc[0]}' is on several rows"):
         load_csv_study(path)
+
+
+def mixed_runs(arms: dict[str, list[tuple[dict, float]]]) -> pd.DataFrame:
+    """Runs at init seeds 42, 22, 67 of each (tag, config overrides, loss level); every run also logs optim.lr."""
+    rows = []
+    for tag, variants in arms.items():
+        for overrides, level in variants:
+            for offset, seed in zip((0.0, 0.01, -0.01), (42, 22, 67), strict=True):
+                rows.append(
+                    {
+                        "intervention": tag,
+                        "seed": seed,
+                        "train_seed": "none",
+                        "init_fingerprint": f"f{seed}",
+                        "changes_init": False,
+                        "status": "FINISHED",
+                        "test_loss": level + offset,
+                        "params.optim.lr": "0.0004",
+                        "params.model.dropout": "0.1",
+                        "params.tracking.uri": f"sqlite:///{tag}{seed}.db",
+                        "params.study": "mix",
+                        **{f"params.{key}": value for key, value in overrides.items()},
+                    }
+                )
+    runs = pd.DataFrame(rows)
+    runs.insert(0, "run_id", [f"mix-{i:03d}" for i in range(len(runs))])
+    return runs
+
+
+@pytest.fixture
+def mixed_store(tmp_path):
+    from analysis.synthetic import SyntheticStudy, log_study_to_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    studies = {
+        "mix": {
+            "baseline": [({}, 10.90), ({"optim.lr": "0.003"}, 8.55)],
+            "no_dropout": [({"model.dropout": "0.0"}, 10.80)],
+            "qkv_bias": [({}, 10.70), ({"plugins.qkv_bias.enabled": "true"}, 10.60)],
+        },
+        "sweep": {"baseline": [({}, 10.90), ({"optim.lr": "0.003"}, 8.55)]},
+    }
+    for name, arms in studies.items():
+        runs = mixed_runs(arms)
+        histories = pd.DataFrame(columns=["run_id", "metric", "step", "value"])
+        log_study_to_mlflow(SyntheticStudy(runs, histories, NoiseModel()), name, "trials", uri)
+    return uri
+
+
+def test_runs_under_one_tag_that_computed_different_configs_are_separate_arms(mixed_store, tmp_path, capsys):
+    from analysis.load import load_mlflow_study
+
+    runs = load_mlflow_study("mix", mixed_store).runs
+    arms = runs.groupby("intervention")["test_loss"].mean().round(6).to_dict()
+    assert arms == {
+        "baseline": 10.90,
+        "baseline[optim.lr=0.003]": 8.55,
+        "no_dropout": 10.80,
+        "qkv_bias[plugins.qkv_bias.enabled=unset]": 10.70,
+        "qkv_bias[plugins.qkv_bias.enabled=true]": 10.60,
+    }
+    assert len(set(runs["config_hash"])) == len(runs)  # seeds are part of the hash: no run repeats another
+
+    out = tmp_path / "report"
+    assert main(["study=mix", f"tracking_uri={mixed_store}", f"out={out}", "resamples=100", "log=false"]) == 0
+    ranking = pd.read_csv(out / "ranking.csv").set_index("intervention")
+    assert ranking["baseline_loss"].round(6).eq(10.90).all()
+    assert ranking.loc["baseline[optim.lr=0.003]", "difference"] == pytest.approx(-2.35)
+    noise = pd.read_csv(out / "noise.csv").set_index("kind")
+    assert noise.loc["repeat", "n_runs"] == 0
+    assert noise.loc["init", "sd"] == pytest.approx(0.01)  # within each arm: the lr variants are not pooled
+
+
+def test_a_baseline_that_no_other_arm_identifies_is_refused_naming_its_configs(mixed_store, tmp_path, capsys):
+    assert main(["study=sweep", f"tracking_uri={mixed_store}", f"out={tmp_path}", "log=false"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "computed 2 different configs (optim.lr=0.0004: 3 runs; optim.lr=0.003: 3 runs)" in error
+
+
+def test_exact_repeats_need_the_same_computation_and_thread_count():
+    from analysis.load import prepare_runs
+    from analysis.noise import estimate_noise
+
+    runs = mixed_runs({"baseline": [({}, 3.3)]})
+    repeats = pd.concat([runs] * 3, ignore_index=True).assign(run_id=lambda t: [f"r{i}" for i in t.index])
+    repeats["test_loss"] += [0.0] * 3 + [0.001] * 3 + [0.002] * 3
+    repeats["config_hash"] = "h" + repeats["seed"].astype(str)
+    repeats["cpu_threads"] = ["2"] * 6 + ["1"] * 3
+    noise = estimate_noise(prepare_runs(repeats, "s", "test").runs)
+    assert noise["repeat"].n_runs == 6 and noise["repeat"].nominal_dof == 3
+    assert noise["repeat"].sd == pytest.approx(0.001 / 2**0.5)
