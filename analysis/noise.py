@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import statsmodels.api as sm
 import statsmodels.formula.api as smf
-from scipy import stats
+from scipy import sparse, stats
 
 from analysis.load import BASELINE
 
@@ -100,51 +100,65 @@ def declared_noise_reference(intervention: str) -> str | None:
     return None
 
 
-def keeps_baseline_init(arm: pd.DataFrame, baseline: pd.DataFrame) -> tuple[bool, str, str]:
+def _keeps_baseline_init(prints: list, flags: list, seeds: list, baseline_prints: dict) -> tuple[bool, str, str]:
     """Whether an arm starts from the baseline's initial weights: (answer, rule, reason).
 
-    Compares ``init_fingerprint`` seed by seed; without comparable
-    fingerprints uses the ``changes_init`` flag; failing both, assumes the
-    initialisation changed.
+    Compares ``init_fingerprint`` seed by seed; without comparable fingerprints uses the ``changes_init`` flag;
+    failing both, assumes the initialisation changed.
     """
-    baseline_prints = (
-        baseline.dropna(subset=["init_fingerprint"]).drop_duplicates("seed").set_index("seed")["init_fingerprint"]
-    )
-    fingerprinted = arm.dropna(subset=["init_fingerprint"])
-    expected = fingerprinted["seed"].map(baseline_prints)
-    compared = expected.notna()
-    if compared.any():
-        if (fingerprinted["init_fingerprint"][compared] == expected[compared]).all():
+    compared = [
+        (p, baseline_prints[s]) for p, s in zip(prints, seeds, strict=True) if p is not None and s in baseline_prints
+    ]
+    if compared:
+        if all(mine == theirs for mine, theirs in compared):
             return True, "init_fingerprint", "same init_fingerprint as baseline"
         return False, "init_fingerprint", "init_fingerprint differs from baseline"
-    flags = arm["changes_init"].dropna()
-    if len(flags):
-        changes = bool(flags.astype(bool).any())
+    flags = [flag for flag in flags if flag is not None]
+    if flags:
+        changes = any(flags)
         return not changes, "changes_init", f"changes_init={str(changes).lower()}"
     return (False, "assumed", "init fingerprints not comparable (no shared seeds); init noise assumed")
 
 
-def choose_reference(intervention: str, arm: pd.DataFrame, baseline: pd.DataFrame) -> ReferenceChoice:
-    """Train-seed noise for arms that keep the baseline's initial weights, else init.
+def reference_choices(runs: pd.DataFrame) -> dict[str, ReferenceChoice]:
+    """Each arm's noise reference: train-seed noise for arms that keep the baseline's initial weights, else init.
 
-    A reference declared in the intervention registry overrides the
-    evidence of the runs (fingerprints, then the ``changes_init`` flag).
+    A reference declared in the intervention registry overrides the evidence of the runs (fingerprints, then the
+    ``changes_init`` flag). One pass over the runs, so linear in the number of arms.
     """
-    declared = declared_noise_reference(intervention)
-    keeps, rule, reason = keeps_baseline_init(arm, baseline)
-    if declared:
-        return ReferenceChoice(declared, "registry", f"{declared}-seed noise declared in the registry ({reason})")
-    return ReferenceChoice("train" if keeps else "init", rule, reason)
+    prints = [None if pd.isna(p) else p for p in runs["init_fingerprint"].tolist()]
+    flags = [None if pd.isna(f) else bool(f) for f in runs["changes_init"].tolist()]
+    seeds, names = runs["seed"].tolist(), runs["intervention"].tolist()
+    rows: dict[str, list[int]] = {}
+    for position, name in enumerate(names):
+        rows.setdefault(name, []).append(position)
+    baseline_prints: dict = {}
+    for position in rows.get(BASELINE, []):
+        if prints[position] is not None:
+            baseline_prints.setdefault(seeds[position], prints[position])
+    choices = {}
+    for name, positions in rows.items():
+        keeps, rule, reason = _keeps_baseline_init(
+            [prints[i] for i in positions],
+            [flags[i] for i in positions],
+            [seeds[i] for i in positions],
+            baseline_prints,
+        )
+        declared = declared_noise_reference(name)
+        if declared:
+            choices[name] = ReferenceChoice(
+                declared, "registry", f"{declared}-seed noise declared in the registry ({reason})"
+            )
+        else:
+            choices[name] = ReferenceChoice("train" if keeps else "init", rule, reason)
+    return choices
 
 
 def arms_reusing_baseline_init(runs: pd.DataFrame) -> list[str]:
     """Arms judged to share the baseline's initial weights at each seed."""
-    baseline = runs[runs["intervention"] == BASELINE]
-    return [
-        name
-        for name, arm in runs.groupby("intervention")
-        if name != BASELINE and choose_reference(name, arm, baseline).reference == "train"
-    ]
+    return sorted(
+        name for name, choice in reference_choices(runs).items() if name != BASELINE and choice.reference == "train"
+    )
 
 
 def init_identity(runs: pd.DataFrame) -> pd.Series:
@@ -178,7 +192,7 @@ class NoiseDesign:
 
     kind: str
     positions: np.ndarray  # rows of the run table used
-    centring: np.ndarray  # (n, n): losses[..., positions] @ centring = deviations from group means
+    groups: np.ndarray  # the group (0, 1, ...) of each of those rows
     n_groups: int
     dof: float  # effective degrees of freedom (docs/noise.md)
 
@@ -186,24 +200,42 @@ class NoiseDesign:
     def nominal_dof(self) -> int:
         return len(self.positions) - self.n_groups
 
+    def deviations(self, losses: np.ndarray) -> np.ndarray:
+        """``losses[..., positions]`` minus their group means (sparse sums: linear in the number of runs)."""
+        used = losses[..., self.positions]
+        flat = used.reshape(-1, len(self.positions))
+        membership = _membership(self.groups, self.n_groups)
+        means = (membership.T @ flat.T).T / np.bincount(self.groups, minlength=self.n_groups)
+        return (flat - means[:, self.groups]).reshape(used.shape)
+
+
+def _membership(labels: np.ndarray, n_labels: int) -> sparse.csr_array:
+    """The (rows x labels) indicator matrix of ``labels``."""
+    rows = np.arange(len(labels))
+    return sparse.csr_array((np.ones(len(labels)), (rows, labels)), shape=(len(labels), n_labels))
+
 
 def noise_design(runs: pd.DataFrame, kind: str) -> NoiseDesign:
     """The design of one noise kind; ``runs`` must have a RangeIndex."""
     grouped = noise_groups(runs, kind)
-    membership = pd.get_dummies(grouped["group"]).to_numpy(dtype=float)
-    centring = np.eye(len(grouped)) - membership @ (membership / membership.sum(axis=0)).T
-    dof = float(len(grouped) - membership.shape[1])
+    groups = grouped["group"].to_numpy(dtype=np.int64)
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    dof = float(len(grouped) - n_groups)
     if kind == "init" and dof > 0:
-        draws = init_identity(runs).loc[grouped.index].to_numpy()
-        shared = (draws[:, None] == draws[None, :]).astype(float)
-        dof = satterthwaite_dof(centring, shared)
-    return NoiseDesign(kind, grouped.index.to_numpy(), centring, membership.shape[1], dof)
+        draws = pd.factorize(init_identity(runs).loc[grouped.index])[0]
+        dof = satterthwaite_dof(groups, n_groups, draws)
+    return NoiseDesign(kind, grouped.index.to_numpy(), groups, n_groups, dof)
 
 
-def satterthwaite_dof(centring: np.ndarray, covariance: np.ndarray) -> float:
-    """Effective dof of the quadratic form ``y' M y`` when ``cov(y)`` is proportional to ``S``."""
-    product = centring @ covariance
-    return round(float(np.trace(product) ** 2 / np.trace(product @ product)), 9)
+def satterthwaite_dof(groups: np.ndarray, n_groups: int, draws: np.ndarray) -> float:
+    """Effective dof of the pooled within-group sum of squares ``y' M y`` when runs of one init draw share its
+    effect (``cov(y)`` proportional to ``S = D D'``, ``D`` the draw indicators): ``tr(MS)^2 / tr(MSMS)``, from
+    the draws x draws matrix ``A = D' M D`` (``tr(MS) = tr(A)``, ``tr(MSMS) = sum(A^2)``), so sparse throughout."""
+    group_of, draw_of = _membership(groups, n_groups), _membership(draws, int(draws.max()) + 1)
+    sizes = np.bincount(groups, minlength=n_groups)
+    per_group = group_of.T @ draw_of  # groups x draws: runs of each draw in each group
+    within = (draw_of.T @ draw_of) - per_group.T @ sparse.diags_array(1.0 / sizes) @ per_group
+    return round(float(within.trace() ** 2 / within.multiply(within).sum()), 9)
 
 
 def noise_designs(runs: pd.DataFrame) -> dict[str, NoiseDesign]:
@@ -216,8 +248,7 @@ def pooled_variance(design: NoiseDesign, losses) -> np.ndarray:
     losses = np.asarray(losses, dtype=float)
     if design.nominal_dof == 0:
         return np.full(losses.shape[:-1], np.nan)
-    deviations = losses[..., design.positions] @ design.centring
-    return np.square(deviations).sum(axis=-1) / design.nominal_dof
+    return np.square(design.deviations(losses)).sum(axis=-1) / design.nominal_dof
 
 
 def noise_statistics(designs: dict[str, NoiseDesign], losses) -> dict[str, tuple]:

@@ -21,6 +21,7 @@ from analysis.stats import THIN_DOF
 from analysis.study import StudyAnalysis
 
 LOSS_DECIMALS = 6
+MAX_FIGURE_ARMS = 40  # beyond this, one line or row per arm is unreadable: those figures are left out, with a note
 
 
 @dataclass
@@ -272,8 +273,18 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
         blocks += [("h2", "Factorial effects"), ("p", analysis.factorial_note)]
     if not study_runs.excluded.empty:
         blocks += [("h2", "Excluded runs"), ("table", study_runs.excluded)]
-    if figures:
+    if len(ranking) > MAX_FIGURE_ARMS:
+        blocks += [
+            ("h2", "Figures"),
+            (
+                "p",
+                f"{len(ranking)} interventions: the training-loss and forest figures (one line or row per "
+                f"intervention) are drawn only up to {MAX_FIGURE_ARMS}; ranking.csv holds every row.",
+            ),
+        ]
+    elif figures:
         blocks.append(("h2", "Figures"))
+    if figures:
         blocks += [("image", path.relative_to(directory).as_posix(), caption) for caption, path in figures.items()]
     return blocks
 
@@ -334,15 +345,16 @@ def render_html(blocks: list[tuple], title: str) -> str:
 def write_figures(analysis: StudyAnalysis, directory: Path) -> dict[str, Path]:
     """Draw the figures into ``directory/figures``; captions map to paths."""
     folder = directory / "figures"
-    drawn = {
-        "Training loss per intervention": plots.training_curves(
-            analysis.study_runs.histories, analysis.study_runs.runs, folder / "training_loss.png"
-        ),
-        "Differences to baseline": plots.forest_plot(
-            analysis.ranking, analysis.settings.min_effect, folder / "forest.png"
-        ),
-        "Noise distributions": plots.noise_distributions(analysis.noise_residuals, folder / "noise.png"),
-    }
+    drawn = {"Noise distributions": plots.noise_distributions(analysis.noise_residuals, folder / "noise.png")}
+    if len(analysis.ranking) <= MAX_FIGURE_ARMS:
+        drawn = {
+            "Training loss per intervention": plots.training_curves(
+                analysis.study_runs.histories, analysis.study_runs.runs, folder / "training_loss.png"
+            ),
+            "Differences to baseline": plots.forest_plot(
+                analysis.ranking, analysis.settings.min_effect, folder / "forest.png"
+            ),
+        } | drawn
     return {caption: path for caption, path in drawn.items() if path is not None}
 
 
