@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from scipy import sparse, stats
 
@@ -275,39 +274,38 @@ def estimate_noise(runs: pd.DataFrame, alpha: float = 0.05) -> dict[str, NoiseEs
     return estimates
 
 
-def _cell_label(row) -> str:
-    data = "" if row.data_seed == "none" else f"/d{row.data_seed}"
-    return f"s{row.seed}/{row.train_seed}{data}"
-
-
 def noise_levels(runs: pd.DataFrame) -> pd.DataFrame:
     """Each group behind the pooled init and train SDs, to check by hand.
 
     ``sd`` has ddof=1 (what is pooled); ``population_sd`` has ddof=0, the
     seeds' hand calculation: ``sd = population_sd * sqrt(n / (n - 1))``.
     """
-    rows = []
+    frames = []
     for kind in ("init", "train"):
         grouped = noise_groups(runs, kind)
-        for _, group in grouped.groupby("group"):
-            first = group.iloc[0]
-            level = f"train_seed {first.train_seed}" if kind == "init" else f"seed {first.seed}"
-            if first.data_seed != "none":
-                level += f", data_seed {first.data_seed}"
-            loss = group["test_loss"]
-            rows.append(
+        data = np.where(grouped["data_seed"] == "none", "", "/d" + grouped["data_seed"].astype(str))
+        labelled = grouped.assign(label="s" + grouped["seed"].astype(str) + "/" + grouped["train_seed"] + data)
+        by_group = labelled.groupby("group", sort=True)
+        first = labelled.drop_duplicates("group").set_index("group").sort_index()
+        level = "train_seed " + first["train_seed"] if kind == "init" else "seed " + first["seed"].astype(str)
+        level += np.where(first["data_seed"] == "none", "", ", data_seed " + first["data_seed"].astype(str))
+        loss = by_group["test_loss"]
+        frames.append(
+            pd.DataFrame(
                 {
                     "noise": kind,
-                    "intervention": first.intervention,
+                    "intervention": first["intervention"],
                     "level": level,
-                    "runs": ", ".join(_cell_label(row) for row in group.itertuples()),
-                    "n": len(group),
+                    "runs": by_group["label"].agg(", ".join),
+                    "n": loss.size(),
                     "mean": loss.mean(),
                     "sd": loss.std(ddof=1),
                     "population_sd": loss.std(ddof=0),
                 }
             )
-    return pd.DataFrame(rows, columns=["noise", "intervention", "level", "runs", "n", "mean", "sd", "population_sd"])
+        )
+    columns = ["noise", "intervention", "level", "runs", "n", "mean", "sd", "population_sd"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def residuals_by_kind(runs: pd.DataFrame) -> pd.DataFrame:
@@ -332,26 +330,21 @@ def checkpoint_noise(histories: pd.DataFrame, final_periods: int = 5, alpha: flo
     averages = averages.assign(value=pd.to_numeric(averages["value"], errors="coerce"))
     averages = averages[np.isfinite(averages["value"])]
     final = averages.sort_values("step").groupby("run_id").tail(final_periods)
-    fits = [
-        sm.OLS(run["value"].to_numpy(), sm.add_constant(np.arange(len(run), dtype=float))).fit()
-        for _, run in final.groupby("run_id")
-        if len(run) >= 3
-    ]
-    dof = int(sum(round(fit.df_resid) for fit in fits))
+    ssr, dof, n_obs, n_fits = 0.0, 0, 0, 0
+    lengths = final.groupby("run_id")["value"].transform("size")
+    for length, runs_of_length in final[lengths >= 3].groupby(lengths[lengths >= 3]):
+        # one least-squares line per run on the period index, all runs of one length at once
+        values = np.stack(runs_of_length.groupby("run_id", sort=True)["value"].agg(list).to_numpy())
+        index = np.arange(length, dtype=float) - (length - 1) / 2
+        centred = values - values.mean(axis=1, keepdims=True)
+        slopes = centred @ index / (index @ index)
+        ssr += float(np.square(centred - slopes[:, None] * index).sum())
+        dof, n_obs, n_fits = dof + len(values) * (length - 2), n_obs + values.size, n_fits + len(values)
     if dof == 0:
         return NoiseEstimate("checkpoint", np.nan, np.nan, np.nan, 0, 0, 0)
-    sd = float(np.sqrt(sum(fit.ssr for fit in fits) / dof))
+    sd = float(np.sqrt(ssr / dof))
     low, high = sd_confidence_interval(sd, dof, alpha)
-    return NoiseEstimate(
-        "checkpoint",
-        sd,
-        float(low),
-        float(high),
-        int(sum(fit.nobs for fit in fits)),
-        len(fits),
-        dof,
-        dof,
-    )
+    return NoiseEstimate("checkpoint", sd, float(low), float(high), int(n_obs), n_fits, dof, dof)
 
 
 def noise_table(estimates: dict[str, NoiseEstimate]) -> pd.DataFrame:
@@ -367,12 +360,10 @@ def grid_arms(runs: pd.DataFrame) -> list[str]:
     incomplete grid such as the seeds' (3 init seeds, 3 train seeds at one and
     2 at the others) is enough for the mixed model.
     """
-    arms = []
-    for arm, group in runs.groupby("intervention"):
-        most_train_seeds = group.groupby("seed")["train_seed"].nunique().max()
-        if group["seed"].nunique() >= 2 and most_train_seeds >= 2:
-            arms.append(arm)
-    return arms
+    per_seed = runs.groupby(["intervention", "seed"])["train_seed"].nunique()
+    by_arm = per_seed.groupby(level="intervention")
+    is_grid = (by_arm.size() >= 2) & (by_arm.max() >= 2)
+    return sorted(is_grid.index[is_grid])
 
 
 def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
