@@ -156,3 +156,22 @@ def test_exact_repeats_need_the_same_computation_and_thread_count():
     noise = estimate_noise(prepare_runs(repeats, "s", "test").runs)
     assert noise["repeat"].n_runs == 6 and noise["repeat"].nominal_dof == 3
     assert noise["repeat"].sd == pytest.approx(0.001 / 2**0.5)
+
+
+def test_arms_split_by_config_are_not_cells_of_the_factorial():
+    from analysis.factorial import fit_factorial
+    from analysis.load import prepare_runs
+
+    runs = mixed_runs(
+        {
+            "baseline": [({}, 3.30)],
+            "a": [({}, 3.28)],
+            "b": [({}, 3.29)],
+            "a+b": [({}, 3.27)],
+            "a+c": [({}, 3.26), ({"optim.lr": "0.003"}, 3.0)],
+        }
+    )
+    table = prepare_runs(runs, "s", "test").runs
+    assert {"a+c[optim.lr=0.0004]", "a+c[optim.lr=0.003]"} <= set(table["intervention"])
+    fit = fit_factorial(table)
+    assert fit.factors == ["a", "b"] and fit.n_runs == 12

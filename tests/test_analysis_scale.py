@@ -68,3 +68,15 @@ def test_300_arms_give_what_each_arm_gives_alone(many_arms):
         )
         expected = scan_seeds_needed(row["difference"], row["noise_sd"], True)
         assert row["seeds_needed"] == expected
+
+
+def test_per_arm_figures_are_left_out_beyond_the_cap_with_a_note(tmp_path):
+    from analysis.report import MAX_FIGURE_ARMS, write_report
+    from analysis.study import Settings, analyse
+
+    arms = [PlantedIntervention(f"arm{i:03d}", 0.0) for i in range(MAX_FIGURE_ARMS + 1)]
+    study = generate_study(arms, init_seeds=(42, 22), train_seeds=("none",), baseline_repeats=1, periods=4)
+    analysis = analyse(prepare_runs(study.runs, "capped", "synthetic", study.histories), Settings(n_resamples=100))
+    files = write_report(analysis, tmp_path)
+    assert [path.name for path in files.figures] == ["noise.png"]
+    assert f"{MAX_FIGURE_ARMS + 1} interventions: the training-loss and forest figures" in files.markdown.read_text()
