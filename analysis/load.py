@@ -162,6 +162,8 @@ def load_csv_study(path: str | Path, study: str | None = None, history_path: str
     if not path.is_file():
         raise AnalysisInputError(f"CSV file not found: {path}")
     frame = pd.read_csv(path)
+    if study is None and not STUDY_TAG.fullmatch(path.stem):
+        raise AnalysisInputError(f"CSV file name {path.stem!r} is not a study tag; name the study: study=NAME")
     study = check_study_name(study or path.stem)
     if "study" in frame:
         studies = sorted(frame["study"].dropna().astype(str).unique())
@@ -220,7 +222,7 @@ def prepare_runs(
             "status": _column_or(frame, "status", "FINISHED").astype(str).str.upper(),
             "test_loss": pd.to_numeric(frame["test_loss"], errors="coerce").astype(float),
             "order": pd.to_numeric(_column_or(frame, "order", np.arange(len(frame)))),
-            "config_hash": _column_or(frame, "config_hash", "none").map(_seed_label),
+            "config_hash": _column_or(frame, "config_hash", "none").map(_text_label),
             "cpu_threads": _column_or(frame, "cpu_threads", "none").map(_seed_label),
         }
     )
@@ -280,9 +282,9 @@ def arms_by_computation(tags: pd.Series, config: pd.DataFrame, study: str) -> pd
     for tag in split.index[split > 1]:
         rows = tags.index[tags == tag]
         differing = [key for key in config.columns if config.loc[rows, key].nunique() > 1]
-        arms[rows] = tag + "[" + _assignments(config.loc[rows, differing]) + "]"
+        arms.loc[rows] = tag + "[" + _assignments(config.loc[rows, differing]) + "]"
         if tag == BASELINE:
-            arms[rows] = _name_the_baseline(arms[rows], config.loc[tags != tag, differing], study)
+            arms.loc[rows] = _name_the_baseline(arms.loc[rows], config.loc[tags != tag, differing], study)
     return arms
 
 
@@ -347,6 +349,10 @@ def _seed_label(value) -> str:
         return str(int(float(text)))
     except ValueError:
         return text
+
+
+def _text_label(value) -> str:
+    return "none" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
 
 
 def _changes_init(frame: pd.DataFrame) -> pd.Series:

@@ -21,6 +21,7 @@ from analysis.stats import THIN_DOF
 from analysis.study import StudyAnalysis
 
 LOSS_DECIMALS = 6
+MAX_LISTED_ARMS = 40  # a one-line note names at most this many interventions
 MAX_FIGURE_ARMS = 40  # beyond this, one line or row per arm is unreadable: those figures are left out, with a note
 
 
@@ -102,8 +103,11 @@ def thin_evidence_note(ranking: pd.DataFrame) -> str:
     if thin.empty:
         return ""
     listed = ", ".join(
-        f"{row.intervention} ({row.warning.removeprefix('thin evidence: ')})" for row in thin.itertuples()
+        f"{row.intervention} ({row.warning.removeprefix('thin evidence: ')})"
+        for row in thin.head(MAX_LISTED_ARMS).itertuples()
     )
+    if len(thin) > MAX_LISTED_ARMS:
+        listed += f" and {len(thin) - MAX_LISTED_ARMS} more (ranking.csv: thin_evidence)"
     return (
         f"(!) Thin evidence: {len(thin)} of {len(ranking)} verdicts rest on fewer than "
         f"{THIN_DOF} degrees of freedom: {listed}. Such a verdict can move with one more run; "

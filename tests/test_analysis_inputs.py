@@ -175,3 +175,17 @@ def test_arms_split_by_config_are_not_cells_of_the_factorial():
     assert {"a+c[optim.lr=0.0004]", "a+c[optim.lr=0.003]"} <= set(table["intervention"])
     fit = fit_factorial(table)
     assert fit.factors == ["a", "b"] and fit.n_runs == 12
+
+
+def test_a_csv_whose_file_name_is_not_a_tag_needs_a_study_name(tmp_path):
+    runs, path = small_study_csv(tmp_path, name="my results.csv")
+    with pytest.raises(AnalysisInputError, match="CSV file name 'my results' is not a study tag; name the study"):
+        load_csv_study(path)
+    assert load_csv_study(path, "mine").study == "mine"
+
+
+def test_config_hashes_are_kept_as_text():
+    from analysis.load import prepare_runs
+
+    runs = mixed_runs({"baseline": [({}, 3.3)]}).assign(config_hash=["12e45678", "0012", "ab12"])
+    assert prepare_runs(runs, "s", "test").runs["config_hash"].tolist() == ["12e45678", "0012", "ab12"]

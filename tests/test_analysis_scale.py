@@ -80,3 +80,13 @@ def test_per_arm_figures_are_left_out_beyond_the_cap_with_a_note(tmp_path):
     files = write_report(analysis, tmp_path)
     assert [path.name for path in files.figures] == ["noise.png"]
     assert f"{MAX_FIGURE_ARMS + 1} interventions: the training-loss and forest figures" in files.markdown.read_text()
+
+
+def test_the_thin_evidence_note_names_a_bounded_number_of_arms(many_arms):
+    from analysis.report import MAX_LISTED_ARMS, thin_evidence_note
+
+    ranking = compare_to_baseline(many_arms, estimate_noise(many_arms), n_resamples=100)
+    thin = ranking.assign(thin_evidence=True, warning="thin evidence: 2.0 dof < 3")
+    note = thin_evidence_note(thin)
+    assert "\n" not in note and note.count("(2.0 dof < 3)") == MAX_LISTED_ARMS
+    assert f"and {300 - MAX_LISTED_ARMS} more (ranking.csv: thin_evidence)" in note
