@@ -31,7 +31,8 @@ usage: python -m analysis study=NAME [key=value ...]
                     study's runs must be in one, e.g. harness/smoke)
   csv=PATH          analyse this CSV instead (columns intervention, seed,
                     train_seed, test_loss and init_fingerprint or changes_init;
-                    optional status, run_id, data_seed, study)
+                    optional status, run_id, data_seed, study, config_hash,
+                    cpu_threads and params.<key> config columns)
   history=PATH      CSV of training-loss histories for csv= input
                     (run_id, step, value[, metric])
   out=DIR           output directory (default: <project>/reports/<study>)
