@@ -238,9 +238,15 @@ def prepare_runs(
         raise AnalysisInputError(
             f"study {study!r} has no FINISHED runs with a finite test_loss ({len(excluded)} excluded)"
         )
-    analysed = analysed.assign(
-        intervention=arms_by_computation(analysed["intervention"], config.loc[analysed.index], study)
-    ).reset_index(drop=True)
+    tags = analysed["intervention"]
+    analysed = analysed.assign(intervention=arms_by_computation(tags, config.loc[analysed.index], study))
+    split = analysed.groupby(tags)["intervention"].unique()
+    notes = [
+        f"runs tagged {tag} computed {len(arms)} different configs, analysed as separate arms: {', '.join(sorted(arms))}"
+        for tag, arms in split.items()
+        if len(arms) > 1
+    ]
+    analysed = analysed.reset_index(drop=True)
     if not (analysed["intervention"] == BASELINE).any():
         found = ", ".join(sorted(analysed["intervention"].unique()))
         raise AnalysisInputError(
@@ -255,6 +261,7 @@ def prepare_runs(
         runs=analysed[list(RUN_COLUMNS)],
         excluded=excluded[list(EXCLUDED_COLUMNS)].reset_index(drop=True),
         histories=histories,
+        warnings=notes,
     )
 
 

@@ -129,6 +129,13 @@ def test_runs_under_one_tag_that_computed_different_configs_are_separate_arms(mi
 
     out = tmp_path / "report"
     assert main(["study=mix", f"tracking_uri={mixed_store}", f"out={out}", "resamples=100", "log=false"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("analysis: warning:")]
+    assert warnings == [
+        "analysis: warning: runs tagged baseline computed 2 different configs, analysed as separate arms: "
+        "baseline, baseline[optim.lr=0.003]",
+        "analysis: warning: runs tagged qkv_bias computed 2 different configs, analysed as separate arms: "
+        "qkv_bias[plugins.qkv_bias.enabled=true], qkv_bias[plugins.qkv_bias.enabled=unset]",
+    ]
     ranking = pd.read_csv(out / "ranking.csv").set_index("intervention")
     assert ranking["baseline_loss"].round(6).eq(10.90).all()
     assert ranking.loc["baseline[optim.lr=0.003]", "difference"] == pytest.approx(-2.35)
