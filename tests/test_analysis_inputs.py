@@ -23,9 +23,9 @@ def small_study_csv(tmp_path, name="runs.csv", **kwargs):
 def test_a_study_name_that_is_not_a_tag_is_refused_in_one_line(study, tmp_path, capsys):
     _, path = small_study_csv(tmp_path)
     assert main([f"csv={path}", f"study={study}"]) == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and f"study={study!r} is not a study tag" in error
-    assert not (tmp_path.parent / "x").exists() and not REPORTS.parent.joinpath("tmp").exists()
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and f"study={study!r} is not a study tag" in captured.err
+    assert captured.out == ""  # refused before anything was loaded or written
 
 
 def test_the_report_writer_refuses_a_folder_that_resolves_outside_the_reports_root(tmp_path):
@@ -196,3 +196,12 @@ def test_config_hashes_are_kept_as_text():
 
     runs = mixed_runs({"baseline": [({}, 3.3)]}).assign(config_hash=["12e45678", "0012", "ab12"])
     assert prepare_runs(runs, "s", "test").runs["config_hash"].tolist() == ["12e45678", "0012", "ab12"]
+
+
+def test_the_default_report_folder_of_a_dot_dot_study_is_refused(tmp_path, capsys):
+    runs, path = small_study_csv(tmp_path)
+    runs.assign(study="..").to_csv(path, index=False)
+    assert main([f"csv={path}", "study=..", "resamples=100"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"outside {REPORTS}" in error
+    assert not (REPORTS.parent / "report.md").exists()
