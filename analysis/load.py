@@ -1,7 +1,8 @@
 """Load the trial runs of a study from MLflow or from a CSV file into one normalised table (one row per run).
 
 Columns: ``run_id, intervention, seed, train_seed, data_seed, init_fingerprint, changes_init, status, test_loss,
-order``; runs not FINISHED or without a finite ``test_loss`` go to an ``excluded`` table with the reason. The
+order, config_hash, cpu_threads``; ``intervention`` names the arm (the tag, split where its runs computed different
+configs). Runs not FINISHED or without a finite ``test_loss`` go to an ``excluded`` table with the reason. The
 columns are described in docs/analysis.md.
 """
 
