@@ -5,7 +5,3 @@ checkpoint to checkpoint), compares every intervention with the baseline against
 and writes a ranking, a Markdown/HTML report, a CSV and figures. Entry points: ``python -m analysis study=<name>``,
 :func:`analysis.study.analyse` and :func:`analysis.report.write_report`.
 """
-
-from harness.paths import PROJECT_ROOT
-
-__all__ = ["PROJECT_ROOT"]

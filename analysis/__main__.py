@@ -10,10 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis.load import AnalysisInputError, load_csv_study, load_mlflow_study
+from analysis.load import AnalysisInputError, check_study_name, load_csv_study, load_mlflow_study
 from harness.arguments import split
 from harness.paths import PROJECT_ROOT, default_tracking_uri
 
+REPORTS = PROJECT_ROOT / "reports"
 USAGE = """\
 usage: python -m analysis study=NAME [key=value ...]
 
@@ -25,7 +26,8 @@ usage: python -m analysis study=NAME [key=value ...]
                     study's runs must be in one, e.g. harness/smoke)
   csv=PATH          analyse this CSV instead (columns intervention, seed,
                     train_seed, test_loss and init_fingerprint or changes_init;
-                    optional status, run_id, data_seed, study)
+                    optional status, run_id, data_seed, study, config_hash,
+                    cpu_threads and params.<key> config columns)
   history=PATH      CSV of training-loss histories for csv= input
                     (run_id, step, value[, metric])
   out=DIR           output directory (default: <project>/reports/<study>)
@@ -61,6 +63,8 @@ def parse_arguments(argv: list[str]) -> dict[str, str]:
     options = given.settings
     if "study" not in options and "csv" not in options:
         raise AnalysisInputError("study=NAME (or csv=FILE) is required (python -m analysis --help)")
+    if "study" in options:
+        check_study_name(options["study"])
     return options
 
 
@@ -100,9 +104,13 @@ def run(options: dict) -> int:
         study_runs = load_csv_study(options["csv"], options.get("study"), options.get("history"))
     else:
         study_runs = load_mlflow_study(options["study"], options.get("tracking_uri"), options.get("experiment"))
-    out = Path(options.get("out") or PROJECT_ROOT / "reports" / study_runs.study)
+    for warning in study_runs.warnings:
+        print(f"analysis: warning: {warning}", file=sys.stderr)
     analysis = analyse(study_runs, settings)
-    files = write_report(analysis, out)
+    if options.get("out"):
+        files = write_report(analysis, Path(options["out"]))
+    else:
+        files = write_report(analysis, REPORTS / study_runs.study, reports_root=REPORTS)
     print(f"study {study_runs.study}: {len(study_runs.runs)} runs analysed, {len(study_runs.excluded)} excluded")
     for row in study_runs.excluded.itertuples():
         print(f"  excluded {row.run_id} ({row.intervention}, seed {row.seed}): {row.reason}")

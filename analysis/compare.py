@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from analysis.load import BASELINE
-from analysis.noise import NoiseEstimate, choose_reference, noise_designs, noise_statistics
+from analysis.noise import NoiseEstimate, ReferenceChoice, noise_designs, noise_statistics, reference_choices
 from analysis.stats import (
     THIN_DOF,
     DifferenceTest,
@@ -28,9 +29,6 @@ from analysis.stats import (
     welch_test,
 )
 
-CELL_KEY = ["seed", "train_seed", "data_seed"]
-UNIT_KEY = ["seed", "data_seed"]
-LEVEL_KEY = ["train_seed", "data_seed"]
 RANKING_COLUMNS = [
     "rank",
     "intervention",
@@ -82,8 +80,8 @@ class ArmPlan:
     reference: str  # the noise the arm is judged against: train | init
     rule: str  # what decided the reference (see analysis.noise.REFERENCE_RULES)
     reason: str
-    treated: np.ndarray
-    control: np.ndarray
+    treated: sparse.csr_array
+    control: sparse.csr_array
     intervention_runs: str
     baseline_runs: str
     n_intervention_runs: int
@@ -103,14 +101,13 @@ class ArmPlan:
 
     def replicates(self, losses) -> tuple[np.ndarray, np.ndarray]:
         losses = np.asarray(losses, dtype=float)
-        return losses @ self.treated.T, losses @ self.control.T
+        flat = losses.reshape(-1, losses.shape[-1])
+        treated, control = (self.treated @ flat.T).T, (self.control @ flat.T).T
+        lead = losses.shape[:-1]
+        return treated.reshape(lead + treated.shape[-1:]), control.reshape(lead + control.shape[-1:])
 
 
-def _cells(runs: pd.DataFrame) -> pd.Series:
-    """Row positions of the runs in each (seed, train_seed, data_seed) cell, in run order."""
-    positions = runs.groupby(CELL_KEY, sort=False).groups
-    index = pd.MultiIndex.from_tuples(list(positions), names=CELL_KEY)
-    return pd.Series([list(rows) for rows in positions.values()], index=index, dtype=object)
+Cells = dict[tuple, list[int]]  # (seed, train_seed, data_seed) -> row positions of its runs, in run order
 
 
 def _label(cell: tuple, n_runs: int) -> str:
@@ -119,55 +116,64 @@ def _label(cell: tuple, n_runs: int) -> str:
     return f"s{seed}/{train_seed}{data}" + (f" x{n_runs}" if n_runs > 1 else "")
 
 
-def _listing(cells: pd.Series) -> tuple[str, int]:
-    n_runs = int(sum(len(positions) for positions in cells))
+def _listing(cells: Cells) -> tuple[str, int]:
+    n_runs = int(sum(len(positions) for positions in cells.values()))
     labels = ", ".join(_label(cell, len(positions)) for cell, positions in cells.items())
     return f"{n_runs} run{'s' if n_runs != 1 else ''}: {labels}", n_runs
 
 
-def _mean_weights(replicates: list[pd.Series], n_runs: int) -> np.ndarray:
-    """One row per replicate (a group of cells): the mean over its cells of the cell means."""
-    weights = np.zeros((len(replicates), n_runs))
+def _mean_weights(replicates: list[Cells], n_runs: int) -> sparse.csr_array:
+    """One row per replicate (a group of cells): the mean over its cells of the cell means (sparse)."""
+    rows, columns, values = [], [], []
     for row, cells in enumerate(replicates):
-        for positions in cells:
-            weights[row, positions] += 1.0 / (len(cells) * len(positions))
-    return weights
+        for positions in cells.values():
+            rows += [row] * len(positions)
+            columns += positions
+            values += [1.0 / (len(cells) * len(positions))] * len(positions)
+    return sparse.csr_array((values, (rows, columns)), shape=(len(replicates), n_runs))
 
 
-def _by_unit(cells: pd.Series) -> dict[tuple, pd.Series]:
-    """The cells of each (seed, data_seed) unit."""
-    return {unit: group for unit, group in cells.groupby(level=UNIT_KEY, sort=False)}
+def _by_unit(cells: Cells) -> dict[tuple, Cells]:
+    """The cells of each (seed, data_seed) unit, units in order of appearance."""
+    units: dict[tuple, Cells] = {}
+    for cell, positions in cells.items():
+        units.setdefault((cell[0], cell[2]), {})[cell] = positions
+    return units
 
 
-def _each_cell(cells: pd.Series) -> list[pd.Series]:
-    return [cells.iloc[[i]] for i in range(len(cells))]
+def _joined(parts) -> Cells:
+    return {cell: positions for part in parts for cell, positions in part.items()}
 
 
-def plan_arm(name: str, arm: pd.DataFrame, baseline: pd.DataFrame, n_runs: int, measurable: set[str]) -> ArmPlan:
+def _seed_count(cells: Cells) -> int:
+    return len({cell[0] for cell in cells})
+
+
+def plan_arm(
+    name: str, choice: ReferenceChoice, arm_cells: Cells, base_cells: Cells, n_runs: int, measurable
+) -> ArmPlan:
     """Choose the design and the runs of one comparison (docs/analysis.md)."""
-    choice = choose_reference(name, arm, baseline)
     reference, reason = choice.reference, choice.reason
-    arm_cells, base_cells = _cells(arm), _cells(baseline)
     arm_units, base_units = _by_unit(arm_cells), _by_unit(base_cells)
     pairs = {}  # unit -> (arm cells, baseline cells) that pair at that unit
     for unit in (u for u in arm_units if u in base_units):
-        shared = arm_units[unit].index.intersection(base_units[unit].index)
-        if len(shared):
-            pairs[unit] = (arm_cells[shared], base_cells[shared])
+        shared = [cell for cell in arm_units[unit] if cell in base_units[unit]]
+        if shared:
+            pairs[unit] = ({c: arm_cells[c] for c in shared}, {c: base_cells[c] for c in shared})
         elif reference == "train":  # same initial weights: the seed pairs without a shared cell
             pairs[unit] = (arm_units[unit], base_units[unit])
     if len(pairs) >= 2:
         design = "paired"
         treated = _mean_weights([a for a, _ in pairs.values()], n_runs)
         control = _mean_weights([b for _, b in pairs.values()], n_runs)
-        used_arm = pd.concat([a for a, _ in pairs.values()])
-        used_base = pd.concat([b for _, b in pairs.values()])
+        used_arm = _joined(a for a, _ in pairs.values())
+        used_base = _joined(b for _, b in pairs.values())
     elif reference == "train" and pairs:
         design = "prediction"
         (unit,) = pairs
         used_arm, used_base = arm_units[unit], base_units[unit]
-        treated = _mean_weights(_each_cell(used_arm), n_runs)
-        control = _mean_weights(_each_cell(used_base), n_runs)
+        treated = _mean_weights([{c: p} for c, p in used_arm.items()], n_runs)
+        control = _mean_weights([{c: p} for c, p in used_base.items()], n_runs)
         if len(arm_units) > 1:
             reason += "; its runs at init seeds the baseline did not run are left out"
         if "train" not in measurable:
@@ -188,9 +194,9 @@ def plan_arm(name: str, arm: pd.DataFrame, baseline: pd.DataFrame, n_runs: int, 
         if reference == "train":
             reason += "; no baseline run at its init seed, so init-seed noise applies"
         reference = "init"
-        levels = arm_cells.index.droplevel("seed").unique()
-        matching = base_cells[base_cells.index.droplevel("seed").isin(levels)]
-        if matching.empty:
+        levels = {cell[1:] for cell in arm_cells}
+        matching = {cell: positions for cell, positions in base_cells.items() if cell[1:] in levels}
+        if not matching:
             matching = base_cells
             reason += "; no baseline run at its train seed, baseline seeds averaged over all"
         treated = _mean_weights(list(arm_units.values()), n_runs)
@@ -212,20 +218,25 @@ def plan_arm(name: str, arm: pd.DataFrame, baseline: pd.DataFrame, n_runs: int, 
         base_text,
         n_arm,
         n_base,
-        used_arm.index.get_level_values("seed").nunique(),
-        used_base.index.get_level_values("seed").nunique(),
+        _seed_count(used_arm),
+        _seed_count(used_base),
     )
 
 
 def plan_comparisons(runs: pd.DataFrame, measurable: set[str]) -> list[ArmPlan]:
-    """One plan per intervention; ``runs`` must have a RangeIndex.
+    """One plan per intervention, in name order; ``runs`` must have a RangeIndex.
 
     ``measurable``: the noise kinds (``train``, ``init``) the study estimates.
     """
-    baseline = runs[runs["intervention"] == BASELINE]
+    cells: dict[str, Cells] = {}
+    keys = zip(runs["seed"].tolist(), runs["train_seed"].tolist(), runs["data_seed"].tolist(), strict=True)
+    for position, (name, cell) in enumerate(zip(runs["intervention"].tolist(), keys, strict=True)):
+        cells.setdefault(name, {}).setdefault(cell, []).append(position)
+    choices = reference_choices(runs)
     return [
-        plan_arm(name, arm, baseline, len(runs), measurable)
-        for name, arm in runs[runs["intervention"] != BASELINE].groupby("intervention")
+        plan_arm(name, choices[name], cells[name], cells[BASELINE], len(runs), measurable)
+        for name in sorted(cells)
+        if name != BASELINE
     ]
 
 
@@ -319,18 +330,35 @@ def compare_to_baseline(
     n_resamples: int = 9999,
     random_seed: int = 0,
 ) -> pd.DataFrame:
-    """The ranking table: one row per intervention, sorted by difference."""
+    """The ranking table: one row per intervention, sorted by difference.
+
+    Bootstrap intervals, P(better) and seeds needed are computed for all arms at once (linear in the arms).
+    """
     runs = runs.reset_index(drop=True)
     plans = plan_comparisons(runs, measurable_kinds(noise))
     if not plans:
         return pd.DataFrame(columns=RANKING_COLUMNS)
     losses = runs["test_loss"].to_numpy(dtype=float)
     decisions = decide(plans, losses, noise_arrays(noise), alpha, min_effect)
+    replicates = [plan.replicates(losses) for plan in plans]
+    boot_low, boot_high = _bootstrap_intervals(plans, replicates, alpha, n_resamples, random_seed)
+    tested = np.array([plan.design != "none" for plan in plans])
+    stacked = DifferenceTest(
+        *(
+            np.array([float(getattr(test, field)) for test in decisions.tests])
+            for field in ("difference", "ci_low", "ci_high", "p_value", "statistic", "dof", "standardiser")
+        )
+    )
+    p_better = np.where(tested, probability_better(stacked, alpha), np.nan)
     rows = [
-        _row(plan, test, losses, noise, alpha, n_resamples, random_seed)
-        for plan, test in zip(plans, decisions.tests, strict=True)
+        _row(plan, test, treated, control, noise)
+        for plan, test, (treated, control) in zip(plans, decisions.tests, replicates, strict=True)
     ]
     table = pd.DataFrame(rows)
+    table["boot_low"], table["boot_high"] = boot_low, boot_high
+    table["p_better"], table["p_better_low"], table["p_better_high"] = p_better
+    paired_follow_up = [plan.design == "paired" or plan.reference == "train" for plan in plans]
+    table["seeds_needed"] = seeds_needed(table["difference"], table["noise_sd"], paired_follow_up, alpha)
     table["p_holm"] = decisions.p_holm
     table["verdict"] = decisions.verdict
     table["thin_evidence"] = decisions.thin_evidence
@@ -342,20 +370,34 @@ def compare_to_baseline(
     return table.reset_index(drop=True)[RANKING_COLUMNS]
 
 
+BOOTSTRAP_CHUNK = 64  # arms per scipy bootstrap call: bounds memory at 64 x resamples x seeds
+
+
+def _bootstrap_intervals(plans, replicates, alpha, n_resamples, random_seed) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-bootstrap CIs of the paired and Welch arms, arms of one shape in one call (each call draws the
+    resamples from the same seed, so an arm's interval does not depend on the others); NaN for the rest."""
+    low, high = np.full(len(plans), np.nan), np.full(len(plans), np.nan)
+    batches: dict[tuple, list[int]] = {}
+    for i, (plan, (treated, control)) in enumerate(zip(plans, replicates, strict=True)):
+        if plan.design in ("paired", "welch"):
+            batches.setdefault((plan.design, treated.shape[-1], control.shape[-1]), []).append(i)
+    for (design, _, _), members in batches.items():
+        for start in range(0, len(members), BOOTSTRAP_CHUNK):
+            chunk = members[start : start + BOOTSTRAP_CHUNK]
+            treated = np.stack([replicates[i][0] for i in chunk])
+            control = np.stack([replicates[i][1] for i in chunk])
+            samples = (treated - control,) if design == "paired" else (treated, control)
+            low[chunk], high[chunk] = bootstrap_interval(samples, alpha, n_resamples, random_seed)
+    return low, high
+
+
 def _warning(dof: float) -> str:
     if not np.isfinite(dof):
         return "no test"
     return f"thin evidence: {dof:.1f} dof < {THIN_DOF}"
 
 
-def _row(plan: ArmPlan, test: DifferenceTest, losses, noise, alpha, n_resamples, random_seed) -> dict:
-    treated, control = plan.replicates(losses)
-    if plan.design == "paired":
-        boot = bootstrap_interval((treated - control,), alpha, n_resamples, random_seed)
-    elif plan.design == "welch":
-        boot = bootstrap_interval((treated, control), alpha, n_resamples, random_seed)
-    else:
-        boot = (np.nan, np.nan)
+def _row(plan: ArmPlan, test: DifferenceTest, treated, control, noise) -> dict:
     reference, reason = plan.reference, plan.reason
     if not np.isfinite(noise[reference].sd):  # for the effect size only: no test uses it
         other = "init" if reference == "train" else "train"
@@ -364,8 +406,6 @@ def _row(plan: ArmPlan, test: DifferenceTest, losses, noise, alpha, n_resamples,
             reference = other
     noise_sd = noise[reference].sd
     difference = treated.mean() - control.mean()
-    p_better = probability_better(test, alpha) if plan.design != "none" else (np.nan,) * 3
-    paired_follow_up = plan.design == "paired" or plan.reference == "train"
     return {
         "intervention": plan.intervention,
         "baseline_loss": control.mean(),
@@ -373,18 +413,12 @@ def _row(plan: ArmPlan, test: DifferenceTest, losses, noise, alpha, n_resamples,
         "difference": difference,
         "ci_low": float(test.ci_low),
         "ci_high": float(test.ci_high),
-        "boot_low": float(boot[0]),
-        "boot_high": float(boot[1]),
         "p_value": float(test.p_value),
         "dof": float(test.dof),
         "method": plan.method,
-        "p_better": float(p_better[0]),
-        "p_better_low": float(p_better[1]),
-        "p_better_high": float(p_better[2]),
         "noise_reference": reference,
         "noise_sd": noise_sd,
         "effect_in_sd": difference / noise_sd,
-        "seeds_needed": seeds_needed(difference, noise_sd, paired_follow_up, alpha),
         "design": plan.design,
         "n_intervention_seeds": plan.n_intervention_seeds,
         "n_baseline_seeds": plan.n_baseline_seeds,

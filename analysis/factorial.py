@@ -31,7 +31,11 @@ def factorial_factors(interventions) -> list[str]:
 
 
 def fit_factorial(runs: pd.DataFrame, alpha: float = 0.05) -> FactorialResult | None:
-    """Fit the factorial model; None when the study has no combined arms."""
+    """Fit the factorial model; None when the study has no combined arms.
+
+    Arms split by their config (``tag[key=value]``, see :mod:`analysis.load`) are not cells of the factorial.
+    """
+    runs = runs[~runs["intervention"].str.contains("[", regex=False)]
     factors = factorial_factors(runs["intervention"].unique())
     if not factors:
         return None

@@ -1,7 +1,8 @@
 """Load the trial runs of a study from MLflow or from a CSV file into one normalised table (one row per run).
 
 Columns: ``run_id, intervention, seed, train_seed, data_seed, init_fingerprint, changes_init, status, test_loss,
-order``; runs not FINISHED or without a finite ``test_loss`` go to an ``excluded`` table with the reason. The
+order, config_hash, cpu_threads``; ``intervention`` names the arm (the tag, split where its runs computed different
+configs). Runs not FINISHED or without a finite ``test_loss`` go to an ``excluded`` table with the reason. The
 columns are described in docs/analysis.md.
 """
 
@@ -10,12 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from harness.config.compose import BOOKKEEPING_KEYS
+from harness.config.schema import STUDY_TAG
 from harness.paths import default_tracking_uri
 from interventions import BASELINE
 
@@ -33,9 +36,14 @@ RUN_COLUMNS = (
     "status",
     "test_loss",
     "order",
+    "config_hash",
+    "cpu_threads",
 )
 EXCLUDED_COLUMNS = ("run_id", "intervention", "seed", "train_seed", "status", "reason")
 HISTORY_COLUMNS = ("run_id", "metric", "step", "value")
+PARAM_PREFIX = "params."  # a run's flattened resolved config, one column per key
+SEED_KEYS = ("seed", "train_seed", "data.seed", "interventions")  # the seeds, and the tag itself
+UNSET = "unset"
 
 
 class AnalysisInputError(ValueError):
@@ -53,6 +61,14 @@ class StudyRuns:
     histories: pd.DataFrame
     tracking_uri: str | None = None
     experiment_id: str | None = None
+    warnings: list[str] = field(default_factory=list)  # one line each, shown by the CLI and in the report
+
+
+def check_study_name(study: str) -> str:
+    """A study name is a tag (it names the report's folder): letters, digits, '_', '.' or '-'."""
+    if not STUDY_TAG.fullmatch(study):
+        raise AnalysisInputError(f"study={study!r} is not a study tag; allowed: letters, digits, '_', '.' or '-'")
+    return study
 
 
 @contextmanager
@@ -99,8 +115,7 @@ def load_mlflow_study(
     of one experiment and one scale (the harness keeps one experiment per
     scale): a study tag found in several is refused, naming them.
     """
-    if "'" in study:
-        raise AnalysisInputError(f"study names cannot contain quotes: {study!r}")
+    check_study_name(study)
     tracking_uri = tracking_uri or default_tracking_uri()
     _require_existing_sqlite_store(tracking_uri)
     with mlflow_store(tracking_uri) as mlflow:
@@ -144,14 +159,43 @@ def load_csv_study(path: str | Path, study: str | None = None, history_path: str
     if not path.is_file():
         raise AnalysisInputError(f"CSV file not found: {path}")
     frame = pd.read_csv(path)
-    study = study or path.stem
+    if study is None and not STUDY_TAG.fullmatch(path.stem):
+        raise AnalysisInputError(f"CSV file name {path.stem!r} is not a study tag; name the study: study=NAME")
+    study = check_study_name(study or path.stem)
     if "study" in frame:
         studies = sorted(frame["study"].dropna().astype(str).unique())
         if study not in studies:
             raise AnalysisInputError(f"unknown study {study!r} in {path}; studies found: {', '.join(studies)}")
         frame = frame[frame["study"].astype(str) == study]
+    frame, duplicates = _without_duplicate_rows(frame, path)
     histories = _read_history_csv(history_path) if history_path else None
-    return prepare_runs(frame, study, source=str(path), histories=histories)
+    study_runs = prepare_runs(frame, study, source=str(path), histories=histories)
+    study_runs.warnings += duplicates
+    return study_runs
+
+
+def _without_duplicate_rows(frame: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run: repeated rows are dropped with a warning (a repeated run_id must repeat its whole row)."""
+    if "run_id" in frame:
+        repeated = frame[frame.duplicated("run_id", keep=False)]
+        conflicting = repeated.drop_duplicates().duplicated("run_id", keep=False)
+        if conflicting.any():
+            run_id = repeated.drop_duplicates()[conflicting]["run_id"].iloc[0]
+            raise AnalysisInputError(
+                f"run_id {run_id!r} is on several rows of {path} with different values; one row per run is allowed"
+            )
+        duplicated = frame.duplicated("run_id")
+        how = "rows repeating a run_id"
+    else:
+        duplicated = frame.duplicated()
+        how = (
+            "rows identical to an earlier row (without a run_id column a copied row cannot be told from an exact "
+            "repeat; add run_id to keep exact repeats)"
+        )
+    if not duplicated.any():
+        return frame, []
+    kept = frame[~duplicated]
+    return kept, [f"{path}: dropped {int(duplicated.sum())} {how}; {len(kept)} runs remain"]
 
 
 def prepare_runs(
@@ -175,18 +219,31 @@ def prepare_runs(
             "status": _column_or(frame, "status", "FINISHED").astype(str).str.upper(),
             "test_loss": pd.to_numeric(frame["test_loss"], errors="coerce").astype(float),
             "order": pd.to_numeric(_column_or(frame, "order", np.arange(len(frame)))),
+            "config_hash": _column_or(frame, "config_hash", "none").map(_text_label),
+            "cpu_threads": _column_or(frame, "cpu_threads", "none").map(_seed_label),
         }
     )
-    runs = runs.sort_values("order", kind="stable").reset_index(drop=True)
+    runs = runs.sort_values("order", kind="stable")
+    config = computation_config(frame).loc[runs.index].reset_index(drop=True)
+    runs = runs.reset_index(drop=True)
     reason = pd.Series("", index=runs.index)
     reason[~np.isfinite(runs["test_loss"])] = "no finite test_loss"
     reason[runs["status"] != "FINISHED"] = "status " + runs["status"]
     excluded = runs[reason != ""].assign(reason=reason[reason != ""])
-    analysed = runs[reason == ""].reset_index(drop=True)
+    analysed = runs[reason == ""]
     if analysed.empty:
         raise AnalysisInputError(
             f"study {study!r} has no FINISHED runs with a finite test_loss ({len(excluded)} excluded)"
         )
+    tags = analysed["intervention"]
+    analysed = analysed.assign(intervention=arms_by_computation(tags, config.loc[analysed.index], study))
+    split = analysed.groupby(tags)["intervention"].unique()
+    notes = [
+        f"runs tagged {tag} computed {len(arms)} different configs, analysed as separate arms: {', '.join(sorted(arms))}"
+        for tag, arms in split.items()
+        if len(arms) > 1
+    ]
+    analysed = analysed.reset_index(drop=True)
     if not (analysed["intervention"] == BASELINE).any():
         found = ", ".join(sorted(analysed["intervention"].unique()))
         raise AnalysisInputError(
@@ -201,7 +258,62 @@ def prepare_runs(
         runs=analysed[list(RUN_COLUMNS)],
         excluded=excluded[list(EXCLUDED_COLUMNS)].reset_index(drop=True),
         histories=histories,
+        warnings=notes,
     )
+
+
+def computation_config(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ``params.*`` columns that say what a run computed: its seeds and the bookkeeping keys left out."""
+
+    def computed(key: str) -> bool:
+        return key not in SEED_KEYS and not any(key == b or key.startswith(f"{b}.") for b in BOOKKEEPING_KEYS)
+
+    keys = [c for c in frame.columns if str(c).startswith(PARAM_PREFIX) and computed(c[len(PARAM_PREFIX) :])]
+    config = frame[sorted(keys)].astype(object)
+    config = config.where(config.notna(), UNSET).astype(str)
+    return config.rename(columns=lambda c: c[len(PARAM_PREFIX) :])
+
+
+def arms_by_computation(tags: pd.Series, config: pd.DataFrame, study: str) -> pd.Series:
+    """Each run's arm: its intervention tag, or ``tag[key=value,...]`` where runs under one tag computed different
+    configs (named by the keys that differ under the tag). Of baseline variants, the one whose values the other
+    arms' runs share is ``baseline``; with none or several such, the study is refused (docs/analysis.md)."""
+    if config.empty:
+        return tags
+    computation = pd.Series(pd.util.hash_pandas_object(config, index=False).to_numpy(), index=tags.index)
+    split = computation.groupby(tags).nunique()
+    arms = tags.copy()
+    for tag in split.index[split > 1]:
+        rows = tags.index[tags == tag]
+        differing = [key for key in config.columns if config.loc[rows, key].nunique() > 1]
+        arms.loc[rows] = tag + "[" + _assignments(config.loc[rows, differing]) + "]"
+        if tag == BASELINE:
+            arms.loc[rows] = _name_the_baseline(arms.loc[rows], config.loc[tags != tag, differing], study)
+    return arms
+
+
+def _assignments(config: pd.DataFrame) -> pd.Series:
+    return pd.Series(
+        [",".join(f"{key}={value}" for key, value in zip(config.columns, row, strict=True)) for row in config.values],
+        index=config.index,
+    )
+
+
+def _name_the_baseline(variants: pd.Series, others: pd.DataFrame, study: str) -> pd.Series:
+    """The baseline variant the other arms' runs were computed with keeps the name ``baseline``."""
+    prefix = f"{BASELINE}["
+    shared = _assignments(others).map(lambda text: f"{prefix}{text}]")
+    matched = sorted(set(shared) & set(variants))
+    if len(matched) != 1:
+        counts = variants.value_counts().sort_index()
+        listing = "; ".join(f"{name.removeprefix(prefix)[:-1]}: {n} runs" for name, n in counts.items())
+        which = "none" if not matched else f"{len(matched)}"
+        raise AnalysisInputError(
+            f"study {study!r}: the runs tagged {BASELINE} computed {len(counts)} different configs ({listing}) and "
+            f"the other arms' runs match {which} of them, so none is the baseline; give each config its own study "
+            "tag, or run the others as interventions"
+        )
+    return variants.where(variants != matched[0], BASELINE)
 
 
 def _check_columns(frame: pd.DataFrame) -> None:
@@ -241,6 +353,10 @@ def _seed_label(value) -> str:
         return str(int(float(text)))
     except ValueError:
         return text
+
+
+def _text_label(value) -> str:
+    return "none" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
 
 
 def _changes_init(frame: pd.DataFrame) -> pd.Series:
@@ -315,6 +431,11 @@ def _frame_from_mlflow(found: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise AnalysisInputError(f"missing columns: {', '.join(missing)} (MLflow run tags)")
     frame = pd.DataFrame({column: found[tag] for column, tag in tag_columns.items() if tag in found})
+    for column in ("config_hash", "cpu_threads"):
+        if f"tags.{column}" in found:
+            frame[column] = found[f"tags.{column}"]
+    params = [c for c in found.columns if c.startswith(PARAM_PREFIX)]
+    frame = pd.concat([frame, found[params]], axis=1)
     frame["run_id"] = found["run_id"]
     frame["status"] = found["status"]
     frame["test_loss"] = found["metrics.test_loss"] if "metrics.test_loss" in found else np.nan

@@ -12,17 +12,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-import statsmodels.api as sm
 import statsmodels.formula.api as smf
-from scipy import stats
+from scipy import sparse, stats
 
 from analysis.load import BASELINE
 
 CELL = ["intervention", "seed", "train_seed", "data_seed"]
+# Exact repeats: one computation (config_hash) with the same seeds on the same thread count (it changes the bits).
+REPEAT_KEY = CELL + ["config_hash", "cpu_threads"]
 NOISE_GROUPS = {
     "init": ["intervention", "train_seed", "data_seed"],
     "train": ["intervention", "seed", "data_seed"],
-    "repeat": CELL,
+    "repeat": REPEAT_KEY,
 }
 NOISE_DESCRIPTIONS = {
     "init": "across init seeds (train seed fixed; pooled over train-seed levels)",
@@ -98,51 +99,65 @@ def declared_noise_reference(intervention: str) -> str | None:
     return None
 
 
-def keeps_baseline_init(arm: pd.DataFrame, baseline: pd.DataFrame) -> tuple[bool, str, str]:
+def _keeps_baseline_init(prints: list, flags: list, seeds: list, baseline_prints: dict) -> tuple[bool, str, str]:
     """Whether an arm starts from the baseline's initial weights: (answer, rule, reason).
 
-    Compares ``init_fingerprint`` seed by seed; without comparable
-    fingerprints uses the ``changes_init`` flag; failing both, assumes the
-    initialisation changed.
+    Compares ``init_fingerprint`` seed by seed; without comparable fingerprints uses the ``changes_init`` flag;
+    failing both, assumes the initialisation changed.
     """
-    baseline_prints = (
-        baseline.dropna(subset=["init_fingerprint"]).drop_duplicates("seed").set_index("seed")["init_fingerprint"]
-    )
-    fingerprinted = arm.dropna(subset=["init_fingerprint"])
-    expected = fingerprinted["seed"].map(baseline_prints)
-    compared = expected.notna()
-    if compared.any():
-        if (fingerprinted["init_fingerprint"][compared] == expected[compared]).all():
+    compared = [
+        (p, baseline_prints[s]) for p, s in zip(prints, seeds, strict=True) if p is not None and s in baseline_prints
+    ]
+    if compared:
+        if all(mine == theirs for mine, theirs in compared):
             return True, "init_fingerprint", "same init_fingerprint as baseline"
         return False, "init_fingerprint", "init_fingerprint differs from baseline"
-    flags = arm["changes_init"].dropna()
-    if len(flags):
-        changes = bool(flags.astype(bool).any())
+    flags = [flag for flag in flags if flag is not None]
+    if flags:
+        changes = any(flags)
         return not changes, "changes_init", f"changes_init={str(changes).lower()}"
     return (False, "assumed", "init fingerprints not comparable (no shared seeds); init noise assumed")
 
 
-def choose_reference(intervention: str, arm: pd.DataFrame, baseline: pd.DataFrame) -> ReferenceChoice:
-    """Train-seed noise for arms that keep the baseline's initial weights, else init.
+def reference_choices(runs: pd.DataFrame) -> dict[str, ReferenceChoice]:
+    """Each arm's noise reference: train-seed noise for arms that keep the baseline's initial weights, else init.
 
-    A reference declared in the intervention registry overrides the
-    evidence of the runs (fingerprints, then the ``changes_init`` flag).
+    A reference declared in the intervention registry overrides the evidence of the runs (fingerprints, then the
+    ``changes_init`` flag). One pass over the runs, so linear in the number of arms.
     """
-    declared = declared_noise_reference(intervention)
-    keeps, rule, reason = keeps_baseline_init(arm, baseline)
-    if declared:
-        return ReferenceChoice(declared, "registry", f"{declared}-seed noise declared in the registry ({reason})")
-    return ReferenceChoice("train" if keeps else "init", rule, reason)
+    prints = [None if pd.isna(p) else p for p in runs["init_fingerprint"].tolist()]
+    flags = [None if pd.isna(f) else bool(f) for f in runs["changes_init"].tolist()]
+    seeds, names = runs["seed"].tolist(), runs["intervention"].tolist()
+    rows: dict[str, list[int]] = {}
+    for position, name in enumerate(names):
+        rows.setdefault(name, []).append(position)
+    baseline_prints: dict = {}
+    for position in rows.get(BASELINE, []):
+        if prints[position] is not None:
+            baseline_prints.setdefault(seeds[position], prints[position])
+    choices = {}
+    for name, positions in rows.items():
+        keeps, rule, reason = _keeps_baseline_init(
+            [prints[i] for i in positions],
+            [flags[i] for i in positions],
+            [seeds[i] for i in positions],
+            baseline_prints,
+        )
+        declared = declared_noise_reference(name)
+        if declared:
+            choices[name] = ReferenceChoice(
+                declared, "registry", f"{declared}-seed noise declared in the registry ({reason})"
+            )
+        else:
+            choices[name] = ReferenceChoice("train" if keeps else "init", rule, reason)
+    return choices
 
 
 def arms_reusing_baseline_init(runs: pd.DataFrame) -> list[str]:
     """Arms judged to share the baseline's initial weights at each seed."""
-    baseline = runs[runs["intervention"] == BASELINE]
-    return [
-        name
-        for name, arm in runs.groupby("intervention")
-        if name != BASELINE and choose_reference(name, arm, baseline).reference == "train"
-    ]
+    return sorted(
+        name for name, choice in reference_choices(runs).items() if name != BASELINE and choice.reference == "train"
+    )
 
 
 def init_identity(runs: pd.DataFrame) -> pd.Series:
@@ -164,9 +179,10 @@ def noise_groups(runs: pd.DataFrame, kind: str) -> pd.DataFrame:
     about noise).  The rows keep the index of ``runs``.
     """
     source = runs if kind == "repeat" else single_run_cells(runs)
-    sizes = source.groupby(NOISE_GROUPS[kind], sort=False)["test_loss"].transform("size")
+    key = [column for column in NOISE_GROUPS[kind] if column in runs]
+    sizes = source.groupby(key, sort=False)["test_loss"].transform("size")
     kept = source[sizes >= 2]
-    return kept.assign(group=kept.groupby(NOISE_GROUPS[kind], sort=False).ngroup())
+    return kept.assign(group=kept.groupby(key, sort=False).ngroup())
 
 
 @dataclass(frozen=True)
@@ -175,7 +191,7 @@ class NoiseDesign:
 
     kind: str
     positions: np.ndarray  # rows of the run table used
-    centring: np.ndarray  # (n, n): losses[..., positions] @ centring = deviations from group means
+    groups: np.ndarray  # the group (0, 1, ...) of each of those rows
     n_groups: int
     dof: float  # effective degrees of freedom (docs/noise.md)
 
@@ -183,24 +199,42 @@ class NoiseDesign:
     def nominal_dof(self) -> int:
         return len(self.positions) - self.n_groups
 
+    def deviations(self, losses: np.ndarray) -> np.ndarray:
+        """``losses[..., positions]`` minus their group means (sparse sums: linear in the number of runs)."""
+        used = losses[..., self.positions]
+        flat = used.reshape(-1, len(self.positions))
+        membership = _membership(self.groups, self.n_groups)
+        means = (membership.T @ flat.T).T / np.bincount(self.groups, minlength=self.n_groups)
+        return (flat - means[:, self.groups]).reshape(used.shape)
+
+
+def _membership(labels: np.ndarray, n_labels: int) -> sparse.csr_array:
+    """The (rows x labels) indicator matrix of ``labels``."""
+    rows = np.arange(len(labels))
+    return sparse.csr_array((np.ones(len(labels)), (rows, labels)), shape=(len(labels), n_labels))
+
 
 def noise_design(runs: pd.DataFrame, kind: str) -> NoiseDesign:
     """The design of one noise kind; ``runs`` must have a RangeIndex."""
     grouped = noise_groups(runs, kind)
-    membership = pd.get_dummies(grouped["group"]).to_numpy(dtype=float)
-    centring = np.eye(len(grouped)) - membership @ (membership / membership.sum(axis=0)).T
-    dof = float(len(grouped) - membership.shape[1])
+    groups = grouped["group"].to_numpy(dtype=np.int64)
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    dof = float(len(grouped) - n_groups)
     if kind == "init" and dof > 0:
-        draws = init_identity(runs).loc[grouped.index].to_numpy()
-        shared = (draws[:, None] == draws[None, :]).astype(float)
-        dof = satterthwaite_dof(centring, shared)
-    return NoiseDesign(kind, grouped.index.to_numpy(), centring, membership.shape[1], dof)
+        draws = pd.factorize(init_identity(runs).loc[grouped.index])[0]
+        dof = satterthwaite_dof(groups, n_groups, draws)
+    return NoiseDesign(kind, grouped.index.to_numpy(), groups, n_groups, dof)
 
 
-def satterthwaite_dof(centring: np.ndarray, covariance: np.ndarray) -> float:
-    """Effective dof of the quadratic form ``y' M y`` when ``cov(y)`` is proportional to ``S``."""
-    product = centring @ covariance
-    return round(float(np.trace(product) ** 2 / np.trace(product @ product)), 9)
+def satterthwaite_dof(groups: np.ndarray, n_groups: int, draws: np.ndarray) -> float:
+    """Effective dof of the pooled within-group sum of squares ``y' M y`` when runs of one init draw share its
+    effect (``cov(y)`` proportional to ``S = D D'``, ``D`` the draw indicators): ``tr(MS)^2 / tr(MSMS)``, from
+    the draws x draws matrix ``A = D' M D`` (``tr(MS) = tr(A)``, ``tr(MSMS) = sum(A^2)``), so sparse throughout."""
+    group_of, draw_of = _membership(groups, n_groups), _membership(draws, int(draws.max()) + 1)
+    sizes = np.bincount(groups, minlength=n_groups)
+    per_group = group_of.T @ draw_of  # groups x draws: runs of each draw in each group
+    within = (draw_of.T @ draw_of) - per_group.T @ sparse.diags_array(1.0 / sizes) @ per_group
+    return round(float(within.trace() ** 2 / within.multiply(within).sum()), 9)
 
 
 def noise_designs(runs: pd.DataFrame) -> dict[str, NoiseDesign]:
@@ -213,8 +247,7 @@ def pooled_variance(design: NoiseDesign, losses) -> np.ndarray:
     losses = np.asarray(losses, dtype=float)
     if design.nominal_dof == 0:
         return np.full(losses.shape[:-1], np.nan)
-    deviations = losses[..., design.positions] @ design.centring
-    return np.square(deviations).sum(axis=-1) / design.nominal_dof
+    return np.square(design.deviations(losses)).sum(axis=-1) / design.nominal_dof
 
 
 def noise_statistics(designs: dict[str, NoiseDesign], losses) -> dict[str, tuple]:
@@ -241,39 +274,38 @@ def estimate_noise(runs: pd.DataFrame, alpha: float = 0.05) -> dict[str, NoiseEs
     return estimates
 
 
-def _cell_label(row) -> str:
-    data = "" if row.data_seed == "none" else f"/d{row.data_seed}"
-    return f"s{row.seed}/{row.train_seed}{data}"
-
-
 def noise_levels(runs: pd.DataFrame) -> pd.DataFrame:
     """Each group behind the pooled init and train SDs, to check by hand.
 
     ``sd`` has ddof=1 (what is pooled); ``population_sd`` has ddof=0, the
     seeds' hand calculation: ``sd = population_sd * sqrt(n / (n - 1))``.
     """
-    rows = []
+    frames = []
     for kind in ("init", "train"):
         grouped = noise_groups(runs, kind)
-        for _, group in grouped.groupby("group"):
-            first = group.iloc[0]
-            level = f"train_seed {first.train_seed}" if kind == "init" else f"seed {first.seed}"
-            if first.data_seed != "none":
-                level += f", data_seed {first.data_seed}"
-            loss = group["test_loss"]
-            rows.append(
+        data = np.where(grouped["data_seed"] == "none", "", "/d" + grouped["data_seed"].astype(str))
+        labelled = grouped.assign(label="s" + grouped["seed"].astype(str) + "/" + grouped["train_seed"] + data)
+        by_group = labelled.groupby("group", sort=True)
+        first = labelled.drop_duplicates("group").set_index("group").sort_index()
+        level = "train_seed " + first["train_seed"] if kind == "init" else "seed " + first["seed"].astype(str)
+        level += np.where(first["data_seed"] == "none", "", ", data_seed " + first["data_seed"].astype(str))
+        loss = by_group["test_loss"]
+        frames.append(
+            pd.DataFrame(
                 {
                     "noise": kind,
-                    "intervention": first.intervention,
+                    "intervention": first["intervention"],
                     "level": level,
-                    "runs": ", ".join(_cell_label(row) for row in group.itertuples()),
-                    "n": len(group),
+                    "runs": by_group["label"].agg(", ".join),
+                    "n": loss.size(),
                     "mean": loss.mean(),
                     "sd": loss.std(ddof=1),
                     "population_sd": loss.std(ddof=0),
                 }
             )
-    return pd.DataFrame(rows, columns=["noise", "intervention", "level", "runs", "n", "mean", "sd", "population_sd"])
+        )
+    columns = ["noise", "intervention", "level", "runs", "n", "mean", "sd", "population_sd"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def residuals_by_kind(runs: pd.DataFrame) -> pd.DataFrame:
@@ -298,26 +330,21 @@ def checkpoint_noise(histories: pd.DataFrame, final_periods: int = 5, alpha: flo
     averages = averages.assign(value=pd.to_numeric(averages["value"], errors="coerce"))
     averages = averages[np.isfinite(averages["value"])]
     final = averages.sort_values("step").groupby("run_id").tail(final_periods)
-    fits = [
-        sm.OLS(run["value"].to_numpy(), sm.add_constant(np.arange(len(run), dtype=float))).fit()
-        for _, run in final.groupby("run_id")
-        if len(run) >= 3
-    ]
-    dof = int(sum(round(fit.df_resid) for fit in fits))
+    ssr, dof, n_obs, n_fits = 0.0, 0, 0, 0
+    lengths = final.groupby("run_id")["value"].transform("size")
+    for length, runs_of_length in final[lengths >= 3].groupby(lengths[lengths >= 3]):
+        # one least-squares line per run on the period index, all runs of one length at once
+        values = np.stack(runs_of_length.groupby("run_id", sort=True)["value"].agg(list).to_numpy())
+        index = np.arange(length, dtype=float) - (length - 1) / 2
+        centred = values - values.mean(axis=1, keepdims=True)
+        slopes = centred @ index / (index @ index)
+        ssr += float(np.square(centred - slopes[:, None] * index).sum())
+        dof, n_obs, n_fits = dof + len(values) * (length - 2), n_obs + values.size, n_fits + len(values)
     if dof == 0:
         return NoiseEstimate("checkpoint", np.nan, np.nan, np.nan, 0, 0, 0)
-    sd = float(np.sqrt(sum(fit.ssr for fit in fits) / dof))
+    sd = float(np.sqrt(ssr / dof))
     low, high = sd_confidence_interval(sd, dof, alpha)
-    return NoiseEstimate(
-        "checkpoint",
-        sd,
-        float(low),
-        float(high),
-        int(sum(fit.nobs for fit in fits)),
-        len(fits),
-        dof,
-        dof,
-    )
+    return NoiseEstimate("checkpoint", sd, float(low), float(high), int(n_obs), n_fits, dof, dof)
 
 
 def noise_table(estimates: dict[str, NoiseEstimate]) -> pd.DataFrame:
@@ -333,12 +360,10 @@ def grid_arms(runs: pd.DataFrame) -> list[str]:
     incomplete grid such as the seeds' (3 init seeds, 3 train seeds at one and
     2 at the others) is enough for the mixed model.
     """
-    arms = []
-    for arm, group in runs.groupby("intervention"):
-        most_train_seeds = group.groupby("seed")["train_seed"].nunique().max()
-        if group["seed"].nunique() >= 2 and most_train_seeds >= 2:
-            arms.append(arm)
-    return arms
+    per_seed = runs.groupby(["intervention", "seed"])["train_seed"].nunique()
+    by_arm = per_seed.groupby(level="intervention")
+    is_grid = (by_arm.size() >= 2) & (by_arm.max() >= 2)
+    return sorted(is_grid.index[is_grid])
 
 
 def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
@@ -370,7 +395,7 @@ def variance_components(runs: pd.DataFrame) -> tuple[pd.DataFrame | None, str]:
         init_weights=init_identity(runs).loc[data.index],
         train_cell=data["intervention"] + "|" + data["train_seed"],
     )
-    has_repeats = data.duplicated(CELL).any()
+    has_repeats = data.duplicated([column for column in REPEAT_KEY if column in data]).any()
     model = smf.mixedlm(
         "loss ~ C(intervention)" if len(arms) > 1 else "loss ~ 1",
         data,

@@ -15,12 +15,14 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.load import mlflow_store
+from analysis.load import AnalysisInputError, mlflow_store
 from analysis.noise import noise_table
 from analysis.stats import THIN_DOF
 from analysis.study import StudyAnalysis
 
 LOSS_DECIMALS = 6
+MAX_LISTED_ARMS = 40  # a one-line note names at most this many interventions
+MAX_FIGURE_ARMS = 40  # beyond this, one line or row per arm is unreadable: those figures are left out, with a note
 
 
 @dataclass
@@ -101,8 +103,11 @@ def thin_evidence_note(ranking: pd.DataFrame) -> str:
     if thin.empty:
         return ""
     listed = ", ".join(
-        f"{row.intervention} ({row.warning.removeprefix('thin evidence: ')})" for row in thin.itertuples()
+        f"{row.intervention} ({row.warning.removeprefix('thin evidence: ')})"
+        for row in thin.head(MAX_LISTED_ARMS).itertuples()
     )
+    if len(thin) > MAX_LISTED_ARMS:
+        listed += f" and {len(thin) - MAX_LISTED_ARMS} more (ranking.csv: thin_evidence)"
     return (
         f"(!) Thin evidence: {len(thin)} of {len(ranking)} verdicts rest on fewer than "
         f"{THIN_DOF} degrees of freedom: {listed}. Such a verdict can move with one more run; "
@@ -203,6 +208,7 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
         ),
         ("h2", "Ranking"),
     ]
+    blocks += [("warning", warning) for warning in study_runs.warnings]
     note = thin_evidence_note(ranking)
     if note:
         blocks.append(("warning", note))
@@ -271,8 +277,18 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
         blocks += [("h2", "Factorial effects"), ("p", analysis.factorial_note)]
     if not study_runs.excluded.empty:
         blocks += [("h2", "Excluded runs"), ("table", study_runs.excluded)]
-    if figures:
+    if len(ranking) > MAX_FIGURE_ARMS:
+        blocks += [
+            ("h2", "Figures"),
+            (
+                "p",
+                f"{len(ranking)} interventions: the training-loss and forest figures (one line or row per "
+                f"intervention) are drawn only up to {MAX_FIGURE_ARMS}; ranking.csv holds every row.",
+            ),
+        ]
+    elif figures:
         blocks.append(("h2", "Figures"))
+    if figures:
         blocks += [("image", path.relative_to(directory).as_posix(), caption) for caption, path in figures.items()]
     return blocks
 
@@ -333,21 +349,30 @@ def render_html(blocks: list[tuple], title: str) -> str:
 def write_figures(analysis: StudyAnalysis, directory: Path) -> dict[str, Path]:
     """Draw the figures into ``directory/figures``; captions map to paths."""
     folder = directory / "figures"
-    drawn = {
-        "Training loss per intervention": plots.training_curves(
-            analysis.study_runs.histories, analysis.study_runs.runs, folder / "training_loss.png"
-        ),
-        "Differences to baseline": plots.forest_plot(
-            analysis.ranking, analysis.settings.min_effect, folder / "forest.png"
-        ),
-        "Noise distributions": plots.noise_distributions(analysis.noise_residuals, folder / "noise.png"),
-    }
+    drawn = {"Noise distributions": plots.noise_distributions(analysis.noise_residuals, folder / "noise.png")}
+    if len(analysis.ranking) <= MAX_FIGURE_ARMS:
+        drawn = {
+            "Training loss per intervention": plots.training_curves(
+                analysis.study_runs.histories, analysis.study_runs.runs, folder / "training_loss.png"
+            ),
+            "Differences to baseline": plots.forest_plot(
+                analysis.ranking, analysis.settings.min_effect, folder / "forest.png"
+            ),
+        } | drawn
     return {caption: path for caption, path in drawn.items() if path is not None}
 
 
-def write_report(analysis: StudyAnalysis, directory: str | Path) -> ReportFiles:
-    """Write report.md, report.html, ranking.csv, the other tables and figures."""
+def write_report(analysis: StudyAnalysis, directory: str | Path, reports_root: Path | None = None) -> ReportFiles:
+    """Write report.md, report.html, ranking.csv, the other tables and figures.
+
+    With ``reports_root`` the directory must resolve (links followed) to a folder directly inside it.
+    """
     directory = Path(directory)
+    if reports_root is not None and directory.resolve().parent != reports_root.resolve():
+        raise AnalysisInputError(
+            f"report directory {directory} resolves to {directory.resolve()}, outside {reports_root}; "
+            f"only a folder directly inside {reports_root} is allowed"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     figures = write_figures(analysis, directory)
     blocks = _blocks(analysis, figures, directory)

@@ -204,22 +204,32 @@ def power_at(effect, noise_sd, n_seeds, paired: bool, alpha: float = 0.05):
         return t_test_power(np.abs(effect) / noise_sd * np.sqrt(n / 2), 2 * n - 2, alpha)
 
 
-def seeds_needed(effect: float, noise_sd: float, paired: bool, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest number of init seeds (>= 2) with at least ``power``; inf beyond MAX_SEEDS.
+def seeds_needed(effect, noise_sd, paired, alpha: float = 0.05, power: float = 0.8) -> np.ndarray:
+    """Smallest number of init seeds (>= 2) with at least ``power``; inf beyond MAX_SEEDS, NaN without a noise SD.
 
-    Power grows with the number of seeds, so the candidates are scanned in
-    growing blocks and the scan stops at the first block that reaches it.
+    Power grows with the number of seeds, so it is a bisection over 2 ... MAX_SEEDS, for all arms at once.
     """
-    if not (np.isfinite(effect) and np.isfinite(noise_sd)) or noise_sd <= 0:
-        return np.nan
-    first = 2
-    for last in (64, 1024, MAX_SEEDS):
-        candidates = np.arange(first, last + 1)
-        reached = np.flatnonzero(power_at(effect, noise_sd, candidates, paired, alpha) >= power)
-        if reached.size:
-            return float(candidates[reached[0]])
-        first = last + 1
-    return np.inf
+    effect, noise_sd, paired = np.broadcast_arrays(
+        np.asarray(effect, dtype=float), np.asarray(noise_sd, dtype=float), np.asarray(paired, dtype=bool)
+    )
+
+    def enough(n: np.ndarray) -> np.ndarray:
+        reached = np.zeros(effect.shape, dtype=bool)
+        for kind in (True, False):
+            chosen = paired == kind
+            reached[chosen] = power_at(effect[chosen], noise_sd[chosen], n[chosen], kind, alpha) >= power
+        return reached
+
+    with np.errstate(invalid="ignore"):
+        valid = np.isfinite(effect) & np.isfinite(noise_sd) & (noise_sd > 0)
+    low, high = np.full(effect.shape, 2), np.full(effect.shape, MAX_SEEDS)
+    reachable = valid & enough(high)
+    while (searching := reachable & (low < high)).any():
+        middle = (low + high) // 2
+        met = enough(middle)
+        high = np.where(searching & met, middle, high)
+        low = np.where(searching & ~met, middle + 1, low)
+    return np.where(reachable, low.astype(float), np.where(valid, np.inf, np.nan))
 
 
 def holm_adjust(p_values) -> np.ndarray:

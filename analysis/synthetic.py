@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.load import BASELINE, mlflow_store
+from analysis.load import BASELINE, PARAM_PREFIX, mlflow_store
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,8 @@ def log_study_to_mlflow(
     """Write the study into an MLflow store the way the training harness does.
 
     A study parent run (``study_parent=true``) and one run per trial nested
-    under it with the contract's tags and metrics; FAILED runs end with status
+    under it with the contract's tags and metrics, and the runs' ``params.*`` columns (the flattened config) as
+    params; FAILED runs end with status
     FAILED.  Returns the experiment id.
     """
     from mlflow.entities import Metric
@@ -191,7 +192,9 @@ def log_study_to_mlflow(
         mark_experiment(client, client.get_experiment(experiment_id))
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"study {study_name}") as parent:
             mlflow.set_tags({"study": study_name, "study_parent": "true"})
-        for run in study.runs.itertuples():
+        param_columns = [c for c in study.runs.columns if c.startswith(PARAM_PREFIX)]
+        for run, config in zip(study.runs.itertuples(), study.runs[param_columns].to_dict("records"), strict=True):
+            params = {key.removeprefix(PARAM_PREFIX): value for key, value in config.items() if pd.notna(value)}
             mlflow.start_run(
                 experiment_id=experiment_id,
                 run_name=f"{run.intervention} s{run.seed}",
@@ -204,11 +207,14 @@ def log_study_to_mlflow(
                     "train_seed": run.train_seed,
                     "data_seed": "none",
                     "init_fingerprint": run.init_fingerprint,
-                    "config_hash": hashlib.sha256(run.intervention.encode()).hexdigest()[:12],
+                    "config_hash": hashlib.sha256(
+                        f"{run.intervention}|{run.seed}|{run.train_seed}|{params}".encode()
+                    ).hexdigest()[:16],
                     "study": study_name,
                     "scale": "synthetic",
                 }
             )
+            mlflow.log_params(params)
             if np.isfinite(run.test_loss):
                 mlflow.log_metric("test_loss", run.test_loss)
             history = study.histories[study.histories["run_id"] == run.run_id]
