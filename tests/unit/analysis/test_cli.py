@@ -156,7 +156,7 @@ def test_missing_store_is_reported_without_creating_it(tmp_path, capsys):
         (["study=demo", "alpha=lots"], "alpha must be a float"),
         (["study=demo", "alpha=0.9"], "alpha=0.9 is outside"),
         (["study=demo", "log=maybe"], "log must be auto, true or false"),
-        (["min_effect=0.01"], "study=NAME is required"),
+        (["min_effect=0.01"], "study=NAME (or csv=FILE) is required"),
     ],
 )
 def test_bad_arguments_are_explained(arguments, message, study_store, capsys):
