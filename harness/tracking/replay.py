@@ -21,7 +21,9 @@ def replay(run_dir: Path, uri: str | None = None, timeout: float = 10.0) -> str:
     header, *records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     uri = normalize_uri(uri or header["uri"])
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise FileNotFoundError(f"no MLflow store at {uri}: replay into the store the trial logged to (tracking.uri=URI)")
+        raise FileNotFoundError(
+            f"no MLflow store at {uri}: replay into the store the trial logged to (tracking.uri=URI)"
+        )
     client = connect(uri, timeout)
     run_id, uri = header["run_id"], public_uri(uri)
     try:

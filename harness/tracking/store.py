@@ -147,6 +147,8 @@ def connect(uri: str, timeout: float):
     """A client for the store after a first contact that takes at most about `timeout` seconds."""
     import mlflow
 
+    if has_credentials(uri):  # MLflow prints its run links with the URI's password: the harness prints its own
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     started = time.monotonic()
     try:
         with request_limits(retries=0, timeout=timeout):
