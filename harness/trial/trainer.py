@@ -169,6 +169,7 @@ class Trial:
         self.start_step, self.run_id = 0, None
         self.cpu_threads = torch.get_num_threads()  # the intra-op thread count changes a CPU trial's bits
         self.train_seconds_before = 0.0  # training time of the trial before the checkpoint it resumed from
+        self.steps_started = time.perf_counter()  # reset when the step loop starts
         self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
         self.periods: list[dict] = []
         self.checkpoints = Checkpointer(cfg, self.run_dir, ranks, self.show_progress)
@@ -321,8 +322,9 @@ class Trial:
         return result
 
     def _train_steps(self, tracker) -> float:
-        """The step loop; returns the trial's training seconds (`train_seconds`). The bar counts every step as it is queued on the device; loss and
-        tokens/s, which need the values back on the host, are refreshed at each read-back."""
+        """The step loop; returns the trial's training seconds (`train_seconds`). The bar counts every step as it
+        is queued on the device; loss and tokens/s, which need the values back on the host, are refreshed at each
+        read-back."""
         cfg, t = self.cfg, self.cfg.trainer
         self.steps_started = started = time.perf_counter()
         period = self._new_period()
