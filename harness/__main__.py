@@ -42,6 +42,13 @@ def run_trial(cfg) -> float:
         if done:
             print(f"resume={run_dir}: {done}", flush=True)
             return None
+        from harness.config.checks import ConfigError
+        from harness.trial.checkpoint import hold_run_lock
+        from harness.trial.preflight import refuse
+
+        held = hold_run_lock(run_dir)  # for this process's life: a resume is exclusive
+        if held:
+            refuse(ConfigError([f"resume={run_dir}: {held}"]))
     from harness.trial.launch import launch
     from harness.trial.ranks import export_submitit_ranks
 

@@ -228,8 +228,7 @@ def resume_problems(cfg: TrialConfig) -> list[str]:
         except checkpoint.CheckpointError as error:
             return [f"resume={cfg.resume}: {error}"]
         foreign = checkpoint.foreign_run(found, Path(cfg.resume))
-        held = None if foreign else checkpoint.hold_run_lock(Path(cfg.resume))
-        return [f"resume={cfg.resume}: {why}" for why in (foreign, held) if why]
+        return [f"resume={cfg.resume}: {foreign}"] if foreign else []
     intact = [path.name for path in sorted(found.parent.glob("step_*")) if not checkpoint.damaged_files(path)]
     advice = (
         f"to resume from an earlier checkpoint, write one of {', '.join(intact)} into {found.parent / 'latest'}"
