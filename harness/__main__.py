@@ -42,6 +42,13 @@ def run_trial(cfg) -> float:
         if done:
             print(f"resume={run_dir}: {done}", flush=True)
             return None
+        from harness.config.checks import ConfigError
+        from harness.trial.checkpoint import hold_run_lock
+        from harness.trial.preflight import refuse
+
+        held = hold_run_lock(run_dir)  # for this process's life: a resume is exclusive
+        if held:
+            refuse(ConfigError([f"resume={run_dir}: {held}"]))
     from harness.trial.launch import launch
     from harness.trial.ranks import export_submitit_ranks
 
@@ -64,7 +71,7 @@ def train(arguments: list[str]) -> None:
 
     import harness.config.compose  # noqa: F401  (registers the schema that conf/config.yaml names: trial_schema)
     from harness.config.checks import ConfigError
-    from harness.config.overrides import override_problems
+    from harness.config.overrides import overlay_file_problems, override_problems
     from harness.paths import CONF
     from harness.trial.preflight import refuse
 
@@ -81,6 +88,9 @@ def train(arguments: list[str]) -> None:
         problems = override_problems(flags.overrides)
         if problems:
             refuse(ConfigError(problems))
+    broken_overlays = overlay_file_problems(flags.overrides, flags.config_dir)
+    if broken_overlays:
+        refuse(ConfigError(broken_overlays))
     sys.argv = [sys.argv[0], *arguments]
     hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(run_trial)()
 

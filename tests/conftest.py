@@ -68,7 +68,7 @@ def rewrite_state(checkpoint_dir: Path, **changes) -> None:
     from harness.trial import checkpoint
 
     state_file = Path(checkpoint_dir) / checkpoint.STATE_FILE
-    torch.save({**torch.load(state_file, weights_only=False), **changes}, state_file)
+    torch.save({**torch.load(state_file, weights_only=True), **changes}, state_file)
     manifest = checkpoint.read_manifest(checkpoint_dir)
     manifest["files"][checkpoint.STATE_FILE] = {
         "sha256": checkpoint.sha256(state_file),

@@ -110,21 +110,16 @@ def resumed_trial(cfg: TrialConfig, overrides: list[str]) -> TrialConfig:
         raise ConfigError([f"resume={cfg.resume}: {saved_config} is not a readable config ({error})"]) from None
     saved.resume = str(run_dir)
     others = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.", "tracking."))]
-    if others and config_hash(saved) != config_hash(cfg):
-        ours, theirs = flatten(as_dict(cfg)), flatten(as_dict(saved))
-        differ = ", ".join(
-            f"{k}: {theirs[k]!r} → {ours[k]!r}"
-            for k in theirs
-            if ours.get(k) != theirs[k] and k != "resume" and not k.startswith("tracking.")
-        )
+    changed = resume_changes(cfg, saved, others)
+    if changed:
         raise ConfigError(
             [
-                f"resume={run_dir}: these overrides change the trial ({differ}); "
-                f"resume with no other overrides to continue it as saved"
+                f"resume={run_dir}: these overrides change the trial ({', '.join(changed)}); "
+                f"resume with no other overrides (bookkeeping such as trainer.progress aside) to continue it as saved"
             ]
         )
     from harness.tracking import liveness  # neither loads MLflow
-    from harness.tracking.store import UNSENT_FILE
+    from harness.tracking.store import UNSENT_FILE, public_uri
 
     requested, source = (
         (cfg.tracking.uri, "tracking.uri")
@@ -135,7 +130,9 @@ def resumed_trial(cfg: TrialConfig, overrides: list[str]) -> TrialConfig:
         uri = liveness.own_store(saved.tracking.uri, requested, source, f"resume={run_dir}")
     except ValueError as error:
         raise ConfigError([str(error)]) from None
-    saved.tracking.uri = uri or default_tracking_uri()
+    # A URI with credentials reaches MLflow from the environment only, never through the config (which is written).
+    from_environment = source == "MLFLOW_TRACKING_URI" and requested and public_uri(requested) != requested
+    saved.tracking.uri = None if from_environment else uri or default_tracking_uri()
     if (run_dir / UNSENT_FILE).exists():
         raise ConfigError(
             [
@@ -144,6 +141,32 @@ def resumed_trial(cfg: TrialConfig, overrides: list[str]) -> TrialConfig:
             ]
         )
     return saved
+
+
+def is_bookkeeping(key: str) -> bool:
+    return any(key == bookkeeping or key.startswith(bookkeeping + ".") for bookkeeping in BOOKKEEPING_KEYS)
+
+
+def resume_changes(cfg: TrialConfig, saved: TrialConfig, overrides: list[str]) -> list[str]:
+    """What the overrides passed with `resume=` would change in the saved trial, one `key: saved → new` each; only
+    keys that were passed are named. Bookkeeping keys (BOOKKEEPING_KEYS) are applied to `saved` instead."""
+    ours, theirs = flatten(as_dict(cfg)), flatten(as_dict(saved))
+    changed = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if is_bookkeeping(key):
+            *parents, leaf = key.split(".")
+            source, target = cfg, saved
+            for parent in parents:
+                source, target = getattr(source, parent), getattr(target, parent)
+            setattr(target, leaf, getattr(source, leaf))
+            continue
+        leaves = [k for k in theirs if k == key or k.startswith(key + ".")]
+        if leaves:
+            changed += [f"{k}: {theirs[k]!r} → {ours.get(k)!r}" for k in leaves if ours.get(k) != theirs[k]]
+        elif config_hash(saved) != config_hash(cfg):  # a config group (scale=…, +intervention=…)
+            changed.append(f"{override} (a config group: the trial it composes differs from the saved one)")
+    return changed
 
 
 def intervention_names(overrides: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -81,10 +82,20 @@ def group_options(group: str) -> list[str]:
 def override_problems(overrides: list[str]) -> list[str]:
     """Command-line overrides checked against the schema and `conf/` before Hydra composes anything:
     unknown keys (with the nearest existing key), values of the wrong type, options that do not exist."""
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # a syntax error: Hydra's own message says where
-        return []
+    parser = OverridesParser.create()
+    grammar = []
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception as error:  # Hydra's grammar refuses it
+            why = " ".join(str(error).split()).split(" See https://")[0][:200]
+            grammar.append(
+                f"{override}: not an override Hydra's grammar accepts ({why}); an override is key=value, and a value "
+                f"holding spaces or characters such as ; needs quotes around it: key='a b'"
+            )
+    if grammar:
+        return grammar
+    parsed = parser.parse_overrides(overrides)
     fields, schema = schema_fields(), OmegaConf.structured(TrialConfig)
     groups = {path.name for path in CONF.iterdir() if path.is_dir() and path.name != "hydra"}
     problems = []
@@ -173,3 +184,24 @@ def intervention_overlays(overrides: list[str]) -> list[str]:
             value = override.value()
             names += value if isinstance(value, list) else [value]
     return names
+
+
+def overlay_file_problems(overrides: list[str], config_dir: str | None = None) -> list[str]:
+    """An overlay the overrides apply whose YAML does not load (in conf/, or a `--config-dir` that shadows it)."""
+    import yaml
+
+    try:
+        names = intervention_overlays(overrides)
+    except Exception:  # a grammar error: override_problems names it
+        return []
+    problems = []
+    for directory in ([Path(config_dir)] if config_dir else []) + [CONF]:
+        for name in names:
+            path = directory / "intervention" / f"{name}.yaml"
+            try:
+                if path.is_file():
+                    yaml.safe_load(path.read_text())
+            except yaml.YAMLError as error:
+                why = " ".join(str(error).split())[:300]
+                problems.append(f"+intervention={name}: {path} is not valid YAML ({why}); fix or remove the file")
+    return problems

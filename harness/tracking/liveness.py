@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.paths import default_tracking_uri
-from harness.tracking.store import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, connect, normalize_uri
+from harness.tracking.store import HEARTBEAT_INTERVAL_TAG, HEARTBEAT_TAG, connect, normalize_uri, public_uri
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +176,13 @@ class Watch:
 def own_store(saved_uri: str | None, requested_uri: str | None, source: str, command: str) -> str | None:
     """The store a command about an existing trial (resume, evaluate) writes to: the trial's own. A different one
     asked for (`source` says where: `tracking.uri` or `MLFLOW_TRACKING_URI`) is refused, naming both."""
-    if requested_uri and saved_uri and normalize_uri(requested_uri) != normalize_uri(saved_uri):
+    saved, requested = (public_uri(normalize_uri(uri)) if uri else None for uri in (saved_uri, requested_uri))
+    if requested and saved and requested != saved:
         raise ValueError(
-            f"{command}: the trial is recorded in {normalize_uri(saved_uri)}, but {source} names "
-            f"{normalize_uri(requested_uri)}; its records stay in its own run, so use its store "
-            f"(drop {source} or set it to {normalize_uri(saved_uri)})"
+            f"{command}: the trial is recorded in {saved}, but {source} names {requested}; its records stay in "
+            f"its own run, so use its store (drop {source} or set it to {saved})"
         )
-    return saved_uri or requested_uri
+    return requested_uri or saved_uri  # the same store; the requested spelling may carry its credentials
 
 
 def resumed_already_finished(cfg) -> str | None:
@@ -201,7 +201,7 @@ def finished_already(uri: str, run_id: str, timeout: float) -> str | None:
         return None
     loss = run.data.metrics.get("test_loss")
     return (
-        f"the trial's run {run_id} in {uri} already FINISHED"
+        f"the trial's run {run_id} in {public_uri(uri)} already FINISHED"
         + ("" if loss is None else f" (test_loss {loss:.6f})")
         + ": nothing to resume; nothing was changed"
     )

@@ -6,21 +6,33 @@ import time
 from pathlib import Path
 
 from harness.tracking.liveness import REASON_TAG, WITHDRAWN_TAG, describe, is_live, trial_runs
-from harness.tracking.store import UNSENT_FILE, connect, normalize_uri, transient
+from harness.tracking.store import UNSENT_FILE, connect, normalize_uri, public_uri, transient
 from harness.tracking.tracker import send
 
 
 def replay(run_dir: Path, uri: str | None = None, timeout: float = 10.0) -> str:
     """Send `<run_dir>/unsent_records.jsonl` to the store, in order. A study trial whose computation another
     run FINISHED meanwhile (this one was marked KILLED while silent) ends withdrawn instead of FINISHED."""
+    from mlflow.exceptions import MlflowException
+
     path = Path(run_dir) / UNSENT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: nothing to replay")
     header, *records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     uri = normalize_uri(uri or header["uri"])
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(
+            f"no MLflow store at {uri}: replay into the store the trial logged to (tracking.uri=URI)"
+        )
     client = connect(uri, timeout)
-    run_id = header["run_id"]
-    run = client.get_run(run_id)
+    run_id, uri = header["run_id"], public_uri(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise FileNotFoundError(
+            f"run {run_id} of {path} is not in {uri}: replay into the store the trial logged to "
+            f"(tracking.uri=URI or MLFLOW_TRACKING_URI)"
+        ) from None
     sent = 0
     try:
         for record in records:

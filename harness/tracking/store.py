@@ -11,6 +11,7 @@ import os
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from harness.tracking.version import git
@@ -73,7 +74,7 @@ def ui_link(experiment_id: str, run_id: str | None = None, view: str | None = No
 def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """Where to see it: on the tracking server itself, or in `make ui` for a sqlite store."""
     if uri.startswith(("http://", "https://")):
-        return f"{uri}/{ui_link(experiment_id, run_id)}"
+        return f"{public_uri(uri)}/{ui_link(experiment_id, run_id)}"
     return f"{UI_ADDRESS}/{ui_link(experiment_id, run_id)} (after make ui)"
 
 
@@ -86,6 +87,19 @@ def normalize_uri(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     return uri.rstrip("/")
+
+
+def public_uri(uri: str) -> str:
+    """The URI without the user name and password a URI may carry (`http://user:password@host`): what the harness
+    writes anywhere (params, config files, logs, links). Credentials reach MLflow only from the environment."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def has_credentials(uri: str) -> bool:
+    return public_uri(uri) != uri
 
 
 def ensure_store(uri: str) -> None:
@@ -133,6 +147,8 @@ def connect(uri: str, timeout: float):
     """A client for the store after a first contact that takes at most about `timeout` seconds."""
     import mlflow
 
+    if has_credentials(uri):  # MLflow prints its run links with the URI's password: the harness prints its own
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     started = time.monotonic()
     try:
         with request_limits(retries=0, timeout=timeout):
@@ -141,7 +157,7 @@ def connect(uri: str, timeout: float):
             client.search_experiments(max_results=1)
     except Exception as error:
         raise TrackingUnavailable(
-            f"the tracking store {uri} did not answer ({type(error).__name__}: {str(error).splitlines()[0][:300]}) "
+            f"the tracking store {public_uri(uri)} did not answer ({type(error).__name__}: {str(error).splitlines()[0][:300]}) "
             f"after {time.monotonic() - started:.1f} s (tracking.connect_timeout={timeout:g}); start it, or point "
             f"tracking.uri / MLFLOW_TRACKING_URI at a store that answers"
         ) from None

@@ -20,6 +20,7 @@ from harness.tracking.store import (
     experiment_id,
     git_state,
     normalize_uri,
+    public_uri,
     transient,
 )
 
@@ -149,8 +150,9 @@ class Tracker:
         system_metrics_interval: float | None = None,
     ):
         """`system_metrics_interval`: seconds between system-metrics samples; None records none."""
-        self.uri = normalize_uri(uri or default_tracking_uri())
-        self.client = connect(self.uri, connect_timeout)
+        full_uri = normalize_uri(uri or default_tracking_uri())
+        self.client = connect(full_uri, connect_timeout)
+        self.uri = public_uri(full_uri)  # what is written anywhere: never a password
         self.experiment_id = experiment_id(self.client, experiment, self.uri)
         self.heartbeat_interval, self.flush_timeout = heartbeat_interval, flush_timeout
         self.unsent_dir = Path(unsent_dir) if unsent_dir else Path.cwd()

@@ -9,13 +9,16 @@ anything is loaded, so a flipped bit is an error naming the file, never a silent
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import socket
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,15 +44,36 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and primitives only, so that it loads with `weights_only=True`."""
+    version, words, gauss = random.getstate()
+    numpy = np.random.get_state(legacy=False)
+    state = {
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "bit_generator": numpy["bit_generator"],
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": int(numpy["state"]["pos"]),
+            "has_gauss": int(numpy["has_gauss"]),
+            "gauss": float(numpy["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    np.random.set_state(
+        {
+            "bit_generator": numpy["bit_generator"],
+            "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -317,8 +341,65 @@ def verify(checkpoint: Path) -> dict | None:
 
 
 def resolve(directory: Path, which: str = "latest") -> Path | None:
+    """The checkpoint a pointer names: always a `step_NNNNNN` directory of `directory` itself (None: no pointer)."""
     pointer = Path(directory) / which
-    return Path(directory) / pointer.read_text().strip() if pointer.exists() else None
+    if not pointer.exists():
+        return None
+    target = pointer.read_text().strip()
+    if not STEP_DIR.fullmatch(target):
+        raise CheckpointError(
+            f"{pointer} names {target[:200]!r}: a pointer must name a step_NNNNNN checkpoint inside {directory} "
+            f"(its own run's); write the name of one of that folder's checkpoints into it"
+        )
+    return Path(directory) / target
+
+
+RUN_ID_FILE = "mlflow_run_id"  # in the run directory: the MLflow run its checkpoints belong to
+LOCK_FILE = ".resume.lock"
+_HELD_LOCKS: dict[Path, object] = {}
+
+
+def foreign_run(found: Path, run_dir: Path) -> str | None:
+    """Why the checkpoint `found` does not belong to the run of `run_dir` (its manifest names another run than
+    the run directory's record or its other checkpoints do), else None."""
+    own = read_manifest(found)
+    if own is None or own.get("run_id") is None:
+        return None
+    recorded = Path(run_dir) / RUN_ID_FILE
+    if recorded.is_file() and recorded.read_text().strip() != own["run_id"]:
+        return f"{found} belongs to MLflow run {own['run_id']}, but {run_dir} is the directory of run " + (
+            f"{recorded.read_text().strip()} ({recorded}); resume a run from its own checkpoints only"
+        )
+    for other in sorted(found.parent.glob("step_*")):
+        manifest = read_manifest(other) if other != found else None
+        if manifest is not None and manifest.get("run_id") not in (None, own["run_id"]):
+            return (
+                f"{found} belongs to MLflow run {own['run_id']}, but {other} of the same folder to run "
+                f"{manifest['run_id']}; resume a run from its own checkpoints only"
+            )
+    return None
+
+
+def hold_run_lock(run_dir: Path) -> str | None:
+    """Lock the run directory for this process's life (a resume is exclusive); a line naming the holder when another
+    process holds it, else None."""
+    path = (Path(run_dir) / LOCK_FILE).resolve()
+    if path in _HELD_LOCKS:
+        return None
+    file = open(path, "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another process"
+        file.close()
+        return f"{run_dir} is being resumed by {holder} (it holds {path}); wait for it to end"
+    file.seek(0)
+    file.truncate()
+    file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    file.flush()
+    _HELD_LOCKS[path] = file
+    return None
 
 
 def damaged_files(checkpoint: Path) -> list[str]:
@@ -369,25 +450,48 @@ def _zip_problem(path: Path) -> str | None:
     return None
 
 
+def load_plain(path: Path, mmap: bool = False) -> dict:
+    """A torch file read as plain data only (tensors, numbers, strings, lists, dicts): `weights_only=True` never
+    runs code a file carries. A file holding anything else is refused, naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        found = str(error).split("\n")[0].strip()[:200]
+        raise CheckpointError(
+            f"{path} holds more than plain data ({found}), so it is not loaded: a file from another "
+            f"source can run code when unpickled; a checkpoint saved by a harness before RNG state was "
+            f"stored as tensors can be converted once, only if you trust where it came from, with "
+            f"`python -m harness.trial.convert {Path(path).parent}`"
+        ) from None
+
+
 def run_id(found: Path) -> str:
     """The MLflow run a checkpoint belongs to (from its manifest; from its state for one saved before manifests)."""
     manifest = read_manifest(found)
     if manifest is not None:
         return manifest["run_id"]
-    return torch.load(found / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)["run_id"]
+    return load_plain(found / STATE_FILE, mmap=True)["run_id"]
 
 
 def load(checkpoint: Path, model: torch.nn.Module, rank: int = 0) -> dict:
     """Check, then load the weights into `model`; returns the trial state with this rank's RNG state under "rng"."""
     require_intact(checkpoint)
     verify(checkpoint)
-    load_model(model, str(checkpoint / MODEL_FILE))
-    state = torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")
+    state = load_plain(checkpoint / STATE_FILE)
     rng_file = checkpoint / f"rng_rank{rank}.pt"
     if not rng_file.exists():
         raise FileNotFoundError(f"{checkpoint} has no RNG state for rank {rank}: was it saved with fewer ranks?")
-    state["rng"] = torch.load(rng_file, weights_only=False, map_location="cpu")
+    state["rng"] = load_plain(rng_file)
+    load_model(model, str(checkpoint / MODEL_FILE))
     return state
+
+
+def check_plain(found: Path) -> None:
+    """Verify the checkpoint against its manifest and read each torch file's structure as plain data (the tensors'
+    bytes stay on disk); raises a CheckpointError naming the first file that fails."""
+    verify(found)
+    for path in [found / STATE_FILE, *sorted(found.glob("rng_rank*.pt"))]:
+        load_plain(path, mmap=True)
 
 
 def find(path: Path, which: str | None = None) -> Path:

@@ -110,8 +110,8 @@ def load_saved_trial(path: Path, which: str | None = None) -> SavedTrial:
         raise FileNotFoundError(f"{config_file} is missing: the checkpoint {found} needs its trial's saved config")
     cfg = to_trial_config(OmegaConf.load(config_file))
     checkpoint.require_intact(found)
-    checkpoint.verify(found)  # a corrupt file is an error naming it, never a silently different model
-    state = torch.load(found / checkpoint.STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint.check_plain(found)  # a corrupt file, or one that is not plain data, is refused by name
+    state = checkpoint.load_plain(found / checkpoint.STATE_FILE, mmap=True)
     expected = config_hash(cfg, state.get("world_size"))
     if state["config_hash"] != expected:
         raise ValueError(

@@ -68,6 +68,8 @@ def check_trial(cfg: TrialConfig, problems: Sequence[str] = ()) -> None:
     machine. The resume and data checks need valid values, so they run only without such problems; a trial
     that cannot start anyway does not wait for its data's checksums."""
     machine = device_problems(cfg.trainer) + tracking_problems(cfg) + plugin_problems(cfg.plugins)
+    if not problems and not machine:
+        machine += memory_problems(cfg)
     if not problems:
         machine += resume_problems(cfg) + data_problems(cfg, verify=not machine)
     if problems or machine:
@@ -158,8 +160,52 @@ def device_problems(t: TrainerConfig) -> list[str]:
     return problems
 
 
+def training_bytes_at_least(cfg: TrialConfig) -> tuple[int, int]:
+    """(parameters, a lower bound of the bytes training them takes): fp32 weights, gradients and AdamW's two
+    moments (16 bytes a parameter), plus one micro-batch's fp32 logits."""
+    m, micro_batch = cfg.model, cfg.trainer.micro_batch_size
+    per_layer = 12 * m.d_model**2 + 13 * m.d_model
+    parameters = m.n_layer * per_layer + m.vocab_size * m.d_model * (1 if m.tie_weights else 2)
+    parameters += m.context_length * m.d_model + 2 * m.d_model
+    return parameters, 16 * parameters + 4 * micro_batch * m.context_length * m.vocab_size
+
+
+def device_memory(t: TrainerConfig) -> tuple[int, str]:
+    """(bytes, what) of the memory the trial trains in: the GPU's where it runs on one, else this machine's RAM."""
+    if t.device != "cpu" and not importlib.metadata.version("torch").endswith("+cpu"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory, f"the {torch.cuda.get_device_name(0)}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
+def memory_problems(cfg: TrialConfig) -> list[str]:
+    """A model that cannot fit is refused before anything is allocated."""
+    from harness.trial.disk import format_bytes
+
+    parameters, needed = training_bytes_at_least(cfg)
+    available, where = device_memory(cfg.trainer)
+    if needed <= available:
+        return []
+    m = cfg.model
+    return [
+        f"model.d_model={m.d_model}, model.n_layer={m.n_layer}, model.n_head={m.n_head}: {parameters:,} parameters "
+        f"need at least {format_bytes(needed)} to train (weights, gradients and AdamW's moments, 16 bytes each, "
+        f"plus one micro-batch's logits), more than the {format_bytes(available)} of {where}; use a smaller model"
+    ]
+
+
 def tracking_problems(cfg: TrialConfig) -> list[str]:
     """tracking.uri itself is checked with the config; the store it defaults to, here."""
+    from harness.tracking.store import has_credentials, public_uri
+
+    if cfg.tracking.uri and has_credentials(cfg.tracking.uri):
+        return [
+            f"tracking.uri={public_uri(cfg.tracking.uri)} (password hidden): a URI on the command line is written "
+            f"to the run's records; give credentials as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or "
+            f"the whole URI as MLFLOW_TRACKING_URI"
+        ]
     environment = os.environ.get("MLFLOW_TRACKING_URI")
     if cfg.tracking.uri is None and environment and not is_tracking_uri(environment):
         return [f"MLFLOW_TRACKING_URI={environment} (the store, as tracking.uri is not set): must be {TRACKING_URI}"]
@@ -177,7 +223,12 @@ def resume_problems(cfg: TrialConfig) -> list[str]:
         return [f"resume={cfg.resume}: {error}"]
     problems = checkpoint.damaged_files(found)
     if not problems:
-        return []
+        try:
+            checkpoint.check_plain(found)
+        except checkpoint.CheckpointError as error:
+            return [f"resume={cfg.resume}: {error}"]
+        foreign = checkpoint.foreign_run(found, Path(cfg.resume))
+        return [f"resume={cfg.resume}: {foreign}"] if foreign else []
     intact = [path.name for path in sorted(found.parent.glob("step_*")) if not checkpoint.damaged_files(path)]
     advice = (
         f"to resume from an earlier checkpoint, write one of {', '.join(intact)} into {found.parent / 'latest'}"

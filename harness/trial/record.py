@@ -48,6 +48,8 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
             if reason:
                 raise ClaimedElsewhere(f"resuming would record this trial twice: {reason} (rerun=true resumes anyway)")
         tracker.resume(run_id)
+        if liveness.REASON_TAG in tracker.client.get_run(run_id).data.tags:  # a FINISHED run keeps no stale reason
+            tracker.client.delete_tag(run_id, liveness.REASON_TAG)
     else:
         config_file = run_dir / "config.yaml"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,7 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
                     tracker.end("FAILED", {liveness.REASON_TAG: f"could not start: {type(error).__name__}: {error}"})
             raise
         tracker.log_artifact(config_file)
+        (run_dir / checkpoint.RUN_ID_FILE).write_text(tracker.run_id + "\n")
     tracker.watch = liveness.Watch(tracker.client, tracker.experiment_id, tracker.run_id, claim if claims else None)
     return tracker
 

@@ -78,10 +78,21 @@ class PeriodStats:
     nonfinite_element: int = 0  # (c) at least one inf/NaN gradient element: step skipped
     scaler_skips: int = 0  # steps after which the GradScaler's scale was lower than before (fp16: kind c)
     nonfinite_loss: int = 0  # steps whose training loss was inf or NaN (left out of train_loss_avg/min/max)
+    microbatch_losses: list = field(default_factory=list)  # each step's finite (min, max) micro-batch loss, rank 0's
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: float, norm: float, max_abs: float, scale_lowered: float = 0.0) -> None:
+    def add(
+        self,
+        loss: float,
+        norm: float,
+        max_abs: float,
+        scale_lowered: float = 0.0,
+        microbatch_min: float = math.nan,
+        microbatch_max: float = math.nan,
+    ) -> None:
         self.losses.append(loss)
+        if math.isfinite(microbatch_min) and math.isfinite(microbatch_max):
+            self.microbatch_losses.append((microbatch_min, microbatch_max))
         self.nonfinite_loss += not math.isfinite(loss)
         finite_elements, finite_norm = math.isfinite(max_abs), math.isfinite(norm)
         if finite_norm:
@@ -99,6 +110,9 @@ class PeriodStats:
             "train_loss_avg": float(np.mean(finite)),
             "train_loss_min": min(finite),
             "train_loss_max": max(finite),
+            # the study's definition: over the period's micro-batch losses (rank 0's), not the per-step means
+            "microbatch_loss_min": min((low for low, _ in self.microbatch_losses), default=math.nan),
+            "microbatch_loss_max": max((high for _, high in self.microbatch_losses), default=math.nan),
             "grad_norm_max": max(self.norms, default=float("nan")),
             "grad_norm_avg": float(np.mean(self.norms)) if self.norms else float("nan"),
             "clip_fraction": self.clipped / len(self.losses),
@@ -153,6 +167,9 @@ class Trial:
         self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim, self.plugins)
         self.scaler = self.precision.grad_scaler()
         self.start_step, self.run_id = 0, None
+        self.cpu_threads = torch.get_num_threads()  # the intra-op thread count changes a CPU trial's bits
+        self.train_seconds_before = 0.0  # training time of the trial before the checkpoint it resumed from
+        self.steps_started = time.perf_counter()  # reset when the step loop starts
         self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
         self.periods: list[dict] = []
         self.checkpoints = Checkpointer(cfg, self.run_dir, ranks, self.show_progress)
@@ -161,6 +178,9 @@ class Trial:
             state = self.checkpoints.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
             self.start_step, self.run_id = state["step"], state["run_id"]
             self.periods, self.history = state["periods"], state["history"]
+            self.train_seconds_before = state.get("train_seconds", 0.0)
+            self.cpu_threads = state.get("cpu_threads", self.cpu_threads)
+            torch.set_num_threads(self.cpu_threads)  # an exact continuation computes with the threads it started with
             log.info("resumed from %s at step %d", path, self.start_step)
         self.train_model = self.model
         if ranks.world > 1:
@@ -176,18 +196,23 @@ class Trial:
     # --- the step -------------------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step. Returns (loss averaged over ranks, pre-clip norm, max |grad|, 1 if the GradScaler
-        lowered its scale else 0) on the device: nothing here waits for the device, and a non-finite norm skips
-        the update on the device."""
+        lowered its scale else 0, this rank's lowest and highest micro-batch loss) on the device: nothing here
+        waits for the device, and a non-finite norm skips the update on the device."""
         self.train_model.train()
         loss_sum = torch.zeros((), device=self.device)
+        microbatch_min = torch.full((), math.inf, device=self.device)
+        microbatch_max = torch.full((), -math.inf, device=self.device)
         for micro_step in range(self.accum):
             inputs, targets = (t.to(self.device, non_blocking=True) for t in self.batches.get(step, micro_step))
             syncing = micro_step == self.accum - 1 or self.ranks.world == 1
             with contextlib.nullcontext() if syncing else self.train_model.no_sync():
                 with self.precision.autocast():
                     logits = self.train_model(inputs)
-                    loss = self.plugins.loss(cross_entropy(logits, targets), logits, targets) / self.accum
+                    microbatch_loss = self.plugins.loss(cross_entropy(logits, targets), logits, targets)
+                    loss = microbatch_loss / self.accum
                 self.scaler.scale(loss).backward()
+            microbatch_min = torch.minimum(microbatch_min, microbatch_loss.detach().float())
+            microbatch_max = torch.maximum(microbatch_max, microbatch_loss.detach().float())
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         self.plugins.after_backward(self.model, step)
@@ -208,7 +233,9 @@ class Trial:
         if self.ranks.world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= self.ranks.world
-        return torch.stack([loss_sum, norm.float(), max_abs.float(), scale_lowered.float()])
+        return torch.stack(
+            [loss_sum, norm.float(), max_abs.float(), scale_lowered.float(), microbatch_min, microbatch_max]
+        )
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -229,6 +256,7 @@ class Trial:
                     "init_fingerprint": self.init_fingerprint,
                     "device": str(self.device),
                     "test_loss_amp_autocast": str(self.test_autocast or "none"),
+                    "cpu_threads": str(self.cpu_threads),
                 }
             )
             result = self._train(tracker)
@@ -236,7 +264,7 @@ class Trial:
             tracker.end("KILLED", {liveness.REASON_TAG: f"withdrawn: {error}", liveness.WITHDRAWN_TAG: "true"})
             raise
         except KeyboardInterrupt as error:
-            tracker.end("KILLED", {liveness.REASON_TAG: f"interrupted ({error or 'Ctrl-C'})"})
+            tracker.end("KILLED", {liveness.REASON_TAG: f"interrupted ({str(error) or 'SIGINT'})"})
             raise
         except BaseException as error:
             tracker.end("FAILED", {liveness.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
@@ -294,10 +322,11 @@ class Trial:
         return result
 
     def _train_steps(self, tracker) -> float:
-        """The step loop; returns its seconds. The bar counts every step as it is queued on the device; loss and
-        tokens/s, which need the values back on the host, are refreshed at each read-back."""
+        """The step loop; returns the trial's training seconds (`train_seconds`). The bar counts every step as it
+        is queued on the device; loss and tokens/s, which need the values back on the host, are refreshed at each
+        read-back."""
         cfg, t = self.cfg, self.cfg.trainer
-        started = time.perf_counter()
+        self.steps_started = started = time.perf_counter()
         period = self._new_period()
         pending: list[tuple[int, float, torch.Tensor]] = []
         with progress.training_bar(t.max_steps, self.start_step, self.show_progress) as bar:
@@ -315,7 +344,11 @@ class Trial:
                 if period_end:
                     self._end_period(period, step + 1, tracker)
                     period = self._new_period()
-        return time.perf_counter() - started
+        return self.train_seconds()
+
+    def train_seconds(self) -> float:
+        """The trial's training time so far: before the checkpoint it resumed from, plus this process's steps."""
+        return self.train_seconds_before + time.perf_counter() - self.steps_started
 
     @property
     def show_progress(self) -> bool:
@@ -327,8 +360,8 @@ class Trial:
     def _read_back(self, pending, period: PeriodStats, tracker) -> None:
         """The one host synchronisation: per-step values since the last read-back."""
         values = torch.stack([v for _, _, v in pending]).tolist()
-        for (step, lr, _), (loss, norm, max_abs, scale_lowered) in zip(pending, values):
-            period.add(loss, norm, max_abs, scale_lowered)
+        for (step, lr, _), (loss, norm, max_abs, scale_lowered, *microbatch) in zip(pending, values):
+            period.add(loss, norm, max_abs, scale_lowered, *microbatch)
             for key, value in (("step", step), ("loss", loss), ("grad_norm", norm), ("lr", lr)):
                 self.history[key].append(value)
             tracker.log_metrics({"train_loss": loss, "grad_norm": norm, "lr": lr}, step=step)
@@ -374,6 +407,8 @@ class Trial:
             "scaler": self.scaler.state_dict(),
             "periods": self.periods,
             "history": self.history,
+            "train_seconds": self.train_seconds(),
+            "cpu_threads": self.cpu_threads,
         }
 
     def _sample_and_chart(self, step: int, stats: dict, is_best: bool, tracker) -> None:
