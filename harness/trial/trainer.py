@@ -19,7 +19,7 @@ from harness.paths import default_tracking_uri
 from harness.tracking import liveness
 from harness.tracking.liveness import ClaimedElsewhere
 from harness.tracking.store import probe, ui_url
-from harness.trial import charts, checkpoint
+from harness.trial import charts, checkpoint, preemption
 from harness.trial.checkpointer import Checkpointer
 from harness.trial.evaluation import held_out_losses, study_test_autocast
 from harness.trial.flops import mfu, peak_flops
@@ -152,7 +152,7 @@ class Trial:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.plugins)
         self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim, self.plugins)
         self.scaler = self.precision.grad_scaler()
-        self.start_step, self.run_id = 0, None
+        self.start_step, self.run_id, self.resumed_from = 0, None, None
         self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
         self.periods: list[dict] = []
         self.checkpoints = Checkpointer(cfg, self.run_dir, ranks, self.show_progress)
@@ -162,6 +162,7 @@ class Trial:
             self.start_step, self.run_id = state["step"], state["run_id"]
             self.periods, self.history = state["periods"], state["history"]
             log.info("resumed from %s at step %d", path, self.start_step)
+            self.resumed_from = path.name
         self.train_model = self.model
         if ranks.world > 1:
             self.train_model = DistributedDataParallel(
@@ -231,12 +232,17 @@ class Trial:
                     "test_loss_amp_autocast": str(self.test_autocast or "none"),
                 }
             )
+            if self.resumed_from:
+                preemption.record_resume(tracker, self.resumed_from)
             result = self._train(tracker)
         except ClaimedElsewhere as error:
             tracker.end("KILLED", {liveness.REASON_TAG: f"withdrawn: {error}", liveness.WITHDRAWN_TAG: "true"})
             raise
+        except preemption.Preempted as stopped:
+            tracker.end("KILLED", preemption.preempted_tags(stopped, tracker))
+            raise
         except KeyboardInterrupt as error:
-            tracker.end("KILLED", {liveness.REASON_TAG: f"interrupted ({error or 'Ctrl-C'})"})
+            tracker.end("KILLED", {liveness.REASON_TAG: f"interrupted ({str(error) or 'Ctrl-C'})"})
             raise
         except BaseException as error:
             tracker.end("FAILED", {liveness.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
@@ -315,7 +321,18 @@ class Trial:
                 if period_end:
                     self._end_period(period, step + 1, tracker)
                     period = self._new_period()
+                signum = preemption.agreed(self.ranks.world, self.device)
+                if signum:
+                    self._stop_preempted(signum, step + 1, pending, period, period_end, tracker)
         return time.perf_counter() - started
+
+    def _stop_preempted(self, signum: int, step: int, pending, period: PeriodStats, saved: bool, tracker) -> None:
+        """A preemption signal arrived: checkpoint after `step` (unless its period just did), then stop."""
+        if pending:
+            self._read_back(pending, period, tracker)
+        if not saved:
+            self.checkpoints.save(step, False, self.model, tracker, self._training_state)
+        raise preemption.Preempted(signum, step, str(self.checkpoints.last))
 
     @property
     def show_progress(self) -> bool:
