@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from harness.trial import checkpoint
 from tests.conftest import TINY
-from tests.e2e.test_study_processes import SWEEP_TINY, run_sweep, runs, sweep_command, sweep_env, table
+from tests.e2e.test_study_processes import run_sweep, runs, sweep_command, sweep_env, table
 
-LONG = ["trainer.max_steps=300", "trainer.checkpoint_interval=100", "trainer.deterministic=true"]
+LONG = ["trainer.max_steps=30", "trainer.checkpoint_interval=20", "trainer.deterministic=true"]
 
 
 def trial_command(run_dir: Path, *args: str) -> list[str]:
@@ -44,7 +44,7 @@ def test_a_signalled_trial_checkpoints_exits_with_its_signal_and_resumes_bit_ide
         trial_command(cut), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     wait_for(cut / "checkpoints" / "step_000001", trial)
-    time.sleep(4.0)  # into the second period: the preemption checkpoint is not a periodic one
+    time.sleep(2.0)  # into the second period: the preemption checkpoint is not a periodic one
     trial.send_signal(getattr(signal, signame))
     stdout, stderr = trial.communicate(timeout=120)
     signum = getattr(signal, signame)
@@ -53,7 +53,7 @@ def test_a_signalled_trial_checkpoints_exits_with_its_signal_and_resumes_bit_ide
 
     [run] = runs(uri)
     step = int(run.data.tags["preempted"])
-    assert run.info.status == "KILLED" and 1 <= step < 300, (run.info.status, step)
+    assert run.info.status == "KILLED" and 1 <= step < 30, (run.info.status, step)
     assert run.data.tags["resumes_from"].endswith(f"step_{step:06d}")
     assert (cut / "checkpoints" / f"step_{step:06d}").is_dir()
     assert checkpoint.find(cut).name == f"step_{step:06d}"
@@ -77,7 +77,12 @@ def test_ctrl_c_ends_the_run_killed_without_a_traceback(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"}
     trial = subprocess.Popen(
-        trial_command(tmp_path / "run"), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        trial_command(tmp_path / "run"),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     wait_for(tmp_path / "run" / "checkpoints" / "step_000001", trial)
     trial.send_signal(signal.SIGINT)
@@ -92,7 +97,7 @@ def test_a_sigkilled_study_resumes_its_trial_in_the_same_run_bit_identically(tmp
     study ends with one FINISHED run whose weights equal an uninterrupted study's."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = ["hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]", *LONG[2:]]
-    steps = ["trainer.max_steps=300", "trainer.checkpoint_interval=100"]
+    steps = ["trainer.max_steps=30", "trainer.checkpoint_interval=20"]
     first = subprocess.Popen(
         sweep_command(*study, *steps, sweep_dir=tmp_path / "first"),
         cwd=tmp_path,
@@ -101,7 +106,7 @@ def test_a_sigkilled_study_resumes_its_trial_in_the_same_run_bit_identically(tmp
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    wait_for(tmp_path / "first" / "0" / "checkpoints" / "step_000101", first)
+    wait_for(tmp_path / "first" / "0" / "checkpoints" / "step_000021", first)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     time.sleep(4.5)  # 4 heartbeat intervals: the killed execution's runs are stale
@@ -109,9 +114,9 @@ def test_a_sigkilled_study_resumes_its_trial_in_the_same_run_bit_identically(tmp
     second = run_sweep(*study, *steps, sweep_dir=tmp_path / "second", uri=uri)
     assert second.returncode == 0, second.stdout + second.stderr
     [killed] = [r for r in runs(uri) if r.data.tags.get("resumed_from")]
-    assert f"baseline-s1 resumes run {killed.info.run_id} (KILLED) from step_000101" in second.stdout
+    assert f"baseline-s1 resumes run {killed.info.run_id} (KILLED) from step_000021" in second.stdout
     assert table(second.stdout) == {"baseline-s1": "FINISHED"}
-    assert "resumed from step_000101" in second.stdout
+    assert "resumed from step_000021" in second.stdout
     assert [r.info.status for r in runs(uri)] == ["FINISHED"]  # the same run, continued
 
     whole_uri = f"sqlite:///{tmp_path / 'whole.db'}"
@@ -123,7 +128,12 @@ def test_a_sigkilled_study_resumes_its_trial_in_the_same_run_bit_identically(tmp
 
 def test_a_diverged_trial_is_a_result_and_not_run_again(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    study = ["hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]", "optim.lr=1e30", "trainer.divergence_patience=1"]
+    study = [
+        "hydra.sweeper.arms=[baseline]",
+        "hydra.sweeper.seeds=[1]",
+        "optim.lr=1e30",
+        "trainer.divergence_patience=1",
+    ]
     first = run_sweep(*study, sweep_dir=tmp_path / "first", uri=uri)
     assert first.returncode == 1 and table(first.stdout) == {"baseline-s1": "FAILED"}, first.stdout + first.stderr
     assert "baseline-s1 diverged (a result; rerun=true runs them again)" in first.stderr
