@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.trial import checkpoint
-from tests.conftest import TINY
+from tests.conftest import TINY, run_in_process
 from tests.e2e.test_study_processes import run_sweep, runs, sweep_command, sweep_env, table
 
 LONG = ["trainer.max_steps=30", "trainer.checkpoint_interval=20", "trainer.deterministic=true"]
@@ -57,6 +57,9 @@ def test_a_signalled_trial_checkpoints_exits_with_its_signal_and_resumes_bit_ide
     assert run.data.tags["resumes_from"].endswith(f"step_{step:06d}")
     assert (cut / "checkpoints" / f"step_{step:06d}").is_dir()
     assert checkpoint.find(cut).name == f"step_{step:06d}"
+    listed = run_in_process("runs", f"tracking.uri={uri}")
+    assert "1 preempted runs" in listed.stdout and run.info.run_id in listed.stdout, listed.stdout
+    assert f"python -m harness resume={cut.resolve()}" in listed.stdout
 
     resumed = subprocess.run(
         [sys.executable, "-m", "harness", f"resume={cut}"], cwd=tmp_path, env=env, capture_output=True, text=True
