@@ -5,6 +5,7 @@ A run FAILED by divergence is a result and is never continued; docs/cluster.md."
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 from harness.config.compose import config_hash, resumed_trial
@@ -24,16 +25,17 @@ def diverged(run) -> bool:
 
 
 def unfinished_runs(client, experiment_id: str, study: str, computation: str, version: str | None) -> list:
-    """The study's runs of `computation` that ended before finishing and may be continued, newest first."""
+    """The study's runs of `computation` that ended before finishing (or whose process died: stale) and may be
+    continued, newest first."""
     query = f"tags.study = '{study}' and tags.config_hash = '{computation}'"
     if version:
         query += f" and tags.code_version = '{version}'"
-    found = liveness.search(client, [experiment_id], query)
+    found, now = liveness.search(client, [experiment_id], query), time.time()
     return sorted(
         (
             r
             for r in found
-            if r.info.status in ("KILLED", "FAILED")
+            if (r.info.status in ("KILLED", "FAILED") or liveness.is_stale(r, now))
             and not diverged(r)
             and not r.data.tags.get(liveness.WITHDRAWN_TAG)
             and r.data.tags.get("run_dir")

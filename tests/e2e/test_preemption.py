@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from harness.trial import checkpoint
 from tests.conftest import TINY, run_in_process
-from tests.e2e.test_study_processes import run_sweep, runs, sweep_command, sweep_env, table
+from tests.e2e.test_study_processes import SWEEP_TINY, run_sweep, runs, sweep_command, sweep_env, table
 
 LONG = ["trainer.max_steps=30", "trainer.checkpoint_interval=20", "trainer.deterministic=true"]
 
@@ -114,9 +114,14 @@ def test_a_sigkilled_study_resumes_its_trial_in_the_same_run_bit_identically(tmp
     first.wait()
     time.sleep(4.5)  # 4 heartbeat intervals: the killed execution's runs are stale
 
+    plan = run_in_process("plan", "+sweep=quick", *SWEEP_TINY, *study, *steps, env_uri=uri)
+    assert "resume: 1 trial continue an unfinished run:" in plan.stdout, plan.stdout + plan.stderr
+    assert "baseline-s1: run " in plan.stdout and "from step_000021, 21 steps done" in plan.stdout
     second = run_sweep(*study, *steps, sweep_dir=tmp_path / "second", uri=uri)
     assert second.returncode == 0, second.stdout + second.stderr
-    [killed] = [r for r in runs(uri) if r.data.tags.get("resumed_from")]
+    resumed = [r for r in runs(uri) if r.data.tags.get("resumed_from")]
+    assert len(resumed) == 1, second.stdout + second.stderr
+    [killed] = resumed
     assert f"baseline-s1 resumes run {killed.info.run_id} (KILLED) from step_000021" in second.stdout
     assert table(second.stdout) == {"baseline-s1": "FINISHED"}
     assert "resumed from step_000021" in second.stdout
