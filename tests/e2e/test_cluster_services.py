@@ -6,6 +6,7 @@ import subprocess
 
 import mlflow
 import pytest
+import torch
 
 from tests.conftest import TINY, run_harness
 from tests.e2e.conftest import libpq_uri
@@ -106,3 +107,38 @@ def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
         cursor.execute("SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'test_loss'", (run.info.run_id,))
         [(test_loss,)] = cursor.fetchall()
     assert test_loss == pytest.approx(run.data.metrics["test_loss"])
+
+
+def test_a_slurm_trial_past_its_time_limit_checkpoints_requeues_and_finishes_bit_identically(slurm_partition, tmp_path):
+    """`timeout_min=1`: submitit asks SLURM for its USR2 warning 120 s before the limit, so the job is signalled
+    at slurmctld's first time-limit pass (0-30 s after it starts, docs/cluster.md). The trial checkpoints at the
+    next step boundary, submitit requeues the job, and the requeued trial continues the same run."""
+    from safetensors.torch import load_file
+
+    from harness.trial import checkpoint
+
+    long = ["trainer.max_steps=60", "trainer.checkpoint_interval=30", "trainer.deterministic=true"]
+    study = [*TINY, *long, "hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]"]
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_harness(
+        "+sweep=quick",
+        *SLURM_CPU_JOB,
+        "hydra.launcher.timeout_min=1",
+        "hydra.launcher.max_num_timeout=8",
+        f"hydra.launcher.partition={slurm_partition}",
+        *study,
+        f"hydra.sweep.dir={tmp_path / 'study'}",
+        cwd=tmp_path,
+        env_uri=tracking_uri,
+    )
+    [run] = trial_runs(tracking_uri)
+    assert_finished_trial(run, TRIAL_TAGS)
+    assert int(run.data.tags["preemptions"]) >= 1 and run.data.tags["resumed_from"].startswith("step_"), run.data.tags
+    assert "resumed from step_" in result.stdout and "preempted " in result.stdout, result.stdout
+
+    whole_uri = f"sqlite:///{tmp_path / 'whole.db'}"
+    run_harness("+sweep=quick", *study, f"hydra.sweep.dir={tmp_path / 'whole'}", cwd=tmp_path, env_uri=whole_uri)
+    [whole] = trial_runs(whole_uri)
+    cut = load_file(str(checkpoint.find(run.data.tags["run_dir"]) / checkpoint.MODEL_FILE))
+    uninterrupted = load_file(str(checkpoint.find(whole.data.tags["run_dir"]) / checkpoint.MODEL_FILE))
+    assert cut.keys() == uninterrupted.keys() and all(torch.equal(cut[k], uninterrupted[k]) for k in cut)
