@@ -161,8 +161,9 @@ def run_study(
         results = [o for o in unfinished if o.diverged]
         retried = [o for o in unfinished if not o.diverged]
         raise StudyIncomplete(
-            f"{len(unfinished)} of {len(outcomes)} trials of study {tag} did not finish"
-            + (f"; {', '.join(o.trial for o in retried)}: run the same command again to resume them" if retried else "")
+            f"{len(unfinished)} of {len(outcomes)} trials of study {tag} did not finish "
+            f"({', '.join(o.trial for o in unfinished)})"
+            + (f"; run the same command again to resume {', '.join(o.trial for o in retried)}" if retried else "")
             + (
                 f"; {', '.join(o.trial for o in results)} diverged (a result; rerun=true runs them again)"
                 if results
