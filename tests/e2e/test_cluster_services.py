@@ -133,7 +133,7 @@ def test_a_slurm_trial_past_its_time_limit_checkpoints_requeues_and_finishes_bit
 
     from harness.trial import checkpoint
 
-    long = ["trainer.max_steps=400", "trainer.checkpoint_interval=200", "trainer.deterministic=true"]
+    long = ["trainer.max_steps=60", "trainer.checkpoint_interval=30", "trainer.deterministic=true"]
     study = [*TINY, *long, "hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]"]
     tracking_uri, whole_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'whole.db'}"
     command = [sys.executable, "-m", "harness", "+sweep=quick", *study]
