@@ -6,6 +6,7 @@ Bad input is refused before anything runs (docs/config.md). Imports stay inside 
 """
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -32,8 +33,13 @@ def run_trial(cfg) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     from harness.trial.preflight import trial_for_job
+    from harness.trial.ranks import Ranks, export_submitit_ranks
+    from harness.trial.resumption import resume_unfinished
 
-    trial_cfg = trial_for_job(cfg, list(HydraConfig.get().overrides.task))
+    export_submitit_ranks()
+    overrides = list(HydraConfig.get().overrides.task)
+    world = Ranks.from_env().world if "WORLD_SIZE" in os.environ else None
+    trial_cfg = resume_unfinished(trial_for_job(cfg, overrides), overrides, world)
     run_dir = Path(trial_cfg.resume or HydraConfig.get().runtime.output_dir)
     if trial_cfg.resume:
         from harness.tracking.liveness import resumed_already_finished
@@ -50,9 +56,7 @@ def run_trial(cfg) -> float:
         if held:
             refuse(ConfigError([f"resume={run_dir}: {held}"]))
     from harness.trial.launch import launch
-    from harness.trial.ranks import export_submitit_ranks
 
-    export_submitit_ranks()
     result = launch(trial_cfg, run_dir, checked=True)
     if "test_loss" in result:
         print(f"test_loss {result['test_loss']:.6f}  run {result['run_id']}  dir {run_dir}")
@@ -91,8 +95,14 @@ def train(arguments: list[str]) -> None:
     broken_overlays = overlay_file_problems(flags.overrides, flags.config_dir)
     if broken_overlays:
         refuse(ConfigError(broken_overlays))
+    from harness.trial.preemption import Preempted, exit_status
+
     sys.argv = [sys.argv[0], *arguments]
-    hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(run_trial)()
+    try:
+        hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(run_trial)()
+    except (KeyboardInterrupt, Preempted) as stopped:  # the run says how it ended; no traceback
+        print(f"stopped: {stopped or 'interrupted (Ctrl-C)'}", file=sys.stderr, flush=True)
+        sys.exit(exit_status(stopped))
 
 
 def main(arguments: list[str] | None = None) -> None:

@@ -112,7 +112,10 @@ def run_in_process(
         "cwd": os.getcwd(),
         "argv": list(sys.argv),
         "environ": dict(os.environ),
-        "handlers": {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)},
+        "handlers": {
+            number: signal.getsignal(number)
+            for number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+        },
         "tracking_uri": tracking_utils._tracking_uri,
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "cudnn_deterministic": torch.backends.cudnn.deterministic,

@@ -3,6 +3,7 @@ Nothing is trained, written or recorded, and torch is not loaded."""
 
 import dataclasses
 import math
+from pathlib import Path
 
 from harness.arguments import split
 from harness.config.checks import ConfigError
@@ -242,7 +243,59 @@ def report(planned: list[tuple[str, TrialConfig]], what: str, options: dict) -> 
         f"not counted: each trial's final test evaluation ({first.test_tokens:,} tokens, forward only; on a GPU twice, "
         f"fp32 and fp16 autocast), start-up, samples and charts",
     ]
+    lines += resume_savings(planned, trials)
     return "\n".join(lines)
+
+
+def resume_savings(planned: list[tuple[str, TrialConfig]], trials: list) -> list[str]:
+    """For a study whose store already exists: the trials that will continue an unfinished run from an intact
+    checkpoint, and the steps and GPU-hours that saves (docs/cluster.md). The store is only read."""
+    study = planned[0][1].study
+    if study is None or any(cfg.rerun for _, cfg in planned):
+        return []
+    from harness.config.compose import config_hash
+    from harness.paths import default_tracking_uri
+    from harness.tracking.store import connect, normalize_uri
+    from harness.tracking.version import code_version
+    from harness.trial.resumption import latest_intact, unfinished_runs
+
+    uri = normalize_uri(planned[0][1].tracking.uri or default_tracking_uri())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return []
+    try:
+        client = connect(uri, timeout=planned[0][1].tracking.connect_timeout)
+        experiment = client.get_experiment_by_name(planned[0][1].tracking.experiment)
+        if experiment is None:
+            return []
+        found, taken = [], set()
+        for (name, cfg), cost_of in zip(planned, trials):
+            version = None if cfg.reuse_other_code_versions else code_version()
+            runs = unfinished_runs(client, experiment.experiment_id, study, config_hash(cfg), version)
+            for run in (r for r in runs if r.info.run_id not in taken):
+                intact, _ = latest_intact(Path(run.data.tags["run_dir"]))
+                if intact is not None:
+                    taken.add(run.info.run_id)
+                    done = checkpoint_step(intact.name)
+                    found.append((name, run.info.run_id, intact.name, done, cost_of.gpu_hours * done / cost_of.steps))
+                    break
+    except Exception as error:  # the plan stays a plan without the store
+        return ["", f"resume: the store {uri} could not be read ({str(error).splitlines()[0][:200]})"]
+    if not found:
+        return []
+    lines = ["", f"resume: {len(found)} trial{'s' if len(found) > 1 else ''} continue an unfinished run:"]
+    lines += [
+        f"  {name}: run {run_id} from {step_dir}, {done:,} steps done ({hours(h)} GPU-hours saved)"
+        for name, run_id, step_dir, done, h in found
+    ]
+    saved = sum(h for *_, h in found)
+    lines.append(f"  saved in all: {hours(saved)} GPU-hours; the table above counts every step")
+    return lines
+
+
+def checkpoint_step(name: str) -> int:
+    from harness.trial.checkpoint import STEP_DIR
+
+    return int(STEP_DIR.fullmatch(name)[1])
 
 
 def main(arguments: list[str]) -> int:

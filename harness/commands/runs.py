@@ -9,13 +9,15 @@ from harness.paths import default_tracking_uri
 from harness.tracking import liveness
 from harness.tracking.replay import replay
 from harness.tracking.store import TrackingUnavailable, connect, normalize_uri
+from harness.trial.preemption import PREEMPTED_TAG, RESUMES_TAG
 
 USAGE = """\
 usage:
     python -m harness runs [study=NAME] [experiment=NAME] [tracking.uri=URI] [--mark-stale] [stale_after=SECONDS]
     python -m harness replay RUN_DIR [tracking.uri=URI]
 
-`runs` lists the RUNNING runs with their heartbeat (live, stale, or none: a run of an older harness).
+`runs` lists the RUNNING runs with their heartbeat (live, stale, or none: a run of an older harness), then the
+preempted runs (KILLED at a step boundary with a checkpoint) and what resumes each.
 `--mark-stale` ends the stale ones KILLED with the reason (a SIGKILLed trial or sweep, a lost node), so
 `mlflow ui` and the analysis show the truth; a stale run is one silent for 4 heartbeat intervals, or for
 `stale_after` seconds if given. `replay` sends the records a trial saved in RUN_DIR/unsent_records.jsonl
@@ -70,6 +72,7 @@ def list_runs(options: dict[str, str], mark: bool) -> int:
     print(f"{len(running)} RUNNING runs in {uri}")
     if running:
         print("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows))
+    list_preempted(client, [e.experiment_id for e in experiments], options.get("study"))
     stale = [r for r in running if liveness.is_stale(r, now, stale_after)]
     if not mark:
         if stale:
@@ -78,6 +81,35 @@ def list_runs(options: dict[str, str], mark: bool) -> int:
     for run, reason in liveness.mark_stale(client, running, stale_after):
         print(f"marked {run.info.run_id} ({run.info.run_name}) KILLED: {reason}")
     return 0
+
+
+def list_preempted(client, experiment_ids: list[str], study: str | None) -> None:
+    """The KILLED runs a preemption stopped, the step each reached and what continues it."""
+    query = "attributes.status = 'KILLED'" + (f" and tags.study = '{study}'" if study else "")
+    preempted = [r for r in liveness.search(client, experiment_ids, query) if PREEMPTED_TAG in r.data.tags]
+    if not preempted:
+        return
+    rows = [["run", "name", "study", "step", "resumes from", "resumed by"]]
+    for run in sorted(preempted, key=lambda r: r.info.start_time):
+        tags = run.data.tags
+        resumed_by = (
+            f"the next execution of study {tags['study']} (or its job's requeue)"
+            if tags.get("study")
+            else f"python -m harness resume={tags.get('run_dir', 'RUN_DIR')}"
+        )
+        rows.append(
+            [
+                run.info.run_id,
+                run.info.run_name or "",
+                tags.get("study", ""),
+                tags[PREEMPTED_TAG],
+                tags.get(RESUMES_TAG, ""),
+                resumed_by,
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"{len(preempted)} preempted runs (KILLED at a step boundary, checkpoint saved)")
+    print("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows))
 
 
 def main(arguments: list[str]) -> int:

@@ -162,6 +162,7 @@ class TrainerConfig(Checked):
     deterministic: bool = False
     compile: bool = False  # torch.compile the training forward/backward (same computation, fused kernels)
     progress: bool = True
+    preempt_signal: str = "USR1"  # besides SIGTERM, the signal that checkpoints and stops the trial (docs/cluster.md)
     # Besides `latest` and `best`, keep every K-th checkpoint (one per K × checkpoint_interval steps); 0 keeps
     # no others, null keeps every checkpoint. gpt2_small writes ~2 GB per checkpoint, 55 per trial.
     keep_checkpoints: int | None = 0
@@ -177,6 +178,7 @@ class TrainerConfig(Checked):
         "checkpoint_interval": at_least(1),
         "exploding_grad_norm": Allowed(lambda v: v > 0, "a number > 0 (inf: never)"),
         "divergence_patience": at_least(1, " (consecutive non-finite steps before the trial stops)"),
+        "preempt_signal": one_of("USR1", "USR2", "TERM", "HUP"),
         "sample_prompt": text(),
         "sample_tokens": at_least(0),
         "sample_top_k": at_least(0, " (0 = sample from every token)"),

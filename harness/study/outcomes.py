@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Optional
 
 from harness.study.design import TrialSpec
 from harness.tracking import liveness
+from harness.trial.preemption import PREEMPTIONS_TAG, RESUMED_TAG
+from harness.trial.resumption import diverged
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -27,6 +29,7 @@ class PlannedTrial:
     elsewhere_run: Optional["Run"] = None  # the run another execution FINISHED while this one waited
     slots: int = 1  # runs of this computation the study asks for (exact repeats ask for several)
     rerun_reason: str = ""  # why a FINISHED run of the same computation was not reused
+    diverged_run: Optional["Run"] = None  # a FAILED run of the same computation that diverged: a result
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Outcome:
     test_loss: float | None = None
     run_id: str | None = None
     note: str = ""
+    diverged: bool = False  # FAILED by divergence: a result, not run again unless rerun=true
 
 
 def collect_outcomes(planned: list[PlannedTrial], ended_early: dict[int, JobEnd], children: list) -> list[Outcome]:
@@ -50,6 +54,9 @@ def collect_outcomes(planned: list[PlannedTrial], ended_early: dict[int, JobEnd]
         name = p.trial.name
         if p.earlier_run is not None:
             outcomes.append(run_outcome(name, p.earlier_run, "SKIPPED", "FINISHED earlier"))
+        elif p.diverged_run is not None:
+            note = f"diverged earlier, a result: {p.diverged_run.data.tags.get(liveness.REASON_TAG, '')}"
+            outcomes.append(run_outcome(name, p.diverged_run, "FAILED", note))
         elif p.elsewhere_run is not None:
             parent = p.elsewhere_run.data.tags.get("mlflow.parentRunId", "none")
             outcomes.append(
@@ -76,7 +83,13 @@ def collect_outcomes(planned: list[PlannedTrial], ended_early: dict[int, JobEnd]
 
 
 def run_outcome(name: str, run, status: str, note: str) -> Outcome:
-    return Outcome(name, status, run.data.metrics.get("test_loss"), run.info.run_id, note)
+    tags = run.data.tags
+    history = [
+        f"resumed from {tags[RESUMED_TAG]}" if RESUMED_TAG in tags else "",
+        f"preempted {tags[PREEMPTIONS_TAG]}x" if PREEMPTIONS_TAG in tags else "",
+    ]
+    note = "; ".join(filter(None, [*history, note]))
+    return Outcome(name, status, run.data.metrics.get("test_loss"), run.info.run_id, note, diverged(run))
 
 
 def outcome_table(outcomes: list[Outcome]) -> str:

@@ -23,6 +23,7 @@ from harness.study.store import StudyStore
 from harness.tracking.liveness import ClaimedElsewhere
 from harness.tracking.store import TrackingUnavailable, ui_url
 from harness.tracking.version import code_version
+from harness.trial.preemption import Preempted
 from harness.trial.preflight import check_trial
 from harness.trial.ranks import launcher_ranks
 
@@ -35,7 +36,7 @@ PER_TRIAL_KEYS = {
     "train_seed": "the study sets it per trial; change hydra.sweeper.train_seeds",
     "intervention": "the study sets it per trial; change hydra.sweeper.arms",
     "tracking.parent_run_id": "the study sets it to its parent run",
-    "resume": "a study retries its unfinished trials from the start: run the same command again",
+    "resume": "a study resumes its unfinished trials from their latest intact checkpoints: run the same command again",
 }
 
 
@@ -78,21 +79,33 @@ def run_study(
     store.mark_stale()
     if not trial_cfg.rerun:
         skip_finished(planned, store.finished_runs(), version, trial_cfg.reuse_other_code_versions)
-    pending = [p for p in planned if p.earlier_run is None]
+        keep_divergences(planned, store.diverged_runs())
+    pending = [p for p in planned if p.earlier_run is None and p.diverged_run is None]
     launcher_name = config.hydra.runtime.choices.get("hydra/launcher")
     design = factorial_design(study.factorial.factors, study.factorial.resolution).describe() if study.factorial else ""
     parent_id = store.start_parent(study, planned, arguments, launcher_name, str(config.hydra.sweep.dir), design)
     print(f"[study {tag}] {study.description}" + (f"\n[study {tag}] {design}" if design else ""))
     print(
-        f"[study {tag}] {len(planned)} trials: {len(planned) - len(pending)} already FINISHED (skipped), "
+        f"[study {tag}] {len(planned)} trials: {sum(p.earlier_run is not None for p in planned)} already FINISHED "
+        f"(skipped), "
         f"{len(pending)} to run with the {launcher_name} launcher; parent run {parent_id} in {store.uri}; "
         f"code version {version}",
         flush=True,
     )
     print(f"[study {tag}] in mlflow ui: {ui_url(store.uri, store.experiment_id, parent_id)}", flush=True)
+    for p in planned:
+        if p.diverged_run is not None:
+            print(
+                f"[study {tag}] {p.trial.name} is not run again: its run {p.diverged_run.info.run_id} diverged, "
+                f"a result (rerun=true runs it again)",
+                flush=True,
+            )
     for p in pending:
         if p.rerun_reason:
             print(f"[study {tag}] {p.trial.name} runs again: {p.rerun_reason}", flush=True)
+    if not trial_cfg.rerun:
+        for p, line in store.resumes(pending, None if trial_cfg.reuse_other_code_versions else version):
+            print(f"[study {tag}] {p.trial.name} {line}", flush=True)
 
     def plan_round(round_trials: list[TrialSpec]) -> list[PlannedTrial]:  # a sequential study's later rounds
         new = plan_trials(round_trials, study, config, config_loader, arguments)[0]
@@ -131,7 +144,7 @@ def run_study(
                     progress.report,
                 )
     except BaseException as error:
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(error, (KeyboardInterrupt, Preempted)) else "FAILED"
         raise
     finally:
         store.stop_heartbeat()
@@ -145,9 +158,17 @@ def run_study(
         store.end_parent(parent_id, study, outcomes, table, status, design)
     unfinished = [o for o in outcomes if o.status not in ("FINISHED", "SKIPPED")]
     if unfinished:
+        results = [o for o in unfinished if o.diverged]
+        retried = [o for o in unfinished if not o.diverged]
         raise StudyIncomplete(
             f"{len(unfinished)} of {len(outcomes)} trials of study {tag} did not finish "
-            f"({', '.join(o.trial for o in unfinished)}); run the same command again to retry them"
+            f"({', '.join(o.trial for o in unfinished)})"
+            + (f"; run the same command again to resume {', '.join(o.trial for o in retried)}" if retried else "")
+            + (
+                f"; {', '.join(o.trial for o in results)} diverged (a result; rerun=true runs them again)"
+                if results
+                else ""
+            )
         )
     return outcomes
 
@@ -212,6 +233,13 @@ def skip_finished(
                 f"{other.data.tags.get('code_version', '(not recorded)')}, not by this one ({version}); "
                 f"reuse_other_code_versions=true would reuse it"
             )
+
+
+def keep_divergences(planned: list[PlannedTrial], diverged: dict[str, list]) -> None:
+    """A trial whose computation diverged in the study (and has no FINISHED run) is a result: it is not run again."""
+    for p in planned:
+        if p.earlier_run is None and diverged.get(p.config_hash):
+            p.diverged_run = diverged[p.config_hash].pop(0)
 
 
 def submit_jobs(launcher: Launcher, jobs: list[list[str]], first_index: int) -> list[JobEnd | None]:

@@ -11,6 +11,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -19,6 +20,8 @@ from harness.study.outcomes import ELSEWHERE, JobEnd, Outcome, PlannedTrial, out
 from harness.tracking import liveness
 from harness.tracking.liveness import CLAIM_SETTLE, search
 from harness.tracking.version import code_version
+from harness.trial.preemption import RESUMED_AT_TAG
+from harness.trial.resumption import diverged, latest_intact, unfinished_runs
 
 PLAN_TAG = "study_plan"  # digest of the trials and code version an execution runs
 EXECUTION_TAG = "study_execution"  # the execution that holds the parent now
@@ -136,6 +139,7 @@ class StudyStore:
         self.heartbeat_interval, self.code_version = heartbeat_interval, code_version
         self.execution, self.execution_number = uuid.uuid4().hex, 1  # this execution, and its number on its parent
         self.earlier_children: set[str] = set()  # runs of the parent made by its earlier executions
+        self.started = time.time()  # runs resumed after this were resumed by this execution
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -262,10 +266,44 @@ class StudyStore:
         return by_hash
 
     def children(self, parent_id: str, patient: bool = True) -> list:
-        """The parent's child runs made by this execution (a reused parent also holds its earlier ones')."""
+        """The parent's child runs made or resumed by this execution (a reused parent also holds its earlier ones')."""
         query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
         found = self.search(query) if patient else liveness.search(self.client, [self.experiment_id], query)
-        return [r for r in found if r.info.run_id not in self.earlier_children]
+        return [r for r in found if r.info.run_id not in self.earlier_children or self.resumed_here(r)]
+
+    def resumed_here(self, run) -> bool:
+        return float(run.data.tags.get(RESUMED_AT_TAG, "0")) >= self.started
+
+    def diverged_runs(self) -> dict[str, list]:
+        """The study's trial runs FAILED by divergence, by config_hash: results, not run again."""
+        by_hash = defaultdict(list)
+        for run in self.search(f"tags.study = '{self.study}' and attributes.status = 'FAILED'"):
+            if "config_hash" in run.data.tags and diverged(run):
+                by_hash[run.data.tags["config_hash"]].append(run)
+        return by_hash
+
+    def resumes(self, pending: list[PlannedTrial], version: str | None) -> list[tuple[PlannedTrial, str]]:
+        """What each pending trial will continue: (trial, "resumes run R from step_N") for those whose computation
+        has an unfinished run with an intact checkpoint, (trial, "starts fresh: why") for those with one without."""
+        lines = []
+        for p in pending:
+            runs = self.patiently(
+                lambda p=p: unfinished_runs(self.client, self.experiment_id, self.study, p.config_hash, version)
+            )
+            for run in runs[:1]:
+                found, problems = latest_intact(Path(run.data.tags["run_dir"]))
+                if found is not None:
+                    lines.append((p, f"resumes run {run.info.run_id} ({run.info.status}) from {found.name}"))
+                else:
+                    why = "; ".join(problems) or "no checkpoint was saved"
+                    lines.append(
+                        (
+                            p,
+                            f"starts fresh: its run {run.info.run_id} ({run.info.status}) has no intact "
+                            f"checkpoint ({why})",
+                        )
+                    )
+        return lines
 
     def start_parent(
         self,

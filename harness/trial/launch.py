@@ -5,7 +5,6 @@ The config is composed once by `python -m harness`; spawned ranks receive it res
 
 import logging
 import os
-import signal
 import uuid
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from harness.config.schema import TrialConfig
+from harness.trial import preemption
 from harness.trial.preflight import check_trial
 from harness.trial.ranks import Ranks, under_torchrun
 
@@ -48,7 +48,7 @@ def run_rank(cfg: TrialConfig, run_dir: str) -> dict:
     from harness.trial.trainer import run_trial
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)  # a terminated trial ends KILLED, not silently RUNNING
+    preemption.install(cfg.trainer.preempt_signal)  # SIGTERM: checkpoint at the next step, end KILLED, preempted
     set_determinism(cfg.trainer.deterministic)  # both ways: trials may share a process (Hydra's basic launcher)
     ranks = Ranks.from_env()
     if ranks.world > 1 and not dist.is_initialized():
@@ -59,6 +59,9 @@ def run_rank(cfg: TrialConfig, run_dir: str) -> dict:
             dist.broadcast_object_list(shared, src=0)
             run_dir = shared[0]
         return run_trial(cfg, Path(run_dir), ranks)
+    except preemption.Preempted as stopped:
+        preemption.pass_on(stopped.signum)  # under submitit: requeue the job (it exits this process)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -70,7 +73,3 @@ def set_determinism(enabled: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")

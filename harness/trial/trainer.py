@@ -19,7 +19,7 @@ from harness.paths import default_tracking_uri
 from harness.tracking import liveness
 from harness.tracking.liveness import ClaimedElsewhere
 from harness.tracking.store import probe, ui_url
-from harness.trial import charts, checkpoint
+from harness.trial import charts, checkpoint, preemption
 from harness.trial.checkpointer import Checkpointer
 from harness.trial.evaluation import held_out_losses, study_test_autocast
 from harness.trial.flops import mfu, peak_flops
@@ -166,7 +166,7 @@ class Trial:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.plugins)
         self.scheduler = build_scheduler(self.optimizer, t.max_steps, cfg.optim, self.plugins)
         self.scaler = self.precision.grad_scaler()
-        self.start_step, self.run_id = 0, None
+        self.start_step, self.run_id, self.resumed_from = 0, None, None
         self.cpu_threads = torch.get_num_threads()  # the intra-op thread count changes a CPU trial's bits
         self.train_seconds_before = 0.0  # training time of the trial before the checkpoint it resumed from
         self.steps_started = time.perf_counter()  # reset when the step loop starts
@@ -182,6 +182,7 @@ class Trial:
             self.cpu_threads = state.get("cpu_threads", self.cpu_threads)
             torch.set_num_threads(self.cpu_threads)  # an exact continuation computes with the threads it started with
             log.info("resumed from %s at step %d", path, self.start_step)
+            self.resumed_from = path.name
         self.train_model = self.model
         if ranks.world > 1:
             self.train_model = DistributedDataParallel(
@@ -259,9 +260,14 @@ class Trial:
                     "cpu_threads": str(self.cpu_threads),
                 }
             )
+            if self.resumed_from:
+                preemption.record_resume(tracker, self.resumed_from)
             result = self._train(tracker)
         except ClaimedElsewhere as error:
             tracker.end("KILLED", {liveness.REASON_TAG: f"withdrawn: {error}", liveness.WITHDRAWN_TAG: "true"})
+            raise
+        except preemption.Preempted as stopped:
+            tracker.end("KILLED", preemption.preempted_tags(stopped, tracker))
             raise
         except KeyboardInterrupt as error:
             tracker.end("KILLED", {liveness.REASON_TAG: f"interrupted ({str(error) or 'SIGINT'})"})
@@ -344,11 +350,22 @@ class Trial:
                 if period_end:
                     self._end_period(period, step + 1, tracker)
                     period = self._new_period()
+                signum = preemption.agreed(self.ranks.world, self.device)
+                if signum:
+                    self._stop_preempted(signum, step + 1, pending, period, period_end, tracker)
         return self.train_seconds()
 
     def train_seconds(self) -> float:
         """The trial's training time so far: before the checkpoint it resumed from, plus this process's steps."""
         return self.train_seconds_before + time.perf_counter() - self.steps_started
+
+    def _stop_preempted(self, signum: int, step: int, pending, period: PeriodStats, saved: bool, tracker) -> None:
+        """A preemption signal arrived: checkpoint after `step` (unless its period just did), then stop."""
+        if pending:
+            self._read_back(pending, period, tracker)
+        if not saved:
+            self.checkpoints.save(step, False, self.model, tracker, self._training_state)
+        raise preemption.Preempted(signum, step, str(self.checkpoints.last))
 
     @property
     def show_progress(self) -> bool:

@@ -2,10 +2,14 @@
 through the repository's `hydra/launcher=slurm`, and a trial tracked by a real `mlflow server` on PostgreSQL."""
 
 import math
+import os
 import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
+import torch
 
 from tests.conftest import TINY, run_harness
 from tests.e2e.conftest import libpq_uri
@@ -106,3 +110,65 @@ def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
         cursor.execute("SELECT value FROM latest_metrics WHERE run_uuid = %s AND key = 'test_loss'", (run.info.run_id,))
         [(test_loss,)] = cursor.fetchall()
     assert test_loss == pytest.approx(run.data.metrics["test_loss"])
+
+
+def release_requeued(process: subprocess.Popen) -> None:
+    """While `process` runs: start each requeued job at once. SLURM holds a requeued batch job for 120 s before it
+    is eligible again (Reason=BeginTime); the test does not wait for that."""
+    while process.poll() is None:
+        pending = subprocess.run(
+            ["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True, timeout=30
+        ).stdout.split("\n")
+        for job in (line.split()[0] for line in pending if line.endswith("BeginTime")):
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
+        time.sleep(1)
+
+
+def test_a_slurm_trial_past_its_time_limit_checkpoints_requeues_and_finishes_bit_identically(slurm_partition, tmp_path):
+    """`timeout_min=2`, `signal_delay_s=30`: SLURM sends submitit's USR2 at the first time-limit pass that finds at
+    most 60 s left (60-90 s after the start, docs/cluster.md). The trial checkpoints at the next step boundary,
+    submitit requeues the job, and the requeued trial continues the same run; an uninterrupted twin trains
+    meanwhile under the basic launcher."""
+    from safetensors.torch import load_file
+
+    from harness.trial import checkpoint
+
+    long = ["trainer.max_steps=60", "trainer.checkpoint_interval=30", "trainer.deterministic=true"]
+    study = [*TINY, *long, "hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]"]
+    tracking_uri, whole_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'whole.db'}"
+    command = [sys.executable, "-m", "harness", "+sweep=quick", *study]
+    slurm = [
+        *SLURM_CPU_JOB,
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=30",
+        "hydra.launcher.max_num_timeout=8",
+        f"hydra.launcher.partition={slurm_partition}",
+        f"hydra.sweep.dir={tmp_path / 'study'}",
+    ]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    submitted = subprocess.Popen(
+        [*command, *slurm],
+        cwd=tmp_path,
+        env={**env, "MLFLOW_TRACKING_URI": tracking_uri},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    whole = subprocess.Popen(
+        [*command, f"hydra.sweep.dir={tmp_path / 'whole'}"],
+        cwd=tmp_path,
+        env={**env, "MLFLOW_TRACKING_URI": whole_uri},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    release_requeued(submitted)
+    output = submitted.stdout.read()
+    assert submitted.returncode == 0 and whole.wait(timeout=300) == 0, output
+    [run] = trial_runs(tracking_uri)
+    assert_finished_trial(run, TRIAL_TAGS)
+    assert int(run.data.tags["preemptions"]) >= 1 and run.data.tags["resumed_from"].startswith("step_"), run.data.tags
+    assert "resumed from step_" in output and "preempted " in output, output
+    [uninterrupted_run] = trial_runs(whole_uri)
+    cut = load_file(str(checkpoint.find(run.data.tags["run_dir"]) / checkpoint.MODEL_FILE))
+    uninterrupted = load_file(str(checkpoint.find(uninterrupted_run.data.tags["run_dir"]) / checkpoint.MODEL_FILE))
+    assert cut.keys() == uninterrupted.keys() and all(torch.equal(cut[k], uninterrupted[k]) for k in cut)
