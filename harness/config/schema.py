@@ -190,7 +190,7 @@ class TrainerConfig(Checked):
     }
 
     def relations(self) -> list[str]:
-        if self.micro_batch_size == "auto":
+        if not isinstance(self.micro_batch_size, int):  # `auto`, or a value the field's own check refuses
             if self.nproc_per_node >= 1 and self.global_batch_size % self.nproc_per_node:
                 return [
                     f"trainer.global_batch_size={self.global_batch_size}: must be divisible by "
