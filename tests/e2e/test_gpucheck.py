@@ -39,7 +39,7 @@ def test_gpu_check_on_cpu_passes_and_writes_both_reports_and_the_bench_records(t
     markdown = (tmp_path / "out" / "gpucheck.md").read_text()
     assert markdown.count("| pass |") == len(CHECKS) and "| baseline | " in markdown
     recorded = [json.loads(line) for line in records.read_text().splitlines()]
-    assert [r["gpu"] for r in recorded] == ["cpu"] * 3 and recorded[-1]["precision"] == "fp16_amp"
+    assert [r["gpu"] for r in recorded] == ["cpu"] * 3 and recorded[-1]["precision"] == "tf32"
 
 
 def test_gpu_check_refuses_a_device_it_does_not_know(tmp_path):
