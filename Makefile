@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 STUDY ?= quick
 
-.PHONY: setup setup-dev run lint format test test-all ui list plan data analyze sweep bench bench-tracking bench-analysis services services-stop
+.PHONY: setup setup-dev run lint format test test-all ui list plan data analyze sweep bench bench-tracking bench-analysis gpu-check services services-stop
 
 # What running needs: torch, then the harness and its dependencies.
 setup:
@@ -62,8 +62,15 @@ analyze:
 sweep:
 	$(PYTHON) -m harness +sweep=$(STUDY) $(ARGS)
 
+# Configs side by side, e.g. make bench ARGS='compare="+intervention=bf16" compare="+intervention=no_dropout"'
 bench:
 	$(PYTHON) -m harness bench $(ARGS)
+
+# The CUDA path's acceptance and speed table in one run (docs/gpu.md): make gpu-check out=DIR device=cuda|cpu
+out ?= gpucheck
+device ?= auto
+gpu-check:
+	$(PYTHON) -m harness gpu-check out=$(out) device=$(device)
 
 bench-tracking:
 	$(PYTHON) -m harness bench-tracking $(ARGS)

@@ -23,6 +23,7 @@ COMMANDS = {
     "prepare": ("harness.data.__main__", "download, tokenize and verify a dataset"),
     "bench": ("harness.commands.bench", "throughput and MFU of configs side by side"),
     "bench-tracking": ("harness.commands.bench_tracking", "what tracking costs per step"),
+    "gpu-check": ("harness.commands.gpucheck", "the CUDA path's acceptance and speed table in one run (docs/gpu.md)"),
     "analyze": ("analysis.__main__", "a study's seed noise and ranking of interventions"),
 }
 PASS_COMMAND_NAME = {"runs", "replay", "prepare"}  # their main() takes the command word itself

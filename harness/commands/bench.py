@@ -1,7 +1,8 @@
-"""Throughput benchmark: `python -m harness bench [steps=N] [warmup=N] [compare="OVERRIDES"] [repeat=true]
-[deterministic=true] [TRIAL OVERRIDES…]` (also `make bench`).
+"""Throughput benchmark: `python -m harness bench [steps=N] [warmup=N] [compare="OVERRIDES; OVERRIDES…"]
+[repeat=true] [deterministic=true] [TRIAL OVERRIDES…]` (also `make bench`).
 
-Trains the composed trial for a few steps without MLflow and prints tokens/s, MFU, peak memory and the top ops;
+Trains the composed trial (and each `;`-separated compare config on top of it) for a few steps without MLflow and
+prints tokens/s, MFU, peak memory and the top ops, then a table of all side by side;
 the base config's tokens/s is appended to the bench records `python -m harness plan` reads. docs/trial.md has more."""
 
 import resource
@@ -78,6 +79,7 @@ def measure(cfg: TrialConfig, steps: int, warmup: int, peak_flops) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         )
         / 2**30,
+        "micro_batch_size": trial.micro_batch,
         "top_ops": top_ops,
     }
 
@@ -119,6 +121,30 @@ def report(name: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(configs: dict[str, list[str]], results: dict[str, dict]) -> str:
+    """Every measured config side by side, throughput relative to the base."""
+    base = results["base"]["tokens_per_sec"]
+    rows = [("config", "tokens/s", "× base", "MFU", "step ms", "data ms", "peak GiB", "micro-batch")]
+    for name, result in results.items():
+        rows.append(
+            (
+                f"{name}: {' '.join(configs[name]) or 'defaults'}",
+                f"{result['tokens_per_sec']:,.0f}",
+                f"{result['tokens_per_sec'] / base:.3f}",
+                f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a",
+                f"{result['step_ms']:.1f}",
+                f"{result['data_ms']:.2f}",
+                f"{result['peak_memory_gib']:.2f}",
+                str(result["micro_batch_size"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    )
+
+
 def main(argv: list[str]) -> None:
     given = split(argv, BENCH_KEYS)
     options, overrides = dict(BENCH_KEYS), given.rest
@@ -133,8 +159,8 @@ def main(argv: list[str]) -> None:
             options[key] = whole_number(key, value)
     steps, warmup = options["steps"], options["warmup"]
     configs = {"base": overrides}
-    if options["compare"]:
-        configs["compare"] = [*overrides, *options["compare"].split()]
+    for number, extra in enumerate(filter(None, map(str.strip, (options["compare"] or "").split(";"))), 1):
+        configs[f"compare {number}"] = [*overrides, *extra.split()]
     if options["deterministic"]:
         configs["deterministic"] = [*overrides, "trainer.deterministic=true"]
     results = {}
@@ -157,9 +183,8 @@ def main(argv: list[str]) -> None:
             drift = max(abs(a - b) for a, b in zip(first, second))
             verdict = "bit-identical" if first == second else f"differs (max |Δloss| {drift:.3g})"
             print(f"   same-seed rerun, {options['repeat_steps']} steps: {verdict}")
-    if "compare" in results:
-        ratio = results["compare"]["tokens_per_sec"] / results["base"]["tokens_per_sec"]
-        print(f"compare / base throughput: {ratio:.3f}×")
+    if len(results) > 1:
+        print(comparison_table(configs, results))
     if "deterministic" in results:
         cost = 1 - results["deterministic"]["tokens_per_sec"] / results["base"]["tokens_per_sec"]
         print(f"trainer.deterministic=true costs {cost:.1%} of throughput")

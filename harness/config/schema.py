@@ -149,7 +149,7 @@ class TrainerConfig(Checked):
     device: str = "auto"  # auto = cuda when available, else cpu
     precision: str = "fp16_amp"  # fp32 | tf32 | fp16_amp | bf16_amp (the AMP modes also use TF32 matmuls)
     global_batch_size: int = 96  # sequences per optimizer step, across all ranks and micro-steps
-    micro_batch_size: int = 6  # sequences per rank per forward pass
+    micro_batch_size: Any = 6  # sequences per rank per forward pass, or `auto`: the largest that fits (docs/gpu.md)
     nproc_per_node: int = 1
     max_steps: int = 33165
     checkpoint_interval: int = 617
@@ -172,7 +172,10 @@ class TrainerConfig(Checked):
         "device": one_of(*DEVICES),
         "precision": one_of(*PRECISIONS),
         "global_batch_size": at_least(1),
-        "micro_batch_size": at_least(1),
+        "micro_batch_size": Allowed(
+            lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            "a whole number ≥ 1, or auto (the largest that fits on the device)",
+        ),
         "nproc_per_node": at_least(1),
         "max_steps": at_least(1),
         "checkpoint_interval": at_least(1),
@@ -189,6 +192,13 @@ class TrainerConfig(Checked):
     }
 
     def relations(self) -> list[str]:
+        if not isinstance(self.micro_batch_size, int):  # `auto`, or a value the field's own check refuses
+            if self.nproc_per_node >= 1 and self.global_batch_size % self.nproc_per_node:
+                return [
+                    f"trainer.global_batch_size={self.global_batch_size}: must be divisible by "
+                    f"trainer.nproc_per_node = {self.nproc_per_node}"
+                ]
+            return []
         ranks = self.micro_batch_size * self.nproc_per_node
         if ranks >= 1 and self.global_batch_size % ranks:
             return [
@@ -197,13 +207,15 @@ class TrainerConfig(Checked):
             ]
         return []
 
-    def grad_accum_steps(self, world_size: int) -> int:
-        if self.global_batch_size % (self.micro_batch_size * world_size):
+    def grad_accum_steps(self, world_size: int, micro_batch_size: int | None = None) -> int:
+        """Micro-steps per optimizer step; `micro_batch_size` is the one chosen for trainer.micro_batch_size=auto."""
+        micro = micro_batch_size or self.micro_batch_size
+        if self.global_batch_size % (micro * world_size):
             raise ValueError(
                 f"trainer.global_batch_size={self.global_batch_size} is not divisible by "
-                f"micro_batch_size × world size = {self.micro_batch_size} × {world_size}"
+                f"micro_batch_size × world size = {micro} × {world_size}"
             )
-        return self.global_batch_size // (self.micro_batch_size * world_size)
+        return self.global_batch_size // (micro * world_size)
 
 
 @dataclass

@@ -92,6 +92,32 @@ class TrainBatches:
         return np.asarray(self.tokens[start : start + self.context + 1])
 
 
+class DeviceBatches:
+    """The train batches on the trial's device. On CUDA (`prefetch` defaults to it) each micro-batch is pinned and
+    its copy issued without blocking, and the next one is read and sent while the device computes on this one; on
+    a CPU the batches pass through as they are. Either way the same tensors arrive in the same order."""
+
+    def __init__(self, batches: TrainBatches, device: torch.device, accum: int, prefetch: bool | None = None):
+        self.batches, self.device, self.accum = batches, device, accum
+        self.prefetch = device.type == "cuda" if prefetch is None else prefetch
+        self.ahead: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _send(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.batches.get(step, micro_step)
+        if self.device.type != "cuda":
+            return batch
+        return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+
+    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.prefetch:
+            return self._send(step, micro_step)
+        key = (step, micro_step)
+        batch = self.ahead[1] if self.ahead and self.ahead[0] == key else self._send(*key)
+        following = (step, micro_step + 1) if micro_step + 1 < self.accum else (step + 1, 0)
+        self.ahead = (following, self._send(*following))
+        return batch
+
+
 def held_out_batches(tokens, cfg: DataConfig, context: int):
     """The fixed held-out window: `test_tokens` input tokens from `test_offset`, in eval batches."""
     per_batch = cfg.eval_batch_size * context

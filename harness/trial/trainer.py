@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import progress
 from harness.config.schema import TrialConfig
-from harness.data.loader import TrainBatches, held_out_batches, open_dataset
+from harness.data.loader import DeviceBatches, TrainBatches, held_out_batches, open_dataset
 from harness.paths import default_tracking_uri
 from harness.tracking import liveness
 from harness.tracking.liveness import ClaimedElsewhere
@@ -23,13 +23,13 @@ from harness.trial import charts, checkpoint, preemption
 from harness.trial.checkpointer import Checkpointer
 from harness.trial.evaluation import held_out_losses, study_test_autocast
 from harness.trial.flops import mfu, peak_flops
-from harness.trial.model import cross_entropy
 from harness.trial.optim import build_optimizer, build_scheduler
 from harness.trial.plugins import Plugins
-from harness.trial.precision import Precision
+from harness.trial.precision import Precision, select_sdpa_backend
 from harness.trial.ranks import Ranks, on_main_rank
 from harness.trial.record import open_record
 from harness.trial.sampling import continue_text
+from harness.trial.step import MicroStep, choose_micro_batch
 from harness.trial.weights import build_model, fingerprint, seed_everything
 
 log = logging.getLogger(__name__)
@@ -141,12 +141,14 @@ class Trial:
         t = cfg.trainer
         self.device = resolve_device(t.device, ranks)
         self.precision = Precision(t.precision, self.device, device_requested=t.device != "auto")
-        self.accum = t.grad_accum_steps(ranks.world)
+        self.sdpa_backend = select_sdpa_backend(self.device, t.deterministic, t.precision, cfg.model)
+        self.micro_batch = choose_micro_batch(cfg, self.device, self.precision, ranks.world)
+        self.accum = t.grad_accum_steps(ranks.world, self.micro_batch)
         verify = ranks.local_rank == 0  # one sha256 pass per node is enough
         self.batches = TrainBatches(
             open_dataset(cfg.data, "train", verify),
             cfg.model.context_length,
-            t.micro_batch_size,
+            self.micro_batch,
             self.accum,
             ranks.world,
             ranks.rank,
@@ -188,8 +190,8 @@ class Trial:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        if t.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.micro_step = MicroStep(self.train_model, self.plugins, self.precision, compile=t.compile)
+        self.device_batches = DeviceBatches(self.batches, self.device, self.accum)
         self.tokens_per_step = t.global_batch_size * cfg.model.context_length
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else ""
         self.peak_flops = peak_flops(name)
@@ -204,13 +206,11 @@ class Trial:
         microbatch_min = torch.full((), math.inf, device=self.device)
         microbatch_max = torch.full((), -math.inf, device=self.device)
         for micro_step in range(self.accum):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.batches.get(step, micro_step))
+            inputs, targets = self.device_batches.get(step, micro_step)
             syncing = micro_step == self.accum - 1 or self.ranks.world == 1
             with contextlib.nullcontext() if syncing else self.train_model.no_sync():
-                with self.precision.autocast():
-                    logits = self.train_model(inputs)
-                    microbatch_loss = self.plugins.loss(cross_entropy(logits, targets), logits, targets)
-                    loss = microbatch_loss / self.accum
+                microbatch_loss = self.micro_step(inputs, targets)
+                loss = microbatch_loss / self.accum
                 self.scaler.scale(loss).backward()
             microbatch_min = torch.minimum(microbatch_min, microbatch_loss.detach().float())
             microbatch_max = torch.maximum(microbatch_max, microbatch_loss.detach().float())
@@ -258,6 +258,7 @@ class Trial:
                     "device": str(self.device),
                     "test_loss_amp_autocast": str(self.test_autocast or "none"),
                     "cpu_threads": str(self.cpu_threads),
+                    "sdpa_backend": self.sdpa_backend or "torch's choice",
                 }
             )
             if self.resumed_from:
@@ -289,12 +290,14 @@ class Trial:
             self.tokens_per_step,
             self.ranks.world,
             self.accum,
-            t.micro_batch_size,
+            self.micro_batch,
             self.device,
             t.precision,
         )
         if self.start_step == 0:
-            tracker.log_metrics({"parameters": params, "epochs": self.batches.epochs}, step=0)
+            tracker.log_metrics(
+                {"parameters": params, "epochs": self.batches.epochs, "micro_batch_size": self.micro_batch}, step=0
+            )
         on_main_rank(self.ranks, lambda: self.checkpoints.check_disk(self.model))
         with progress.through_bars(self.show_progress):
             train_seconds = self._train_steps(tracker)

@@ -16,16 +16,33 @@ def test_bench_reports_throughput_breakdown_comparison_and_repeatability_and_the
         *TINY,
         "steps=3",
         "warmup=1",
-        "compare=model.dropout=0.0",
+        "compare=model.dropout=0.0; optim.lr=1e-3",
         "repeat=true",
         "repeat_steps=4",
         "peak_flops=1e12",
         env=env,
     )
-    assert out.count("tokens/s") == 2 and out.count("MFU ") == 2 and "peak memory" in out
+    assert out.count(" tokens/s | MFU ") == 3 and out.count("peak memory") == 3
     assert "aten::" in out  # the profiler's breakdown
-    assert out.count("same-seed rerun, 4 steps: bit-identical") == 2
-    assert "compare / base throughput:" in out
+    assert out.count("same-seed rerun, 4 steps: bit-identical") == 3
+    # The side-by-side table: a header and one row per config, the base at 1.000× itself.
+    table = out[out.index("config ") :].splitlines()
+    assert table[0].split() == [
+        "config",
+        "tokens/s",
+        "×",
+        "base",
+        "MFU",
+        "step",
+        "ms",
+        "data",
+        "ms",
+        "peak",
+        "GiB",
+        "micro-batch",
+    ]
+    assert [row.split(":")[0] for row in table[1:4]] == ["base", "compare 1", "compare 2"]
+    assert "model.dropout=0.0" in table[2] and "optim.lr=1e-3" in table[3] and " 1.000 " in table[1]
     # The base config's throughput is recorded, and the planner plans this machine's trials with it.
     [record] = [json.loads(line) for line in (tmp_path / "throughput.jsonl").read_text().splitlines()]
     assert record["gpu"] == "cpu" and f"| {record['tokens_per_sec']:,.0f} tokens/s |" in out
