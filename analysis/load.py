@@ -1,7 +1,7 @@
 """Load the trial runs of a study from MLflow or from a CSV file into one normalised table (one row per run).
 
 Columns: ``run_id, intervention, seed, train_seed, data_seed, init_fingerprint, changes_init, status, test_loss,
-order``; runs not FINISHED or without a finite ``test_loss`` go to an ``excluded`` table with the reason. The
+order`` and the HellaSwag scores (NaN where a run has none); runs not FINISHED or without a finite ``test_loss`` go to an ``excluded`` table with the reason. The
 columns are described in docs/analysis.md.
 """
 
@@ -33,7 +33,11 @@ RUN_COLUMNS = (
     "status",
     "test_loss",
     "order",
+    "hellaswag_acc",
+    "hellaswag_acc_norm",
+    "hellaswag_examples",
 )
+SCORE_COLUMNS = ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_examples")  # optional metrics besides test_loss
 EXCLUDED_COLUMNS = ("run_id", "intervention", "seed", "train_seed", "status", "reason")
 HISTORY_COLUMNS = ("run_id", "metric", "step", "value")
 
@@ -175,6 +179,10 @@ def prepare_runs(
             "status": _column_or(frame, "status", "FINISHED").astype(str).str.upper(),
             "test_loss": pd.to_numeric(frame["test_loss"], errors="coerce").astype(float),
             "order": pd.to_numeric(_column_or(frame, "order", np.arange(len(frame)))),
+            **{
+                column: pd.to_numeric(_column_or(frame, column, np.nan), errors="coerce").astype(float)
+                for column in SCORE_COLUMNS
+            },
         }
     )
     runs = runs.sort_values("order", kind="stable").reset_index(drop=True)
@@ -318,6 +326,8 @@ def _frame_from_mlflow(found: pd.DataFrame) -> pd.DataFrame:
     frame["run_id"] = found["run_id"]
     frame["status"] = found["status"]
     frame["test_loss"] = found["metrics.test_loss"] if "metrics.test_loss" in found else np.nan
+    for column in SCORE_COLUMNS:
+        frame[column] = found[f"metrics.{column}"] if f"metrics.{column}" in found else np.nan
     frame["order"] = found["start_time"].rank(method="first")
     return frame.reset_index(drop=True)
 

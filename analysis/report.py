@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
+from analysis.accuracy_report import accuracy_blocks, accuracy_tables
 from analysis.load import mlflow_store
 from analysis.noise import noise_table
 from analysis.stats import THIN_DOF
@@ -269,6 +270,7 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
         ]
     elif analysis.factorial_note:
         blocks += [("h2", "Factorial effects"), ("p", analysis.factorial_note)]
+    blocks += accuracy_blocks(analysis.accuracy, settings.alpha)
     if not study_runs.excluded.empty:
         blocks += [("h2", "Excluded runs"), ("table", study_runs.excluded)]
     if figures:
@@ -367,6 +369,7 @@ def write_report(analysis: StudyAnalysis, directory: str | Path) -> ReportFiles:
         "variance_components.csv": analysis.variance_components,
         "factorial.csv": analysis.factorial.effects if analysis.factorial else None,
         "excluded.csv": analysis.study_runs.excluded,
+        **accuracy_tables(analysis.accuracy),
     }
     for name, table in tables.items():
         if table is not None:
