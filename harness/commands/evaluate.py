@@ -69,7 +69,9 @@ def evaluate_checkpoint(
 
     saved = load_saved_trial(path, which)
     eval_cfg = hellaswag_settings(saved, hellaswag or {})
-    examples = hellaswag_examples(eval_cfg) if eval_cfg.hellaswag else []  # before any compute
+    examples = (
+        hellaswag_examples(eval_cfg, saved.cfg.model.context_length) if eval_cfg.hellaswag else []
+    )  # before any compute
     uri = (
         own_store(
             saved.cfg.tracking.uri, os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI", f"evaluate {path}"

@@ -55,7 +55,9 @@ def evaluate_reference(source: Path, cfg: TrialConfig) -> dict:
     source = Path(source).resolve()
     model = hf.load_gpt2(source, context_length=cfg.model.context_length)
     tokens = open_dataset(cfg.data, "test")
-    examples = hellaswag_examples(cfg.eval) if cfg.eval.hellaswag else []  # before the run is recorded
+    examples = (
+        hellaswag_examples(cfg.eval, cfg.model.context_length) if cfg.eval.hellaswag else []
+    )  # before the run is recorded
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     device = evaluation_device()
     autocast = study_test_autocast(cfg.trainer.precision, device)

@@ -146,15 +146,22 @@ def hellaswag_prepare_command(eval_cfg: EvalConfig) -> str:
     return f"python -m harness prepare dataset=hellaswag{out}"
 
 
-def hellaswag_examples(eval_cfg: EvalConfig) -> list[Example]:
-    """The examples `eval_cfg` scores; a missing or damaged copy is a HellaswagDataError naming the prepare command."""
+def hellaswag_examples(eval_cfg: EvalConfig, context_length: int) -> list[Example]:
+    """The examples `eval_cfg` scores, each ending checked to fit `context_length`; a missing or damaged copy, or
+    an ending too long, is a HellaswagDataError (one line, naming the prepare command where it helps)."""
     source = eval_cfg.hellaswag_source()
     if not source.exists():
         raise HellaswagDataError(
             f"eval.hellaswag=true: {source} does not exist; prepare it once with "
             f"`{hellaswag_prepare_command(eval_cfg)}`, or point eval.hellaswag_path at a prepared directory"
         )
-    return load_hellaswag(source)
+    try:
+        examples = load_hellaswag(source)
+        for example in examples:
+            hellaswag.example_rows(example, context_length)
+    except ValueError as error:  # HellaswagDataError included
+        raise HellaswagDataError(f"eval.hellaswag=true: {error}") from None
+    return examples
 
 
 def score_hellaswag(

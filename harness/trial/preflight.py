@@ -256,14 +256,11 @@ def eval_problems(cfg: TrialConfig) -> list[str]:
     if not cfg.eval.hellaswag:
         return []
     from harness.trial.evaluation import hellaswag_examples
-    from harness.trial.hellaswag import example_rows
 
     try:
-        for example in hellaswag_examples(cfg.eval):
-            example_rows(example, cfg.model.context_length)
-    except ValueError as error:  # HellaswagDataError included
-        message = str(error)
-        return [message if message.startswith("eval.hellaswag") else f"eval.hellaswag=true: {message}"]
+        hellaswag_examples(cfg.eval, cfg.model.context_length)
+    except ValueError as error:  # HellaswagDataError
+        return [str(error)]
     return []
 
 

@@ -172,7 +172,9 @@ class Trial:
             "hellaswag_acc_norm": [],
         }
         self.periods: list[dict] = []
-        self.hellaswag = hellaswag_examples(cfg.eval) if cfg.eval.hellaswag and ranks.is_main else []
+        self.hellaswag = (
+            hellaswag_examples(cfg.eval, cfg.model.context_length) if cfg.eval.hellaswag and ranks.is_main else []
+        )
         self.checkpoints = Checkpointer(cfg, self.run_dir, ranks, self.show_progress)
         if cfg.resume:
             path = checkpoint.find(Path(cfg.resume))
