@@ -8,6 +8,7 @@ docs/hellaswag.md those of HellaSwag scored after the fact."""
 import dataclasses
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.arguments import split, whole_number
@@ -41,9 +42,10 @@ checkpoint's step, into the trial's MLflow run.
   PATH                  a run directory, its checkpoints/ directory, or a step_NNNNNN checkpoint directory
   best                  the checkpoint with the lowest period-average training loss
   latest                the last checkpoint (the default)
-  hellaswag=true        also score HellaSwag with the test loss's autocast: the final checkpoint's score is logged
-                        as the trial's hellaswag_acc / hellaswag_acc_norm (with hellaswag/final.json), which the
-                        study's analysis reads; an earlier checkpoint's as checkpoint_hellaswag_acc[_norm]
+  hellaswag=true        also score HellaSwag with the test loss's autocast: the final checkpoint of a trial not yet
+                        scored gets its hellaswag_acc / hellaswag_acc_norm (with hellaswag/final.json), which the
+                        study's analysis reads; any other score is logged as checkpoint_hellaswag_acc[_norm] with
+                        hellaswag/evaluated_step_NNNNNN_TIME.json, and a recorded score is never replaced
   hellaswag_path=DIR    a prepared HellaSwag directory or jsonl file (default: the trial's eval.hellaswag_path)
   hellaswag_batch_size  rows per forward pass (default: the trial's eval.hellaswag_batch_size)
 """
@@ -94,8 +96,13 @@ def evaluate_checkpoint(
         client.log_metric(saved.run_id, f"checkpoint_{name}", value, step=saved.step)
     if examples:
         result = score_hellaswag(saved.model, examples, eval_cfg, autocast, show_progress=True)
-        final = saved.step == saved.cfg.trainer.max_steps  # the trial's final weights: its own score
-        prefix, artifact = ("", FINAL_HELLASWAG) if final else ("checkpoint_", f"step_{saved.step:06d}.json")
+        # The final weights' first score becomes the trial's own; a score already recorded is never replaced.
+        recorded = {Path(f.path).name for f in client.list_artifacts(saved.run_id, HELLASWAG_ARTIFACTS)}
+        if saved.step == saved.cfg.trainer.max_steps and FINAL_HELLASWAG not in recorded:
+            prefix, artifact = "", FINAL_HELLASWAG
+        else:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            prefix, artifact = "checkpoint_", f"evaluated_step_{saved.step:06d}_{stamp}.json"
         for name, value in hellaswag_metrics(result).items():
             client.log_metric(saved.run_id, f"{prefix}{name}", value, step=saved.step)
         client.log_text(

@@ -6,7 +6,10 @@ import mlflow
 import pytest
 
 from analysis.__main__ import main as analyze
-from tests.conftest import TINY, run_in_process
+from analysis.load import load_mlflow_study
+from analysis.study import Settings, analyse
+from harness.trial.trainer import Trial
+from tests.conftest import TINY, compose_config, run_in_process
 from tests.fixtures.hellaswag import write_fixture
 
 STUDY_TINY = [
@@ -54,15 +57,23 @@ def test_every_trial_of_the_study_records_hellaswag_and_its_per_example_record(s
         assert len(record["choice_norm"]) == 24 and record["acc_norm"] == run.data.metrics["hellaswag_acc_norm"]
 
 
-def test_evaluate_scores_a_trial_after_the_fact_into_its_own_run(study, store):
+def test_evaluate_scores_a_trial_after_the_fact_and_the_analysis_picks_it_up(study, store, tmp_path):
     root, fixture, sweep_dir, runs, _ = study
-    config = next(sweep_dir.rglob("config.yaml"))  # a trial's run directory holds its saved config
-    run_dir = config.parent
+    client = mlflow.MlflowClient(store)
+    # a scored trial: its own score is kept; the new one, from the same weights, is the same
+    run_dir = next(sweep_dir.rglob("config.yaml")).parent  # a trial's run directory holds its saved config
     out = run_in_process("evaluate", str(run_dir), "hellaswag=true", f"hellaswag_path={fixture}", env_uri=store)
     run_id = next(word for word in out.stdout.split("  ") if word.startswith("run ")).removeprefix("run ")
-    history = mlflow.MlflowClient(store).get_metric_history(run_id, "hellaswag_acc_norm")
-    assert len(history) == 2 and history[0].value == history[1].value  # the same weights, scored the same way
-    assert f"hellaswag_acc_norm {history[0].value:.4f}" in out.stdout
+    own, again = (client.get_run(run_id).data.metrics[f"{p}hellaswag_acc_norm"] for p in ("", "checkpoint_"))
+    assert own == again and len(client.get_metric_history(run_id, "hellaswag_acc_norm")) == 1
+    assert any(f.path.startswith("hellaswag/evaluated_step_") for f in client.list_artifacts(run_id, "hellaswag"))
+    # a trial of the study that was not scored: unscored in the analysis until evaluate scores it
+    plain = Trial(compose_config(*STUDY_TINY[:-2], "study=quick", "seed=67"), tmp_path / "plain").run()
+    before = analyse(load_mlflow_study("quick", store), Settings(n_resamples=100)).accuracy
+    assert plain["run_id"] in before.unscored
+    run_in_process("evaluate", str(tmp_path / "plain"), "hellaswag=true", f"hellaswag_path={fixture}", env_uri=store)
+    after = analyse(load_mlflow_study("quick", store), Settings(n_resamples=100)).accuracy
+    assert after.unscored == [] and "2 vs 3 runs" in after.sampling.set_index("intervention").iloc[0]["paired_method"]
     refused = run_in_process("evaluate", str(run_dir), "hellaswag=true", f"hellaswag_path={root / 'none'}", check=False)
     assert refused.returncode == 2 and "python -m harness prepare dataset=hellaswag out=" in refused.stderr
 
