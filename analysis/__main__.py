@@ -31,6 +31,8 @@ usage: python -m analysis study=NAME [key=value ...]
   history=PATH      CSV of training-loss histories for csv= input
                     (run_id, step, value[, metric])
   out=DIR           output directory (default: <project>/reports/<study>)
+  metric=NAME       the verdicts printed: test_loss (default), hellaswag_acc_norm
+                    or hellaswag_acc (higher is better); the report shows both
   min_effect=X      minimum meaningful difference in test loss (default 0)
   alpha=X           significance level; CIs are 1-alpha (default 0.05)
   final_periods=N   checkpoint periods for checkpoint noise (default 5)
@@ -46,6 +48,7 @@ KEYS = (
     "history",
     "out",
     "min_effect",
+    "metric",
     "alpha",
     "final_periods",
     "resamples",
@@ -82,17 +85,22 @@ def _number(options: dict, key: str, default, kind=float, low=None, high=None):
 
 
 def settings_from(options: dict):
+    from analysis.accuracy import METRICS
     from analysis.study import Settings
 
+    if options.get("metric", "test_loss") not in METRICS:
+        raise AnalysisInputError(f"metric={options['metric']}: unknown; allowed: {', '.join(METRICS)}")
     return Settings(
         alpha=_number(options, "alpha", 0.05, float, 1e-6, 0.5),
         min_effect=_number(options, "min_effect", 0.0, float, 0.0),
         final_periods=_number(options, "final_periods", 5, int, 3),
         n_resamples=_number(options, "resamples", 9999, int, 100),
+        metric=options.get("metric", "test_loss"),
     )
 
 
 def run(options: dict) -> int:
+    from analysis.accuracy_report import accuracy_text, disagreement_note
     from analysis.report import log_analysis_run, ranking_text, write_report
     from analysis.study import analyse
 
@@ -114,7 +122,9 @@ def run(options: dict) -> int:
     print(f"study {study_runs.study}: {len(study_runs.runs)} runs analysed, {len(study_runs.excluded)} excluded")
     for row in study_runs.excluded.itertuples():
         print(f"  excluded {row.run_id} ({row.intervention}, seed {row.seed}): {row.reason}")
-    print(ranking_text(analysis.ranking))
+    print(ranking_text(analysis.ranking) if settings.metric == "test_loss" else accuracy_text(analysis.accuracy))
+    if analysis.accuracy is not None and disagreement_note(analysis.accuracy):
+        print(disagreement_note(analysis.accuracy))
     print(f"report: {files.markdown}  {files.html}  {files.csv}")
     if log == "true" or (log == "auto" and "csv" not in options):
         tracking_uri = options.get("tracking_uri") or study_runs.tracking_uri or default_tracking_uri()

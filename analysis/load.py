@@ -1,8 +1,9 @@
 """Load the trial runs of a study from MLflow or from a CSV file into one normalised table (one row per run).
 
 Columns: ``run_id, intervention, seed, train_seed, data_seed, init_fingerprint, changes_init, status, test_loss,
-order, config_hash, cpu_threads``; ``intervention`` names the arm (the tag, split where its runs computed different
-configs). Runs not FINISHED or without a finite ``test_loss`` go to an ``excluded`` table with the reason. The
+order, config_hash, cpu_threads`` and the HellaSwag scores (NaN where a run has none); ``intervention`` names the
+arm (the tag, split where its runs computed different configs). Runs not FINISHED or without a finite ``test_loss``
+go to an ``excluded`` table with the reason. The
 columns are described in docs/analysis.md.
 """
 
@@ -38,7 +39,11 @@ RUN_COLUMNS = (
     "order",
     "config_hash",
     "cpu_threads",
+    "hellaswag_acc",
+    "hellaswag_acc_norm",
+    "hellaswag_examples",
 )
+SCORE_COLUMNS = ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_examples")  # optional metrics besides test_loss
 EXCLUDED_COLUMNS = ("run_id", "intervention", "seed", "train_seed", "status", "reason")
 HISTORY_COLUMNS = ("run_id", "metric", "step", "value")
 PARAM_PREFIX = "params."  # a run's flattened resolved config, one column per key
@@ -221,6 +226,10 @@ def prepare_runs(
             "order": pd.to_numeric(_column_or(frame, "order", np.arange(len(frame)))),
             "config_hash": _column_or(frame, "config_hash", "none").map(_text_label),
             "cpu_threads": _column_or(frame, "cpu_threads", "none").map(_seed_label),
+            **{
+                column: pd.to_numeric(_column_or(frame, column, np.nan), errors="coerce").astype(float)
+                for column in SCORE_COLUMNS
+            },
         }
     )
     runs = runs.sort_values("order", kind="stable")
@@ -439,6 +448,8 @@ def _frame_from_mlflow(found: pd.DataFrame) -> pd.DataFrame:
     frame["run_id"] = found["run_id"]
     frame["status"] = found["status"]
     frame["test_loss"] = found["metrics.test_loss"] if "metrics.test_loss" in found else np.nan
+    for column in SCORE_COLUMNS:
+        frame[column] = found[f"metrics.{column}"] if f"metrics.{column}" in found else np.nan
     frame["order"] = found["start_time"].rank(method="first")
     return frame.reset_index(drop=True)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
+from analysis.accuracy_report import accuracy_blocks, accuracy_tables
 from analysis.load import AnalysisInputError, mlflow_store
 from analysis.noise import noise_table
 from analysis.stats import THIN_DOF
@@ -275,6 +276,7 @@ def _blocks(analysis: StudyAnalysis, figures: dict[str, Path], directory: Path) 
         ]
     elif analysis.factorial_note:
         blocks += [("h2", "Factorial effects"), ("p", analysis.factorial_note)]
+    blocks += accuracy_blocks(analysis.accuracy, settings.alpha)
     if not study_runs.excluded.empty:
         blocks += [("h2", "Excluded runs"), ("table", study_runs.excluded)]
     if len(ranking) > MAX_FIGURE_ARMS:
@@ -392,6 +394,7 @@ def write_report(analysis: StudyAnalysis, directory: str | Path, reports_root: P
         "variance_components.csv": analysis.variance_components,
         "factorial.csv": analysis.factorial.effects if analysis.factorial else None,
         "excluded.csv": analysis.study_runs.excluded,
+        **accuracy_tables(analysis.accuracy),
     }
     for name, table in tables.items():
         if table is not None:

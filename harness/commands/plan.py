@@ -233,6 +233,7 @@ def report(planned: list[tuple[str, TrialConfig]], what: str, options: dict) -> 
     lines += [
         table(rows),
         "",
+        hellaswag_line(trials),
         (
             f"total: {len(trials)} trial{'s' if len(trials) > 1 else ''}; {sum(t.tokens for t in trials):,} tokens; "
             f"{sum(t.flops for t in trials):.3g} FLOPs; {hours(gpu_hours)} GPU-hours; "
@@ -296,6 +297,20 @@ def checkpoint_step(name: str) -> int:
     from harness.trial.checkpoint import STEP_DIR
 
     return int(STEP_DIR.fullmatch(name)[1])
+
+
+def hellaswag_line(trials: list) -> str:
+    """What HellaSwag adds (eval.hellaswag), estimated from its FLOPs at the training's throughput."""
+    scored = [t for t in trials if t.hellaswag_scorings]
+    if not scored:
+        return "HellaSwag: not scored (eval.hellaswag=false); eval.hellaswag=true adds its time here"
+    each = scored[0]
+    return (
+        f"HellaSwag: {len(scored)} of {len(trials)} trials score it; {each.name}: {each.hellaswag_scorings} × "
+        f"{format_duration(each.hellaswag_seconds / each.hellaswag_scorings)} ({cost.HELLASWAG_EXAMPLES:,} examples, "
+        f"forward only at the training's FLOP/s + {cost.HELLASWAG_OVERHEAD_S:.0f} s each; docs/hellaswag.md); "
+        f"{format_duration(sum(t.hellaswag_seconds for t in scored))} in all, not in the GPU-hours above"
+    )
 
 
 def main(arguments: list[str]) -> int:

@@ -23,7 +23,8 @@ from interventions import BASELINE, REGISTRY, flatten, overlay_settings
 ConfigStore.instance().store(name="trial_schema", node=TrialConfig)
 
 # Keys (dotted paths) that say where a trial is recorded, how it shows progress, what it checks or samples, but
-# not what it computes or records as metrics: left out of config_hash. (Sampling uses its own generator.)
+# not what it computes: left out of config_hash. (Sampling uses its own generator.) `eval` scores the weights
+# without changing them, so a trial scored later with `evaluate DIR hellaswag=true` keeps its hash.
 BOOKKEEPING_KEYS = (
     "tracking",
     "study",
@@ -37,6 +38,7 @@ BOOKKEEPING_KEYS = (
     "trainer.sample_temperature",
     "data.verify_checksums",
     "trainer.keep_checkpoints",
+    "eval",
 )
 
 

@@ -1,4 +1,4 @@
-"""The trial's structured config: one dataclass per section (model, data, optim, trainer, tracking) and the
+"""The trial's structured config: one dataclass per section (model, data, optim, trainer, eval, tracking) and the
 trial that holds them, each field's range declared next to it (`allowed`), and the constants those ranges use.
 
 It imports neither Hydra, OmegaConf nor the interventions, so the components (`harness.trial.model` ...) load
@@ -219,6 +219,31 @@ class TrainerConfig(Checked):
 
 
 @dataclass
+class EvalConfig(Checked):
+    """Benchmarks scored beside the held-out loss; they read the weights, never change them (docs/hellaswag.md)."""
+
+    hellaswag: bool = False  # score HellaSwag at the end of the trial (hellaswag_acc, hellaswag_acc_norm)
+    hellaswag_interval: int = 0  # also every N steps (0: only at the end)
+    hellaswag_path: str | None = None  # a prepared directory or a jsonl file; default <project root>/data/hellaswag
+    hellaswag_batch_size: int = 64  # rows (one per ending) per forward pass
+
+    section: ClassVar[str] = "eval"
+    allowed: ClassVar[dict[str, Allowed]] = {
+        "hellaswag_interval": at_least(0, " (0 = only at the end)"),
+        "hellaswag_path": optional(text(), "<project root>/data/hellaswag"),
+        "hellaswag_batch_size": at_least(1),
+    }
+
+    def hellaswag_source(self) -> Path:
+        return Path(self.hellaswag_path) if self.hellaswag_path else PROJECT_ROOT / "data" / "hellaswag"
+
+    def due(self, step: int, max_steps: int) -> bool:
+        """Whether HellaSwag is scored after `step` steps within the run (the end of the trial is scored anyway)."""
+        interval = self.hellaswag_interval
+        return self.hellaswag and interval > 0 and step % interval == 0 and step < max_steps
+
+
+@dataclass
 class TrackingConfig(Checked):
     uri: str | None = None  # default $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
     experiment: str = "harness/${scale}"  # one experiment per scale: the UI never groups trials of two scales
@@ -253,6 +278,7 @@ class TrialConfig(Checked):
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 42  # set before the model is built: fixes the initial weights
     train_seed: int | None = None  # re-seed right after the model is built; None continues the stream

@@ -34,6 +34,32 @@ def flops_per_token(m: ModelConfig) -> float:
     return 6 * multiplying + 12 * m.n_layer * m.d_model * m.context_length
 
 
+# HellaSwag's scoring, as docs/hellaswag.md ("How fast") estimates it: 4 rows per example of ~70 tokens, ~25 of them
+# the ending's; forward only, the head applied at the ending tokens alone, at the training's matmul FLOP/s, plus
+# ~5 s per scoring of the whole split for the ~630 batches' launches and tokenizing its 40,168 strings.
+HELLASWAG_EXAMPLES = 10_042
+HELLASWAG_ROW_TOKENS = 70
+HELLASWAG_ENDING_TOKENS = 25
+HELLASWAG_OVERHEAD_S = 5.0
+
+
+def hellaswag_flops(m: ModelConfig) -> float:
+    """Forward FLOPs of one scoring of the whole validation split: 2 × the blocks' weights × every row token,
+    2 × the head × the ending tokens."""
+    rows, row_tokens = 4 * HELLASWAG_EXAMPLES, min(HELLASWAG_ROW_TOKENS, m.context_length)
+    return rows * (
+        2 * m.n_layer * 12 * m.d_model**2 * row_tokens + 2 * m.vocab_size * m.d_model * HELLASWAG_ENDING_TOKENS
+    )
+
+
+def hellaswag_scorings(cfg: TrialConfig) -> int:
+    """How often the trial scores HellaSwag: at the end, and every eval.hellaswag_interval steps before it."""
+    e, steps = cfg.eval, cfg.trainer.max_steps
+    if not e.hellaswag:
+        return 0
+    return 1 + ((steps - 1) // e.hellaswag_interval if e.hellaswag_interval else 0)
+
+
 # --- what the figures are ----------------------------------------------------------------------------------
 # The study published that a gpt2_small trial (fp16 AMP, dropout 0.1, 33,165 steps × 98,304 tokens) took ~3.5 h on
 # 8×A100 (40 GB, its runs/8xa100m40-*), end to end. That is its achieved MFU, the one measured figure here.
@@ -206,6 +232,8 @@ class TrialCost:
     checkpoints_at_most: int  # on disk at once while it runs
     checkpoints_kept: int  # left when it ends
     test_tokens: int
+    hellaswag_scorings: int = 0
+    hellaswag_seconds: float = 0.0  # all its scorings together, on one GPU
 
     @property
     def hours(self) -> float:
@@ -231,6 +259,8 @@ def trial_cost(name: str, cfg: TrialConfig, rate: Throughput) -> TrialCost:
         disk.kept_at_most(t.max_steps, t.checkpoint_interval, t.keep_checkpoints),
         disk.kept_at_end(t.max_steps, t.checkpoint_interval, t.keep_checkpoints),
         cfg.data.test_tokens,
+        hellaswag_scorings(cfg),
+        hellaswag_scorings(cfg) * (hellaswag_flops(cfg.model) / rate.flops_per_sec + HELLASWAG_OVERHEAD_S),
     )
 
 

@@ -1,4 +1,5 @@
-"""Training charts (loss with min–max band and best step, gradient norm with the clip line, LR).
+"""Training charts (loss with min–max band, best step and HellaSwag acc_norm when scored, gradient norm with the
+clip line, LR).
 
 Non-finite values are drawn as markers along the top edge instead of breaking the axis scale.
 """
@@ -29,7 +30,8 @@ def _plot_finite(ax, steps, values, label, **style):
 
 
 def write_charts(history: dict, periods: list[dict], out_dir: Path, grad_clip: float | None) -> list[Path]:
-    """history: per-step lists `step`, `loss`, `grad_norm`, `lr`; periods: one dict per checkpoint period."""
+    """history: per-step lists `step`, `loss`, `grad_norm`, `lr` (and, when scored, `hellaswag_step` and
+    `hellaswag_acc_norm`); periods: one dict per checkpoint period."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
 
@@ -51,7 +53,14 @@ def write_charts(history: dict, periods: list[dict], out_dir: Path, grad_clip: f
             best["step"], best["train_loss_avg"], "*", ms=14, color="gold", mec="k", label=f"best (step {best['step']})"
         )
     ax.set(xlabel="step", ylabel="cross-entropy", title="Training loss")
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if history.get("hellaswag_step"):
+        accuracy = ax.twinx()
+        accuracy.plot(history["hellaswag_step"], history["hellaswag_acc_norm"], "s-", color="tab:green", ms=4)
+        accuracy.set_ylabel("HellaSwag acc_norm (chance 0.25)")
+        handles += accuracy.get_lines()
+        labels.append("HellaSwag acc_norm")
+    ax.legend(handles, labels)
     paths.append(_save(fig, out_dir / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -1,7 +1,9 @@
-"""Held-out evaluation: the fixed test window's losses, in full fp32 and as the study scored its models, and loading a
-saved trial (config, weights, checkpoint) for scoring by `evaluate`, `export` and `reference`."""
+"""Held-out evaluation: the fixed test window's losses, in full fp32 and as the study scored its models, HellaSwag
+with the same autocast and its per-example record, and loading a saved trial (config, weights, checkpoint) for
+scoring by `evaluate`, `export` and `reference`."""
 
 import contextlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +15,12 @@ from safetensors.torch import load_model
 
 from harness import progress
 from harness.config.compose import config_hash, to_trial_config
-from harness.config.schema import DataConfig, TrialConfig
+from harness.config.schema import DataConfig, EvalConfig, TrialConfig
+from harness.data.hellaswag import Example, HellaswagDataError, load_hellaswag
 from harness.data.loader import held_out_batches
 from harness.data.shards import DataError
-from harness.trial import checkpoint
+from harness.trial import checkpoint, hellaswag
+from harness.trial.hellaswag import HellaswagResult
 from harness.trial.model import GPTModel, cross_entropy
 from harness.trial.weights import build_model
 
@@ -130,3 +134,64 @@ def evaluation_device() -> torch.device:
 
 def error_message(error: BaseException) -> str:
     return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+# --- HellaSwag -------------------------------------------------------------------------------------------
+HELLASWAG_ARTIFACTS = "hellaswag"  # the run's artifact directory of per-example results
+FINAL_HELLASWAG = "final.json"  # the final weights' per-example results, the ones the analysis pairs
+
+
+def hellaswag_prepare_command(eval_cfg: EvalConfig) -> str:
+    out = f" out={eval_cfg.hellaswag_path}" if eval_cfg.hellaswag_path else ""
+    return f"python -m harness prepare dataset=hellaswag{out}"
+
+
+def hellaswag_examples(eval_cfg: EvalConfig, context_length: int) -> list[Example]:
+    """The examples `eval_cfg` scores, each ending checked to fit `context_length`; a missing or damaged copy, or
+    an ending too long, is a HellaswagDataError (one line, naming the prepare command where it helps)."""
+    source = eval_cfg.hellaswag_source()
+    if not source.exists():
+        raise HellaswagDataError(
+            f"eval.hellaswag=true: {source} does not exist; prepare it once with "
+            f"`{hellaswag_prepare_command(eval_cfg)}`, or point eval.hellaswag_path at a prepared directory"
+        )
+    try:
+        examples = load_hellaswag(source)
+        for example in examples:
+            hellaswag.example_rows(example, context_length)
+    except ValueError as error:  # HellaswagDataError included
+        raise HellaswagDataError(f"eval.hellaswag=true: {error}") from None
+    return examples
+
+
+def score_hellaswag(
+    model: GPTModel,
+    examples: list[Example],
+    eval_cfg: EvalConfig,
+    autocast: torch.dtype | None,
+    show_progress: bool = False,
+) -> HellaswagResult:
+    """HellaSwag scored on the model's device under `autocast`, the held-out test loss's (`study_test_autocast`)."""
+    device = next(model.parameters()).device
+    return hellaswag.score(model, examples, eval_cfg.hellaswag_batch_size, device, autocast, show_progress)
+
+
+def hellaswag_metrics(result: HellaswagResult) -> dict[str, float]:
+    return {"hellaswag_acc": result.acc, "hellaswag_acc_norm": result.acc_norm, "hellaswag_examples": result.n}
+
+
+def hellaswag_record(result: HellaswagResult, examples: list[Example], step: int) -> str:
+    """The per-example results as JSON: which ending each rule chose and the label, by example `ind`, so that the
+    analysis can pair two models on the same examples."""
+    return json.dumps(
+        {
+            "step": step,
+            "n": result.n,
+            "acc": result.acc,
+            "acc_norm": result.acc_norm,
+            "ind": [example.ind for example in examples],
+            "label": result.labels,
+            "choice": result.choices,
+            "choice_norm": result.choices_norm,
+        }
+    )

@@ -2,8 +2,8 @@
 rank is spawned, any output directory is made or any run is recorded.
 
 The config layer checks each value's range; this checks what only the machine can answer: the device, the
-tracking store, the checkpoint to resume, the plugins, and whether the data exists, is intact and holds
-what the trial will read. A damaged bundled cache is rebuilt here; damaged prepared data is refused with the
+tracking store, the checkpoint to resume, the plugins, and whether the data (HellaSwag too, when scored) exists,
+is intact and holds what the trial will read. A damaged bundled cache is rebuilt here; damaged prepared data is refused with the
 command that repairs it. torch is imported only when a check needs it (a CUDA device, a checkpoint, a plugin).
 """
 
@@ -71,7 +71,7 @@ def check_trial(cfg: TrialConfig, problems: Sequence[str] = ()) -> None:
     if not problems and not machine:
         machine += memory_problems(cfg)
     if not problems:
-        machine += resume_problems(cfg) + data_problems(cfg, verify=not machine)
+        machine += resume_problems(cfg) + data_problems(cfg, verify=not machine) + eval_problems(cfg)
     if problems or machine:
         raise ConfigError([*problems, *machine])
 
@@ -300,6 +300,19 @@ def data_problems(cfg: TrialConfig, verify: bool = True) -> list[str]:
             f"{where}: {directory} was tokenized with {manifest.tokenizer}, not the GPT-2 tokenizer the model reads"
         ]
     return fit_problems(cfg, len(train), len(test))
+
+
+def eval_problems(cfg: TrialConfig) -> list[str]:
+    """With eval.hellaswag=true: HellaSwag is prepared and intact, and every ending fits the model's context."""
+    if not cfg.eval.hellaswag:
+        return []
+    from harness.trial.evaluation import hellaswag_examples
+
+    try:
+        hellaswag_examples(cfg.eval, cfg.model.context_length)
+    except ValueError as error:  # HellaswagDataError
+        return [str(error)]
+    return []
 
 
 def fit_problems(cfg: TrialConfig, train_tokens: int, test_tokens: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""One trial: build the seeded model, train it on 1…N ranks, evaluate it on the held-out window, record it."""
+"""One trial: build the seeded model, train it on 1…N ranks, evaluate it on the held-out window (and HellaSwag, when
+enabled), record it."""
 
 import contextlib
 import logging
@@ -21,7 +22,16 @@ from harness.tracking.liveness import ClaimedElsewhere
 from harness.tracking.store import probe, ui_url
 from harness.trial import charts, checkpoint, preemption
 from harness.trial.checkpointer import Checkpointer
-from harness.trial.evaluation import held_out_losses, study_test_autocast
+from harness.trial.evaluation import (
+    FINAL_HELLASWAG,
+    HELLASWAG_ARTIFACTS,
+    held_out_losses,
+    hellaswag_examples,
+    hellaswag_metrics,
+    hellaswag_record,
+    score_hellaswag,
+    study_test_autocast,
+)
 from harness.trial.flops import mfu, peak_flops
 from harness.trial.optim import build_optimizer, build_scheduler
 from harness.trial.plugins import Plugins
@@ -172,14 +182,27 @@ class Trial:
         self.cpu_threads = torch.get_num_threads()  # the intra-op thread count changes a CPU trial's bits
         self.train_seconds_before = 0.0  # training time of the trial before the checkpoint it resumed from
         self.steps_started = time.perf_counter()  # reset when the step loop starts
-        self.history = {"step": [], "loss": [], "grad_norm": [], "lr": []}
+        self.history = {
+            "step": [],
+            "loss": [],
+            "grad_norm": [],
+            "lr": [],
+            "hellaswag_step": [],
+            "hellaswag_acc_norm": [],
+        }
         self.periods: list[dict] = []
+        self.hellaswag = (
+            hellaswag_examples(cfg.eval, cfg.model.context_length) if cfg.eval.hellaswag and ranks.is_main else []
+        )
         self.checkpoints = Checkpointer(cfg, self.run_dir, ranks, self.show_progress)
         if cfg.resume:
             path = checkpoint.find(Path(cfg.resume))
             state = self.checkpoints.restore(path, self.model, self.optimizer, self.scheduler, self.scaler)
             self.start_step, self.run_id = state["step"], state["run_id"]
-            self.periods, self.history = state["periods"], state["history"]
+            self.periods, self.history = (
+                state["periods"],
+                {"hellaswag_step": [], "hellaswag_acc_norm": []} | state["history"],
+            )
             self.train_seconds_before = state.get("train_seconds", 0.0)
             self.cpu_threads = state.get("cpu_threads", self.cpu_threads)
             torch.set_num_threads(self.cpu_threads)  # an exact continuation computes with the threads it started with
@@ -328,6 +351,8 @@ class Trial:
             raise DivergenceError(
                 f"the final weights score non-finite: {', '.join(unfinished)}; {self.checkpoints.kept()}"
             )
+        if self.cfg.eval.hellaswag:
+            result |= on_main_rank(self.ranks, lambda: self.score_hellaswag(t.max_steps, tracker, FINAL_HELLASWAG))
         return result
 
     def _train_steps(self, tracker) -> float:
@@ -350,6 +375,8 @@ class Trial:
                     bar.set_postfix(
                         loss=f"{self.history['loss'][-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - started):,.0f}"
                     )
+                if cfg.eval.due(step + 1, t.max_steps):
+                    on_main_rank(self.ranks, lambda: self.score_hellaswag(step + 1, tracker), share=False)
                 if period_end:
                     self._end_period(period, step + 1, tracker)
                     period = self._new_period()
@@ -452,6 +479,21 @@ class Trial:
     # --- evaluation and records -----------------------------------------------------------------
     def test_losses(self) -> dict[str, float]:
         return held_out_losses(self.model, self.test_tokens, self.cfg.data, self.test_autocast, self.show_progress)
+
+    def score_hellaswag(self, step: int, tracker, artifact: str | None = None) -> dict[str, float]:
+        """HellaSwag of the current weights (no random draws: training continues exactly as without it), logged at
+        `step` with its per-example record."""
+        result = score_hellaswag(self.model, self.hellaswag, self.cfg.eval, self.test_autocast, self.show_progress)
+        metrics = hellaswag_metrics(result)
+        tracker.log_metrics(metrics, step=step)
+        record = hellaswag_record(result, self.hellaswag, step)
+        tracker.log_text(record, f"{HELLASWAG_ARTIFACTS}/{artifact or f'step_{step:06d}.json'}")
+        self.history["hellaswag_step"].append(step)
+        self.history["hellaswag_acc_norm"].append(result.acc_norm)
+        log.info(
+            "step %d: HellaSwag acc %.4f, acc_norm %.4f (%d examples)", step, result.acc, result.acc_norm, result.n
+        )
+        return metrics
 
     @property
     def test_autocast(self) -> torch.dtype | None:

@@ -128,3 +128,17 @@ def test_truncated_checkpoint_files_are_named_by_evaluate_and_by_resume(trained,
         f"to resume from an earlier checkpoint, write one of step_000001, step_000003 into "
         f"{damaged / 'checkpoints' / 'latest'}"
     )
+
+
+def test_hellaswag_that_cannot_be_scored_is_refused_before_anything_is_evaluated(trained, store, tmp_path, capsys):
+    from tests.fixtures.hellaswag import write_fixture
+
+    run_dir, result = trained
+    write_fixture(tmp_path / "hellaswag.jsonl", count=24)  # some endings are longer than TINY's 32-token context
+    before = checkpoint_losses(store, result["run_id"])
+    assert main([str(run_dir), "hellaswag=true", f"hellaswag_path={tmp_path / 'hellaswag.jsonl'}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: eval.hellaswag=true: HellaSwag example ind=") and "context_length=32" in error
+    assert main([str(run_dir), "hellaswag=yes"]) == 2
+    assert "hellaswag=yes: must be true or false" in capsys.readouterr().err
+    assert checkpoint_losses(store, result["run_id"]) == before  # nothing was evaluated or logged

@@ -10,6 +10,7 @@ import torch
 from harness.commands.plan import compose_trials, main
 from harness.config.compose import compose, config_hash
 from harness.config.schema import ModelConfig
+from harness.progress import format_duration
 from harness.study import cost
 from harness.trial import disk
 from harness.trial.checkpoint import checkpoint_bytes
@@ -259,3 +260,16 @@ def test_what_cannot_be_planned_is_refused_in_one_line(arguments, error, capsys)
         main(arguments)
     assert exit_status.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {error}"]
+
+
+def test_the_hellaswag_time_is_its_forward_flops_at_the_training_throughput(capsys):
+    # 4 × 10,042 rows × (2 × 12 layers × 12 × 768² × 70 row tokens + 2 × 50,257 × 768 × 25 ending tokens)
+    flops = 4 * 10_042 * (2 * 12 * 12 * 768**2 * 70 + 2 * 50_257 * 768 * 25)
+    assert cost.hellaswag_flops(ModelConfig()) == flops
+    out = plan(capsys, "scale=gpt2_small", "eval.hellaswag_interval=250", "tokens_per_sec=100000")
+    each = flops / (100_000 * GPT2_SMALL_FLOPS_PER_TOKEN) + 5  # the stated throughput's FLOP/s, plus 5 s a scoring
+    [line] = [line for line in out.splitlines() if line.startswith("HellaSwag:")]
+    scorings = 1 + (33_165 - 1) // 250  # every 250 steps before the last, and at the end
+    assert f"baseline-s42: {scorings} × {format_duration(each)}" in line
+    assert f"{format_duration(scorings * each)} in all" in line
+    assert "not scored (eval.hellaswag=false)" in plan(capsys, "eval.hellaswag=false")

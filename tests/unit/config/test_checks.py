@@ -219,13 +219,18 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_a_trial_that_cannot_start_here_is_told_about_its_data_too(paths):
-    assert problems_of("scale=gpt2_small", "data.test_tokens=6144", f"data.path={paths}/missing") == [
+    hellaswag = f"{paths}/no_hellaswag"  # gpt2_small scores HellaSwag: its data is checked as well
+    assert problems_of(
+        "scale=gpt2_small", "data.test_tokens=6144", f"data.path={paths}/missing", f"eval.hellaswag_path={hellaswag}"
+    ) == [
         "trainer.precision=fp16_amp: needs a CUDA device (fp16 autocast with GradScaler) and this trial runs on the "
         "CPU; use trainer.precision=tf32 or fp32 there (the same arithmetic on a CPU), or bf16_amp (runs, but ~15× "
         "slower on CPUs without bf16 matmul units); fp16 emulated on the CPU, several times slower than fp32, runs "
         "when asked for with trainer.device=cpu",
         f"data.path={paths}/missing: {paths}/missing does not exist; prepare it once with `python -m harness.data "
         f"prepare dataset=fineweb_gpt2_tokens out={paths}/missing`, or point data.path at a prepared directory",
+        f"eval.hellaswag=true: {hellaswag} does not exist; prepare it once with `python -m harness prepare "
+        f"dataset=hellaswag out={hellaswag}`, or point eval.hellaswag_path at a prepared directory",
     ]
 
 

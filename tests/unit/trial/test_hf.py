@@ -198,3 +198,26 @@ def test_unusable_reference_directories_are_explained(problem, message, tmp_path
     }.get(problem, [])
     assert reference_main([f"path={directory}", *TINY, *overrides]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_reference_run_scores_hellaswag_the_same_way_with_its_per_example_record(store, tmp_path, capsys):
+    from harness.data.hellaswag import load_hellaswag
+    from harness.trial.hellaswag import score
+    from tests.fixtures.hellaswag import write_fixture
+
+    transformers_gpt2(tmp_path / "gpt2")
+    write_fixture(tmp_path / "hellaswag.jsonl", count=12)
+    overrides = [
+        *TINY,
+        "model.context_length=64",
+        "eval.hellaswag=true",
+        f"eval.hellaswag_path={tmp_path / 'hellaswag.jsonl'}",
+    ]
+    assert reference_main([f"path={tmp_path / 'gpt2'}", *overrides, "study=hellaswag_reference"]) == 0
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="params.study = 'hellaswag_reference'")
+    run = mlflow.MlflowClient(store).get_run(runs.run_id[0])
+    ours = score(hf.load_gpt2(tmp_path / "gpt2", 64), load_hellaswag(tmp_path / "hellaswag.jsonl"), progress=False)
+    assert (run.data.metrics["hellaswag_acc"], run.data.metrics["hellaswag_acc_norm"]) == (ours.acc, ours.acc_norm)
+    record = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/hellaswag/final.json")
+    assert record["choice_norm"] == ours.choices_norm and record["choice"] == ours.choices
+    assert f"hellaswag_acc_norm {ours.acc_norm:.4f}" in capsys.readouterr().out
