@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from analysis.adjusted import holm_intervals
 from analysis.compare import compare_to_baseline
 from analysis.factorial import FactorialResult, fit_factorial
 from analysis.load import StudyRuns
@@ -64,6 +65,7 @@ def analyse(study_runs: StudyRuns, settings: Settings = Settings()) -> StudyAnal
         settings.n_resamples,
         settings.random_seed,
     )
+    ranking = holm_intervals(ranking, settings.alpha)
     try:
         factorial, factorial_note = fit_factorial(runs, settings.alpha), ""
     except ValueError as error:

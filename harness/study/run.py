@@ -149,7 +149,25 @@ def run_study(
             f"{len(unfinished)} of {len(outcomes)} trials of study {tag} did not finish "
             f"({', '.join(o.trial for o in unfinished)}); run the same command again to retry them"
         )
+    if study.analyze and not study.sequential:  # a sequential study has decided after each round
+        analyse_study(tag, store.uri, tracking.experiment)
     return outcomes
+
+
+def analyse_study(tag: str, tracking_uri: str, experiment: str) -> None:
+    """The study's analysis, as `python -m analysis study=TAG` runs it: the verdict table printed, the report
+    logged under the parent run, whose tags and metrics then show each arm's verdict."""
+    from analysis.__main__ import run as run_analysis
+    from analysis.load import AnalysisInputError
+
+    print(
+        f"[study {tag}] its analysis (python -m analysis study={tag}; hydra.sweeper.analyze=false leaves it out):",
+        flush=True,
+    )
+    try:
+        run_analysis({"study": tag, "tracking_uri": tracking_uri, "experiment": experiment})
+    except AnalysisInputError as error:
+        print(f"[study {tag}] no analysis: {error}", flush=True)
 
 
 def check_command_line(arguments: list[str]) -> None:
