@@ -477,25 +477,40 @@ def _signed(value: float) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:+.{LOSS_DECIMALS}f}"
 
 
+def arm_summaries(analysis: StudyAnalysis) -> dict[str, str]:
+    """Per arm (baseline included), `mean 7.340000, SD 0.012000, n 2` of its analysed runs' test losses."""
+    losses = analysis.study_runs.runs.groupby("intervention")["test_loss"]
+    return {
+        arm: f"mean {_number(mean)}, SD {_number(sd)}, n {n}"
+        for arm, mean, sd, n in zip(losses.mean().index, losses.mean(), losses.std(ddof=1), losses.count(), strict=True)
+    }
+
+
 def verdict_tags(analysis: StudyAnalysis) -> dict[str, str]:
-    """One tag per arm for the parent run, readable as a column of the runs table: `verdict/<arm>` =
-    `better -0.012345 [-0.020000, -0.004000] Holm 95%, paired t, 4.0 dof`; and `verdicts`, all of them."""
+    """Tags for the parent run, readable as columns of the runs table. `verdict/<arm>`: `better -0.012345
+    [-0.020000, -0.004000] Holm 95%, paired t, 4.0 dof; mean …, SD …, n …`; `verdicts`: every arm's verdict,
+    difference and interval, the baseline's mean, SD and n first."""
     confidence = f"{1 - analysis.settings.alpha:.0%}"
-    tags = {}
+    summaries = arm_summaries(analysis)
+    tags, parts = {}, []
+    baseline = [arm for arm in summaries if arm not in set(analysis.ranking["intervention"])]
+    parts += [f"{arm}: {summaries[arm]}" for arm in baseline]
     for row in analysis.ranking.itertuples():
         interval = (
             f"[{_signed(row.holm_low)}, {_signed(row.holm_high)}]" if np.isfinite(row.holm_low) else "no interval"
         )
         thin = f" (!) {row.warning}" if row.warning else ""
+        verdict = f"{row.verdict} {_signed(row.difference)} {interval}"
         tags[f"verdict/{metric_arm(row.intervention)}"] = (
-            f"{row.verdict} {_signed(row.difference)} {interval} Holm {confidence}, {row.method}, {_dof(row.dof)} dof"
-            f"{thin}"
+            f"{verdict} Holm {confidence}, {row.method}, {_dof(row.dof)} dof{thin}; {summaries.get(row.intervention, '')}"
+        )
+        parts.append(
+            f"{row.intervention}: {verdict} ({_dof(row.dof)} dof{thin}; {summaries.get(row.intervention, '')})"
         )
     tags["verdicts"] = (
-        "; ".join(
-            f"{row.intervention} {row.verdict} {_signed(row.difference)}" for row in analysis.ranking.itertuples()
-        )
-        or "no interventions besides the baseline"
+        f"difference to baseline, Holm {confidence} interval: " + " | ".join(parts)
+        if len(analysis.ranking)
+        else "no interventions besides the baseline"
     )
     return tags
 

@@ -150,11 +150,19 @@ def run_study(
             f"({', '.join(o.trial for o in unfinished)}); run the same command again to retry them"
         )
     if study.analyze and not study.sequential:  # a sequential study has decided after each round
-        analyse_study(tag, store.uri, tracking.experiment)
+        analysed = store.client.get_run(parent_id).data.tags
+        if not pending and "analysis_run_id" in analysed:
+            print(
+                f"[study {tag}] nothing new ran; its analysis run {analysed['analysis_run_id']} stands: "
+                f"{analysed.get('verdicts', '(no verdicts)')}",
+                flush=True,
+            )
+        else:
+            analyse_study(tag, store.uri, tracking.experiment, study.report_dir)
     return outcomes
 
 
-def analyse_study(tag: str, tracking_uri: str, experiment: str) -> None:
+def analyse_study(tag: str, tracking_uri: str, experiment: str, report_dir: str | None = None) -> None:
     """The study's analysis, as `python -m analysis study=TAG` runs it: the verdict table printed, the report
     logged under the parent run, whose tags and metrics then show each arm's verdict."""
     from analysis.__main__ import run as run_analysis
@@ -165,7 +173,8 @@ def analyse_study(tag: str, tracking_uri: str, experiment: str) -> None:
         flush=True,
     )
     try:
-        run_analysis({"study": tag, "tracking_uri": tracking_uri, "experiment": experiment})
+        options = {"study": tag, "tracking_uri": tracking_uri, "experiment": experiment}
+        run_analysis(options | ({"out": report_dir} if report_dir else {}))
     except AnalysisInputError as error:
         print(f"[study {tag}] no analysis: {error}", flush=True)
 
