@@ -56,9 +56,9 @@ notebook:
 	ANALYSIS_STUDY=$(STUDY) $(PYTHON) -m jupyter lab analysis/noise_analysis.ipynb
 
 # The README's screenshots of mlflow ui (docs/img/*.png at 1366 and 1600 px): a small quick study and a smoke trial
-# in a fresh store, a real `mlflow server` on 127.0.0.1, headless Chromium (docs/screenshots.md).
+# in a fresh store, a real `mlflow server` on 127.0.0.1, headless Chromium (tools/screenshots.py).
 screenshots:
-	bash docs/screenshots.sh
+	$(PYTHON) tools/screenshots.py
 
 # A study from conf/sweep/ (default `quick`: a few CPU minutes), ending with its analysis (its verdict table);
 # hydra.sweeper.analyze=false leaves the analysis out.

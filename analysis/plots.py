@@ -102,14 +102,15 @@ def forest_plot(ranking: pd.DataFrame, min_effect: float, path: Path) -> Path | 
         label="+-1 noise SD (reference)",
     )
     confidence = f"{adjusted['holm_confidence'].min():.1%}" if not adjusted.empty else ""
-    ax.hlines(
-        adjusted.index,
-        adjusted["holm_low"],
-        adjusted["holm_high"],
-        color="black",
-        lw=3.5,
-        label="Holm-adjusted interval (decides the verdict)",
-    )
+    if not adjusted.empty:
+        ax.hlines(
+            adjusted.index,
+            adjusted["holm_low"],
+            adjusted["holm_high"],
+            color="black",
+            lw=3.5,
+            label="Holm-adjusted interval (decides the verdict)",
+        )
     ax.hlines(
         drawable.index,
         drawable["ci_low"],
