@@ -58,6 +58,7 @@ notebook:
 # The README's screenshots of mlflow ui (docs/img/*.png at 1366 and 1600 px): a small quick study and a smoke trial
 # in a fresh store, a real `mlflow server` on 127.0.0.1, headless Chromium (tools/screenshots.py).
 screenshots:
+	$(PYTHON) -m pip install -e ".[screenshots]"
 	$(PYTHON) tools/screenshots.py
 
 # A study from conf/sweep/ (default `quick`: a few CPU minutes), ending with its analysis (its verdict table);

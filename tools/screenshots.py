@@ -1,9 +1,9 @@
 """The README's screenshots of `mlflow ui`: docs/img/*.png at 1366 and 1600 px wide (`make screenshots`).
 
 A small quick study (`make sweep` at STEPS steps) and a smoke trial go into a fresh store (or STORE=sqlite:///…
-reuses one), a real `mlflow ui` serves it on 127.0.0.1, and headless Chromium (Debian's `chromium`) draws the saved
-views, the study's parent run and its forest plot. docs/mlflow.md says what each image shows.
-"""
+reuses one), a real `mlflow ui` serves it on 127.0.0.1, and headless Chromium (Debian's `chromium`, driven by
+Playwright: the `.[screenshots]` extra) draws the saved views, the study's parent run and its forest plot.
+docs/mlflow.md says what each image shows."""
 
 import os
 import shutil
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "docs" / "img"
 WIDTHS = (1366, 1600)
 HEIGHT = 900
-RENDER_MS = 20000  # Chromium's virtual-time budget: MLflow's React app renders after its API calls return
+RENDER_MS = 6000  # MLflow's React app renders after its API calls return
 
 
 def free_port() -> int:
@@ -52,10 +52,11 @@ def pages(store: str, address: str) -> dict[str, str]:
     """Image name: the UI address it shows."""
     from mlflow.tracking import MlflowClient
 
-    from harness.tracking.store import UI_MODE, VIEWS
+    from harness.tracking.store import UI_MODE, VIEWS, mark_experiment
 
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name("harness/smoke")
+    mark_experiment(client, experiment)  # the saved views as this code writes them
     [parent] = client.search_runs([experiment.experiment_id], "tags.study_parent = 'true'", max_results=1)
     runs = f"{address}/#/experiments/{experiment.experiment_id}/runs"
     shown = {f"mlflow-{key.removeprefix('harness-')}": f"{runs}?{UI_MODE}&viewStateShareKey={key}" for key in VIEWS}
@@ -64,32 +65,21 @@ def pages(store: str, address: str) -> dict[str, str]:
     return shown
 
 
-def screenshot(chromium: str, url: str, path: Path, width: int) -> None:
-    profile = tempfile.mkdtemp(prefix="chromium-")
+def screenshot(browser, url: str, path: Path, width: int) -> None:
+    """The page once MLflow's React app has drawn it, with its assistant side panel closed (it opens by default
+    and would hide a third of the table)."""
+    page = browser.new_page(viewport={"width": width, "height": HEIGHT})
     try:
-        subprocess.run(
-            [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--hide-scrollbars",
-                f"--user-data-dir={profile}",
-                f"--window-size={width},{HEIGHT}",
-                f"--virtual-time-budget={RENDER_MS}",
-                f"--screenshot={path}",
-                url,
-            ],
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
+        page.goto(url)
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(RENDER_MS)
+        assistant = page.get_by_text("MLflow Assistant", exact=True)
+        if assistant.count():
+            page.locator("button[aria-label='Close']").last.click()
+            page.wait_for_timeout(1500)
+        page.screenshot(path=str(path))
     finally:
-        shutil.rmtree(profile, ignore_errors=True)
+        page.close()
 
 
 def main() -> int:
@@ -115,11 +105,19 @@ def main() -> int:
             except OSError:
                 time.sleep(1)
         IMAGES.mkdir(parents=True, exist_ok=True)
-        for name, url in pages(store, address).items():
-            for width in WIDTHS:
-                path = IMAGES / f"{name}-{width}.png"
-                screenshot(chromium, url, path, width)
-                print(f"{path.relative_to(ROOT)}  {url}")
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=chromium,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync"],
+            )
+            for name, url in pages(store, address).items():
+                for width in WIDTHS:
+                    path = IMAGES / f"{name}-{width}.png"
+                    screenshot(browser, url, path, width)
+                    print(f"{path.relative_to(ROOT)}  {url}", flush=True)
+            browser.close()
         shutil.copyfile(IMAGES / "mlflow-verdicts-1366.png", IMAGES / "mlflow-ui.png")
     finally:
         server.terminate()

@@ -38,7 +38,7 @@ ANSWER_COLUMNS = [
     "tags.`scale`",
     "metrics.`train_seconds`",
 ]
-VERDICT_COLUMNS = ["tags.`study`", "tags.`verdicts`", "tags.`analysis_run_id`", "metrics.`trials_finished`"]
+VERDICT_COLUMNS = ["tags.`study`", "tags.`verdicts`"]
 VIEWS = {  # key: (link text, the runs table's state: filter, columns, order, grouping)
     "harness-verdicts": (
         "each study's verdicts: difference, Holm interval, mean, SD and n per arm",
@@ -47,7 +47,7 @@ VIEWS = {  # key: (link text, the runs table's state: filter, columns, order, gr
             "selectedColumns": VERDICT_COLUMNS,
             "orderByKey": "attributes.start_time",
             "orderByAsc": False,
-            "columnWidths": {"attributes.`Run Name`": 150, "tags.`study`": 90, "tags.`verdicts`": 1000},
+            "columnWidths": {"attributes.`Run Name`": 120, "tags.`study`": 80, "tags.`verdicts`": 2400},
         },
     ),
     "harness-answer": (
