@@ -70,13 +70,11 @@ def screenshot(browser, url: str, path: Path, width: int) -> None:
     and would hide a third of the table)."""
     page = browser.new_page(viewport={"width": width, "height": HEIGHT})
     try:
-        page.goto(url)
-        page.wait_for_load_state("networkidle")
+        page.goto(url, wait_until="load", timeout=120_000)
         page.wait_for_timeout(RENDER_MS)
-        assistant = page.get_by_text("MLflow Assistant", exact=True)
-        if assistant.count():
-            page.locator("button[aria-label='Close']").last.click()
-            page.wait_for_timeout(1500)
+        if page.get_by_text("MLflow Assistant", exact=True).count():
+            page.mouse.click(width - 36, 35)  # the panel's close button, at its top right
+            page.wait_for_timeout(2000)
         page.screenshot(path=str(path))
     finally:
         page.close()
@@ -112,6 +110,7 @@ def main() -> int:
                 executable_path=chromium,
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync"],
             )
+            print("drawing", flush=True)
             for name, url in pages(store, address).items():
                 for width in WIDTHS:
                     path = IMAGES / f"{name}-{width}.png"
