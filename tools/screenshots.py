@@ -117,7 +117,7 @@ def main() -> int:
                     screenshot(browser, url, path, width)
                     print(f"{path.relative_to(ROOT)}  {url}", flush=True)
             browser.close()
-        shutil.copyfile(IMAGES / "mlflow-verdicts-1366.png", IMAGES / "mlflow-ui.png")
+        shutil.copyfile(IMAGES / "mlflow-study-parent-1366.png", IMAGES / "mlflow-ui.png")
     finally:
         server.terminate()
         server.wait(timeout=30)
