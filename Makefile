@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 STUDY ?= quick
 
-.PHONY: setup setup-dev run lint format test test-all ui list plan data analyze sweep bench bench-tracking bench-analysis gpu-check services services-stop
+.PHONY: setup setup-dev run lint format test test-all ui list plan data analyze notebook sweep bench bench-tracking bench-analysis gpu-check services services-stop screenshots
 
 # What running needs: torch, then the harness and its dependencies.
 setup:
@@ -58,7 +58,20 @@ data:
 analyze:
 	$(PYTHON) -m analysis study=$(STUDY) $(ARGS)
 
-# A study from conf/sweep/ (default `quick`: a few CPU minutes), and its analysis.
+# The analysis notebook in JupyterLab (the `.[notebook]` extra), on study $(STUDY) of the project's mlflow.db:
+# the same analysis as `make analyze`, logged the same way under the study's parent run.
+notebook:
+	$(PYTHON) -m pip install -e ".[notebook]"
+	ANALYSIS_STUDY=$(STUDY) $(PYTHON) -m jupyter lab analysis/noise_analysis.ipynb
+
+# The README's screenshots of mlflow ui (docs/img/*.png at 1366 and 1600 px): a small quick study and a smoke trial
+# in a fresh store, a real `mlflow server` on 127.0.0.1, headless Chromium (tools/screenshots.py).
+screenshots:
+	$(PYTHON) -m pip install -e ".[screenshots]"
+	$(PYTHON) tools/screenshots.py
+
+# A study from conf/sweep/ (default `quick`: a few CPU minutes), ending with its analysis (its verdict table);
+# hydra.sweeper.analyze=false leaves the analysis out.
 sweep:
 	$(PYTHON) -m harness +sweep=$(STUDY) $(ARGS)
 

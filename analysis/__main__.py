@@ -101,7 +101,7 @@ def settings_from(options: dict):
 
 def run(options: dict) -> int:
     from analysis.accuracy_report import accuracy_text, disagreement_note
-    from analysis.report import log_analysis_run, ranking_text, write_report
+    from analysis.report import ranking_text, write_report
     from analysis.study import analyse
 
     settings = settings_from(options)
@@ -129,15 +129,23 @@ def run(options: dict) -> int:
     if log == "true" or (log == "auto" and "csv" not in options):
         tracking_uri = options.get("tracking_uri") or study_runs.tracking_uri or default_tracking_uri()
         experiment_id = study_runs.experiment_id or _experiment_id(tracking_uri, options)
-        parent = study_parent(tracking_uri, experiment_id, study_runs.study) if experiment_id else None
-        run_id = log_analysis_run(analysis, files, tracking_uri, experiment_id, parent)
-        where = (
-            f"under the study's parent run {parent} (its description shows the verdicts)"
-            if parent
-            else "at the top level (the study has no parent run)"
-        )
-        print(f"logged analysis run {run_id} to {tracking_uri}, {where}")
+        print(log_under_parent(analysis, files, tracking_uri, experiment_id))
     return 0
+
+
+def log_under_parent(analysis, files, tracking_uri: str, experiment_id: str | None) -> str:
+    """Log the report as an analysis run nested under the study's latest parent run (which then shows the
+    verdicts), or at the top level when it has none; the line that says where. The notebook logs through this."""
+    from analysis.report import log_analysis_run
+
+    parent = study_parent(tracking_uri, experiment_id, analysis.study) if experiment_id else None
+    run_id = log_analysis_run(analysis, files, tracking_uri, experiment_id, parent)
+    where = (
+        f"under the study's parent run {parent} (its verdict tags, metrics and forest.png show the verdicts)"
+        if parent
+        else "at the top level (the study has no parent run)"
+    )
+    return f"logged analysis run {run_id} to {tracking_uri}, {where}"
 
 
 def _experiment_id(tracking_uri: str, options: dict) -> str | None:

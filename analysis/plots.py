@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 MAX_CURVE_POINTS = 200
+MARKED_POINTS = 30  # fewer steps than this are drawn with a marker each
 FINAL_FRACTION = 0.3
 VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "inconclusive": "tab:gray"}
 
@@ -55,28 +56,41 @@ def training_curves(histories: pd.DataFrame, runs: pd.DataFrame, path: Path) -> 
             .mean()
         )
     final_start = curves["step"].min() + (1 - FINAL_FRACTION) * np.ptp(curves["step"])
+    steps = np.sort(curves["step"].unique())
+    final_start = min(final_start, steps[-min(len(steps), 2)])  # at least two points, so a line can be drawn
     sns.set_theme(style="whitegrid")
     figure, (whole, final) = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, data in ((whole, curves), (final, curves[curves["step"] >= final_start])):
-        sns.lineplot(data=data, x="step", y="value", hue="intervention", errorbar="sd", ax=ax, legend=ax is final)
+        sns.lineplot(
+            data=data,
+            x="step",
+            y="value",
+            hue="intervention",
+            errorbar="sd",
+            marker="o" if data["step"].nunique() <= MARKED_POINTS else None,
+            ax=ax,
+            legend=ax is final,
+        )
         ax.set_ylabel("training loss")
     if (curves["value"] > 0).all():
         whole.set_yscale("log")
     whole.set_title("training loss (mean +- SD across seeds)")
-    final.set_title(f"final {FINAL_FRACTION:.0%} of steps")
+    final.set_title(f"from step {final_start:g} (at least the final {FINAL_FRACTION:.0%} of steps)")
     if final.get_legend():
         sns.move_legend(final, "upper left", bbox_to_anchor=(1.02, 1))
     return _save(figure, path)
 
 
 def forest_plot(ranking: pd.DataFrame, min_effect: float, path: Path) -> Path | None:
-    """Difference to baseline with its t CI, over the +-1 noise-SD band."""
+    """Difference to baseline with the Holm-adjusted interval that decides its verdict (thick) and the unadjusted
+    t interval (thin), over the +-1 noise-SD band; each row is labelled with its verdict and difference."""
     rows = ranking.reset_index(drop=True)
     drawable = _finite(rows, ["difference", "ci_low", "ci_high"])
     if drawable.empty:
         return None
+    adjusted = _finite(rows, ["holm_low", "holm_high"]) if "holm_low" in rows else rows.iloc[:0]
     sns.set_theme(style="whitegrid")
-    figure, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)))
+    figure, ax = plt.subplots(figsize=(9, 1.6 + 0.55 * len(rows)))
     band = _finite(rows, ["noise_sd"])
     ax.barh(
         band.index,
@@ -87,7 +101,25 @@ def forest_plot(ranking: pd.DataFrame, min_effect: float, path: Path) -> Path | 
         alpha=0.15,
         label="+-1 noise SD (reference)",
     )
-    ax.hlines(drawable.index, drawable["ci_low"], drawable["ci_high"], color="black", lw=1.5)
+    confidence = f"{adjusted['holm_confidence'].min():.1%}" if not adjusted.empty else ""
+    if not adjusted.empty:
+        ax.hlines(
+            adjusted.index,
+            adjusted["holm_low"],
+            adjusted["holm_high"],
+            color="black",
+            lw=3.5,
+            label="Holm-adjusted interval (decides the verdict)",
+        )
+    ax.hlines(
+        drawable.index,
+        drawable["ci_low"],
+        drawable["ci_high"],
+        color="tab:orange",
+        lw=1.2,
+        zorder=2,
+        label="unadjusted t interval (this row alone)",
+    )
     sns.scatterplot(
         data=drawable.assign(row=drawable.index),
         x="difference",
@@ -102,10 +134,15 @@ def forest_plot(ranking: pd.DataFrame, min_effect: float, path: Path) -> Path | 
     if min_effect > 0:
         for edge in (-min_effect, min_effect):
             ax.axvline(edge, color="tab:orange", ls="--", lw=0.8)
-    ax.set_yticks(rows.index, rows["intervention"])
+    labels = [f"{row.intervention}\n{row.verdict} {row.difference:+.4f}" for row in rows.itertuples()]
+    ax.set_yticks(rows.index, labels)
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_xlabel("test loss difference to baseline (negative = better), with t CI")
+    ax.set_xlabel(
+        "test loss difference to baseline (negative = better)"
+        + (f"; Holm intervals at per-row confidence >= {confidence}" if confidence else "")
+    )
     ax.set_ylabel("")
+    ax.set_title("Which intervention beats the baseline (verdict: Holm-adjusted p < alpha)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1))
     return _save(figure, path)
 

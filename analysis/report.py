@@ -8,6 +8,7 @@ Losses and differences are shown with 6 decimals.
 from __future__ import annotations
 
 import html
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def ranking_display(ranking: pd.DataFrame) -> pd.DataFrame:
             "baseline loss": ranking["baseline_loss"].map(_number),
             "intervention loss": ranking["intervention_loss"].map(_number),
             "difference": ranking["difference"].map(_number),
+            "CI (Holm)": _intervals(ranking["holm_low"], ranking["holm_high"]),
             "CI (t)": _intervals(ranking["ci_low"], ranking["ci_high"]),
             "CI (bootstrap)": _intervals(ranking["boot_low"], ranking["boot_high"]),
             "p": ranking["p_value"].map(_p),
@@ -120,7 +122,7 @@ def ranking_text(ranking: pd.DataFrame) -> str:
     """Plain-text ranking for the terminal."""
     if ranking.empty:
         return "(no interventions besides the baseline)"
-    shown = ranking_display(ranking).drop(columns=["intervention loss", "CI (bootstrap)", "P(better)"])
+    shown = ranking_display(ranking).drop(columns=["intervention loss", "CI (t)", "CI (bootstrap)", "P(better)"])
     note = thin_evidence_note(ranking)
     return shown.to_string(index=False) + (f"\n{note}" if note else "")
 
@@ -165,7 +167,9 @@ METHODS_TEXT = (
     "its own initial weights) they are the baseline's init seeds at the intervention's "
     "train-seed level, each a fresh draw of initial weights as the intervention's run is. "
     "'Welch t' compares per-seed means when nothing can be paired. p-values are Holm-adjusted "
-    "across all rows, whatever their method."
+    "across all rows, whatever their method. 'CI (Holm)' is the interval the verdict is decided on: the t "
+    "interval at confidence 1 - alpha x p / p (Holm), which excludes zero exactly when the Holm-adjusted p is "
+    "below alpha; 'CI (t)' is the unadjusted interval of the row alone."
 )
 VERDICTS_TEXT = (
     "Verdict: 'better' ('worse') when the Holm-adjusted p < alpha and the difference is at least "
@@ -410,14 +414,15 @@ def verdicts_markdown(analysis: StudyAnalysis, run_id: str) -> str:
     head = (
         f"{len(analysis.study_runs.runs)} runs analysed ({len(analysis.study_runs.excluded)} excluded), "
         f"alpha {settings.alpha}, minimum effect {settings.min_effect}; difference = intervention - "
-        f"baseline test loss (negative = better), with its {confidence} CI. Analysis run {run_id} holds the "
-        "report (report.md, report.html, figures)."
+        f"baseline test loss (negative = better), with its Holm-adjusted interval (the one the verdict is "
+        f"decided on; {confidence} family-wise). Analysis run {run_id} holds the report (report.md, report.html, "
+        "figures); forest.png here draws the intervals."
     )
     if ranking.empty:
         return head + "\n\n(no interventions besides the baseline)"
     shown = ranking_display(ranking)[
-        ["intervention", "verdict", "difference", "CI (t)", "p (Holm)", "method", "dof", "warning"]
-    ].rename(columns={"CI (t)": f"{confidence} CI"})
+        ["intervention", "verdict", "difference", "CI (Holm)", "p (Holm)", "method", "dof", "warning"]
+    ]
     note = thin_evidence_note(ranking)
     return "\n\n".join(filter(None, [head, _markdown_table(shown), note and f"**{note}**"]))
 
@@ -469,6 +474,7 @@ def log_analysis_run(
         )
         mlflow.log_artifacts(str(files.directory))
     if parent_run_id:
+        from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         from harness.study.store import write_note
@@ -476,4 +482,78 @@ def log_analysis_run(
         client = MlflowClient(tracking_uri)
         write_note(client, parent_run_id, Verdicts=verdicts_markdown(analysis, run.info.run_id))
         client.set_tag(parent_run_id, "analysis_run_id", run.info.run_id)
+        for key, value in verdict_tags(analysis).items():
+            client.set_tag(parent_run_id, key, value)
+        client.log_batch(
+            parent_run_id,
+            metrics=[
+                Metric(key, value, int(time.time() * 1000), 0) for key, value in verdict_metrics(analysis).items()
+            ],
+        )
+        forest = files.directory / "figures" / "forest.png"
+        if forest.is_file():
+            client.log_artifact(parent_run_id, str(forest))
     return run.info.run_id
+
+
+def metric_arm(intervention: str) -> str:
+    """An arm's name as MLflow allows it in a metric or tag key: `a+b` becomes `a and b`."""
+    return intervention.replace("+", " and ")
+
+
+def _signed(value: float) -> str:
+    return "n/a" if not np.isfinite(value) else f"{value:+.{LOSS_DECIMALS}f}"
+
+
+def arm_summaries(analysis: StudyAnalysis) -> dict[str, str]:
+    """Per arm (baseline included), `mean 7.340000, SD 0.012000, n 2` of its analysed runs' test losses."""
+    losses = analysis.study_runs.runs.groupby("intervention")["test_loss"]
+    return {
+        arm: f"mean {_number(mean)}, SD {_number(sd)}, n {n}"
+        for arm, mean, sd, n in zip(losses.mean().index, losses.mean(), losses.std(ddof=1), losses.count(), strict=True)
+    }
+
+
+def verdict_tags(analysis: StudyAnalysis) -> dict[str, str]:
+    """Tags for the parent run, readable as columns of the runs table. `verdict/<arm>`: `better -0.012345
+    [-0.020000, -0.004000] Holm 95%, paired t, 4.0 dof; mean …, SD …, n …`; `verdicts`: every arm's verdict,
+    difference and interval, the baseline's mean, SD and n first."""
+    confidence = f"{1 - analysis.settings.alpha:.0%}"
+    summaries = arm_summaries(analysis)
+    tags, parts = {}, []
+    baseline = [arm for arm in summaries if arm not in set(analysis.ranking["intervention"])]
+    parts += [f"{arm}: {summaries[arm]}" for arm in baseline]
+    for row in analysis.ranking.itertuples():
+        interval = (
+            f"[{_signed(row.holm_low)}, {_signed(row.holm_high)}]" if np.isfinite(row.holm_low) else "no interval"
+        )
+        thin = f" (!) {row.warning}" if row.warning else ""
+        verdict = f"{row.verdict} {_signed(row.difference)} {interval}"
+        tags[f"verdict/{metric_arm(row.intervention)}"] = (
+            f"{verdict} Holm {confidence}, {row.method}, {_dof(row.dof)} dof{thin}; {summaries.get(row.intervention, '')}"
+        )
+        parts.append(
+            f"{row.intervention}: {verdict} ({_dof(row.dof)} dof{thin}; {summaries.get(row.intervention, '')})"
+        )
+    tags["verdicts"] = (
+        f"difference to baseline, Holm {confidence} interval: " + " | ".join(parts)
+        if len(analysis.ranking)
+        else "no interventions besides the baseline"
+    )
+    return tags
+
+
+def verdict_metrics(analysis: StudyAnalysis) -> dict[str, float]:
+    """Per arm, `verdict/<arm>/difference`, `…/ci_low`, `…/ci_high` (the Holm-adjusted interval), `…/dof`; the
+    finite ones (MLflow stores no NaN the runs table can sort)."""
+    metrics = {}
+    for row in analysis.ranking.itertuples():
+        for name, value in (
+            ("difference", row.difference),
+            ("ci_low", row.holm_low),
+            ("ci_high", row.holm_high),
+            ("dof", row.dof),
+        ):
+            if np.isfinite(value):
+                metrics[f"verdict/{metric_arm(row.intervention)}/{name}"] = float(value)
+    return metrics

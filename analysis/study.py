@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from analysis.accuracy import METRICS, AccuracyAnalysis, analyse_accuracy
+from analysis.adjusted import holm_intervals
 from analysis.compare import compare_to_baseline
 from analysis.factorial import FactorialResult, fit_factorial
 from analysis.load import AnalysisInputError, StudyRuns
@@ -75,6 +76,7 @@ def analyse(study_runs: StudyRuns, settings: Settings = Settings()) -> StudyAnal
         settings.n_resamples,
         settings.random_seed,
     )
+    ranking = holm_intervals(ranking, settings.alpha)
     accuracy_metric = "hellaswag_acc_norm" if settings.metric == "test_loss" else settings.metric
     accuracy = analyse_accuracy(
         study_runs, ranking, accuracy_metric, settings.alpha, 0.0, settings.n_resamples, settings.random_seed

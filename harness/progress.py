@@ -129,6 +129,8 @@ def study_line(
     study: str, total: int, done: int, running: int, elsewhere: int, ended: dict[str, int], elapsed: float
 ) -> str:
     """`[study NAME] trial k of N: … | elapsed …, ETA …`; `ended` counts the finished trials by status."""
+    if total == 0:
+        return f"[study {study}] no trial to run: every trial of the study FINISHED in an earlier execution"
     eta = format_duration(elapsed / done * (total - done)) if done else "after the first trial"
     statuses = " (" + ", ".join(f"{n} {s}" for s, n in sorted(ended.items())) + ")" if done else ""
     where = (
@@ -138,6 +140,23 @@ def study_line(
         + (f", {elsewhere} running in another execution" if elsewhere else "")
     )
     return f"[study {study}] {where} | elapsed {format_duration(elapsed)}, ETA {eta}"
+
+
+def trial_start_line(
+    name: str, interventions: str, seeds: dict[str, object], scale: str, steps: int, study: str | None, url: str
+) -> str:
+    """`[trial NAME] starts: intervention …; seed …; scale …, N steps; study …; in mlflow ui: URL`."""
+    seeds_text = ", ".join(f"{key} {'none' if value is None else value}" for key, value in seeds.items())
+    in_study = f"; study {study}" if study else ""
+    return (
+        f"[trial {name}] starts: intervention {interventions}; {seeds_text}; scale {scale}, {steps} steps"
+        f"{in_study}; in mlflow ui: {url}"
+    )
+
+
+def trial_end_line(name: str, test_loss: float, train_seconds: float, standing: str) -> str:
+    """`[trial NAME] FINISHED: test loss X after S of training; STANDING` (for a study: where it stands)."""
+    return f"[trial {name}] FINISHED: test loss {test_loss:.6f} after {format_duration(train_seconds)} of training; {standing}"
 
 
 def format_duration(seconds: float) -> str:

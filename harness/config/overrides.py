@@ -46,10 +46,28 @@ def type_problem(error: OmegaConfBaseException) -> str:
     return f"{key}={show(value)}: must be {kind}" if kind else f"{key}: {str(error).splitlines()[0]}"
 
 
+# What other trainers call a key, to the key's name here: `optim.learning_rate` is answered with `optim.lr`.
+COMMON_NAMES = {
+    "learning_rate": "lr",
+    "max_lr": "lr",
+    "wd": "weight_decay",
+    "batch_size": "global_batch_size",
+    "steps": "max_steps",
+    "n_layers": "n_layer",
+    "num_layers": "n_layer",
+    "n_heads": "n_head",
+    "num_heads": "n_head",
+    "n_embd": "d_model",
+    "block_size": "context_length",
+}
+
+
 def unknown_key_problem(key: str, value: Any = None, with_value: bool = False) -> str:
     """`optim.lrr=1: no such config key; did you mean optim.lr? …`"""
     keys = list(schema_fields())
-    guess = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    leaf = key.rsplit(".", 1)[-1]
+    guess = [k for k in keys if k.rsplit(".", 1)[-1] == COMMON_NAMES.get(leaf)][:1]
+    guess = guess or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not guess:  # a right name in the wrong section, or a bare name: compare the last part
         leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
         guess = [leaves[g] for g in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.75)]

@@ -1,5 +1,7 @@
 """Data commands: `python -m harness.data prepare dataset=NAME [key=value ...]` (see USAGE)."""
 
+import contextlib
+import importlib
 import sys
 
 from harness.arguments import split
@@ -61,10 +63,32 @@ def main(arguments: list[str]) -> int:
     except PrepareError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except transfer_errors() as error:  # offline, or the host refused: one line, not the client's traceback
+        print(f"error: {unreachable_message(rest, error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def transfer_errors() -> tuple[type[BaseException], ...]:
+    """What a download raises when the network or the disk fails: OSError (urllib, requests, the Hub's offline
+    mode) and the HTTP client's transport errors."""
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            errors.append(importlib.import_module(module).TransportError)
+    return tuple(errors)
+
+
+def unreachable_message(arguments: list[str], error: BaseException) -> str:
+    dataset = split(arguments, {"dataset"}).settings.get("dataset", "?")
+    detail = (str(error).strip().splitlines() or [""])[0][:300]
+    return (
+        f"dataset={dataset}: could not fetch or write its files ({type(error).__name__}: {detail}); "
+        "without a network, prepare from local copies: parquet_dir=DIR, safetensors_dir=DIR or url=file:///PATH"
+    )
 
 
 if __name__ == "__main__":

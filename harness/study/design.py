@@ -56,6 +56,8 @@ class StudyConf:
     spending: str = "obrien_fleming"  # Lan-DeMets alpha spending: obrien_fleming or pocock
     budget_trials: int | None = None  # trials the study may run in all (every round, every execution)
     budget_gpu_hours: float | None = None  # GPU-hours it may spend in all: train_seconds x world_size
+    analyze: bool = True  # a fixed study ends by running its analysis (python -m analysis study=NAME)
+    report_dir: str | None = None  # where that analysis writes its report; None: <project>/reports/<study>
 
 
 @dataclass(frozen=True)

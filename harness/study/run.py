@@ -170,7 +170,34 @@ def run_study(
                 else ""
             )
         )
+    if study.analyze and not study.sequential:  # a sequential study has decided after each round
+        analysed = store.client.get_run(parent_id).data.tags
+        if not pending and "analysis_run_id" in analysed:
+            print(
+                f"[study {tag}] nothing new ran; its analysis run {analysed['analysis_run_id']} stands: "
+                f"{analysed.get('verdicts', '(no verdicts)')}",
+                flush=True,
+            )
+        else:
+            analyse_study(tag, store.uri, tracking.experiment, study.report_dir)
     return outcomes
+
+
+def analyse_study(tag: str, tracking_uri: str, experiment: str, report_dir: str | None = None) -> None:
+    """The study's analysis, as `python -m analysis study=TAG` runs it: the verdict table printed, the report
+    logged under the parent run, whose tags and metrics then show each arm's verdict."""
+    from analysis.__main__ import run as run_analysis
+    from analysis.load import AnalysisInputError
+
+    print(
+        f"[study {tag}] its analysis (python -m analysis study={tag}; hydra.sweeper.analyze=false leaves it out):",
+        flush=True,
+    )
+    try:
+        options = {"study": tag, "tracking_uri": tracking_uri, "experiment": experiment}
+        run_analysis(options | ({"out": report_dir} if report_dir else {}))
+    except AnalysisInputError as error:
+        print(f"[study {tag}] no analysis: {error}", flush=True)
 
 
 def check_command_line(arguments: list[str]) -> None:

@@ -31,33 +31,34 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 UI_MODE = "workflowType=machine_learning"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # `…/runs?viewStateShareKey=KEY` opens the runs table with that view
 ANSWER_COLUMNS = [
+    "tags.`study`",
     "tags.`intervention`",
     "tags.`seed`",
     "tags.`train_seed`",
-    "tags.`study`",
     "metrics.`test_loss`",
-    "metrics.`test_loss_amp`",
+    "tags.`scale`",
     "metrics.`train_seconds`",
 ]
-VIEWS = {  # key: (link text, the runs table's state: columns, order, grouping)
-    "harness-answer": (
-        "runs with their test loss",
-        {"selectedColumns": ANSWER_COLUMNS, "orderByKey": "metrics.`test_loss`", "orderByAsc": True},
+VERDICT_COLUMNS = ["tags.`study`", "tags.`verdicts`"]
+VIEWS = {  # key: (link text, the runs table's state: filter, columns, order, grouping)
+    "harness-verdicts": (
+        "each study's verdicts: difference, Holm interval, mean, SD and n per arm",
+        {
+            "searchFilter": "tags.study_parent = 'true'",
+            "selectedColumns": VERDICT_COLUMNS,
+            "orderByKey": "attributes.start_time",
+            "orderByAsc": False,
+            "columnWidths": {"attributes.`Run Name`": 120, "tags.`study`": 80, "tags.`verdicts`": 2400},
+        },
     ),
-    "harness-by-intervention": (
-        "mean test loss by intervention and study",
+    "harness-answer": (
+        "runs with their test loss, grouped by study",
         {
             "selectedColumns": ANSWER_COLUMNS,
             "orderByKey": "metrics.`test_loss`",
             "orderByAsc": True,
-            "columnWidths": {"attributes.`Run Name`": 380},
-            "groupBy": {
-                "aggregateFunction": "average",
-                "groupByKeys": [
-                    {"mode": "tag", "groupByData": "intervention"},
-                    {"mode": "tag", "groupByData": "study"},
-                ],
-            },
+            "columnWidths": {"attributes.`Run Name`": 420},
+            "groupBy": {"aggregateFunction": "min", "groupByKeys": [{"mode": "tag", "groupByData": "study"}]},
         },
     ),
 }
@@ -203,7 +204,8 @@ def experiment_tags(experiment_id: str) -> dict[str, str]:
     description = (
         "Trials of the LLM intervention harness. A trial's answer is its `test_loss` (metric), beside its "
         "`intervention`, `seed`, `train_seed` and `study` (tags). A study is a parent run with its trials and "
-        "its analyses nested under it; the parent's description holds the verdicts.\n\n"
+        "its analyses nested under it; the parent's `verdicts` and `verdict/<arm>` tags and `verdict/<arm>/...` "
+        "metrics hold each arm's verdict, difference and Holm-adjusted interval, and its forest.png draws them.\n\n"
         f"Open the runs table with these columns: {links}."
     )
     return {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from harness.config.compose import as_dict, config_hash, intervention_tag
+from harness.config.compose import BOOKKEEPING_KEYS, as_dict, config_hash, intervention_tag
 from harness.config.schema import TrialConfig
 from harness.tracking import liveness
 from harness.tracking.liveness import ClaimedElsewhere
@@ -83,14 +83,45 @@ def _open_main_record(cfg: TrialConfig, run_dir: Path, world: int) -> Tracker:
     return tracker
 
 
-def trial_name(cfg: TrialConfig) -> str:
-    """The run's name in `mlflow ui`: what the trial tests, its seeds and its scale, e.g. `no_dropout s42 t23 smoke`."""
+# Overrides a run's name leaves out: the seeds, interventions, scale and study it already names, and what does not
+# change the computation (config_hash's bookkeeping keys).
+NAMED_ELSEWHERE = ("seed", "train_seed", "data.seed", "intervention", "scale", "study", "sweep", "hydra")
+
+
+def trial_name(cfg: TrialConfig, overrides: list[str] | None = None) -> str:
+    """The run's name in `mlflow ui`: its study, what it tests, its seeds, its scale, and the command line's or the
+    study's overrides that change its computation, e.g. `quick: no_dropout s42 smoke max_steps=40`. `overrides`
+    default to the Hydra job's."""
     seeds = [
         f"s{cfg.seed}",
         *([] if cfg.train_seed is None else [f"t{cfg.train_seed}"]),
         *([] if cfg.data.seed is None else [f"d{cfg.data.seed}"]),
     ]
-    return " ".join([intervention_tag(cfg.interventions), *seeds, cfg.scale])
+    changes = computation_overrides(job_overrides() if overrides is None else overrides)
+    name = " ".join([intervention_tag(cfg.interventions), *seeds, cfg.scale, *changes])
+    return f"{cfg.study}: {name}" if cfg.study else name
+
+
+def job_overrides() -> list[str]:
+    """The running Hydra job's overrides (the command line's and, in a study, the study's); [] outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def computation_overrides(overrides: list[str]) -> list[str]:
+    """`key=value` overrides that change what a trial computes, each shortened to its last key part
+    (`trainer.max_steps=40` → `max_steps=40`)."""
+    kept = {}  # the last setting of a key is the one that holds
+    for override in overrides:
+        key, separator, value = override.lstrip("+~").partition("=")
+        if not separator:
+            continue
+        if any(key == skip or key.startswith(f"{skip}.") for skip in (*NAMED_ELSEWHERE, *BOOKKEEPING_KEYS)):
+            continue
+        kept.pop(key, None)
+        kept[key] = f"{key.rsplit('.', 1)[-1]}={value}"
+    return list(kept.values())
 
 
 def record_params(cfg: TrialConfig) -> dict:
@@ -115,3 +146,42 @@ def record_tags(cfg: TrialConfig, computation: str, world: int) -> dict[str, str
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     return tags
+
+
+def start_line(cfg: TrialConfig, tracker: Tracker) -> str:
+    """The terminal's first line about the trial: its name, interventions, seeds, scale, steps and UI link."""
+    from harness.progress import trial_start_line
+    from harness.tracking.store import ui_url
+
+    seeds = {"seed": cfg.seed, "train_seed": cfg.train_seed, "data_seed": cfg.data.seed}
+    url = ui_url(tracker.uri, tracker.experiment_id, tracker.run_id)
+    return trial_start_line(
+        trial_name(cfg), intervention_tag(cfg.interventions), seeds, cfg.scale, cfg.trainer.max_steps, cfg.study, url
+    )
+
+
+def end_line(cfg: TrialConfig, tracker: Tracker, test_loss: float, train_seconds: float) -> str:
+    """The terminal's last line about the trial: its test loss and, in a study, how far the study is."""
+    from harness.progress import trial_end_line
+
+    return trial_end_line(trial_name(cfg), test_loss, train_seconds, study_standing(cfg, tracker))
+
+
+def study_standing(cfg: TrialConfig, tracker: Tracker) -> str:
+    """Where the trial's study stands with this trial FINISHED: `study quick: 3 of 6 trials FINISHED …`."""
+    parent = cfg.tracking.parent_run_id
+    if not parent:
+        return "not part of a study (compare it with others: +sweep=quick runs a study, docs/studies.md)"
+    try:
+        client = tracker.client
+        planned = client.get_run(parent).data.params.get("trials", "?")
+        children = client.search_runs(
+            [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'"
+        )
+        finished = len({r.info.run_id for r in children} | {tracker.run_id})
+    except Exception as error:  # the line must not fail a finished trial
+        return f"study {cfg.study}: where it stands is unknown ({type(error).__name__}: {error})"
+    return (
+        f"study {cfg.study}: {finished} of {planned} trials FINISHED (earlier executions' included); "
+        "its verdicts come when the last one ends"
+    )

@@ -19,7 +19,7 @@ from harness.data.loader import DeviceBatches, TrainBatches, held_out_batches, o
 from harness.paths import default_tracking_uri
 from harness.tracking import liveness
 from harness.tracking.liveness import ClaimedElsewhere
-from harness.tracking.store import probe, ui_url
+from harness.tracking.store import probe
 from harness.trial import charts, checkpoint, preemption
 from harness.trial.checkpointer import Checkpointer
 from harness.trial.evaluation import (
@@ -37,7 +37,7 @@ from harness.trial.optim import build_optimizer, build_scheduler
 from harness.trial.plugins import Plugins
 from harness.trial.precision import Precision, select_sdpa_backend
 from harness.trial.ranks import Ranks, on_main_rank
-from harness.trial.record import open_record
+from harness.trial.record import end_line, open_record, start_line
 from harness.trial.sampling import continue_text
 from harness.trial.step import MicroStep, choose_micro_batch
 from harness.trial.weights import build_model, fingerprint, seed_everything
@@ -268,12 +268,7 @@ class Trial:
         tracker = open_record(self.cfg, self.run_dir, self.ranks)
         self.run_id = tracker.run_id
         if self.ranks.is_main:
-            log.info(
-                "MLflow run %s in experiment %s: %s",
-                tracker.run_id,
-                self.cfg.tracking.experiment,
-                ui_url(tracker.uri, tracker.experiment_id, tracker.run_id),
-            )
+            log.info(start_line(self.cfg, tracker))
         try:
             tracker.set_tags(
                 {
@@ -300,6 +295,8 @@ class Trial:
             tracker.end("FAILED", {liveness.REASON_TAG: f"{type(error).__name__}: {error}"[:5000]})
             raise
         tracker.end("FINISHED")
+        if self.ranks.is_main:
+            log.info(end_line(self.cfg, tracker, result["test_loss"], result["train_seconds"]))
         return result
 
     def _train(self, tracker) -> dict:

@@ -111,3 +111,50 @@ def test_report_of_a_study_with_diverged_runs_and_a_lone_seed(tmp_path):
     assert f"| lr_schedule | {lone['verdict']} |" in markdown and "n/a" in markdown
     assert files.html.read_text().count("<img") == 3
     assert set(pd.read_csv(files.csv)["intervention"]) == {"no_dropout", "lr_schedule"}
+
+
+def drawn_figure(monkeypatch):
+    """The figure a plot function saves, kept open so its axes can be read."""
+    kept = {}
+
+    def keep(figure, path):
+        kept["figure"] = figure
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return kept
+
+
+def test_the_final_steps_panel_has_lines_when_only_period_points_were_logged(tmp_path, monkeypatch):
+    """The quick study logs its training loss at a few period ends: both panels draw every arm's line."""
+    runs = pd.DataFrame({"run_id": ["a1", "a2", "b1", "b2"], "intervention": ["baseline"] * 2 + ["no_dropout"] * 2})
+    histories = pd.DataFrame(
+        [(run, step, 10 - step / 10 + 0.01 * i) for i, run in enumerate(runs["run_id"]) for step in (5, 10)],
+        columns=["run_id", "step", "value"],
+    )
+    kept = drawn_figure(monkeypatch)
+    plots.training_curves(histories, runs, tmp_path / "curves.png")
+    for ax in kept["figure"].axes:
+        lines = [line for line in ax.get_lines() if len(line.get_xdata()) >= 2]
+        assert len(lines) >= 2, ax.get_title()  # one per arm
+
+
+def test_the_forest_plot_draws_the_interval_that_decides_and_says_so(tmp_path, monkeypatch):
+    study = generate_study([PlantedIntervention("no_dropout", -0.05)], init_seeds=(1, 2, 3), rng_seed=3)
+    ranking = analyse(
+        prepare_runs(study.runs, "forest", "synthetic", study.histories), Settings(n_resamples=200)
+    ).ranking
+    kept = drawn_figure(monkeypatch)
+    plots.forest_plot(ranking, 0.0, tmp_path / "forest.png")
+    [ax] = [ax for ax in kept["figure"].axes if ax.get_legend()]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert (
+        "Holm-adjusted interval (decides the verdict)" in legend and "unadjusted t interval (this row alone)" in legend
+    )
+    labels = [label.get_text() for label in ax.get_yticklabels()]
+    row = ranking.iloc[0]
+    assert labels[0] == f"no_dropout\n{row.verdict} {row.difference:+.4f}"
+    segments = ax.collections  # the band, the Holm intervals, the t intervals, the points
+    holm = [c for c in segments if c.get_label() == "Holm-adjusted interval (decides the verdict)"][0]
+    (low, _), (high, _) = holm.get_segments()[0]
+    assert np.isclose(low, row.holm_low) and np.isclose(high, row.holm_high)
