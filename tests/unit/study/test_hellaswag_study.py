@@ -91,5 +91,7 @@ def test_the_analysis_reports_verdicts_on_both_metrics_with_their_noise(study, s
     assert ("verdicts on hellaswag_acc_norm" in printed) == (metric == "hellaswag_acc_norm")
     report = (out / "report.md").read_text()
     assert "## Ranking" in report and "## HellaSwag (hellaswag_acc_norm)" in report
-    assert "Sampling noise of the examples" in report and "paired t over 24 examples (2 vs 2 runs)" in report
+    assert (
+        "Sampling noise of the examples" in report and "paired t over 24 examples (2 vs " in report
+    )  # 2 or 3 baseline runs
     assert (out / "ranking_hellaswag_acc_norm.csv").is_file() and (out / "metric_agreement.csv").is_file()
