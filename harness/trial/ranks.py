@@ -1,12 +1,11 @@
 """The ranks of one trial: who this process is (`Ranks`), how it learned it (torchrun, submitit), and the two
-collectives the trainer uses to run work on rank 0 or on every rank without leaving a rank waiting forever."""
+collectives the trainer uses to run work on rank 0 or on every rank without leaving a rank waiting forever.
+torch.distributed loads only where there are ranks: a study's planner imports this module without torch."""
 
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import torch.distributed as dist
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -24,6 +23,8 @@ class Ranks:
 
     def barrier(self) -> None:
         if self.world > 1:
+            import torch.distributed as dist
+
             dist.barrier()
 
     @classmethod
@@ -47,6 +48,8 @@ def on_main_rank(ranks: Ranks, work: Callable, share: bool = True):
         except BaseException as caught:
             error = caught
     if ranks.world > 1:
+        import torch.distributed as dist
+
         shared = [(result if share else None, None if error is None else f"{type(error).__name__}: {error}")]
         dist.broadcast_object_list(shared, src=0)
         if share:
@@ -67,6 +70,8 @@ def on_every_rank(ranks: Ranks, work: Callable) -> None:
     except Exception as caught:
         error = caught
     if ranks.world > 1:
+        import torch.distributed as dist
+
         messages = [None] * ranks.world
         dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
         failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
