@@ -66,8 +66,8 @@ def pages(store: str, address: str) -> dict[str, str]:
 
 
 def screenshot(browser, url: str, path: Path, width: int) -> None:
-    """The page once MLflow's React app has drawn it, with its assistant side panel closed (it opens by default
-    and would hide a third of the table)."""
+    """The page RENDER_MS after it loaded (MLflow's React app draws after its API calls return). It clicks where
+    the MLflow Assistant side panel's close button is; in the screenshots of docs/img that click did not close it."""
     page = browser.new_page(viewport={"width": width, "height": HEIGHT})
     try:
         page.goto(url, wait_until="load", timeout=120_000)

@@ -105,7 +105,10 @@ def test_cli_analyses_an_mlflow_study_and_logs_an_analysis_run(study_store, tmp_
     note = MlflowClient().get_run(parent["run_id"].iloc[0]).data.tags["mlflow.note.content"]
     row = ranking.loc["no_dropout"]
     assert note.startswith("### Verdicts") and f"Analysis run {logged['run_id']}" in note
-    assert f"| no_dropout | better | {row['difference']:.6f} | [{row['ci_low']:.6f}, {row['ci_high']:.6f}] |" in note
+    # the interval the verdict is decided on: the Holm-adjusted one, as ranking.csv has it
+    assert (
+        f"| no_dropout | better | {row['difference']:.6f} | [{row['holm_low']:.6f}, {row['holm_high']:.6f}] |" in note
+    )
 
     # The analysis run carries study=demo but is not a trial of the study.
     reloaded = load_mlflow_study("demo", with_histories=False)

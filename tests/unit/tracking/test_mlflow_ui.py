@@ -234,7 +234,7 @@ def test_a_study_in_a_real_mlflow_server_reads_as_one_tree_with_its_verdicts(tmp
     assert re.fullmatch(
         r"(better|worse|inconclusive) [+-]\d\.\d{6} \[[+-]\d\.\d{6}, [+-]\d\.\d{6}\] Holm 95%, "
         r"paired t over 2 init seeds[^,]*, "
-        r"1\.0 dof \(!\) thin evidence: 1\.0 dof < \d+; mean \d\.\d{6}, SD \d\.\d{6}, n 2",
+        r"1\.0 dof \(!\) thin evidence: 1\.0 dof < \d+; mean \d+\.\d{6}, SD \d\.\d{6}, n 2",
         verdict,
     ), verdict
     metrics = parent.data.metrics
