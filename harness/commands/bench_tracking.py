@@ -52,11 +52,6 @@ def thread_cpu_seconds(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class NoBar:
-    def update(self, n):
-        pass
-
-
 def train_block(trial: Trial, tracker, first_step: int, steps: int) -> float:
     """Seconds per step over `steps` steps logged exactly as the trial loop logs them."""
     period, pending, interval = trial._new_period(), [], trial.cfg.tracking.log_interval
@@ -64,7 +59,7 @@ def train_block(trial: Trial, tracker, first_step: int, steps: int) -> float:
     for step in range(first_step, first_step + steps):
         pending.append((step + 1, trial.scheduler.get_last_lr()[0], trial.train_step(step)))
         if len(pending) == interval or step == first_step + steps - 1:
-            trial._read_back(pending, period, tracker, NoBar())
+            trial._read_back(pending, period, tracker)
             pending = []
     return (time.perf_counter() - started) / steps
 
