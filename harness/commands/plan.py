@@ -259,6 +259,7 @@ def resume_savings(planned: list[tuple[str, TrialConfig]], trials: list) -> list
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return []
     from harness.trial.resumption import latest_intact, unfinished_runs  # loads torch and MLflow: a store exists
+
     try:
         client = connect(uri, timeout=planned[0][1].tracking.connect_timeout)
         experiment = client.get_experiment_by_name(planned[0][1].tracking.experiment)
@@ -280,8 +281,10 @@ def resume_savings(planned: list[tuple[str, TrialConfig]], trials: list) -> list
     if not found:
         return []
     lines = ["", f"resume: {len(found)} trial{'s' if len(found) > 1 else ''} continue an unfinished run:"]
-    lines += [f"  {name}: run {run_id} from {step_dir}, {done:,} steps done ({hours(h)} GPU-hours saved)"
-              for name, run_id, step_dir, done, h in found]
+    lines += [
+        f"  {name}: run {run_id} from {step_dir}, {done:,} steps done ({hours(h)} GPU-hours saved)"
+        for name, run_id, step_dir, done, h in found
+    ]
     saved = sum(h for *_, h in found)
     lines.append(f"  saved in all: {hours(saved)} GPU-hours; the table above counts every step")
     return lines
