@@ -258,11 +258,12 @@ def resume_savings(planned: list[tuple[str, TrialConfig]], trials: list) -> list
     from harness.paths import default_tracking_uri
     from harness.tracking.store import connect, normalize_uri
     from harness.tracking.version import code_version
-    from harness.trial.resumption import latest_intact, unfinished_runs
 
     uri = normalize_uri(planned[0][1].tracking.uri or default_tracking_uri())
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return []
+    from harness.trial.resumption import latest_intact, unfinished_runs  # loads torch and MLflow: a store exists
+
     try:
         client = connect(uri, timeout=planned[0][1].tracking.connect_timeout)
         experiment = client.get_experiment_by_name(planned[0][1].tracking.experiment)

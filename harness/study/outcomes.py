@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Optional
 from harness.study.design import TrialSpec
 from harness.tracking import liveness
 from harness.trial.preemption import PREEMPTIONS_TAG, RESUMED_TAG
-from harness.trial.resumption import diverged
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -89,7 +88,7 @@ def run_outcome(name: str, run, status: str, note: str) -> Outcome:
         f"preempted {tags[PREEMPTIONS_TAG]}x" if PREEMPTIONS_TAG in tags else "",
     ]
     note = "; ".join(filter(None, [*history, note]))
-    return Outcome(name, status, run.data.metrics.get("test_loss"), run.info.run_id, note, diverged(run))
+    return Outcome(name, status, run.data.metrics.get("test_loss"), run.info.run_id, note, liveness.diverged(run))
 
 
 def outcome_table(outcomes: list[Outcome]) -> str:

@@ -21,7 +21,6 @@ from harness.tracking import liveness
 from harness.tracking.liveness import CLAIM_SETTLE, search
 from harness.tracking.version import code_version
 from harness.trial.preemption import RESUMED_AT_TAG
-from harness.trial.resumption import diverged, latest_intact, unfinished_runs
 
 PLAN_TAG = "study_plan"  # digest of the trials and code version an execution runs
 EXECUTION_TAG = "study_execution"  # the execution that holds the parent now
@@ -278,13 +277,15 @@ class StudyStore:
         """The study's trial runs FAILED by divergence, by config_hash: results, not run again."""
         by_hash = defaultdict(list)
         for run in self.search(f"tags.study = '{self.study}' and attributes.status = 'FAILED'"):
-            if "config_hash" in run.data.tags and diverged(run):
+            if "config_hash" in run.data.tags and liveness.diverged(run):
                 by_hash[run.data.tags["config_hash"]].append(run)
         return by_hash
 
     def resumes(self, pending: list[PlannedTrial], version: str | None) -> list[tuple[PlannedTrial, str]]:
         """What each pending trial will continue: (trial, "resumes run R from step_N") for those whose computation
         has an unfinished run with an intact checkpoint, (trial, "starts fresh: why") for those with one without."""
+        from harness.trial.resumption import latest_intact, unfinished_runs  # loads torch
+
         lines = []
         for p in pending:
             runs = self.patiently(

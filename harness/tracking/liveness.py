@@ -17,6 +17,7 @@ STALE_BEATS = 4
 CLAIM_SETTLE = 1.0
 WITHDRAWN_TAG = "withdrawn"
 REASON_TAG = "failure_reason"
+DIVERGED = "DivergenceError"  # the failure_reason of a run that diverged: a result, not the machine's fault
 
 
 class ClaimedElsewhere(RuntimeError):
@@ -205,3 +206,8 @@ def finished_already(uri: str, run_id: str, timeout: float) -> str | None:
         + ("" if loss is None else f" (test_loss {loss:.6f})")
         + ": nothing to resume; nothing was changed"
     )
+
+
+def diverged(run) -> bool:
+    """Whether the run FAILED by divergence: a result, not run again (unless rerun=true)."""
+    return run.info.status == "FAILED" and run.data.tags.get(REASON_TAG, "").startswith(DIVERGED)

@@ -17,12 +17,6 @@ from harness.trial import checkpoint
 
 log = logging.getLogger(__name__)
 
-DIVERGED = "DivergenceError"  # the failure_reason of a run that diverged: a result, not the machine's fault
-
-
-def diverged(run) -> bool:
-    return run.info.status == "FAILED" and run.data.tags.get(liveness.REASON_TAG, "").startswith(DIVERGED)
-
 
 def unfinished_runs(client, experiment_id: str, study: str, computation: str, version: str | None) -> list:
     """The study's runs of `computation` that ended before finishing (or whose process died: stale) and may be
@@ -36,7 +30,7 @@ def unfinished_runs(client, experiment_id: str, study: str, computation: str, ve
             r
             for r in found
             if (r.info.status in ("KILLED", "FAILED") or liveness.is_stale(r, now))
-            and not diverged(r)
+            and not liveness.diverged(r)
             and not r.data.tags.get(liveness.WITHDRAWN_TAG)
             and r.data.tags.get("run_dir")
         ),
