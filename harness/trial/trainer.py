@@ -377,7 +377,10 @@ class Trial:
                 if period_end:
                     self._end_period(period, step + 1, tracker)
                     period = self._new_period()
-                signum = preemption.agreed(self.ranks.world, self.device)
+                # Several ranks agree by an all-reduce, so only where the loop already read back; one rank every step.
+                signum = (
+                    preemption.agreed(self.ranks.world, self.device) if self.ranks.world == 1 or not pending else None
+                )
                 if signum:
                     self._stop_preempted(signum, step + 1, pending, period, period_end, tracker)
         return self.train_seconds()
