@@ -37,7 +37,7 @@ from harness.trial.trainer import Trial
 KEYS = {"out": "gpucheck", "device": "auto"}
 DEVICES = ("auto", "cuda", "cpu")
 
-# The trial each check trains, on random-free local tokens (the bundled corpus: nothing is downloaded).
+# The trial each check trains, on local tokens (the bundled corpus: nothing is downloaded).
 CUDA_TRIAL = [
     "scale=gpt2_small",
     "data=bundled",
