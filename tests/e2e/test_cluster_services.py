@@ -40,7 +40,8 @@ def trial_runs(tracking_uri: str) -> list:
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("harness/smoke")
     assert experiment is not None, f"no experiment harness/smoke in {tracking_uri}"
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("study_parent") != "true"]
+    runs = client.search_runs([experiment.experiment_id])
+    return [r for r in runs if r.data.tags.get("study_parent") != "true" and r.data.tags.get("analysis") != "true"]
 
 
 def assert_finished_trial(run, tags: list[str]) -> None:

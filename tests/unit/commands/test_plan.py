@@ -243,7 +243,10 @@ def test_the_command_answers_without_torch_and_refuses_bad_input_in_one_line_eac
             "study quick, trial baseline-s-1: seed=-1: must be a whole number in [0, 4294967295]",
         ),
         (["+sweep=quick", "seed=3"], "study quick: seed=3: the study sets it per trial; change hydra.sweeper.seeds"),
-        (["optim.lr=["], "optim.lr=[: no viable alternative at input '['"),
+        (
+            ["optim.lr=["],
+            "optim.lr=[: not an override Hydra's grammar accepts (no viable alternative at input '['); an override is key=value, and a value holding spaces or characters such as ; needs quotes around it: key='a b'",
+        ),
     ],
     ids=[
         "unknown gpu",

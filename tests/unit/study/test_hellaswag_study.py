@@ -43,7 +43,7 @@ def study(store, tmp_path_factory):
     runs = [
         r
         for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-        if r.data.tags.get("study") == "quick" and r.data.tags.get("study_parent") != "true"
+        if r.data.tags.get("study") == "quick" and "seed" in r.data.tags  # the trials, not the parent or its analysis
     ]
     return root, fixture, sweep_dir, runs, out
 

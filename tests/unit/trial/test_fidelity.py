@@ -173,7 +173,7 @@ def test_fp16_autocast_gradscaler_and_the_fused_skip_run_on_cpu(tmp_path, tracki
         before = {k: v.clone() for k, v in trial.model.state_dict().items()}
         adam_steps = trial.optimizer.state[weight]["step"].clone()
         handle = weight.register_hook(plant) if plant else None
-        values = trial.train_step(step).tolist()
+        values = trial.train_step(step).tolist()[:4]  # loss, norm, max |grad|, scale lowered
         if handle:
             handle.remove()
         assert all(torch.equal(before[k], v) for k, v in trial.model.state_dict().items())  # nothing moved

@@ -347,7 +347,7 @@ def test_a_sigkilled_trial_is_listed_stale_and_marked_killed_with_the_reason(tmp
     [row] = [line for line in listed.splitlines() if line.startswith(run.info.run_id)]
     assert "s ago STALE" in row and str(run_dir) in row
     marked = run_in_process("runs", "--mark-stale", env_uri=uri, cwd=tmp_path)
-    assert marked.returncode == 0 and f"marked {run.info.run_id} (baseline s42 smoke) KILLED" in marked.stdout
+    assert marked.returncode == 0 and f"marked {run.info.run_id} ({run.info.run_name}) KILLED" in marked.stdout
     [run] = all_runs(uri)
     assert (
         run.info.status == "KILLED"
