@@ -125,6 +125,7 @@ def release_requeued(process: subprocess.Popen) -> None:
         time.sleep(1)
 
 
+@pytest.mark.slow  # its 60 steps must outlast SLURM's first signal (60-90 s): true only on a loaded machine
 def test_a_slurm_trial_past_its_time_limit_checkpoints_requeues_and_finishes_bit_identically(slurm_partition, tmp_path):
     """`timeout_min=2`, `signal_delay_s=30`: SLURM sends submitit's USR2 at the first time-limit pass that finds at
     most 60 s left (60-90 s after the start, docs/cluster.md). The trial checkpoints at the next step boundary,
