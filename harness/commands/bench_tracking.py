@@ -52,18 +52,6 @@ def thread_cpu_seconds(native_id: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def train_block(trial: Trial, tracker, first_step: int, steps: int) -> float:
-    """Seconds per step over `steps` steps logged exactly as the trial loop logs them."""
-    period, pending, interval = trial._new_period(), [], trial.cfg.tracking.log_interval
-    started = time.perf_counter()
-    for step in range(first_step, first_step + steps):
-        pending.append((step + 1, trial.scheduler.get_last_lr()[0], trial.train_step(step)))
-        if len(pending) == interval or step == first_step + steps - 1:
-            trial._read_back(pending, period, tracker)
-            pending = []
-    return (time.perf_counter() - started) / steps
-
-
 def main(arguments: list[str]) -> int:
     given = split(arguments, KEYS)
     options = {**KEYS, **{key: whole_number(key, value) for key, value in given.settings.items()}}
@@ -78,12 +66,14 @@ def main(arguments: list[str]) -> int:
         tracker.start("tracking-bench", {}, flatten(as_dict(cfg)))
         writer = tracker.tracker._thread.native_id
         writer_cpu = thread_cpu_seconds(writer)
-        train_block(trial, NullTracker(), 0, warmup)
+        trial.logged_steps(NullTracker(), 0, warmup)
         times = {"with": [], "without": []}
         step = warmup
         for _ in range(repeats):
             for mode in ("without", "with"):
-                times[mode].append(train_block(trial, tracker if mode == "with" else NullTracker(), step, steps))
+                times[mode].append(
+                    trial.logged_steps(tracker if mode == "with" else NullTracker(), step, steps) / steps
+                )
                 step += steps
         logged_steps = repeats * steps
         in_calls = tracker.seconds / logged_steps

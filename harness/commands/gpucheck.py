@@ -235,7 +235,7 @@ class Checks:
                 armed["on"] = step == planted
                 before = [p.detach().clone() for p in trial.model.parameters()] if armed["on"] else None
                 scale = trial.scaler.get_scale()
-                loss, norm, max_abs, lowered = trial.train_step(step).tolist()
+                loss, norm, max_abs, lowered = trial.train_step(step).tolist()[:4]  # and the micro-batch min, max
                 period.add(loss, norm, max_abs, lowered)
                 scales.append((scale, trial.scaler.get_scale()))
                 if before is not None:
@@ -323,9 +323,9 @@ class Checks:
             trial = Trial(cfg, Path(scratch) / "run")
             tracker = TimedCalls(Tracker(f"sqlite:///{Path(scratch) / 'mlflow.db'}", "gpu-check"))
             tracker.start("gpu-check", {}, {})
-            logged_block(trial, NullTracker(), 0, 2)
+            trial.logged_steps(NullTracker(), 0, 2)
             tracker.seconds, tracker.calls = 0.0, 0  # the step loop's calls only, not the run's creation
-            seconds = logged_block(trial, tracker, 2, steps)
+            seconds = trial.logged_steps(tracker, 2, steps)
             tracker.flush()
             tracker.end("FINISHED")
         share = tracker.seconds / seconds
@@ -435,18 +435,6 @@ def differing_tensors(first_run: Path, second_run: Path) -> list[str]:
     return sorted(
         name for name in a.keys() | b.keys() if name not in a or name not in b or not torch.equal(a[name], b[name])
     )
-
-
-def logged_block(trial: Trial, tracker, first_step: int, steps: int) -> float:
-    """Seconds of `steps` steps read back and logged as the trial loop does it."""
-    period, pending, interval = trial._new_period(), [], trial.cfg.tracking.log_interval
-    started = time.perf_counter()
-    for step in range(first_step, first_step + steps):
-        pending.append((step + 1, trial.scheduler.get_last_lr()[0], trial.train_step(step)))
-        if len(pending) == interval or step == first_step + steps - 1:
-            trial._read_back(pending, period, tracker)
-            pending = []
-    return time.perf_counter() - started
 
 
 def two_rank_losses(rank: int, cfg, steps: int, result: str, port: int, cuda: bool) -> None:

@@ -498,3 +498,14 @@ class Trial:
     @property
     def test_autocast(self) -> torch.dtype | None:
         return study_test_autocast(self.cfg.trainer.precision, self.device)
+
+    def logged_steps(self, tracker, first_step: int, steps: int) -> float:
+        """Seconds of `steps` steps read back and logged as the step loop does it (for the benchmarks)."""
+        period, pending, interval = self._new_period(), [], self.cfg.tracking.log_interval
+        started = time.perf_counter()
+        for step in range(first_step, first_step + steps):
+            pending.append((step + 1, self.scheduler.get_last_lr()[0], self.train_step(step)))
+            if len(pending) == interval or step == first_step + steps - 1:
+                self._read_back(pending, period, tracker)
+                pending = []
+        return time.perf_counter() - started
