@@ -253,3 +253,15 @@ def flip_a_byte(path: Path, offset: int = 100) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 1]))
+
+
+def start_harness(*args: str, cwd: Path, uri: str) -> subprocess.Popen:
+    """`python -m harness ARGS` in the background, in its own session (so a test can SIGKILL its whole group)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        cwd=cwd,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )

@@ -3,8 +3,6 @@
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import mlflow
@@ -16,7 +14,7 @@ from safetensors.torch import load_file
 from harness.trial import checkpoint
 from harness.trial.charts import write_charts
 from harness.trial.trainer import DivergenceError, PeriodStats, Trial
-from tests.conftest import TINY, compose_config, run_harness, run_in_process
+from tests.conftest import TINY, compose_config, run_harness, run_in_process, start_harness
 
 NO_DROPOUT = [*TINY, "model.dropout=0.0", "trainer.max_steps=6", "trainer.checkpoint_interval=3"]
 
@@ -64,18 +62,6 @@ def test_batch_that_does_not_divide_fails_up_front(tmp_path):
     assert (
         "trainer.global_batch_size=4: must be divisible by trainer.micro_batch_size × trainer.nproc_per_node = 2 × 3"
         in result.stderr
-    )
-
-
-def start_harness(*args, cwd, uri) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
 
 

@@ -24,7 +24,7 @@ from harness.tracking import liveness
 from harness.trial import checkpoint
 from harness.trial.trainer import DivergenceError, Trial
 from harness.trial.weights import build_model
-from tests.conftest import TINY, compose_config, run_in_process
+from tests.conftest import TINY, compose_config, run_in_process, start_harness
 
 FAST_BEAT = ["tracking.heartbeat_interval=1"]  # a dead trial is stale after 4 s
 
@@ -314,22 +314,10 @@ def test_resuming_into_another_store_is_refused_naming_both(finished, store, tmp
 # --- 3. orphans -----------------------------------------------------------------------------------------------
 
 
-def start_trial(*args: str, cwd: Path, uri: str) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
 def test_a_sigkilled_trial_is_listed_stale_and_marked_killed_with_the_reason(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
-    proc = start_trial(*TINY, *FAST_BEAT, "trainer.max_steps=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path, uri=uri)
+    proc = start_harness(*TINY, *FAST_BEAT, "trainer.max_steps=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path, uri=uri)
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "latest").exists():
         assert proc.poll() is None and time.time() < deadline, "the trial ended before its first checkpoint"
