@@ -34,8 +34,10 @@ format:
 	ruff check --fix .
 	ruff format .
 
+# The suite on 3 workers, each test file on one of them (its module fixtures built once); TEST_WORKERS=0: in this process.
+TEST_WORKERS ?= 3
 test:
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The single-node SLURM and the PostgreSQL that tests/e2e/test_cluster_services.py needs (as root; docs/cluster.md).
 services:
@@ -45,7 +47,7 @@ services-stop:
 	bash .ci/services.sh stop
 
 test-all:
-	$(PYTHON) -m pytest -q -m "slow or not slow"
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 ui:
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db

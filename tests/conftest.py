@@ -1,5 +1,11 @@
 import os
-import signal
+
+# One intra-op thread per process: a tiny model gains nothing from more, and the suite's workers and the trials
+# they start share 2 cores. A test that needs another count sets OMP_NUM_THREADS for its own process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket
 import subprocess
 import sys
@@ -42,17 +48,41 @@ def compose_config(*overrides: str):
     return compose_trial(cfg, list(overrides))
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store made once a session by the harness (`ensure_store`): the stores of the fixtures
+    below are copies of it, since MLflow's schema migrations cost about a second per new store. Tests of making a
+    store name a file that does not exist yet."""
+    import contextlib
+    import sqlite3
+
+    from harness.tracking.store import ensure_store
+
+    made = tmp_path_factory.mktemp("store_template") / "made.db"
+    ensure_store(f"sqlite:///{made}")
+    template = made.with_name("mlflow.db")
+    with contextlib.closing(sqlite3.connect(made)) as source, contextlib.closing(sqlite3.connect(template)) as copy:
+        source.backup(copy)
+    return template
+
+
+def new_store(path: Path, template: Path) -> str:
+    """A new, empty MLflow store at `path` (a copy of `template`); its URI."""
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking_uri(tmp_path, monkeypatch, store_template) -> str:
+    uri = new_store(tmp_path / "mlflow.db", store_template)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store(tmp_path_factory, store_template) -> str:
     """One MLflow store for a whole test module (MLFLOW_TRACKING_URI points at it)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    uri = new_store(tmp_path_factory.mktemp("store") / "mlflow.db", store_template)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         yield uri

@@ -1,17 +1,20 @@
-"""Smoke tests of the cluster services from `.ci/services.sh`: a study submitted to a real single-node SLURM
-through the repository's `hydra/launcher=slurm`, and a trial tracked by a real `mlflow server` on PostgreSQL."""
+"""The cluster for real, on the services of `.ci/services.sh`: studies submitted to a single-node SLURM through the
+repository's `hydra/launcher=slurm` (a job per trial, a 2-task job for a 2-rank trial, a time limit shorter than
+the trial), the `srun torchrun` recipe, and a trial tracked by an `mlflow server` on PostgreSQL."""
 
 import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import mlflow
 import pytest
 import torch
 
-from tests.conftest import TINY, run_harness
+from harness.trial import checkpoint
+from tests.conftest import TINY, free_port, run_harness, run_in_process
 from tests.e2e.conftest import libpq_uri
 
 TRIAL_TAGS = [
@@ -34,6 +37,38 @@ SLURM_CPU_JOB = [
     "hydra.launcher.mem_gb=2",
     "hydra.launcher.timeout_min=5",
 ]
+
+
+# One trial that 2 ranks and 1 process train alike (no dropout: no per-rank random draws), in 3 periods.
+TWO_RANK_TRIAL = [*TINY, "trainer.max_steps=6", "trainer.checkpoint_interval=3"]
+
+
+def final_weights(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint.find(run_dir) / checkpoint.MODEL_FILE))
+
+
+@pytest.fixture(scope="module")
+def one_process_weights(tmp_path_factory) -> dict:
+    """The final weights of `+intervention=no_dropout seed=1` trained in one process: what the 2-rank SLURM
+    trials must equal, within the engine's tolerance for ranks vs accumulation (2e-6)."""
+    directory = tmp_path_factory.mktemp("one_process")
+    run_in_process(
+        "+intervention=no_dropout",
+        "seed=1",
+        *TWO_RANK_TRIAL,
+        f"hydra.run.dir={directory / 'run'}",
+        cwd=directory,
+        env_uri=f"sqlite:///{directory / 'mlflow.db'}",
+    )
+    return final_weights(directory / "run")
+
+
+def assert_same_training(weights: dict, reference: dict) -> None:
+    assert weights.keys() == reference.keys()
+    for key, tensor in reference.items():
+        torch.testing.assert_close(weights[key], tensor, rtol=0, atol=2e-6)
 
 
 def trial_runs(tracking_uri: str) -> list:
@@ -113,64 +148,119 @@ def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
     assert test_loss == pytest.approx(run.data.metrics["test_loss"])
 
 
+def test_a_two_rank_trial_runs_as_one_slurm_job_of_two_tasks(slurm_partition, one_process_weights, tmp_path):
+    """`hydra.launcher.tasks_per_node=2`: one job, two tasks, each task one rank of the trial (gloo); one MLflow
+    run, trained as one process trains it."""
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_harness(
+        "+sweep=quick",
+        *SLURM_CPU_JOB,
+        "hydra.launcher.tasks_per_node=2",
+        f"hydra.launcher.partition={slurm_partition}",
+        *TWO_RANK_TRIAL,
+        "hydra.sweeper.arms=[no_dropout]",
+        "hydra.sweeper.seeds=[1]",
+        f"hydra.sweep.dir={tmp_path / 'study'}",
+        cwd=tmp_path,
+        env_uri=tracking_uri,
+    )
+    [run] = trial_runs(tracking_uri)
+    assert_finished_trial(run, TRIAL_TAGS)
+    assert run.data.tags["world_size"] == "2", run.data.tags
+    [log] = (tmp_path / "study" / ".submitit").glob("*/*_0_log.out")  # rank 0's task; rank 1's is *_1_log.out
+    job = log.parent.name
+    assert len(list(log.parent.glob("*_1_log.out"))) == 1, sorted(log.parent.iterdir())
+    tasks = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "NTasks,AllocCPUS,State", f"--jobs={job}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    assert tasks[-1].endswith("|2|COMPLETED"), tasks
+    assert_same_training(final_weights(run.data.tags["run_dir"]), one_process_weights)
+
+
+def test_the_srun_torchrun_recipe_trains_one_trial_on_two_tasks(slurm_partition, one_process_weights, tmp_path):
+    """docs/studies.md's multi-node recipe, on one node: an sbatch script with 2 tasks, each `srun` task one
+    torchrun agent of a 2-node rendezvous (1 process each) running `python -m harness`."""
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trial = ["+intervention=no_dropout", "seed=1", *TWO_RANK_TRIAL]
+    script = tmp_path / "trial.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"#SBATCH --partition={slurm_partition} --nodes=1 --ntasks=2 --cpus-per-task=1 --mem=4G --time=5\n"
+        "srun torchrun --nnodes=2 --nproc-per-node=1 --rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d "
+        f"--rdzv-endpoint=$(scontrol show hostnames | head -1):{free_port()} -m harness {' '.join(trial)}\n"
+    )
+    submitted = subprocess.run(
+        ["sbatch", "--wait", f"--output={tmp_path / 'job.out'}", str(script)],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "HYDRA_FULL_ERROR": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr + output
+    [run] = trial_runs(tracking_uri)
+    assert_finished_trial(run, [t for t in TRIAL_TAGS if t != "study"])
+    assert run.data.tags["world_size"] == "2" and "2 ranks × 1 micro-steps" in output, output
+    assert output.count(f"run {run.info.run_id}") == 1, output  # rank 0 alone reports the run
+    assert_same_training(final_weights(run.data.tags["run_dir"]), one_process_weights)
+
+
 def release_requeued(process: subprocess.Popen) -> None:
-    """While `process` runs: start each requeued job at once. SLURM holds a requeued batch job for 120 s before it
-    is eligible again (Reason=BeginTime); the test does not wait for that."""
+    """While `process` runs: start each requeued job at once, with a 10-minute limit. SLURM holds a requeued batch
+    job for 120 s before it is eligible again (Reason=BeginTime), and on a loaded 2-core machine a 2-minute job
+    spends most of its time starting the trial; the requeue and the resume are what the test proves."""
     while process.poll() is None:
         pending = subprocess.run(
             ["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True, timeout=30
         ).stdout.split("\n")
         for job in (line.split()[0] for line in pending if line.endswith("BeginTime")):
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10"], capture_output=True, timeout=30
+            )
         time.sleep(1)
 
 
-@pytest.mark.slow  # its 60 steps must outlast SLURM's first signal (60-90 s): true only on a loaded machine
 def test_a_slurm_trial_past_its_time_limit_checkpoints_requeues_and_finishes_bit_identically(slurm_partition, tmp_path):
-    """`timeout_min=2`, `signal_delay_s=30`: SLURM sends submitit's USR2 at the first time-limit pass that finds at
-    most 60 s left (60-90 s after the start, docs/cluster.md). The trial checkpoints at the next step boundary,
-    submitit requeues the job, and the requeued trial continues the same run; an uninterrupted twin trains
-    meanwhile under the basic launcher."""
-    from safetensors.torch import load_file
-
-    from harness.trial import checkpoint
-
-    long = ["trainer.max_steps=60", "trainer.checkpoint_interval=30", "trainer.deterministic=true"]
+    """`timeout_min=2`, `signal_delay_s=60`: SLURM sends submitit's USR2 at the first time-limit pass that finds at
+    most 90 s left, 30-60 s after the job starts (docs/cluster.md), while the 500-step trial (about 65 s on an
+    idle core, its start included) trains. It checkpoints at the next step boundary, submitit requeues the job, and
+    the requeued trial continues the same run. Its uninterrupted twin trains meanwhile in this process."""
+    long = ["trainer.max_steps=500", "trainer.checkpoint_interval=250", "trainer.deterministic=true"]
     study = [*TINY, *long, "hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]"]
     tracking_uri, whole_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'whole.db'}"
-    command = [sys.executable, "-m", "harness", "+sweep=quick", *study]
     slurm = [
         *SLURM_CPU_JOB,
         "hydra.launcher.timeout_min=2",
-        "hydra.launcher.signal_delay_s=30",
+        "hydra.launcher.signal_delay_s=60",
         "hydra.launcher.max_num_timeout=8",
         f"hydra.launcher.partition={slurm_partition}",
         f"hydra.sweep.dir={tmp_path / 'study'}",
     ]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    submitted = subprocess.Popen(
-        [*command, *slurm],
-        cwd=tmp_path,
-        env={**env, "MLFLOW_TRACKING_URI": tracking_uri},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    whole = subprocess.Popen(
-        [*command, f"hydra.sweep.dir={tmp_path / 'whole'}"],
-        cwd=tmp_path,
-        env={**env, "MLFLOW_TRACKING_URI": whole_uri},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    release_requeued(submitted)
-    output = submitted.stdout.read()
-    assert submitted.returncode == 0 and whole.wait(timeout=300) == 0, output
+    log = tmp_path / "study.log"
+    with open(log, "w") as out:
+        submitted = subprocess.Popen(
+            [sys.executable, "-m", "harness", "+sweep=quick", *study, *slurm],
+            cwd=tmp_path,
+            env={**os.environ, "HYDRA_FULL_ERROR": "0", "MLFLOW_TRACKING_URI": tracking_uri},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    releasing = threading.Thread(target=release_requeued, args=(submitted,), daemon=True)
+    releasing.start()
+    run_in_process("+sweep=quick", *study, f"hydra.sweep.dir={tmp_path / 'whole'}", cwd=tmp_path, env_uri=whole_uri)
+    submitted.wait(timeout=600)
+    releasing.join()
+    output = log.read_text()
+    assert submitted.returncode == 0, output
     [run] = trial_runs(tracking_uri)
     assert_finished_trial(run, TRIAL_TAGS)
     assert int(run.data.tags["preemptions"]) >= 1 and run.data.tags["resumed_from"].startswith("step_"), run.data.tags
     assert "resumed from step_" in output and "preempted " in output, output
     [uninterrupted_run] = trial_runs(whole_uri)
-    cut = load_file(str(checkpoint.find(run.data.tags["run_dir"]) / checkpoint.MODEL_FILE))
-    uninterrupted = load_file(str(checkpoint.find(uninterrupted_run.data.tags["run_dir"]) / checkpoint.MODEL_FILE))
+    cut, uninterrupted = final_weights(run.data.tags["run_dir"]), final_weights(uninterrupted_run.data.tags["run_dir"])
     assert cut.keys() == uninterrupted.keys() and all(torch.equal(cut[k], uninterrupted[k]) for k in cut)
