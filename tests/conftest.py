@@ -208,11 +208,13 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend, which a test may freeze, kill and restart on
-    the same port and database. `timeout` ends it even if the test process dies."""
+    """A real `mlflow server` on 127.0.0.1, its backend store `backend_store_uri` (default: a sqlite file in
+    `directory`), which a test may freeze, kill and restart on the same port and database. `timeout` ends it even
+    if the test process dies."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, backend_store_uri: str | None = None):
         self.directory, self.port = Path(directory), free_port()
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.directory / 'server.db'}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
 
@@ -222,7 +224,7 @@ class MlflowServer:
         self.process = subprocess.Popen(
             [
                 "timeout",
-                "600",
+                "900",
                 sys.executable,
                 "-m",
                 "mlflow",
@@ -232,7 +234,7 @@ class MlflowServer:
                 "--port",
                 str(self.port),
                 "--backend-store-uri",
-                f"sqlite:///{self.directory / 'server.db'}",
+                self.backend_store_uri,
                 "--artifacts-destination",
                 str(self.directory / "artifacts"),
                 "--workers",

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import MlflowServer, free_port
 
 SERVICES_ENV = Path(os.environ.get("HARNESS_SERVICES_ENV", "/var/tmp/harness-test-services.env"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -58,10 +58,9 @@ def slurm_partition() -> str:
     return default.rstrip("*")
 
 
-@pytest.fixture(scope="session")
-def postgres_uri() -> str:
-    """A fresh PostgreSQL database for this test session (dropped at its end), as a SQLAlchemy URI that names
-    its driver (postgresql+psycopg2://): SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3."""
+def postgres_admin():
+    """An autocommit connection to the services' PostgreSQL as HARNESS_TEST_POSTGRES_URI's role (which may
+    create databases), and that URI; skips (fails under CI=true) where there is none."""
     admin_uri = service_settings().get("HARNESS_TEST_POSTGRES_URI")
     if not admin_uri:
         unavailable("PostgreSQL", f"HARNESS_TEST_POSTGRES_URI is not set (in the environment or {SERVICES_ENV})")
@@ -74,15 +73,93 @@ def postgres_uri() -> str:
     except psycopg2.OperationalError as error:
         unavailable("PostgreSQL", f"cannot connect to {redact(admin_uri)}: {str(error).strip()}")
     admin.autocommit = True
+    return admin, admin_uri
+
+
+def database_uri(admin_uri: str, database: str) -> str:
+    return urlunsplit(urlsplit(admin_uri)._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def postgres_uri() -> str:
+    """A fresh PostgreSQL database for this test session (dropped at its end), as a SQLAlchemy URI that names
+    its driver (postgresql+psycopg2://): SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3."""
+    admin, admin_uri = postgres_admin()
     database = f"harness_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f"CREATE DATABASE {database}")
     try:
-        yield urlunsplit(urlsplit(admin_uri)._replace(path=f"/{database}"))
+        yield database_uri(admin_uri, database)
     finally:
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE {database} WITH (FORCE)")
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_mlflow_template(tmp_path_factory):
+    """A PostgreSQL database holding MLflow's tables (created once per session, as a server creates them), closed
+    to connections so that CREATE DATABASE ... TEMPLATE can copy it; the admin connection and its name."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    admin, admin_uri = postgres_admin()
+    template = f"harness_template_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {template}")
+    try:
+        artifacts = tmp_path_factory.mktemp("postgres_mlflow_template")
+        SqlAlchemyStore(database_uri(admin_uri, template), str(artifacts)).engine.dispose()
+        with admin.cursor() as cursor:
+            cursor.execute(f"ALTER DATABASE {template} ALLOW_CONNECTIONS false")
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (template,),
+            )
+        yield admin, admin_uri, template
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE {template} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture
+def fresh_postgres_mlflow_uri(postgres_mlflow_template) -> str:
+    """A PostgreSQL database of this test alone with MLflow's tables and no runs (a copy of the session's
+    template, well under a second), dropped after the test; its SQLAlchemy URI."""
+    admin, admin_uri, template = postgres_mlflow_template
+    database = f"harness_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database} TEMPLATE {template}")
+    try:
+        yield database_uri(admin_uri, database)
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE {database} WITH (FORCE)")
+
+
+@pytest.fixture
+def backend_store_uri(request, tmp_path) -> str:
+    """A test's MLflow backend store by its parameter: "sqlite", a file in tmp_path; "postgresql", a fresh
+    PostgreSQL database with MLflow's tables."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert request.param == "postgresql", f"backend_store_uri={request.param!r}; allowed: sqlite, postgresql"
+    return request.getfixturevalue("fresh_postgres_mlflow_uri")
+
+
+@pytest.fixture
+def backend_tracking_uri(backend_store_uri, tmp_path) -> str:
+    """Where a test's processes track on its backend: the sqlite file itself, or a real `mlflow server` on the
+    PostgreSQL database (the way a cluster uses one), its URL."""
+    if backend_store_uri.startswith("sqlite:"):
+        yield backend_store_uri
+        return
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server", backend_store_uri).start()
+    try:
+        yield server.url
+    finally:
+        server.kill()
 
 
 def libpq_uri(uri: str) -> str:

@@ -35,9 +35,16 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
-def test_a_signalled_trial_checkpoints_exits_with_its_signal_and_resumes_bit_identically(tmp_path, signame):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.mark.parametrize(
+    ("signame", "backend_store_uri"),
+    [("SIGTERM", "sqlite"), ("SIGUSR1", "sqlite"), ("SIGTERM", "postgresql")],
+    indirect=["backend_store_uri"],
+)
+def test_a_signalled_trial_checkpoints_exits_with_its_signal_and_resumes_bit_identically(
+    tmp_path, signame, backend_tracking_uri
+):
+    """Tracked to a sqlite file, or (SIGTERM) through an `mlflow server` on PostgreSQL, as on a cluster."""
+    uri = backend_tracking_uri
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"}
     cut = tmp_path / "cut"
     trial = subprocess.Popen(

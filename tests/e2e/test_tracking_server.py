@@ -70,10 +70,12 @@ def assert_every_record_arrived(uri: str, run_dir: Path) -> mlflow.entities.Run:
     return run
 
 
-def test_a_frozen_server_never_stalls_training_and_every_record_arrives(tmp_path):
-    """The server stops answering (SIGSTOP: requests hang, the worst kind of outage) after the first checkpoint;
-    the trial trains on to its end meanwhile, and everything arrives once the server answers again."""
-    server = MlflowServer(tmp_path).start()
+@pytest.mark.parametrize("backend_store_uri", ["sqlite", "postgresql"], indirect=True)
+def test_a_frozen_server_never_stalls_training_and_every_record_arrives(tmp_path, backend_store_uri):
+    """The server (its backend sqlite or PostgreSQL) stops answering (SIGSTOP: requests hang, the worst kind of
+    outage) after the first checkpoint; the trial trains on to its end meanwhile, and everything arrives once the
+    server answers again."""
+    server = MlflowServer(tmp_path, backend_store_uri).start()
     try:
         trial, run_dir = start_trial(tmp_path, server.url)
         wait_for_step(trial, run_dir, 5)
