@@ -43,6 +43,7 @@ from harness.trial.step import MicroStep, choose_micro_batch
 from harness.trial.weights import build_model, fingerprint, seed_everything
 
 log = logging.getLogger(__name__)
+CHARTS_EVERY_S = 60  # the charts are redrawn at a period's end once this long has passed, and after the last step
 
 
 def ends_period(step: int, interval: int, total_steps: int) -> bool:
@@ -182,6 +183,7 @@ class Trial:
         self.cpu_threads = torch.get_num_threads()  # the intra-op thread count changes a CPU trial's bits
         self.train_seconds_before = 0.0  # training time of the trial before the checkpoint it resumed from
         self.steps_started = time.perf_counter()  # reset when the step loop starts
+        self.charts_drawn = time.monotonic()
         self.history = {
             "step": [],
             "loss": [],
@@ -473,8 +475,13 @@ class Trial:
             sample,
         )
         tracker.log_text(sample, f"samples/step_{step:06d}.txt")
-        for path in charts.write_charts(self.history, self.periods, self.run_dir / "charts", self.cfg.optim.grad_clip):
-            tracker.log_artifact(path, "charts")
+        # Periods seconds apart (a smoke run, a test) would spend more time drawing than training.
+        if step == t.max_steps or time.monotonic() - self.charts_drawn >= CHARTS_EVERY_S:
+            for path in charts.write_charts(
+                self.history, self.periods, self.run_dir / "charts", self.cfg.optim.grad_clip
+            ):
+                tracker.log_artifact(path, "charts")
+            self.charts_drawn = time.monotonic()
 
     # --- evaluation and records -----------------------------------------------------------------
     def test_losses(self) -> dict[str, float]:
