@@ -1,5 +1,5 @@
-"""The trial engine in-process: batch checks, refused resumes, non-finite steps, divergence. Spawned ranks and
-resume after SIGKILL: tests/e2e/test_engine_processes.py."""
+"""The trial engine in-process: batch checks, refused resumes, non-finite steps, divergence. Spawned ranks:
+tests/e2e/test_engine_processes.py; resume after SIGKILL: tests/e2e/test_engine_resume.py."""
 
 import math
 
