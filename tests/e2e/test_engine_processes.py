@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.trial import checkpoint
-from tests.conftest import TINY, run_in_process
+from tests.conftest import TINY, run_harness, run_in_process
 
 NO_DROPOUT = [*TINY, "model.dropout=0.0", "trainer.max_steps=6", "trainer.checkpoint_interval=3"]
 
@@ -30,9 +30,7 @@ def train_losses(uri: str) -> dict[str, list[float]]:
 def test_ranks_accumulation_and_micro_batch_give_the_same_training(tmp_path):
     """2 ranks × micro B (real gloo launch), 1 rank × micro B × 2 accumulation, 1 rank × micro 2B."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_in_process(
-        *NO_DROPOUT, "trainer.nproc_per_node=2", f"hydra.run.dir={tmp_path}/ranks", cwd=tmp_path, env_uri=uri
-    )
+    run_harness(*NO_DROPOUT, "trainer.nproc_per_node=2", f"hydra.run.dir={tmp_path}/ranks", cwd=tmp_path, env_uri=uri)
     run_in_process(*NO_DROPOUT, f"hydra.run.dir={tmp_path}/accum", cwd=tmp_path, env_uri=uri)
     run_in_process(
         *NO_DROPOUT, "trainer.micro_batch_size=4", f"hydra.run.dir={tmp_path}/wide", cwd=tmp_path, env_uri=uri
