@@ -4,8 +4,6 @@ file:// URL) checked, recorded in a manifest, and refused whole when truncated, 
 import hashlib
 import http.server
 import json
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -20,7 +18,7 @@ from harness.data.hellaswag import (
     preprocess,
 )
 from harness.data.prepare import PrepareError, prepare
-from harness.paths import PROJECT_ROOT
+from tests.conftest import run_in_process
 from tests.fixtures.hellaswag import fixture_records, write_fixture
 
 COUNT = 24
@@ -206,13 +204,7 @@ def test_prepare_dispatches_hellaswag_and_refuses_options_of_other_datasets(tmp_
 def test_the_command_refuses_a_file_without_the_validation_splits_10042_examples(tmp_path, fixture_bytes):
     out = tmp_path / "hellaswag"
     with Server(fixture_bytes) as server:
-        done = subprocess.run(
-            [sys.executable, "-m", "harness", "prepare", "dataset=hellaswag", f"out={out}", f"url={server.url}"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = run_in_process("prepare", "dataset=hellaswag", f"out={out}", f"url={server.url}", check=False)
     assert done.returncode == 2, done.stderr
     error = done.stderr.strip().splitlines()[-1]
     assert error.startswith("error: refused the download") and f"{COUNT:,} examples" in error and "10,042" in error

@@ -8,7 +8,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import types
@@ -26,7 +25,7 @@ from harness.data.shards import MANIFEST, Manifest, open_split, sha256_file
 from harness.data.tokenizer import END_OF_TEXT, gpt2_encoding
 from harness.paths import PROJECT_ROOT
 from harness.trial.trainer import Trial
-from tests.conftest import TINY, compose_config, flip_a_byte
+from tests.conftest import TINY, compose_config, flip_a_byte, run_in_process
 
 FILE_DOCUMENTS = (150, 130, 120)  # 400 documents: the last 4 are held out
 TEST_DOCUMENTS = 4
@@ -53,26 +52,6 @@ SPECIAL_DOCUMENTS = {
     42: "A page that mentions <|endoftext|> literally is still ordinary text.",
     398: "   \n",
 }
-
-KILL_AT_MANIFEST_SAVE = """
-import os, signal, sys
-from harness.data import shards
-from harness.data.__main__ import main
-from harness.data.loader import DataConfig, open_dataset
-
-kill_at, saves = int(sys.argv[1]), 0
-save = shards.Manifest.save
-
-def save_or_die(self, directory):
-    global saves
-    saves += 1
-    if saves == kill_at:  # the shard is renamed into place but not yet in the manifest
-        os.killpg(0, signal.SIGKILL)  # the whole group: the preparation and its tokenizer workers
-    save(self, directory)
-
-shards.Manifest.save = save_or_die
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 def make_documents() -> list[str]:
@@ -293,25 +272,6 @@ def test_resume_after_crash_is_byte_identical(crash_at, reference, parquet_dir, 
     assert output_files(out) == output_files(reference)
 
 
-def test_resume_after_kill_is_byte_identical(reference, parquet_dir, tmp_path):
-    first_test_shard_save = len(Manifest.load(reference).splits["train"].shards) + 1
-    out = tmp_path / "out"
-    arguments = cli_arguments(parquet_dir, out)
-
-    killed = run_python(
-        "-c", KILL_AT_MANIFEST_SAVE, str(first_test_shard_save), "prepare", *arguments, start_new_session=True
-    )
-    assert killed.returncode == -signal.SIGKILL
-    manifest = Manifest.load(out)
-    assert not manifest.complete and manifest.splits["test"].documents == 0
-    assert (out / "test_000000.bin").exists()  # written, but not in the manifest
-    (out / "test_000000.bin.tmp").write_bytes(b"half a shard")
-
-    resumed = run_cli(*arguments)
-    assert resumed.returncode == 0, resumed.stderr
-    assert output_files(out) == output_files(reference)
-
-
 def test_complete_preparation_is_a_no_op(reference, parquet_dir, tmp_path, capsys):
     out = shutil.copytree(reference, tmp_path / "out")
     before = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
@@ -346,7 +306,7 @@ def test_the_advice_for_a_damaged_or_missing_shard_is_the_command_that_repairs_i
     (out / "test_000000.bin").unlink()
     trial = [*TINY, "data.dataset=fineweb", f"data.path={out}"]
 
-    refused = run_python("-m", "harness", *trial, f"hydra.run.dir={tmp_path}/run")
+    refused = run_in_process(*trial, f"hydra.run.dir={tmp_path}/run", check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     [line] = refused.stderr.splitlines()
     assert f"shard {out}/train_000003.bin does not match its manifest checksum; re-create it with `" in line
