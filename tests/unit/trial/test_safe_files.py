@@ -164,12 +164,19 @@ def test_resume_refuses_only_the_overrides_passed_that_change_the_trial(finished
     assert listed.startswith("optim.lr:") and listed.endswith("→ 0.5") and "," not in listed
 
 
-def test_an_absurd_model_is_refused_with_its_memory_estimate_before_anything_is_made(tmp_path, tracking_uri):
-    out = tmp_path / "out"
-    result = run_in_process("model.d_model=100000", "model.n_head=1", f"hydra.run.dir={out}", cwd=tmp_path, check=False)
+def test_an_absurd_model_is_refused_with_its_memory_estimate_before_anything_is_made(tmp_path):
+    out, store = tmp_path / "out", tmp_path / "mlflow.db"
+    result = run_in_process(
+        "model.d_model=100000",
+        "model.n_head=1",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+        env_uri=f"sqlite:///{store}",
+        check=False,
+    )
     line = one_line_error(result)
     assert "model.d_model=100000" in line and "TB to train" in line and "use a smaller model" in line
-    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+    assert not out.exists() and not store.exists()
 
 
 @pytest.mark.parametrize("arguments", [["study=a;rm"], ["hydra.run.dir=/tmp/a", "b"]])  # the second: `dir=/tmp/a b`
