@@ -61,7 +61,7 @@ def latest_intact(run_dir: Path) -> tuple[Path | None, list[str]]:
 
 
 def point_latest(found: Path) -> None:
-    """Make `latest` name `found` (a later checkpoint did not verify), atomically."""
+    """Make `latest` name `found`, atomically."""
     pointer = found.parent / "latest"
     staged = pointer.with_name("latest.tmp")
     staged.write_text(found.name + "\n")
@@ -90,7 +90,7 @@ def resume_unfinished(cfg: TrialConfig, overrides: list[str], world: int) -> Tri
             continue
         if problems:
             print(f"[resume] run {run.info.run_id}: {'; '.join(problems)}; continuing from {found.name}")
-            point_latest(found)
+        point_latest(found)  # also where a writer was killed between saving a checkpoint and pointing `latest` at it
         resumed = resumed_trial(dataclasses.replace(cfg, resume=str(run_dir)), overrides)
         resumed.tracking.parent_run_id = cfg.tracking.parent_run_id
         resumed.tracking.claim_slots = cfg.tracking.claim_slots
