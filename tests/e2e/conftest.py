@@ -4,6 +4,7 @@ script writes (HARNESS_SERVICES_ENV, default /var/tmp/harness-test-services.env)
 environment. A missing service skips its tests, except under CI=true, where it fails them: in CI a broken service
 setup must not pass for a skipped test."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -85,15 +86,24 @@ def postgres_uri() -> str:
     """A fresh PostgreSQL database for this test session (dropped at its end), as a SQLAlchemy URI that names
     its driver (postgresql+psycopg2://): SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3."""
     admin, admin_uri = postgres_admin()
-    database = f"harness_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {database}")
     try:
-        yield database_uri(admin_uri, database)
+        with new_database(admin) as database:
+            yield database_uri(admin_uri, database)
+    finally:
+        admin.close()
+
+
+@contextlib.contextmanager
+def new_database(admin, prefix: str = "harness_test", template: str | None = None):
+    """A new PostgreSQL database (a copy of `template`, if named) for the block; its name. Dropped after it."""
+    database = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {database}" + (f" TEMPLATE {template}" if template else ""))
+    try:
+        yield database
     finally:
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE {database} WITH (FORCE)")
-        admin.close()
 
 
 @pytest.fixture(scope="session")
@@ -103,22 +113,19 @@ def postgres_mlflow_template(tmp_path_factory):
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     admin, admin_uri = postgres_admin()
-    template = f"harness_template_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {template}")
     try:
-        artifacts = tmp_path_factory.mktemp("postgres_mlflow_template")
-        SqlAlchemyStore(database_uri(admin_uri, template), str(artifacts)).engine.dispose()
-        with admin.cursor() as cursor:
-            cursor.execute(f"ALTER DATABASE {template} ALLOW_CONNECTIONS false")
-            cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                (template,),
-            )
-        yield admin, admin_uri, template
+        with new_database(admin, "harness_template") as template:
+            artifacts = tmp_path_factory.mktemp("postgres_mlflow_template")
+            SqlAlchemyStore(database_uri(admin_uri, template), str(artifacts)).engine.dispose()
+            with admin.cursor() as cursor:
+                cursor.execute(f"ALTER DATABASE {template} ALLOW_CONNECTIONS false")
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                    "AND pid <> pg_backend_pid()",
+                    (template,),
+                )
+            yield admin, admin_uri, template
     finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE {template} WITH (FORCE)")
         admin.close()
 
 
@@ -127,14 +134,8 @@ def fresh_postgres_mlflow_uri(postgres_mlflow_template) -> str:
     """A PostgreSQL database of this test alone with MLflow's tables and no runs (a copy of the session's
     template, well under a second), dropped after the test; its SQLAlchemy URI."""
     admin, admin_uri, template = postgres_mlflow_template
-    database = f"harness_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {database} TEMPLATE {template}")
-    try:
+    with new_database(admin, template=template) as database:
         yield database_uri(admin_uri, database)
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE {database} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from harness.commands.export import main as export_main
 from harness.commands.reference import main as reference_main
@@ -27,8 +26,10 @@ from tests.conftest import TINY, compose_config, rewrite_state
 TINY_GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "vocab_size": 50257}
 
 
-def transformers_gpt2(directory, tie: bool = True, **config) -> GPT2LMHeadModel:
+def transformers_gpt2(directory, tie: bool = True, **config):
     """A tiny GPT2LMHeadModel with every parameter (biases, LayerNorms) randomised, saved to `directory`."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # here: loading transformers takes seconds
+
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**{**TINY_GPT2, **config}, tie_word_embeddings=tie))
     with torch.no_grad():
@@ -39,7 +40,7 @@ def transformers_gpt2(directory, tie: bool = True, **config) -> GPT2LMHeadModel:
 
 
 @torch.no_grad()
-def logits_agree(ours, theirs: GPT2LMHeadModel, context: int, atol: float = 1e-5) -> None:
+def logits_agree(ours, theirs, context: int, atol: float = 1e-5) -> None:
     tokens = torch.randint(0, 50257, (3, context), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours(tokens), theirs(tokens).logits, rtol=1e-5, atol=atol)
 
@@ -117,6 +118,8 @@ def test_exported_trial_reads_back_identically_and_in_transformers(name, trained
     with torch.no_grad():
         expected = saved.model(tokens)
         assert torch.equal(hf.load_gpt2(out)(tokens), expected)
+        from transformers import GPT2LMHeadModel
+
         theirs = GPT2LMHeadModel.from_pretrained(out).eval()
         torch.testing.assert_close(theirs(tokens).logits, expected, rtol=1e-5, atol=1e-5)
     assert (theirs.lm_head.weight is theirs.transformer.wte.weight) == cfg.tie_weights
