@@ -1,14 +1,18 @@
 """`python -m harness plan` in a fresh interpreter: it answers, and refuses bad input in one line each, without
 importing torch or mlflow."""
 
+import os
 import subprocess
 import sys
 
 
 def harness(*args: str, cwd) -> subprocess.CompletedProcess:
+    """The command with no store yet (a store that exists is read, which loads MLflow: not this test's case),
+    whatever store the environment of the test session names."""
     return subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "harness", *args],
         cwd=cwd,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'not-created.db'}"},
         capture_output=True,
         text=True,
         timeout=120,
