@@ -5,7 +5,6 @@ then resumed in-process until its trial budget stops it. The planted effects tha
 import io
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 
@@ -15,21 +14,14 @@ import pytest
 
 from analysis.load import load_mlflow_study
 from analysis.sequential.procedure import sequential_decisions
-from tests.e2e.test_study_processes import integrity, run_sweep_in_process, runs, sweep_command, sweep_env
+from tests.e2e.test_study_processes import integrity, run_sweep_in_process, runs, start_sweep
 from tests.unit.study.test_sequential import SEQUENTIAL, artifact
 
 
 def test_sequential_study_runs_rounds_stops_and_resumes_after_sigkill(tmp_path):
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
-    killed = subprocess.Popen(
-        sweep_command(*SEQUENTIAL, sweep_dir=tmp_path / "killed"),
-        cwd=tmp_path,
-        env=sweep_env(uri),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    killed = start_sweep(*SEQUENTIAL, sweep_dir=tmp_path / "killed", uri=uri)
     deadline = time.time() + 400
     while not (db.exists() and sum(r.info.status == "FINISHED" for r in runs(uri)) >= 4):
         assert killed.poll() is None and time.time() < deadline, "the study ended before round 2 began"

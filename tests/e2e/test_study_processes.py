@@ -70,6 +70,18 @@ def run_sweep(
     )
 
 
+def start_sweep(*args: str, sweep_dir: Path, uri: str, harness: tuple = ("-m", "harness")) -> subprocess.Popen:
+    """`run_sweep` in the background, in its own session (so a test can SIGKILL its whole group)."""
+    return subprocess.Popen(
+        sweep_command(*args, sweep_dir=sweep_dir, harness=harness),
+        cwd=sweep_dir.parent,
+        env=sweep_env(uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def run_sweep_in_process(*args: str, sweep_dir: Path, uri: str) -> subprocess.CompletedProcess:
     """`run_sweep` through `harness.__main__.main` in this process (the basic launcher runs every trial here)."""
     return run_in_process(
@@ -120,14 +132,7 @@ def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_n
     uri = f"sqlite:///{db}"
     study = ["hydra.sweeper.arms=[baseline]", f"hydra.sweeper.seeds=[1,2,{FAILS_AT_START}]"]
     failing = ("-c", HARNESS_FAILING_ONE_SEED)
-    first = subprocess.Popen(
-        sweep_command(*study, sweep_dir=tmp_path / "first", harness=failing),
-        cwd=tmp_path,
-        env=sweep_env(uri),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    first = start_sweep(*study, sweep_dir=tmp_path / "first", uri=uri, harness=failing)
     deadline = time.time() + 240
     while not (db.exists() and any(r.info.status == "FINISHED" for r in runs(uri))):
         assert first.poll() is None and time.time() < deadline, "the study ended before its first trial finished"

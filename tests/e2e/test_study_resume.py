@@ -3,22 +3,13 @@ uninterrupted study; a diverged trial is a result that a later execution does no
 
 import os
 import signal
-import subprocess
 import time
 
 import torch
 
 from tests.conftest import run_in_process
 from tests.e2e.test_preemption import LONG, final_weights, wait_for
-from tests.e2e.test_study_processes import (
-    SWEEP_TINY,
-    run_sweep,
-    run_sweep_in_process,
-    runs,
-    sweep_command,
-    sweep_env,
-    table,
-)
+from tests.e2e.test_study_processes import SWEEP_TINY, run_sweep, run_sweep_in_process, runs, start_sweep, table
 
 
 def test_a_sigkilled_study_resumes_its_trial_in_the_same_run_bit_identically(tmp_path):
@@ -27,14 +18,7 @@ def test_a_sigkilled_study_resumes_its_trial_in_the_same_run_bit_identically(tmp
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = ["hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]", *LONG[2:]]
     steps = ["trainer.max_steps=30", "trainer.checkpoint_interval=20"]
-    first = subprocess.Popen(
-        sweep_command(*study, *steps, sweep_dir=tmp_path / "first"),
-        cwd=tmp_path,
-        env=sweep_env(uri),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    first = start_sweep(*study, *steps, sweep_dir=tmp_path / "first", uri=uri)
     wait_for(tmp_path / "first" / "0" / "checkpoints" / "step_000021", first)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
