@@ -88,6 +88,15 @@ def store(tmp_path_factory, store_template) -> str:
         yield uri
 
 
+def final_weights(run_dir) -> dict:
+    """The weights of a run directory's latest checkpoint (or of a checkpoint directory), tensor by name."""
+    from safetensors.torch import load_file
+
+    from harness.trial import checkpoint
+
+    return load_file(str(checkpoint.find(run_dir) / checkpoint.MODEL_FILE))
+
+
 def rewrite_state(checkpoint_dir: Path, **changes) -> None:
     """Change entries of a checkpoint's state.pt and re-sign its manifest: a consistent checkpoint of another
     trial, not a corrupt one."""

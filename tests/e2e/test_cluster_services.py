@@ -13,8 +13,7 @@ import mlflow
 import pytest
 import torch
 
-from harness.trial import checkpoint
-from tests.conftest import TINY, free_port, run_harness, run_in_process
+from tests.conftest import TINY, final_weights, free_port, run_harness, run_in_process
 from tests.e2e.conftest import libpq_uri
 
 TRIAL_TAGS = [
@@ -39,14 +38,9 @@ SLURM_CPU_JOB = [
 ]
 
 
-# One trial that 2 ranks and 1 process train alike (no dropout: no per-rank random draws), in 3 periods.
+# One trial in 3 periods, which 2 ranks and 1 process train alike under +intervention=no_dropout (no per-rank
+# random draws).
 TWO_RANK_TRIAL = [*TINY, "trainer.max_steps=6", "trainer.checkpoint_interval=3"]
-
-
-def final_weights(run_dir) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(checkpoint.find(run_dir) / checkpoint.MODEL_FILE))
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +164,14 @@ def test_a_two_rank_trial_runs_as_one_slurm_job_of_two_tasks(slurm_partition, on
     [log] = (tmp_path / "study" / ".submitit").glob("*/*_0_log.out")  # rank 0's task; rank 1's is *_1_log.out
     job = log.parent.name
     assert len(list(log.parent.glob("*_1_log.out"))) == 1, sorted(log.parent.iterdir())
-    tasks = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "NTasks,AllocCPUS,State", f"--jobs={job}"],
+    allocation = subprocess.run(  # the job's allocation: a CPU for each task (its tasks: the two logs above)
+        ["sacct", "-n", "-X", "-P", "-o", "AllocCPUS,State", f"--jobs={job}"],
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
     ).stdout.split()
-    assert tasks[-1].endswith("|2|COMPLETED"), tasks
+    assert allocation == ["2|COMPLETED"], allocation
     assert_same_training(final_weights(run.data.tags["run_dir"]), one_process_weights)
 
 

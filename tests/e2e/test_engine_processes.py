@@ -4,16 +4,10 @@ and as one rank with the doubled micro-batch do. Resume after SIGKILL: tests/e2e
 import mlflow
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from harness.trial import checkpoint
-from tests.conftest import TINY, run_harness, run_in_process
+from tests.conftest import TINY, final_weights, run_harness, run_in_process
 
 NO_DROPOUT = [*TINY, "model.dropout=0.0", "trainer.max_steps=6", "trainer.checkpoint_interval=3"]
-
-
-def final_weights(run_dir) -> dict:
-    return load_file(str(checkpoint.find(run_dir) / checkpoint.MODEL_FILE))
 
 
 def train_losses(uri: str) -> dict[str, list[float]]:

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from harness.trial import checkpoint
-from tests.conftest import TINY, run_in_process, start_harness
-from tests.e2e.test_engine_processes import final_weights
+from tests.conftest import TINY, final_weights, run_in_process, start_harness
 
 
 @pytest.mark.parametrize(

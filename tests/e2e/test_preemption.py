@@ -11,10 +11,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from harness.trial import checkpoint
-from tests.conftest import TINY, run_in_process
+from tests.conftest import TINY, final_weights, run_in_process
 from tests.e2e.test_study_processes import runs
 
 LONG = ["trainer.max_steps=30", "trainer.checkpoint_interval=20", "trainer.deterministic=true"]
@@ -22,10 +21,6 @@ LONG = ["trainer.max_steps=30", "trainer.checkpoint_interval=20", "trainer.deter
 
 def trial_command(run_dir: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "harness", *TINY, *LONG, *args, f"hydra.run.dir={run_dir}"]
-
-
-def final_weights(run_dir: Path) -> dict:
-    return load_file(str(checkpoint.find(run_dir) / checkpoint.MODEL_FILE))
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:

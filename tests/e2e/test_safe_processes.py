@@ -11,11 +11,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from harness.tracking import liveness
 from harness.trial import checkpoint
-from tests.conftest import TINY, MlflowServer, run_harness, run_in_process
+from tests.conftest import TINY, MlflowServer, final_weights, run_harness, run_in_process
 
 SECRET = "S3cret"
 
@@ -106,10 +105,6 @@ def test_a_second_resume_of_one_directory_is_refused_at_once_leaving_the_first_a
     resuming.wait(timeout=120)
     run = only_run(uri)
     assert run.info.status == "KILLED" and run.data.tags[liveness.REASON_TAG] == "interrupted (SIGINT)"
-
-
-def final_weights(run_dir: Path) -> dict:
-    return load_file(checkpoint.find(run_dir) / checkpoint.MODEL_FILE)
 
 
 def test_sigkill_and_resume_under_another_thread_count_is_bit_identical(tmp_path):

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from tests.conftest import run_in_process
-from tests.e2e.test_preemption import LONG, final_weights, wait_for
+from tests.conftest import final_weights, run_in_process
+from tests.e2e.test_preemption import LONG, wait_for
 from tests.e2e.test_study_processes import SWEEP_TINY, run_sweep, run_sweep_in_process, runs, start_sweep, table
 
 

@@ -6,16 +6,14 @@ import json
 import mlflow
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from harness.config.checks import ConfigError
 from harness.config.compose import config_hash
 from harness.data.hellaswag import load_hellaswag
-from harness.trial import checkpoint
 from harness.trial.evaluation import score_hellaswag
 from harness.trial.preflight import check_trial
 from harness.trial.trainer import Trial
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, final_weights
 from tests.fixtures.hellaswag import write_fixture
 
 # context 64: every fixture ending fits (the fixture's long contexts are truncated from the left)
@@ -27,10 +25,6 @@ def fixture_file(tmp_path):
     path = tmp_path / "hellaswag_val.jsonl"
     write_fixture(path, count=24)
     return path
-
-
-def final_weights(run_dir) -> dict:
-    return load_file(str(checkpoint.resolve(run_dir / "checkpoints") / checkpoint.MODEL_FILE))
 
 
 def test_a_trial_records_hellaswag_at_the_end_and_every_n_steps_without_changing_training(
