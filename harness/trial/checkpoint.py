@@ -153,9 +153,9 @@ def commit(
     return final
 
 
-class _KeepsOSError:
-    """A file wrapper that remembers the OSError behind a failed write: torch.save reports a full disk as
-    an opaque 'unexpected pos' RuntimeError."""
+class _KeepsError:
+    """A file wrapper that remembers what interrupted a write, a full disk's OSError or Ctrl-C's
+    KeyboardInterrupt: torch.save reports either as an opaque 'unexpected pos' RuntimeError."""
 
     def __init__(self, file):
         self.file, self.error = file, None
@@ -169,14 +169,14 @@ class _KeepsOSError:
     def _call(self, method, *args):
         try:
             return method(*args)
-        except OSError as error:
+        except (OSError, KeyboardInterrupt) as error:
             self.error = error
             raise
 
 
 def _save_torch(obj, path: Path, directory: Path, step: int) -> None:
     with _writing(directory, step, path), open(path, "wb") as raw:
-        file = _KeepsOSError(raw)
+        file = _KeepsError(raw)
         try:
             torch.save(obj, file)
             file.flush()

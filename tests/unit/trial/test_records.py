@@ -3,7 +3,10 @@ change a record, a dead store, claims. A full disk, SIGKILLed trials and racing 
 tests/e2e/test_record_processes.py."""
 
 import contextlib
+import io
+import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -344,3 +347,31 @@ def test_new_keys_are_validated_and_kept_out_of_the_config_hash():
     ):
         with pytest.raises(Exception, match=message):
             compose_config(*TINY, bad)
+
+
+def test_ctrl_c_inside_a_checkpoint_write_is_an_interruption_with_latest_intact(tmp_path, monkeypatch):
+    """A real SIGINT landing while torch.save writes the training state (torch turns the KeyboardInterrupt raised
+    in its write callback into an 'unexpected pos' RuntimeError, which ended the run FAILED): it stays Ctrl-C,
+    the partial checkpoint is removed and `latest` still names the one before."""
+    model = torch.nn.Linear(4, 4)
+    checkpoint.begin(tmp_path, 1)
+    checkpoint.commit(tmp_path, 1, model, {"run_id": "r"}, is_best=True)
+    writes = []
+
+    class SignalledFile(io.FileIO):
+        def write(self, data):
+            writes.append(len(data))
+            if len(writes) == 3:  # past the archive's first record: torch's writer is under way
+                os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, in this write
+            return super().write(data)
+
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: SignalledFile(path, mode), raising=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        checkpoint.begin(tmp_path, 2)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.commit(tmp_path, 2, model, {"run_id": "r", "state": torch.zeros(1000)}, is_best=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(writes) >= 3 and sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest", "step_000001"]
+    assert checkpoint.resolve(tmp_path).name == "step_000001"
