@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from analysis.load import mlflow_store
 from harness.commands.export import main as export_main
 from harness.commands.reference import main as reference_main
 from harness.config.compose import config_hash, to_trial_config
@@ -158,7 +159,8 @@ def test_reference_run_scores_the_test_window_as_transformers_does(store, tmp_pa
         for inputs, targets in held_out_batches(open_dataset(cfg.data, "test"), cfg.data, cfg.model.context_length):
             total += cross_entropy(theirs(inputs).logits, targets).item() * targets.numel()
             count += targets.numel()
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.intervention = 'reference'")
+    with mlflow_store(store) as fluent:
+        runs = fluent.search_runs(search_all_experiments=True, filter_string="tags.intervention = 'reference'")
     assert len(runs) == 1
     run = mlflow.MlflowClient(store).get_run(runs.run_id[0])
     assert run.info.status == "FINISHED"
@@ -217,7 +219,8 @@ def test_reference_run_scores_hellaswag_the_same_way_with_its_per_example_record
         f"eval.hellaswag_path={tmp_path / 'hellaswag.jsonl'}",
     ]
     assert reference_main([f"path={tmp_path / 'gpt2'}", *overrides, "study=hellaswag_reference"]) == 0
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string="params.study = 'hellaswag_reference'")
+    with mlflow_store(store) as fluent:
+        runs = fluent.search_runs(search_all_experiments=True, filter_string="params.study = 'hellaswag_reference'")
     run = mlflow.MlflowClient(store).get_run(runs.run_id[0])
     ours = score(hf.load_gpt2(tmp_path / "gpt2", 64), load_hellaswag(tmp_path / "hellaswag.jsonl"), progress=False)
     assert (run.data.metrics["hellaswag_acc"], run.data.metrics["hellaswag_acc_norm"]) == (ours.acc, ours.acc_norm)

@@ -3,6 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from analysis.load import mlflow_store
 from harness.config.compose import config_hash
 from harness.trial import checkpoint
 from harness.trial.trainer import Trial
@@ -24,8 +25,8 @@ CONTRACT_TAGS = [
 
 
 def only_run(uri: str):
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(search_all_experiments=True)
+    with mlflow_store(uri) as fluent:  # not mlflow.set_tracking_uri: it would redirect the tests after this one
+        runs = fluent.search_runs(search_all_experiments=True)
     assert len(runs) == 1
     return mlflow.MlflowClient(uri).get_run(runs.run_id[0])
 
@@ -143,8 +144,8 @@ def test_no_dropout_keeps_and_qkv_bias_changes_the_logged_init_fingerprint(tmp_p
     base = run_tiny(tmp_path, "base", "seed=67")["init_fingerprint"]
     assert run_tiny(tmp_path, "nd", "seed=67", "+intervention=no_dropout")["init_fingerprint"] == base
     assert run_tiny(tmp_path, "qkv", "seed=67", "+intervention=qkv_bias")["init_fingerprint"] != base
-    mlflow.set_tracking_uri(tracking_uri)
-    runs = mlflow.search_runs(search_all_experiments=True).set_index("tags.intervention")
+    with mlflow_store(tracking_uri) as fluent:
+        runs = fluent.search_runs(search_all_experiments=True).set_index("tags.intervention")
     assert runs.loc["no_dropout", "tags.init_fingerprint"] == runs.loc["baseline", "tags.init_fingerprint"] == base
     assert runs.loc["qkv_bias", "tags.init_fingerprint"] != base
 
