@@ -102,7 +102,7 @@ def train(arguments: list[str]) -> None:
     try:
         hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(run_trial)()
     except (KeyboardInterrupt, Preempted) as stopped:  # the run says how it ended; no traceback
-        print(f"stopped: {stopped or 'interrupted (Ctrl-C)'}", file=sys.stderr, flush=True)
+        print(f"stopped: {str(stopped) or 'interrupted (Ctrl-C)'}", file=sys.stderr, flush=True)
         sys.exit(exit_status(stopped))
 
 

@@ -235,6 +235,14 @@ def _point(pointer: Path, target: str) -> None:
     _fsync_dir(pointer.parent)
 
 
+def repoint_best(directory: Path, best_steps: list[int]) -> None:
+    """After a resume: point `best` at the newest checkpoint on disk among `best_steps` (the best periods up to the
+    resumed step), as an uninterrupted trial's is; a kill between `commit`'s two pointer writes leaves it behind."""
+    on_disk = [step_dir(directory, step) for step in best_steps if step_dir(directory, step).is_dir()]
+    if on_disk and resolve(directory, "best") != on_disk[-1]:
+        _point(Path(directory) / "best", on_disk[-1].name)
+
+
 # --- retention and cleaning ---------------------------------------------------------------------------
 
 

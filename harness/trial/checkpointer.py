@@ -83,10 +83,11 @@ class Checkpointer:
             )
             for path in checkpoint.prune(directory, t.keep_checkpoints, t.checkpoint_interval):
                 log.info("removed %s (trainer.keep_checkpoints=%s)", path.name, t.keep_checkpoints)
+            best = checkpoint.resolve(directory, "best")  # None while no period was best (all non-finite)
             pointers = {
                 "host": socket.gethostname(),
                 "latest": str(saved.resolve()),
-                "best": str(checkpoint.resolve(directory, "best").resolve()),
+                "best": str(best.resolve()) if best else None,
             }
             tracker.log_text(json.dumps(pointers, indent=1), "checkpoints.json")
             return saved
@@ -106,5 +107,7 @@ class Checkpointer:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
+        best_steps = [period["step"] for period in state["periods"] if period.get("is_best")]
+        on_main_rank(self.ranks, lambda: checkpoint.repoint_best(self.directory, best_steps))
         self.last = path
         return state
