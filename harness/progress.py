@@ -126,9 +126,17 @@ def through_bars(enabled: bool = True) -> Iterator[None]:
 
 
 def study_line(
-    study: str, total: int, done: int, running: int, elsewhere: int, ended: dict[str, int], elapsed: float
+    study: str,
+    total: int,
+    done: int,
+    running: int,
+    elsewhere: int,
+    ended: dict[str, int],
+    elapsed: float,
+    preempted: int = 0,
 ) -> str:
-    """`[study NAME] trial k of N: … | elapsed …, ETA …`; `ended` counts the finished trials by status."""
+    """`[study NAME] trial k of N: … | elapsed …, ETA …`; `ended` counts the finished trials by status, `preempted`
+    the trials stopped by a preemption that a requeued job resumes (not done)."""
     if total == 0:
         return f"[study {study}] no trial to run: every trial of the study FINISHED in an earlier execution"
     eta = format_duration(elapsed / done * (total - done)) if done else "after the first trial"
@@ -137,6 +145,7 @@ def study_line(
         f"all {total} trials done{statuses}"
         if done == total
         else f"trial {done + 1} of {total}: {done} done{statuses}, {running} running"
+        + (f", {preempted} preempted (its requeued job, or the next execution, resumes it)" if preempted else "")
         + (f", {elsewhere} running in another execution" if elsewhere else "")
     )
     return f"[study {study}] {where} | elapsed {format_duration(elapsed)}, ETA {eta}"

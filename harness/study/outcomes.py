@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 from harness.study.design import TrialSpec
 from harness.tracking import liveness
-from harness.trial.preemption import PREEMPTIONS_TAG, RESUMED_TAG
+from harness.trial.preemption import PREEMPTED_TAG, PREEMPTIONS_TAG, RESUMED_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -40,6 +40,7 @@ class Outcome:
     run_id: str | None = None
     note: str = ""
     diverged: bool = False  # FAILED by divergence: a result, not run again unless rerun=true
+    preempted: bool = False  # KILLED by a preemption and not resumed yet (a requeued job resumes it)
 
 
 def collect_outcomes(planned: list[PlannedTrial], ended_early: dict[int, JobEnd], children: list) -> list[Outcome]:
@@ -88,7 +89,10 @@ def run_outcome(name: str, run, status: str, note: str) -> Outcome:
         f"preempted {tags[PREEMPTIONS_TAG]}x" if PREEMPTIONS_TAG in tags else "",
     ]
     note = "; ".join(filter(None, [*history, note]))
-    return Outcome(name, status, run.data.metrics.get("test_loss"), run.info.run_id, note, liveness.diverged(run))
+    preempted = status == "KILLED" and PREEMPTED_TAG in tags
+    return Outcome(
+        name, status, run.data.metrics.get("test_loss"), run.info.run_id, note, liveness.diverged(run), preempted
+    )
 
 
 def outcome_table(outcomes: list[Outcome]) -> str:

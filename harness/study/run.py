@@ -332,12 +332,15 @@ class Progress:
         except Exception as error:  # a busy or unreachable store must not stop the trials
             write_line(f"[study {self.study}] progress unavailable: {error}")
             return
-        counts = Counter(o.status for o in collect_outcomes(self.pending, self.ended_early, children))
+        outcomes = collect_outcomes(self.pending, self.ended_early, children)
+        counts = Counter("PREEMPTED" if o.preempted else o.status for o in outcomes)  # a requeue resumes it
         total, running, elsewhere = len(self.pending), counts.pop("RUNNING", 0), counts.pop(ELSEWHERE, 0)
+        preempted = counts.pop("PREEMPTED", 0)
         counts.pop("NOT RUN", 0)
         done = sum(counts.values())
         with self._lock:
-            if (done, running, elsewhere, counts) == self._last:
+            if (done, running, preempted, elsewhere, counts) == self._last:
                 return
-            self._last = (done, running, elsewhere, counts)
-            write_line(study_line(self.study, total, done, running, elsewhere, counts, time.monotonic() - self.started))
+            self._last = (done, running, preempted, elsewhere, counts)
+            elapsed = time.monotonic() - self.started
+            write_line(study_line(self.study, total, done, running, elsewhere, counts, elapsed, preempted))

@@ -2,12 +2,15 @@
 repository's `hydra/launcher=slurm` (a job per trial, a 2-task job for a 2-rank trial, a time limit shorter than
 the trial), the `srun torchrun` recipe, and a trial tracked by an `mlflow server` on PostgreSQL."""
 
+import contextlib
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -35,6 +38,7 @@ SLURM_CPU_JOB = [
     "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.mem_gb=2",
     "hydra.launcher.timeout_min=5",
+    "hydra.sweeper.analyze=false",  # the analysis has its own tests; here it would write <project>/reports
 ]
 
 
@@ -219,13 +223,57 @@ def release_requeued(process: subprocess.Popen) -> None:
         time.sleep(1)
 
 
+def job_trial_pid(study_dir: Path) -> int | None:
+    """The process of a study's SLURM job that runs the trial (`python -u -m submitit.core._submit FOLDER`, not
+    the `srun` that started it), or None once it has ended."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if "submitit.core._submit" in argv and str(study_dir) in argv[-2] and "srun" not in Path(argv[0]).name:
+            return int(proc.name)
+    return None
+
+
+def held_without_warning(pid: int) -> bool:
+    """Whether `pid` is still stopped with no USR2 pending (SLURM sends a warned step SIGCONT after the signal)."""
+    try:
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except FileNotFoundError:
+        return False
+    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+    return status["State"].split()[0] == "T" and not pending & (1 << (signal.SIGUSR2 - 1))
+
+
+def hold_the_trial_until_slurm_warns_it(study_dir: Path, process: subprocess.Popen) -> None:
+    """Once the job's trial has saved its first checkpoint (its handler is in place), SIGSTOP it until SLURM's
+    time-limit warning (submitit's USR2) comes, then SIGCONT: however fast this machine trains, the warning
+    finds the trial still training. A warning delivered before the stop (a slow start) ends the hold after 75 s,
+    more than the warning can take."""
+    deadline = time.time() + 300
+    while not list(study_dir.glob("*/checkpoints/latest")):
+        assert process.poll() is None and time.time() < deadline, "the trial saved no checkpoint"
+        time.sleep(0.05)
+    pid = job_trial_pid(study_dir)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGSTOP)
+    held = time.time()
+    while held_without_warning(pid) and time.time() < held + 75:
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
 def test_a_slurm_trial_past_its_time_limit_checkpoints_requeues_and_finishes_bit_identically(slurm_partition, tmp_path):
     """`timeout_min=2`, `signal_delay_s=60`: SLURM sends submitit's USR2 at the first time-limit pass that finds at
-    most 90 s left, 30-60 s after the job starts (docs/cluster.md), while the 500-step trial (about 65 s on an
-    idle core, its start included) trains. It checkpoints at the next step boundary, submitit requeues the job, and
-    the requeued trial continues the same run. Its uninterrupted twin trains meanwhile in this process."""
-    long = ["trainer.max_steps=500", "trainer.checkpoint_interval=250", "trainer.deterministic=true"]
-    study = [*TINY, *long, "hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]"]
+    most 90 s left, 30-60 s after the job starts (docs/cluster.md). The trial is held (SIGSTOP) from its first
+    checkpoint until the warning is pending, so it is still training: it checkpoints at the next step boundary,
+    submitit requeues the job, and the requeued trial continues the same run. Its uninterrupted twin trains
+    in this process while the requeued job waits and resumes."""
+    long = ["trainer.max_steps=100", "trainer.checkpoint_interval=50", "trainer.deterministic=true"]
+    study = [*TINY, *long, "hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]", "hydra.sweeper.analyze=false"]
     tracking_uri, whole_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'whole.db'}"
     slurm = [
         *SLURM_CPU_JOB,
@@ -246,6 +294,7 @@ def test_a_slurm_trial_past_its_time_limit_checkpoints_requeues_and_finishes_bit
         )
     releasing = threading.Thread(target=release_requeued, args=(submitted,), daemon=True)
     releasing.start()
+    hold_the_trial_until_slurm_warns_it(tmp_path / "study", submitted)
     run_in_process("+sweep=quick", *study, f"hydra.sweep.dir={tmp_path / 'whole'}", cwd=tmp_path, env_uri=whole_uri)
     submitted.wait(timeout=600)
     releasing.join()
@@ -255,6 +304,7 @@ def test_a_slurm_trial_past_its_time_limit_checkpoints_requeues_and_finishes_bit
     assert_finished_trial(run, TRIAL_TAGS)
     assert int(run.data.tags["preemptions"]) >= 1 and run.data.tags["resumed_from"].startswith("step_"), run.data.tags
     assert "resumed from step_" in output and "preempted " in output, output
+    assert "done (1 KILLED)" not in output, output  # while requeued, the progress line says "1 preempted"
     [uninterrupted_run] = trial_runs(whole_uri)
     cut, uninterrupted = final_weights(run.data.tags["run_dir"]), final_weights(uninterrupted_run.data.tags["run_dir"])
     assert cut.keys() == uninterrupted.keys() and all(torch.equal(cut[k], uninterrupted[k]) for k in cut)

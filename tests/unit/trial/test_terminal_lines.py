@@ -61,3 +61,8 @@ def test_a_trial_prints_one_start_line_and_one_end_line(tmp_path):
 def test_a_rerun_with_nothing_to_run_says_so_without_an_eta():
     line = study_line("quick", 0, 0, 0, 0, {}, 3.0)
     assert line == "[study quick] no trial to run: every trial of the study FINISHED in an earlier execution"
+
+
+def test_a_preempted_trial_is_not_done_while_its_requeued_job_may_resume_it():
+    line = study_line("quick", 2, 1, 0, 0, {"FINISHED": 1}, 30.0, preempted=1)
+    assert line.startswith("[study quick] trial 2 of 2: 1 done (1 FINISHED), 0 running, 1 preempted (its requeued")
