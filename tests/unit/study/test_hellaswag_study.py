@@ -12,13 +12,17 @@ from harness.trial.trainer import Trial
 from tests.conftest import TINY, compose_config, run_in_process
 from tests.fixtures.hellaswag import write_fixture
 
-STUDY_TINY = [
+TRIAL_TINY = [
     *TINY,
     "model.context_length=64",
     "trainer.max_steps=2",
     "trainer.checkpoint_interval=2",
-    "hydra.sweeper.progress_interval=0.5",
     "tracking.heartbeat_interval=1",
+]
+STUDY_TINY = [
+    *TRIAL_TINY,
+    "hydra.sweeper.progress_interval=0.5",
+    "hydra.sweeper.analyze=false",  # the tests run the analysis themselves, into tmp_path
 ]
 
 
@@ -68,7 +72,7 @@ def test_evaluate_scores_a_trial_after_the_fact_and_the_analysis_picks_it_up(stu
     assert own == again and len(client.get_metric_history(run_id, "hellaswag_acc_norm")) == 1
     assert any(f.path.startswith("hellaswag/evaluated_step_") for f in client.list_artifacts(run_id, "hellaswag"))
     # a trial of the study that was not scored: unscored in the analysis until evaluate scores it
-    plain = Trial(compose_config(*STUDY_TINY[:-2], "study=quick", "seed=67"), tmp_path / "plain").run()
+    plain = Trial(compose_config(*TRIAL_TINY, "study=quick", "seed=67"), tmp_path / "plain").run()
     before = analyse(load_mlflow_study("quick", store), Settings(n_resamples=100)).accuracy
     assert plain["run_id"] in before.unscored
     run_in_process("evaluate", str(tmp_path / "plain"), "hellaswag=true", f"hellaswag_path={fixture}", env_uri=store)
