@@ -236,21 +236,21 @@ def job_trial_pid(study_dir: Path) -> int | None:
     return None
 
 
-def held_without_warning(pid: int) -> bool:
-    """Whether `pid` is still stopped with no USR2 pending (SLURM sends a warned step SIGCONT after the signal)."""
+def signal_state(pid: int) -> tuple[str, bool] | None:
+    """`pid`'s state letter (`T`: stopped) and whether a USR2 is pending; None once it has ended."""
     try:
         status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     except FileNotFoundError:
-        return False
+        return None
     pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
-    return status["State"].split()[0] == "T" and not pending & (1 << (signal.SIGUSR2 - 1))
+    return status["State"].split()[0], bool(pending & (1 << (signal.SIGUSR2 - 1)))
 
 
 def hold_the_trial_until_slurm_warns_it(study_dir: Path, process: subprocess.Popen) -> None:
     """Once the job's trial has saved its first checkpoint (its handler is in place), SIGSTOP it until SLURM's
     time-limit warning (submitit's USR2) comes, then SIGCONT: however fast this machine trains, the warning
-    finds the trial still training. A warning delivered before the stop (a slow start) ends the hold after 75 s,
-    more than the warning can take."""
+    finds the trial still training. SLURM sends a signalled step SIGCONT itself; a warning delivered before the
+    stop (a slow start) ends the hold after 75 s, more than the warning can take."""
     deadline = time.time() + 300
     while not list(study_dir.glob("*/checkpoints/latest")):
         assert process.poll() is None and time.time() < deadline, "the trial saved no checkpoint"
@@ -260,7 +260,9 @@ def hold_the_trial_until_slurm_warns_it(study_dir: Path, process: subprocess.Pop
         return
     os.kill(pid, signal.SIGSTOP)
     held = time.time()
-    while held_without_warning(pid) and time.time() < held + 75:
+    while (state := signal_state(pid)) is not None and state[0] != "T" and time.time() < held + 10:
+        time.sleep(0.01)  # the stop takes effect asynchronously
+    while (state := signal_state(pid)) is not None and state == ("T", False) and time.time() < held + 75:
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGCONT)
