@@ -333,9 +333,9 @@ class Progress:
             write_line(f"[study {self.study}] progress unavailable: {error}")
             return
         outcomes = collect_outcomes(self.pending, self.ended_early, children)
-        counts = Counter("PREEMPTED" if o.preempted else o.status for o in outcomes)  # a requeue resumes it
+        preempted = sum(o.preempted for o in outcomes)  # not done: a requeued job resumes it
+        counts = Counter(o.status for o in outcomes if not o.preempted)
         total, running, elsewhere = len(self.pending), counts.pop("RUNNING", 0), counts.pop(ELSEWHERE, 0)
-        preempted = counts.pop("PREEMPTED", 0)
         counts.pop("NOT RUN", 0)
         done = sum(counts.values())
         with self._lock:
