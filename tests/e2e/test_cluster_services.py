@@ -84,6 +84,24 @@ def assert_finished_trial(run, tags: list[str]) -> None:
     assert not missing, f"run {run.info.run_id} lacks tags {missing}"
 
 
+def accounting_once_ended(jobs: list[str], fields: str) -> list[str]:
+    """SLURM's accounting lines (`fields`, `|`-separated) for `jobs` once none is still active. submitit returns
+    when a job's result file is written; the job may still be RUNNING or COMPLETING for a moment after."""
+    deadline = time.time() + 60
+    while True:
+        lines = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", f"{fields},State", *[f"--jobs={job}" for job in jobs]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
+        active = [line for line in lines if line.rsplit("|", 1)[-1] in ("PENDING", "RUNNING", "COMPLETING")]
+        if not active or time.time() > deadline:
+            return lines
+        time.sleep(0.5)
+
+
 def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_partition, tmp_path):
     sweep_dir = tmp_path / "study"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -110,13 +128,7 @@ def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_pa
     assert len(logs) == 2, sorted(logs)
     for run in runs:
         assert len([job for job, log in logs.items() if f"run {run.info.run_id}" in log]) == 1, (run.info, logs)
-    states = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", *[f"--jobs={job}" for job in logs]],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout.split()
+    states = accounting_once_ended(list(logs), "JobID")
     assert sorted(states) == sorted(f"{job}|COMPLETED" for job in logs), states
 
 
@@ -168,13 +180,7 @@ def test_a_two_rank_trial_runs_as_one_slurm_job_of_two_tasks(slurm_partition, on
     [log] = (tmp_path / "study" / ".submitit").glob("*/*_0_log.out")  # rank 0's task; rank 1's is *_1_log.out
     job = log.parent.name
     assert len(list(log.parent.glob("*_1_log.out"))) == 1, sorted(log.parent.iterdir())
-    allocation = subprocess.run(  # the job's allocation: a CPU for each task (its tasks: the two logs above)
-        ["sacct", "-n", "-X", "-P", "-o", "AllocCPUS,State", f"--jobs={job}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout.split()
+    allocation = accounting_once_ended([job], "AllocCPUS")  # a CPU for each task (its tasks: the two logs above)
     assert allocation == ["2|COMPLETED"], allocation
     assert_same_training(final_weights(run.data.tags["run_dir"]), one_process_weights)
 
