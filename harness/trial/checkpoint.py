@@ -398,16 +398,35 @@ def hold_run_lock(run_dir: Path) -> str | None:
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "another process"
+        held = _held_by(run_dir, path, file)
         file.close()
-        return f"{run_dir} is being resumed by {holder} (it holds {path}); wait for it to end"
+        return held
     file.seek(0)
     file.truncate()
     file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     file.flush()
     _HELD_LOCKS[path] = file
     return None
+
+
+def run_lock_holder(run_dir: Path) -> str | None:
+    """The line `hold_run_lock` would return, without taking the lock: a resume's checks refuse at once, before they
+    read checkpoints that the running resume may be pruning."""
+    path = (Path(run_dir) / LOCK_FILE).resolve()
+    if path in _HELD_LOCKS or not path.is_file():
+        return None
+    with open(path) as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as the file closes
+        except BlockingIOError:
+            return _held_by(run_dir, path, file)
+    return None
+
+
+def _held_by(run_dir: Path, path: Path, file) -> str:
+    file.seek(0)
+    holder = file.read().strip() or "another process"
+    return f"{run_dir} is being resumed by {holder} (it holds {path}); wait for it to end"
 
 
 def damaged_files(checkpoint: Path) -> list[str]:

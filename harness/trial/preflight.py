@@ -217,6 +217,9 @@ def resume_problems(cfg: TrialConfig) -> list[str]:
         return []
     from harness.trial import checkpoint
 
+    held = checkpoint.run_lock_holder(Path(cfg.resume))
+    if held:
+        return [f"resume={cfg.resume}: {held}"]
     try:
         found = checkpoint.find(Path(cfg.resume))
     except (FileNotFoundError, ValueError) as error:

@@ -2,6 +2,7 @@
 checkpoints of another run, a resume's train_seconds, stale failure reasons, bookkeeping overrides on resume,
 absurd models, one-line refusals, and the study's micro-batch loss min/max."""
 
+import fcntl
 import json
 import os
 import pickle
@@ -136,6 +137,25 @@ def test_a_pointer_outside_its_run_and_a_checkpoint_of_another_run_are_refused(f
     assert f"{foreign} belongs to MLflow run 0123456789abcdef" in line and finished[1]["run_id"] in line
     assert mlflow.MlflowClient(store).get_run(finished[1]["run_id"]).info.status == "KILLED"
 
+
+
+def test_a_resume_of_a_directory_another_resume_holds_is_refused_before_its_checkpoints_are_read(
+    finished, store, tmp_path
+):
+    """The running resume prunes checkpoints as it goes: a second resume reading one as it is deleted must still
+    say who holds the directory, not that the checkpoint is incomplete."""
+    copy = killed_copy(finished, store, tmp_path / "run")
+    (copy / "checkpoints" / "step_000004" / "rng_rank0.pt").unlink()  # half deleted by the holder's pruning
+    with open(copy / checkpoint.LOCK_FILE, "w") as held:
+        held.write("process 4242 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the holding process's hold_run_lock does
+        second = run_in_process(f"resume={copy}", f"hydra.run.dir={tmp_path / 'log'}", cwd=tmp_path, check=False)
+    assert one_line_error(second) == (
+        f"error: resume={copy}: {copy} is being resumed by process 4242 on elsewhere (it holds "
+        f"{(copy / checkpoint.LOCK_FILE).resolve()}); wait for it to end"
+    )
+    assert checkpoint.run_lock_holder(copy) is None  # released with its holder
 
 def test_a_resumed_trial_counts_all_its_training_time_and_ends_without_a_stale_reason(finished, store, tmp_path):
     copy = killed_copy(finished, store, tmp_path / "run", step=3)
