@@ -2,14 +2,25 @@
 
 import re
 
-import nbformat
 import pandas as pd
-from nbclient import NotebookClient
 
 from analysis.synthetic import PlantedIntervention, generate_study
 from harness.paths import PROJECT_ROOT
 
 NOTEBOOK = PROJECT_ROOT / "analysis" / "noise_analysis.ipynb"
+
+
+def execute_notebook():
+    """The notebook, run in a real kernel; nbformat is imported here, not at collection (its schema checks cost
+    every pytest worker seconds)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(
+        notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
+    return notebook
 
 
 def test_notebook_analyses_a_generated_study(tmp_path, monkeypatch):
@@ -34,10 +45,7 @@ def test_notebook_analyses_a_generated_study(tmp_path, monkeypatch):
     monkeypatch.delenv("ANALYSIS_STUDY", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(
-        notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    ).execute()
+    notebook = execute_notebook()
 
     printed = "".join(
         output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
@@ -80,10 +88,7 @@ def test_notebook_on_a_study_in_mlflow_logs_as_make_analyze_does(tmp_path, monke
     }.items():
         monkeypatch.setenv(name, str(value))
     monkeypatch.delenv("ANALYSIS_CSV", raising=False)
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(
-        notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    ).execute()
+    notebook = execute_notebook()
 
     client = mlflow.MlflowClient(uri)
     [parent] = client.search_runs([experiment_id], "tags.study_parent = 'true'")

@@ -138,7 +138,6 @@ def test_a_pointer_outside_its_run_and_a_checkpoint_of_another_run_are_refused(f
     assert mlflow.MlflowClient(store).get_run(finished[1]["run_id"]).info.status == "KILLED"
 
 
-
 def test_a_resume_of_a_directory_another_resume_holds_is_refused_before_its_checkpoints_are_read(
     finished, store, tmp_path
 ):
@@ -156,6 +155,7 @@ def test_a_resume_of_a_directory_another_resume_holds_is_refused_before_its_chec
         f"{(copy / checkpoint.LOCK_FILE).resolve()}); wait for it to end"
     )
     assert checkpoint.run_lock_holder(copy) is None  # released with its holder
+
 
 def test_a_resumed_trial_counts_all_its_training_time_and_ends_without_a_stale_reason(finished, store, tmp_path):
     copy = killed_copy(finished, store, tmp_path / "run", step=3)
