@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # One intra-op thread per process: a tiny model gains nothing from more, and the suite's workers and the trials
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from hydra import compose, initialize_config_dir
 from scipy import stats
@@ -23,6 +25,28 @@ from harness.paths import PROJECT_ROOT
 # Every process a test starts imports the code under test (this checkout), never another installed copy: a study
 # resumed in-process must see the same code version as the process it resumes.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+
+LEFT_BEHIND_LOG = os.environ.get("HARNESS_TEST_LEFT_BEHIND_LOG")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Kill what a test started and did not end (a failed assertion skips its cleanup): a trial left behind would
+    train on, taking a core from every later test. Fixtures' processes start before the call and are kept."""
+    this = psutil.Process()
+    before = {child.pid for child in this.children(recursive=True)}
+    try:
+        return (yield)
+    finally:
+        left = [child for child in this.children(recursive=True) if child.pid not in before]
+        for child in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if LEFT_BEHIND_LOG and child.status() != psutil.STATUS_ZOMBIE:
+                    with open(LEFT_BEHIND_LOG, "a") as log:
+                        log.write(f"{item.nodeid} {child.pid} {' '.join(child.cmdline())[:200]}\n")
+                child.kill()
+        psutil.wait_procs(left, timeout=10)
+
 
 # A trial small enough for a few seconds on 2 CPU cores, through every real code path.
 TINY = [
