@@ -1,4 +1,6 @@
+import atexit
 import contextlib
+import functools
 import os
 
 # One intra-op thread per process: a tiny model gains nothing from more, and the suite's workers and the trials
@@ -10,6 +12,7 @@ import signal  # noqa: E402
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,25 +29,23 @@ from harness.paths import PROJECT_ROOT
 # resumed in-process must see the same code version as the process it resumes.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
 
-LEFT_BEHIND_LOG = os.environ.get("HARNESS_TEST_LEFT_BEHIND_LOG")
-
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """Kill what a test started and did not end (a failed assertion skips its cleanup): a trial left behind would
-    train on, taking a core from every later test. Fixtures' processes start before the call and are kept."""
+    train on, taking a core from every later test. Fixtures' processes start before the call and are kept, and so
+    is multiprocessing's resource tracker, which serves this whole process."""
     this = psutil.Process()
     before = {child.pid for child in this.children(recursive=True)}
     try:
         return (yield)
     finally:
-        left = [child for child in this.children(recursive=True) if child.pid not in before]
-        for child in left:
+        left = []
+        for child in this.children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess):
-                if LEFT_BEHIND_LOG and child.status() != psutil.STATUS_ZOMBIE:
-                    with open(LEFT_BEHIND_LOG, "a") as log:
-                        log.write(f"{item.nodeid} {child.pid} {' '.join(child.cmdline())[:200]}\n")
-                child.kill()
+                if child.pid not in before and "multiprocessing.resource_tracker" not in " ".join(child.cmdline()):
+                    child.kill()
+                    left.append(child)
         psutil.wait_procs(left, timeout=10)
 
 
@@ -72,41 +73,42 @@ def compose_config(*overrides: str):
     return compose_trial(cfg, list(overrides))
 
 
-@pytest.fixture(scope="session")
-def store_template(tmp_path_factory) -> Path:
-    """An empty MLflow sqlite store made once a session by the harness (`ensure_store`): the stores of the fixtures
-    below are copies of it, since MLflow's schema migrations cost about a second per new store. Tests of making a
-    store name a file that does not exist yet."""
-    import contextlib
+@functools.cache
+def store_template() -> Path:
+    """An empty MLflow sqlite store made once per test process by the harness (`ensure_store`): `new_store` copies
+    it, since MLflow's schema migrations cost about a second per new store. Tests of making a store (a study's
+    processes creating one together, a URI that must not be created) name a file that does not exist yet."""
     import sqlite3
 
     from harness.tracking.store import ensure_store
 
-    made = tmp_path_factory.mktemp("store_template") / "made.db"
+    directory = Path(tempfile.mkdtemp(prefix="harness-store-template-"))
+    atexit.register(shutil.rmtree, directory, True)
+    made = directory / "made.db"
     ensure_store(f"sqlite:///{made}")
-    template = made.with_name("mlflow.db")
+    template = directory / "mlflow.db"
     with contextlib.closing(sqlite3.connect(made)) as source, contextlib.closing(sqlite3.connect(template)) as copy:
         source.backup(copy)
     return template
 
 
-def new_store(path: Path, template: Path) -> str:
-    """A new, empty MLflow store at `path` (a copy of `template`); its URI."""
-    shutil.copyfile(template, path)
+def new_store(path: Path) -> str:
+    """A new, empty MLflow store at `path` (a copy of `store_template()`); its URI."""
+    shutil.copyfile(store_template(), path)
     return f"sqlite:///{path}"
 
 
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch, store_template) -> str:
-    uri = new_store(tmp_path / "mlflow.db", store_template)
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    uri = new_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, store_template) -> str:
+def store(tmp_path_factory) -> str:
     """One MLflow store for a whole test module (MLFLOW_TRACKING_URI points at it)."""
-    uri = new_store(tmp_path_factory.mktemp("store") / "mlflow.db", store_template)
+    uri = new_store(tmp_path_factory.mktemp("store") / "mlflow.db")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         yield uri
@@ -158,7 +160,7 @@ def run_in_process(
     runs, without a fresh interpreter's start-up. Captures stdout/stderr, turns SystemExit (or an escaping
     exception, as an interpreter would) into the exit status; `env` adds environment variables. It restores what a command may change in the
     process: cwd, sys.argv, os.environ, Hydra's global state, logging, signal handlers, MLflow's tracking URI and
-    active run, torch's determinism, thread count and default dtype."""
+    active run, a resume's run lock, torch's determinism, thread count and default dtype."""
     import contextlib
     import io
     import logging
@@ -170,7 +172,9 @@ def run_in_process(
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     from harness.__main__ import main
+    from harness.trial import checkpoint
 
+    held_locks = set(checkpoint._HELD_LOCKS)  # a resume's run lock, held for its process's life
     saved = {
         "cwd": os.getcwd(),
         "argv": list(sys.argv),
@@ -209,6 +213,8 @@ def run_in_process(
     finally:
         while mlflow.active_run():
             mlflow.end_run()
+        for path in set(checkpoint._HELD_LOCKS) - held_locks:  # released as the command's process would end
+            checkpoint._HELD_LOCKS.pop(path).close()
         GlobalHydra.instance().clear()
         os.chdir(saved["cwd"])
         sys.argv[:] = saved["argv"]

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import torch
 
-from tests.conftest import TINY, final_weights, free_port, run_harness, run_in_process
+from tests.conftest import TINY, final_weights, free_port, new_store, run_harness, run_in_process
 from tests.e2e.conftest import libpq_uri
 
 TRIAL_TAGS = [
@@ -58,7 +58,7 @@ def one_process_weights(tmp_path_factory) -> dict:
         *TWO_RANK_TRIAL,
         f"hydra.run.dir={directory / 'run'}",
         cwd=directory,
-        env_uri=f"sqlite:///{directory / 'mlflow.db'}",
+        env_uri=new_store(directory / "mlflow.db"),
     )
     return final_weights(directory / "run")
 
@@ -104,7 +104,7 @@ def accounting_once_ended(jobs: list[str], fields: str) -> list[str]:
 
 def test_a_study_submitted_to_slurm_finishes_every_trial_as_a_slurm_job(slurm_partition, tmp_path):
     sweep_dir = tmp_path / "study"
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = new_store(tmp_path / "mlflow.db")
     result = run_harness(
         "+sweep=quick",
         *SLURM_CPU_JOB,
@@ -161,7 +161,7 @@ def test_a_trial_tracked_by_an_mlflow_server_on_postgresql_is_stored_there(
 def test_a_two_rank_trial_runs_as_one_slurm_job_of_two_tasks(slurm_partition, one_process_weights, tmp_path):
     """`hydra.launcher.tasks_per_node=2`: one job, two tasks, each task one rank of the trial (gloo); one MLflow
     run, trained as one process trains it."""
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = new_store(tmp_path / "mlflow.db")
     run_harness(
         "+sweep=quick",
         *SLURM_CPU_JOB,
@@ -188,7 +188,7 @@ def test_a_two_rank_trial_runs_as_one_slurm_job_of_two_tasks(slurm_partition, on
 def test_the_srun_torchrun_recipe_trains_one_trial_on_two_tasks(slurm_partition, one_process_weights, tmp_path):
     """docs/studies.md's multi-node recipe, on one node: an sbatch script with 2 tasks, each `srun` task one
     torchrun agent of a 2-node rendezvous (1 process each) running `python -m harness`."""
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = new_store(tmp_path / "mlflow.db")
     trial = ["+intervention=no_dropout", "seed=1", *TWO_RANK_TRIAL]
     script = tmp_path / "trial.sbatch"
     script.write_text(
@@ -282,7 +282,7 @@ def test_a_slurm_trial_past_its_time_limit_checkpoints_requeues_and_finishes_bit
     in this process while the requeued job waits and resumes."""
     long = ["trainer.max_steps=100", "trainer.checkpoint_interval=50", "trainer.deterministic=true"]
     study = [*TINY, *long, "hydra.sweeper.arms=[baseline]", "hydra.sweeper.seeds=[1]", "hydra.sweeper.analyze=false"]
-    tracking_uri, whole_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'whole.db'}"
+    tracking_uri, whole_uri = new_store(tmp_path / "mlflow.db"), new_store(tmp_path / "whole.db")
     slurm = [
         *SLURM_CPU_JOB,
         "hydra.launcher.timeout_min=2",

@@ -5,7 +5,7 @@ import mlflow
 import numpy as np
 import torch
 
-from tests.conftest import TINY, final_weights, run_harness, run_in_process
+from tests.conftest import TINY, final_weights, new_store, run_harness, run_in_process
 
 NO_DROPOUT = [*TINY, "model.dropout=0.0", "trainer.max_steps=6", "trainer.checkpoint_interval=3"]
 
@@ -23,7 +23,7 @@ def train_losses(uri: str) -> dict[str, list[float]]:
 
 def test_ranks_accumulation_and_micro_batch_give_the_same_training(tmp_path):
     """2 ranks × micro B (real gloo launch), 1 rank × micro B × 2 accumulation, 1 rank × micro 2B."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = new_store(tmp_path / "mlflow.db")
     run_harness(*NO_DROPOUT, "trainer.nproc_per_node=2", f"hydra.run.dir={tmp_path}/ranks", cwd=tmp_path, env_uri=uri)
     run_in_process(*NO_DROPOUT, f"hydra.run.dir={tmp_path}/accum", cwd=tmp_path, env_uri=uri)
     run_in_process(

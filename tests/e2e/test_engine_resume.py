@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.trial import checkpoint
-from tests.conftest import TINY, final_weights, run_in_process, start_harness
+from tests.conftest import TINY, final_weights, new_store, run_in_process, start_harness
 
 
 @pytest.mark.parametrize(
@@ -21,7 +21,7 @@ from tests.conftest import TINY, final_weights, run_in_process, start_harness
     ],
 )
 def test_resume_after_sigkill_is_bit_identical_to_uninterrupted(tmp_path, variant):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = new_store(tmp_path / "mlflow.db")
     trial = [*TINY, *variant, "trainer.max_steps=24", "trainer.checkpoint_interval=4", "seed=5", "train_seed=9"]
     run_in_process(*trial, f"hydra.run.dir={tmp_path}/whole", cwd=tmp_path, env_uri=uri)
 

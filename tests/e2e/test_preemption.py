@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harness.trial import checkpoint
-from tests.conftest import TINY, final_weights, run_in_process
+from tests.conftest import TINY, final_weights, new_store, run_in_process
 from tests.e2e.test_study_processes import runs
 
 LONG = ["trainer.max_steps=30", "trainer.checkpoint_interval=20", "trainer.deterministic=true"]
@@ -77,7 +77,7 @@ def test_a_signalled_trial_checkpoints_exits_with_its_signal_and_resumes_bit_ide
 
 
 def test_ctrl_c_ends_the_run_killed_without_a_traceback(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HYDRA_FULL_ERROR": "0"}
     trial = subprocess.Popen(
         trial_command(tmp_path / "run"),

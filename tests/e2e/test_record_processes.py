@@ -12,7 +12,7 @@ import pytest
 
 from harness.tracking import liveness
 from harness.trial import checkpoint
-from tests.conftest import TINY, run_in_process, start_harness
+from tests.conftest import TINY, new_store, run_in_process, start_harness
 from tests.unit.trial.test_records import all_runs
 
 FAST_BEAT = ["tracking.heartbeat_interval=1"]  # a dead trial is stale after 4 s
@@ -58,7 +58,7 @@ def private_mount_namespace() -> list[str]:
 def test_a_full_disk_at_a_checkpoint_fails_the_trial_with_latest_intact_and_no_staging_left(tmp_path):
     """A real 130 MB tmpfs (each TINY checkpoint is ~39 MB; the trial needs 3 of them free at its start),
     filled by another writer after the first checkpoint."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     trial = [*TINY, "trainer.max_steps=20", "trainer.checkpoint_interval=10"]
     result = subprocess.run(
         [*private_mount_namespace(), sys.executable, "-c", FILL_THE_DISK, str(tmp_path / "run"), "130m", *trial],
@@ -88,7 +88,7 @@ def test_a_full_disk_at_a_checkpoint_fails_the_trial_with_latest_intact_and_no_s
 
 
 def test_a_sigkilled_trial_is_listed_stale_and_marked_killed_with_the_reason(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
     proc = start_harness(*TINY, *FAST_BEAT, "trainer.max_steps=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path, uri=uri)
     deadline = time.time() + 240
@@ -146,7 +146,7 @@ for round in range(rounds):
 
 def test_racing_claims_of_one_trial_leave_exactly_one_run(tmp_path):
     """Two processes claim the same computation at the same moment, three times over, on one sqlite store."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     (tmp_path / "ready").mkdir()
     claimants = [
         subprocess.Popen(

@@ -14,7 +14,7 @@ import torch
 
 from harness.tracking import liveness
 from harness.trial import checkpoint
-from tests.conftest import TINY, MlflowServer, final_weights, run_harness, run_in_process
+from tests.conftest import TINY, MlflowServer, final_weights, new_store, run_harness, run_in_process
 
 SECRET = "S3cret"
 
@@ -81,7 +81,7 @@ def only_run(uri: str):
 
 
 def test_a_second_resume_of_one_directory_is_refused_at_once_leaving_the_first_alone(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     run_dir = tmp_path / "run"
     first = start(
         *TINY, "trainer.max_steps=20000", "data.max_epochs=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path, uri=uri
@@ -108,7 +108,7 @@ def test_a_second_resume_of_one_directory_is_refused_at_once_leaving_the_first_a
 
 
 def test_sigkill_and_resume_under_another_thread_count_is_bit_identical(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     longer = [*TINY, "trainer.max_steps=20", "trainer.checkpoint_interval=5", "model.d_model=64"]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the uninterrupted twin, in this process, computes as the killed trial does

@@ -14,13 +14,14 @@ import pytest
 
 from analysis.load import load_mlflow_study
 from analysis.sequential.procedure import sequential_decisions
+from tests.conftest import new_store
 from tests.e2e.test_study_processes import integrity, run_sweep_in_process, runs, start_sweep
 from tests.unit.study.test_sequential import SEQUENTIAL, artifact
 
 
 def test_sequential_study_runs_rounds_stops_and_resumes_after_sigkill(tmp_path):
     db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
+    uri = new_store(db)
     killed = start_sweep(*SEQUENTIAL, sweep_dir=tmp_path / "killed", uri=uri)
     deadline = time.time() + 400
     while not (db.exists() and sum(r.info.status == "FINISHED" for r in runs(uri)) >= 4):

@@ -18,7 +18,7 @@ import yaml
 from harness.tracking.store import ensure_store
 from harness.tracking.version import code_version
 from harness.trial import checkpoint
-from tests.conftest import TINY, MlflowServer, run_in_process
+from tests.conftest import TINY, MlflowServer, new_store, run_in_process
 
 SWEEP_TINY = [
     *TINY,
@@ -129,7 +129,7 @@ def integrity(db: Path) -> str:
 
 def test_killed_study_reruns_only_the_missing_trials_and_a_failing_trial_stops_no_other(tmp_path, monkeypatch):
     db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
+    uri = new_store(db)
     study = ["hydra.sweeper.arms=[baseline]", f"hydra.sweeper.seeds=[1,2,{FAILS_AT_START}]"]
     failing = ("-c", HARNESS_FAILING_ONE_SEED)
     first = start_sweep(*study, sweep_dir=tmp_path / "first", uri=uri, harness=failing)

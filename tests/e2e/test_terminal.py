@@ -13,7 +13,7 @@ import termios
 import textwrap
 import time
 
-from tests.conftest import TINY
+from tests.conftest import TINY, new_store
 
 BAR = re.compile(r"\d+%\|")
 COLUMNS = 120
@@ -77,7 +77,7 @@ def terminal_env(tmp_path) -> dict:
     # Every update drawn (tqdm's own variables): the test sees each count the bar reaches, not a sample.
     return {
         **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": new_store(tmp_path / "mlflow.db"),
         "TQDM_MININTERVAL": "0",
         "TQDM_MINITERS": "1",
         "HYDRA_FULL_ERROR": "0",

@@ -16,7 +16,7 @@ from analysis.synthetic import (
     generate_study,
     log_study_to_mlflow,
 )
-from tests.conftest import run_in_process
+from tests.conftest import new_store, run_in_process
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEMO_INTERVENTIONS = [
@@ -30,7 +30,7 @@ DEMO_INTERVENTIONS = [
 def store(tmp_path_factory):
     """A store with study ``demo`` (one FAILED run) and ``orphans`` (no baseline)."""
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root / "mlflow.db")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         demo = generate_study(

@@ -8,6 +8,7 @@ from analysis.load import AnalysisInputError, load_csv_study
 from analysis.report import write_report
 from analysis.study import Settings, analyse
 from analysis.synthetic import NoiseModel, PlantedIntervention, generate_study
+from tests.conftest import new_store
 
 
 def small_study_csv(tmp_path, name="runs.csv", **kwargs):
@@ -97,7 +98,7 @@ def mixed_runs(arms: dict[str, list[tuple[dict, float]]]) -> pd.DataFrame:
 def mixed_store(tmp_path):
     from analysis.synthetic import SyntheticStudy, log_study_to_mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     studies = {
         "mix": {
             "baseline": [({}, 10.90), ({"optim.lr": "0.003"}, 8.55)],

@@ -6,6 +6,7 @@ import pandas as pd
 
 from analysis.synthetic import PlantedIntervention, generate_study
 from harness.paths import PROJECT_ROOT
+from tests.conftest import new_store
 
 NOTEBOOK = PROJECT_ROOT / "analysis" / "noise_analysis.ipynb"
 
@@ -78,7 +79,7 @@ def test_notebook_on_a_study_in_mlflow_logs_as_make_analyze_does(tmp_path, monke
         periods=2,  # as the quick study: a few period points per run
         rng_seed=2,
     )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     experiment_id = log_study_to_mlflow(study, "nbquick", "harness/smoke", uri, str(tmp_path / "artifacts"))
     for name, value in {
         "ANALYSIS_STUDY": "nbquick",

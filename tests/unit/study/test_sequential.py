@@ -18,6 +18,7 @@ from harness.study.design import StudyConf, sequential_schedule, study_trials
 from harness.study.outcomes import PlannedTrial
 from harness.study.sequential import SequentialStudy
 from harness.study.store import StudyStore
+from tests.conftest import new_store
 from tests.e2e.test_study_processes import run_sweep_in_process, runs, table
 
 SEQUENTIAL = [
@@ -41,7 +42,7 @@ def summary(stdout: str) -> dict[str, str]:
 def test_sequential_study_uninterrupted_then_again_runs_nothing_and_decides_the_same(tmp_path):
     """Three rounds in one execution: round 3 runs only the baseline and the arm still open, and the study stops
     with nothing open. The same command again runs no trial and logs the same looks."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     first = run_sweep_in_process(*SEQUENTIAL, sweep_dir=tmp_path / "first", uri=uri)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "sequential: round 3, init seed 3 for baseline, lr_schedule: 2 trials, 0 already FINISHED" in first.stdout

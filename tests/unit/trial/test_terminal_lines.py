@@ -5,7 +5,7 @@ import re
 
 from harness.progress import study_line
 from harness.trial.record import computation_overrides, trial_name
-from tests.conftest import TINY, compose_config, run_in_process
+from tests.conftest import TINY, compose_config, new_store, run_in_process
 
 
 def test_a_run_name_says_its_study_and_what_sets_it_apart_beyond_the_seeds():
@@ -32,7 +32,7 @@ def test_bookkeeping_overrides_leave_the_name_alone():
 
 
 def test_a_trial_prints_one_start_line_and_one_end_line(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     done = run_in_process(
         *TINY,
         "trainer.max_steps=2",

@@ -9,7 +9,7 @@ from harness.trial import checkpoint
 from harness.trial.trainer import Trial
 from harness.trial.weights import build_model, fingerprint
 from interventions import REGISTRY
-from tests.conftest import TINY, compose_config, run_in_process
+from tests.conftest import TINY, compose_config, new_store, run_in_process
 
 CONTRACT_TAGS = [
     "intervention",
@@ -32,7 +32,7 @@ def only_run(uri: str):
 
 
 def test_cli_trial_lands_in_mlflow_with_the_whole_contract(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = new_store(tmp_path / "mlflow.db")
     out = run_in_process(
         *TINY,
         "+intervention=[no_dropout,gradient_clipping]",
