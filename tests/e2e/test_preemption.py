@@ -46,7 +46,7 @@ def test_a_signalled_trial_checkpoints_exits_with_its_signal_and_resumes_bit_ide
         trial_command(cut), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     wait_for(cut / "checkpoints" / "step_000001", trial)
-    time.sleep(0.5)  # into the second period (steps 2-21) on a fast machine too: not a periodic checkpoint's step
+    time.sleep(0.5)  # mid-training: soon enough that a fast machine has not finished its 30 steps
     trial.send_signal(getattr(signal, signame))
     stdout, stderr = trial.communicate(timeout=120)
     signum = getattr(signal, signame)
