@@ -1,20 +1,9 @@
 #!/usr/bin/env python3
-"""Rebuild ``corpus.jsonl.xz`` from the Debian package ``r-cran-janeaustenr``.
+"""Rebuild ``corpus.jsonl.xz`` from the Debian package ``r-cran-janeaustenr``, with no R and no network.
 
-The package ships Jane Austen's six completed novels (Project Gutenberg plain
-text, one R character vector of lines per novel) inside R's lazy-load data
-base ``usr/lib/R/site-library/janeaustenr/data/Rdata.{rdx,rdb}``.  This script
-reads those two files straight out of the ``.deb`` (no R, no network), splits
-every novel into chapters, normalises the whitespace lightly and writes one
-JSON object per chapter to an xz-compressed JSON Lines file.
-
-Usage (see PROVENANCE.md for where the .deb comes from)::
-
-    apt-get download r-cran-janeaustenr      # r-cran-janeaustenr_1.0.0-1_all.deb
-    python build_corpus.py r-cran-janeaustenr_1.0.0-1_all.deb [-o corpus.jsonl.xz]
-
-Only the Python standard library is used, and the output is byte-for-byte
-deterministic for a given input package.
+It reads Jane Austen's six novels out of the package's R lazy-load data base (``Rdata.{rdx,rdb}`` inside the
+``.deb``), splits every novel into chapters and writes one JSON object per chapter, xz-compressed. The output is
+byte-for-byte deterministic for a given package. The commands and the provenance are in PROVENANCE.md.
 """
 
 from __future__ import annotations
